@@ -1,0 +1,94 @@
+"""The ``cryosam`` command line: a thin typer layer over the Python API.
+
+Every subcommand lives in ``cryosam.commands.<name>`` and registers itself. Errors of type
+:class:`cryosam.errors.CryosamError` end as one line on stderr with exit code 2; ``--debug``
+shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+import sys
+
+import typer
+
+import cryosam
+from cryosam import commands
+from cryosam.errors import CryosamError
+
+app = typer.Typer(
+    name="cryosam",
+    help="Training-free particle picking and segmentation of cryo-ET tomograms "
+    "(CryoSAM: DINOv2 features + SAM cross-plane self-prompting).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+_DEBUG = False
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"cryosam {cryosam.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or summaries."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
+    """Options shared by every command."""
+    global _DEBUG
+    _DEBUG = debug
+    from cryosam import progress
+
+    progress.set_quiet(quiet)
+
+
+def _register_all() -> None:
+    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
+        module = importlib.import_module(f"cryosam.commands.{info.name}")
+        module.register(app)
+
+
+_register_all()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console-script entry point; returns the exit code."""
+    global _DEBUG
+    _DEBUG = "--debug" in (argv if argv is not None else sys.argv[1:])
+    try:
+        app(args=argv, standalone_mode=False)
+    except CryosamError as exc:
+        if _DEBUG:
+            raise
+        typer.echo(f"error: {exc}", err=True)
+        return 2
+    except typer.Exit as exc:
+        return int(exc.exit_code or 0)
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        return 130
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        return 130
+    except Exception as exc:  # click usage errors
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            return 2
+        if _DEBUG:
+            raise
+        raise
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

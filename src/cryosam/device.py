@@ -1,0 +1,56 @@
+"""Device selection and mixed precision shared by every model-running stage."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+from cryosam.errors import CryosamError
+
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(spec: str | torch.device = "auto") -> torch.device:
+    """Turn ``auto|cpu|cuda[:N]`` into a torch device; ``auto`` picks CUDA when present."""
+    if isinstance(spec, torch.device):
+        return spec
+    spec = str(spec).strip().lower()
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise CryosamError(
+                f"--device {spec}: no CUDA GPU is visible to torch on this machine; "
+                "use --device cpu or --device auto"
+            )
+        return torch.device(spec)
+    if spec == "cpu":
+        return torch.device("cpu")
+    raise CryosamError(f"--device {spec!r} is not one of auto, cpu, cuda")
+
+
+@contextlib.contextmanager
+def autocast(device: torch.device) -> Iterator[None]:
+    """bf16 autocast on CUDA (fast, memory-light); plain fp32 on CPU (bf16 is slow there)."""
+    if device.type == "cuda":
+        with torch.autocast(device_type="cuda", dtype=torch.bfloat16):
+            yield
+    else:
+        yield
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a fresh peak-memory measurement on ``device`` (no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak GPU memory since the last reset on CUDA; the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024

@@ -1,0 +1,18 @@
+"""User-facing errors: one clear line, exit code 2, no traceback unless --debug."""
+
+from __future__ import annotations
+
+
+class CryosamError(Exception):
+    """An error caused by the user's input or environment, reported as one line.
+
+    The message should name the file (or option) at fault and say how to fix it.
+    """
+
+
+class InputError(CryosamError):
+    """A tomogram, point file or option that cannot be used as given."""
+
+
+class MissingWeightsError(CryosamError):
+    """Model weights that are not on this machine; the message says how to get them."""

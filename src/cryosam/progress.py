@@ -1,0 +1,40 @@
+"""Progress bars for long steps: shown on a terminal, silent in logs and with --quiet."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
+
+T = TypeVar("T")
+
+_QUIET = False
+
+
+def set_quiet(quiet: bool) -> None:
+    """Silence (or re-enable) every progress bar in this process."""
+    global _QUIET
+    _QUIET = quiet
+
+
+def enabled() -> bool:
+    """True when progress should be drawn: not quiet and stderr is a terminal."""
+    return not _QUIET and sys.stderr.isatty()
+
+
+def track(iterable: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
+    """Iterate over ``iterable`` with a rich progress bar when :func:`enabled`."""
+    if not enabled():
+        yield from iterable
+        return
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                               TimeElapsedColumn, TimeRemainingColumn)
+
+    if total is None and hasattr(iterable, "__len__"):
+        total = len(iterable)  # type: ignore[arg-type]
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), TimeRemainingColumn(), transient=True) as bar:
+        task = bar.add_task(description, total=total)
+        for item in iterable:
+            yield item
+            bar.advance(task)
