@@ -59,10 +59,22 @@ def _register_all() -> None:
 _register_all()
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001
+    """Warnings as one ``warning: ...`` line on stderr (full location with --debug)."""
+    if _DEBUG:
+        text = f"warning: {message} ({category.__name__} at {filename}:{lineno})"
+    else:
+        text = f"warning: {message}"
+    print(text, file=file or sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point; returns the exit code."""
     global _DEBUG
+    import warnings
+
     _DEBUG = "--debug" in (argv if argv is not None else sys.argv[1:])
+    warnings.showwarning = _show_warning
     try:
         app(args=argv, standalone_mode=False)
     except CryosamError as exc:

@@ -16,3 +16,10 @@ class InputError(CryosamError):
 
 class MissingWeightsError(CryosamError):
     """Model weights that are not on this machine; the message says how to get them."""
+
+
+class CryosamWarning(UserWarning):
+    """Something about the input that cryosam could handle but the user should know.
+
+    The CLI prints these as one ``warning: ...`` line each.
+    """

@@ -24,7 +24,7 @@ import mrcfile
 import numpy as np
 
 from cryosam._atomic import atomic_path, atomic_write_text
-from cryosam.errors import InputError
+from cryosam.errors import CryosamWarning, InputError
 
 VoxelSize = tuple[float, float, float]  # Angstrom per voxel along (z, y, x)
 
@@ -42,10 +42,6 @@ __all__ = [
     "write_picks_csv",
     "write_picks_star",
 ]
-
-
-class CryosamWarning(UserWarning):
-    """Something about the input that cryosam could handle but the user should know."""
 
 
 def _warn(message: str) -> None:
