@@ -1,0 +1,150 @@
+"""``cryosam evaluate`` (picks vs truth) and ``cryosam evaluate-mask`` (mask vs mask)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from cryosam.errors import InputError
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe: NaN/inf become None, numpy scalars become Python numbers."""
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _print_table(title: str, rows: list[tuple[str, str]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, show_header=True, header_style="bold")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name, value in rows:
+        table.add_row(name, value)
+    Console(soft_wrap=True).print(table)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return "-" if not math.isfinite(value) else f"{value:.4f}"
+    return str(value)
+
+
+def _parse_shape(text: str | None) -> tuple[int, int, int] | None:
+    if text is None:
+        return None
+    try:
+        parts = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        parts = ()
+    if len(parts) != 3:
+        raise InputError(f"--shape {text!r}: give three integers z,y,x")
+    return parts  # type: ignore[return-value]
+
+
+def evaluate(
+    picks: Path = typer.Argument(..., help="Picks: CSV (x,y,z[,score]) or STAR."),
+    truth: Path = typer.Argument(..., help="True positions: CSV (x,y,z[,kind]) or STAR."),
+    radius: float = typer.Option(..., "--radius", "-r",
+                                 help="Match distance in voxels (e.g. the particle radius)."),
+    kind: str | None = typer.Option(
+        None, "--kind", help="Keep only truth rows whose 'kind' column is this (and picks "
+        "rows too, when the picks have a 'kind' column)."),
+    score_column: str = typer.Option("score", "--score-column",
+                                     help="Picks column ranking the picks (best F1, AP)."),
+    voxel_size: float | None = typer.Option(
+        None, "--voxel-size", help="Å per voxel (needed for RELION-5 STAR coordinates)."),
+    shape: str | None = typer.Option(
+        None, "--shape", help="Tomogram size z,y,x (needed for RELION-5 STAR coordinates)."),
+    tomo_name: str | None = typer.Option(None, "--tomo-name",
+                                         help="Tomogram to use from a multi-tomogram STAR."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Precision, recall and F1 of picks against the truth, one-to-one within --radius.
+
+    With a score column: also the best F1 over score thresholds and average precision.
+    """
+    import numpy as np
+
+    from cryosam.io import read_points
+    from cryosam.metrics import evaluate_picks
+
+    size = _parse_shape(shape)
+    opts = {"shape": size, "voxel_size": voxel_size, "tomo_name": tomo_name,
+            "check_bounds": False}
+    pk = read_points(picks, **opts)
+    tr = read_points(truth, **opts)
+    t_zyx, p_zyx = tr.zyx, pk.zyx
+    p_keep = np.ones(len(p_zyx), dtype=bool)
+    if kind is not None:
+        kinds = tr.columns.get("kind")
+        if kinds is None:
+            raise InputError(f"{truth}: has no 'kind' column to filter by --kind {kind}")
+        keep = np.asarray([str(k) == kind for k in kinds], dtype=bool)
+        if not keep.any():
+            found = ", ".join(sorted({str(k) for k in kinds}))
+            raise InputError(f"{truth}: no rows of kind {kind!r}; kinds present: {found}")
+        t_zyx = t_zyx[keep]
+        if "kind" in pk.columns:
+            p_keep = np.asarray([str(k) == kind for k in pk.columns["kind"]], dtype=bool)
+            p_zyx = p_zyx[p_keep]
+    scores = pk.columns.get(score_column.lower())
+    values = None
+    if scores is not None:
+        try:
+            values = np.asarray(scores, dtype=np.float64)[p_keep]
+        except (TypeError, ValueError):
+            raise InputError(f"{picks}: column '{score_column}' is not numeric") from None
+    result = evaluate_picks(p_zyx, t_zyx, radius, scores=values)
+    report: dict[str, Any] = {"picks": str(picks), "truth": str(truth), "kind": kind}
+    report.update(result.summary())
+    report = {k: _clean(v) for k, v in report.items()}
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    names = ["n_picks", "n_truth", "tp", "fp", "fn", "precision", "recall", "f1",
+             "mean_distance", "best_f1", "best_threshold", "best_precision", "best_recall",
+             "average_precision"]
+    rows = [(n, _fmt(report[n] if report[n] is not None else float("nan")))
+            for n in names if n in report]
+    title = f"picks vs truth{f' ({kind})' if kind else ''}, radius {radius:g} voxels"
+    _print_table(title, rows)
+
+
+def evaluate_mask(
+    pred: Path = typer.Argument(..., help="Predicted mask or label volume (MRC)."),
+    truth: Path = typer.Argument(..., help="True mask or label volume (MRC)."),
+    threshold: float = typer.Option(0.5, "--threshold",
+                                    help="Voxels above this count as inside (both volumes)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Dice and IoU of a predicted mask against the true one (same shape)."""
+    from cryosam.io import read_tomogram
+    from cryosam.metrics import mask_metrics
+
+    a = read_tomogram(pred)
+    b = read_tomogram(truth)
+    if a.shape != b.shape:
+        raise InputError(f"{pred}: shape {a.shape} differs from {truth}: {b.shape} (z,y,x); "
+                         "compare masks of the same tomogram")
+    result = mask_metrics(a.data > threshold, b.data > threshold)
+    report = {"pred": str(pred), "truth": str(truth), **result.summary()}
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    _print_table("mask vs truth", [(k, _fmt(v)) for k, v in result.summary().items()])
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``cryosam evaluate`` and ``cryosam evaluate-mask``."""
+    app.command("evaluate")(evaluate)
+    app.command("evaluate-mask")(evaluate_mask)
