@@ -1,2 +1,66 @@
-"""cryosam."""
+"""cryosam: training-free particle picking and segmentation of cryo-ET tomograms.
+
+CryoSAM (Zhao et al., MICCAI 2024): DINOv2 slice features along three axes, hierarchical
+cosine matching, and SAM cross-plane self-prompting. The public surface:
+
+- :class:`CryoSAM` — holds loaded models; ``CryoSAM(config).segment(tomo, points)``;
+- :func:`segment` — the one-call form;
+- :class:`CryosamConfig` and its blocks — every parameter, with the paper's defaults;
+- :func:`read_tomogram`, :func:`read_points`, :func:`write_outputs` — file I/O.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
+
+__all__ = [
+    "CryoSAM",
+    "CryosamConfig",
+    "EncoderConfig",
+    "MatchingConfig",
+    "PropagationConfig",
+    "SegmentationResult",
+    "SegmenterConfig",
+    "read_points",
+    "read_tomogram",
+    "segment",
+    "write_outputs",
+]
+
+_LAZY = {
+    "CryoSAM": "cryosam.pipeline",
+    "SegmentationResult": "cryosam.pipeline",
+    "segment": "cryosam.pipeline",
+    "CryosamConfig": "cryosam.config",
+    "EncoderConfig": "cryosam.config",
+    "MatchingConfig": "cryosam.config",
+    "PropagationConfig": "cryosam.config",
+    "SegmenterConfig": "cryosam.config",
+    "read_tomogram": "cryosam.io",
+    "read_points": "cryosam.io",
+    "write_outputs": "cryosam.export",
+}
+
+if TYPE_CHECKING:  # pragma: no cover
+    from cryosam.config import (
+        CryosamConfig,
+        EncoderConfig,
+        MatchingConfig,
+        PropagationConfig,
+        SegmenterConfig,
+    )
+    from cryosam.export import write_outputs
+    from cryosam.io import read_points, read_tomogram
+    from cryosam.pipeline import CryoSAM, SegmentationResult, segment
+
+
+def __getattr__(name: str) -> Any:
+    """Import the heavy modules (torch, transformers) only when they are used."""
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'cryosam' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)

@@ -21,6 +21,9 @@ class EncoderConfig:
     batch_size: int = 16  # slices per forward pass
     clip_percentiles: tuple[float, float] = (0.5, 99.5)  # robust intensity normalisation
     slice_stride: int = 1  # encode every k-th slice along each axis, interpolate between
+    reduce_to: int | None = None  # PCA: keep this many channels per axis (None = all)
+    filterbank_patch: int = 2  # voxels per patch of the weight-free filter bank
+    filterbank_sigmas: tuple[float, ...] = (1.5, 3.0, 4.5, 6.5)  # filter scales, voxels
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,14 @@ class SegmenterConfig:
     name: str = "sam"  # "sam" | "threshold"
     model: str = "vit_h"  # "vit_h" | "vit_l" | "vit_b" or a path to a .pth checkpoint
     embedding_cache_mb: int = 4096  # budget for cached per-slice image embeddings
+    encoder_batch_size: int = 8  # slices per image-encoder forward pass
+    decoder_batch_size: int = 64  # prompts per mask-decoder forward pass (all slices mixed)
+    multimask: bool = True  # SAM: 3 candidate masks per prompt, keep the best acceptable one
+    polarity: str = "dark"  # threshold: particles darker ("dark") or brighter than background
+    smooth_sigma: float = 1.5  # threshold: Gaussian denoising of each slice, in pixels
+    slab: int = 1  # threshold: average this many neighbouring slices each side before smoothing
+    level: float = 0.5  # threshold: cut between local background (0) and particle core (1)
+    min_contrast: float = 2.0  # threshold: no mask when core-background contrast < this * noise
 
 
 @dataclass(frozen=True)
@@ -41,6 +52,11 @@ class PropagationConfig:
     area_factor: float = 2.0  # default cap = area_factor * largest area of the first masks
     directions: tuple[str, ...] = ("+z", "-z", "+y", "-y", "+x", "-x")
     target: str = "particle"  # "particle" | "membrane" (no area cap, sheet-like propagation)
+    max_steps: int | None = None  # at most this many slices per direction; None = until a stop
+    membrane_tolerance: int = 2  # membrane: IoU of masks dilated by this many pixels (thin)
+    batched: bool = True  # advance all particles together (False: one at a time, baseline)
+    normalise: bool = True  # rescale the raw volume by robust percentiles to [0, 1] first
+    clip_percentiles: tuple[float, float] = (0.5, 99.5)  # percentiles mapped to 0 and 1
 
 
 @dataclass(frozen=True)
@@ -53,6 +69,11 @@ class MatchingConfig:
     nms_radius: float | None = None  # voxels; None = from the prompted particles' size
     chunk_size: int = 65536  # feature vectors scored per chunk
     naive: bool = False  # score every finest-grid cell in one pass (baseline)
+    dilation: int = 1  # also score this many rings of fine cells around survivors' children
+    coarse_margin: float = 0.1  # levels before the last keep cells >= sim_threshold - this
+    coarse_pooling: bool = True  # score coarse levels on cell-averaged features (not a point)
+    adapt_ratios: bool = True  # skip ratios coarser than the prompted particle's diameter
+    backend: str = "auto"  # "auto" (= torch matmul) | "torch" | "faiss" (GPU index on CUDA)
 
 
 @dataclass(frozen=True)
@@ -65,6 +86,9 @@ class CryosamConfig:
     matching: MatchingConfig = field(default_factory=MatchingConfig)
     device: str = "auto"  # "auto" | "cpu" | "cuda"
     seed: int = 0
+    min_size_ratio: float = 0.25  # drop matched particles smaller than this x the clicked ones
+    max_size_ratio: float = 4.0  # ... or larger than this x the clicked ones
+    merge_iou: float = 0.5  # merge an instance into one that already holds this share of it
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON form for the run record."""

@@ -1,0 +1,91 @@
+"""``cryosam demo [DIR]``: simulate a tomogram, segment it from one click, score the picks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def pick_backends(device: str = "auto") -> tuple[str, str, str]:
+    """(encoder, segmenter, why): DINOv2 + SAM when both weights are here, else weight-free."""
+    from cryosam.errors import MissingWeightsError
+    from cryosam.weights import locate_dinov2, locate_sam
+
+    try:
+        locate_sam("vit_h")
+        locate_dinov2("facebook/dinov2-with-registers-large")
+    except MissingWeightsError as exc:
+        return "filterbank", "threshold", f"weight-free backends ({exc})"
+    return "dinov2", "sam", "DINOv2-L (registers) + SAM ViT-H, weights found locally"
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``demo``."""
+
+    @app.command()
+    def demo(
+        out_dir: Path = typer.Argument(Path("cryosam_demo"), help="Folder for everything."),
+        seed: int = typer.Option(0, "--seed", help="Simulation seed."),
+        shape: str = typer.Option("64,160,160", "--shape", help="Tomogram size z,y,x."),
+        weight_free: bool = typer.Option(False, "--weight-free",
+                                         help="Use the weight-free backends even when the "
+                                         "DINOv2/SAM weights are present."),
+        device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+        overwrite: bool = typer.Option(True, "--overwrite/--no-overwrite",
+                                       help="Replace an earlier demo in DIR."),
+        quiet: bool = typer.Option(False, "--quiet", "-q"),
+    ) -> None:
+        """Run the whole pipeline on a synthetic tomogram and score it against the truth."""
+        from cryosam import io, progress
+        from cryosam.commands.segment import print_summary
+        from cryosam.config import CryosamConfig, EncoderConfig, SegmenterConfig
+        from cryosam.export import write_outputs
+        from cryosam.metrics import evaluate_picks
+        from cryosam.pipeline import CryoSAM
+        from cryosam.simulate import SimulationConfig, parse_shape, simulate, write_simulation
+
+        if quiet:
+            progress.set_quiet(True)
+        if weight_free:
+            encoder, segmenter, why = "filterbank", "threshold", "weight-free backends (asked)"
+        else:
+            encoder, segmenter, why = pick_backends(device)
+        echo = (lambda *a, **k: None) if quiet else typer.echo
+        echo(f"backends: {why}")
+
+        sim = simulate(SimulationConfig(shape=parse_shape(shape), seed=seed))
+        files = write_simulation(sim, out_dir / "data", overwrite=True)
+        echo(f"simulated {sim.volume.shape} tomogram with {len(sim.particles)} particles "
+             f"({sim.target_kind} is the target) → {files['tomo.mrc']}")
+
+        cfg = CryosamConfig(encoder=EncoderConfig(name=encoder),
+                            segmenter=SegmenterConfig(name=segmenter), device=device,
+                            seed=seed)
+        tomo = io.read_tomogram(files["tomo.mrc"])
+        result = CryoSAM(cfg).segment(tomo, files["prompt.csv"], tomo_name="demo")
+        result_dir = out_dir / "tomo_cryosam"
+        written = write_outputs(result, result_dir, overwrite=overwrite, tomo_name="demo")
+        if not quiet:
+            print_summary(result, written, result_dir)
+
+        targets = [p for p in sim.particles if p.kind == sim.target_kind]
+        others = [p for p in sim.particles if p.kind != sim.target_kind]
+        radius = float(sim.target_radius)
+        import numpy as np
+
+        truth = np.array([p.zyx for p in targets], dtype=float)
+        ev = evaluate_picks(result.picks_zyx, truth, radius, scores=result.pick_scores)
+        hit_others = 0
+        if others and len(result.picks_zyx):
+            dist = np.linalg.norm(result.picks_zyx[:, None, :]
+                                  - np.array([p.zyx for p in others])[None], axis=2)
+            hit_others = int((dist.min(axis=0) <= radius).sum())
+        typer.echo(
+            f"{sim.target_kind}: precision {ev.precision:.3f}  recall {ev.recall:.3f}  "
+            f"F1 {ev.f1:.3f}  ({ev.tp} TP, {ev.fp} FP, {ev.fn} FN, radius {radius:g} voxels)"
+        )
+        if others:
+            typer.echo(f"distractors picked: {hit_others} of {len(others)} "
+                       f"({100.0 * hit_others / len(others):.0f} %)")
+        typer.echo(f"look at {result_dir / 'preview.png'}")

@@ -1,0 +1,193 @@
+"""Write a segmentation result as the files users open: picks, masks, preview, run record.
+
+Everything goes into a hidden sibling folder first and is renamed onto ``out_dir`` at the
+end, so an interrupted run never leaves a folder that looks complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from cryosam import io
+from cryosam._atomic import atomic_path
+from cryosam.errors import InputError
+
+if TYPE_CHECKING:
+    from cryosam.pipeline import SegmentationResult
+
+OUTPUT_FILES = (
+    "picks.csv",
+    "picks.star",
+    "picks_napari.csv",
+    "semantic.mrc",
+    "instances.mrc",
+    "preview.png",
+    "run.json",
+)
+
+
+def default_out_dir(tomo_path: str | os.PathLike[str]) -> Path:
+    """``<stem>_cryosam/`` beside the input tomogram (``.gz``/``.bz2`` stripped)."""
+    path = Path(tomo_path)
+    name = path.name
+    for ext in (".gz", ".bz2"):
+        if name.endswith(ext):
+            name = name[: -len(ext)]
+    return path.parent / f"{Path(name).stem}_cryosam"
+
+
+def check_out_dir(out_dir: str | os.PathLike[str], overwrite: bool) -> Path:
+    """Refuse an existing, non-empty output folder unless ``overwrite``; return it as a Path."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: exists and is not a folder; choose another --out")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise InputError(f"{out}: output folder exists; pass --overwrite or choose another --out")
+    return out
+
+
+def write_outputs(
+    result: SegmentationResult,
+    out_dir: str | os.PathLike[str],
+    *,
+    overwrite: bool = False,
+    tomo_name: str | None = None,
+    preview: bool = True,
+) -> dict[str, Path]:
+    """Write every output of ``result`` into ``out_dir``; return {name: final path}."""
+    out = check_out_dir(out_dir, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        written = _write_all(result, staging, tomo_name=tomo_name, preview=preview)
+        if out.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+            os.replace(out, trash / out.name)
+            os.replace(staging, out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return {name: out / path.name for name, path in written.items()}
+
+
+def _write_all(
+    result: SegmentationResult, folder: Path, *, tomo_name: str | None, preview: bool
+) -> dict[str, Path]:
+    tomo = result.tomogram
+    name = tomo_name or result.tomo_name
+    written: dict[str, Path] = {}
+    if result.picks_zyx.shape[0] or result.target == "particle":
+        columns = {
+            "score": result.pick_scores,
+            "instance_id": result.pick_instance_ids,
+            "n_voxels": result.pick_n_voxels,
+            "similarity": result.pick_similarity,
+            "confidence": result.pick_confidence,
+            "prompt": result.pick_is_prompt.astype(np.int8),
+        }
+        written["picks.csv"] = folder / "picks.csv"
+        io.write_picks_csv(written["picks.csv"], result.picks_zyx, columns)
+        written["picks.star"] = folder / "picks.star"
+        io.write_picks_star(
+            written["picks.star"],
+            result.picks_zyx,
+            tomo_name=name,
+            voxel_size=tomo.voxel_size,
+            shape=tomo.shape,
+            scores=result.pick_scores,
+        )
+        written["picks_napari.csv"] = folder / "picks_napari.csv"
+        io.write_napari_csv(written["picks_napari.csv"], result.picks_zyx)
+    written["semantic.mrc"] = folder / "semantic.mrc"
+    io.write_mrc(written["semantic.mrc"], result.semantic, tomo.voxel_size, tomo.origin)
+    written["instances.mrc"] = folder / "instances.mrc"
+    io.write_mrc(written["instances.mrc"], result.labels, tomo.voxel_size, tomo.origin)
+    if preview:
+        written["preview.png"] = folder / "preview.png"
+        write_preview(written["preview.png"], result)
+    written["run.json"] = folder / "run.json"
+    record = dict(result.record)
+    record["outputs"] = sorted(written)
+    with atomic_path(written["run.json"]) as tmp:
+        tmp.write_text(json.dumps(_jsonable(record), indent=2) + "\n", encoding="utf-8")
+    return written
+
+
+def write_preview(path: str | os.PathLike[str], result: SegmentationResult) -> None:
+    """Three orthogonal slices through the first click: tomogram, mask overlay, picks, clicks."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    data = result.tomogram.data
+    D, H, W = data.shape
+    centre = result.prompt_zyx[0] if len(result.prompt_zyx) else np.array([D, H, W]) / 2
+    cz, cy, cx = (int(round(float(c))) for c in centre)
+    cz, cy, cx = min(max(cz, 0), D - 1), min(max(cy, 0), H - 1), min(max(cx, 0), W - 1)
+    planes = [
+        (f"YX at z={cz}", data[cz], result.semantic[cz], (1, 2), 0, cz),
+        (f"ZX at y={cy}", data[:, cy, :], result.semantic[:, cy, :], (0, 2), 1, cy),
+        (f"ZY at x={cx}", data[:, :, cx], result.semantic[:, :, cx], (0, 1), 2, cx),
+    ]
+    widths = [W, W, H]
+    fig, axes = plt.subplots(
+        1, 3, figsize=(15, 5.5), gridspec_kw={"width_ratios": widths}, constrained_layout=True
+    )
+    # a pick is drawn on a plane when its centre lies within this many voxels of it
+    near = max(2.0, float(result.record.get("matching", {}).get("nms_radius") or 3.0) * 0.75)
+    for ax, (title, img, mask, (ra, ca), normal, pos) in zip(axes, planes, strict=True):
+        lo, hi = np.percentile(img, [1, 99])
+        ax.imshow(img, cmap="gray", vmin=lo, vmax=hi, interpolation="nearest")
+        overlay = np.zeros((*mask.shape, 4), dtype=np.float32)
+        overlay[mask > 0] = (1.0, 0.55, 0.0, 0.35)
+        ax.imshow(overlay, interpolation="nearest")
+        picks = result.picks_zyx
+        if len(picks):
+            sel = np.abs(picks[:, normal] - pos) <= near
+            ax.scatter(picks[sel, ca], picks[sel, ra], s=40, facecolors="none",
+                       edgecolors="cyan", linewidths=1.2, label="picks")
+        clicks = result.prompt_zyx
+        if len(clicks):
+            sel = np.abs(clicks[:, normal] - pos) <= near
+            ax.scatter(clicks[sel, ca], clicks[sel, ra], s=90, marker="+", c="red",
+                       linewidths=2, label="clicks")
+        ax.set_title(title)
+        ax.set_axis_off()
+    n = len(result.picks_zyx)
+    fig.suptitle(f"cryosam: {n} picks, orange = semantic mask, cyan = picks, red + = clicks")
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+
+
+def _jsonable(obj: Any) -> Any:
+    """Turn numpy/Path values into plain JSON types, recursively."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return _jsonable(dataclasses.asdict(obj))
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.floating):
+        return float(obj)
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj

@@ -1,0 +1,547 @@
+"""The CryoSAM pipeline: clicks → 3-D masks → features → matching → masks of every match.
+
+:class:`CryoSAM` holds the loaded models so that several tomograms (or several queries on one
+tomogram) reuse them; :func:`segment` is the one-call form.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import os
+import platform
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import cryosam
+from cryosam import io
+from cryosam.config import CryosamConfig, PropagationConfig
+from cryosam.device import peak_memory_bytes, reset_peak_memory, resolve_device
+from cryosam.errors import InputError
+
+
+@dataclass
+class SegmentationResult:
+    """Everything a run produced; :func:`cryosam.export.write_outputs` writes it to disk."""
+
+    tomogram: io.Tomogram
+    tomo_name: str
+    target: str  # "particle" | "membrane"
+    prompt_zyx: np.ndarray  # (P, 3) clicked points, voxels
+    instances: list[Any]  # InstanceMask per kept instance; the clicked ones first
+    instance_scores: np.ndarray  # (I,) combined score
+    instance_similarity: np.ndarray  # (I,) matching similarity (1 for clicks)
+    instance_confidence: np.ndarray  # (I,) segmenter confidence
+    instance_is_prompt: np.ndarray  # (I,) bool
+    semantic: np.ndarray  # (D, H, W) uint8, 1 = segmented
+    labels: np.ndarray  # (D, H, W) int16/int32 instance ids (1..I), 0 = background
+    proposals_zyx: np.ndarray = field(default_factory=lambda: np.zeros((0, 3)))
+    proposal_scores: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    record: dict[str, Any] = field(default_factory=dict)
+
+    # picks: one per instance at its centroid, sorted by score (particles only)
+    @property
+    def _pick_order(self) -> np.ndarray:
+        if self.target != "particle":
+            return np.zeros(0, dtype=int)
+        return np.argsort(-self.instance_scores, kind="stable")
+
+    @property
+    def picks_zyx(self) -> np.ndarray:
+        """(N, 3) instance centroids in voxels (z, y, x), best score first."""
+        order = self._pick_order
+        if not len(order):
+            return np.zeros((0, 3))
+        return np.array([self.instances[i].centroid() for i in order], dtype=float)
+
+    @property
+    def pick_scores(self) -> np.ndarray:
+        return self.instance_scores[self._pick_order]
+
+    @property
+    def pick_similarity(self) -> np.ndarray:
+        return self.instance_similarity[self._pick_order]
+
+    @property
+    def pick_confidence(self) -> np.ndarray:
+        return self.instance_confidence[self._pick_order]
+
+    @property
+    def pick_is_prompt(self) -> np.ndarray:
+        return self.instance_is_prompt[self._pick_order]
+
+    @property
+    def pick_instance_ids(self) -> np.ndarray:
+        """Label of each pick in ``instances.mrc``."""
+        return self._pick_order + 1
+
+    @property
+    def pick_n_voxels(self) -> np.ndarray:
+        return np.array([self.instances[i].n_voxels for i in self._pick_order], dtype=np.int64)
+
+
+class _Stages:
+    """Times each pipeline stage and records its peak memory."""
+
+    def __init__(self, device: Any) -> None:
+        self.device = device
+        self.seconds: dict[str, float] = {}
+        self.peak_bytes: dict[str, int] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        reset_peak_memory(self.device)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+            self.peak_bytes[name] = max(self.peak_bytes.get(name, 0),
+                                        peak_memory_bytes(self.device))
+
+
+class CryoSAM:
+    """Loaded models plus configuration; call :meth:`segment` once per tomogram.
+
+    ``encoder``/``segmenter`` may be passed ready-built (e.g. tiny models in tests);
+    otherwise they are built from ``config`` on first use and kept.
+    """
+
+    def __init__(
+        self,
+        config: CryosamConfig | None = None,
+        *,
+        encoder: Any | None = None,
+        segmenter: Any | None = None,
+    ) -> None:
+        self.config = config or CryosamConfig()
+        self.device = resolve_device(self.config.device)
+        self._encoder = encoder
+        self._segmenter = segmenter
+
+    @property
+    def encoder(self) -> Any:
+        """The slice feature encoder (built on first use)."""
+        if self._encoder is None:
+            from cryosam.encoders import build_encoder
+
+            self._encoder = build_encoder(self.config.encoder, self.device)
+        return self._encoder
+
+    @property
+    def segmenter(self) -> Any:
+        """The 2-D promptable segmenter (built on first use)."""
+        if self._segmenter is None:
+            from cryosam.segmenters import build_segmenter
+
+            self._segmenter = build_segmenter(self.config.segmenter, self.device)
+        return self._segmenter
+
+    def segment(
+        self,
+        tomogram: io.Tomogram | str | os.PathLike[str] | np.ndarray,
+        points: np.ndarray | str | os.PathLike[str] | Sequence[Sequence[float]],
+        *,
+        match: bool = True,
+        cache_dir: str | os.PathLike[str] | None = None,
+        voxel_size: float | None = None,
+        points_unit: str = "voxel",
+        tomo_name: str | None = None,
+    ) -> SegmentationResult:
+        """Segment the clicked particles (or membranes) and, with ``match``, all similar ones.
+
+        ``points`` are (z, y, x) voxels when given as an array, or a CSV/STAR file path.
+        """
+        cfg = self.config
+        stages = _Stages(self.device)
+        started = time.time()
+        with stages("load"):
+            tomo = _as_tomogram(tomogram, voxel_size)
+            prompts, points_source = _as_points(points, tomo, points_unit, tomo_name)
+        name = tomo_name or (_stem(tomo.path) if tomo.path else "tomo")
+        target = cfg.propagation.target
+        volume = tomo.data
+        segmenter = self.segmenter
+        _reset_segmenter(segmenter)
+
+        from cryosam.propagation import propagate
+
+        with stages("segment_prompts"):
+            prompt_res = propagate(volume, prompts, segmenter, cfg.propagation)
+        instances = list(prompt_res.instances)
+        similarity = [1.0] * len(instances)
+        confidence = [float(c) for c in prompt_res.confidence]
+        is_prompt = [True] * len(instances)
+        prop_stats: dict[str, Any] = {"prompts": dict(prompt_res.stats)}
+        empty_prompts = [i for i, inst in enumerate(instances) if inst.n_voxels == 0]
+        if empty_prompts:
+            import warnings
+
+            warnings.warn(
+                f"{len(empty_prompts)} click(s) gave an empty mask (rows {empty_prompts}); "
+                "they are kept as picks but do not shape the query",
+                stacklevel=2,
+            )
+
+        proposals_zyx = np.zeros((0, 3))
+        proposal_scores = np.zeros(0)
+        matching_record: dict[str, Any] = {"enabled": bool(match)}
+        feature_record: dict[str, Any] = {}
+        if match and any(inst.n_voxels > 0 for inst in instances):
+            from cryosam.features import extract_features
+            from cryosam.matching import match as run_matching
+            from cryosam.matching import nms_radius_from_masks, pool_query
+
+            with stages("features"):
+                fv = extract_features(
+                    volume,
+                    self.encoder,
+                    stride=cfg.encoder.slice_stride,
+                    batch_size=cfg.encoder.batch_size,
+                    device=self.device,
+                    cache_dir=cache_dir,
+                    clip_percentiles=cfg.encoder.clip_percentiles,
+                )
+            feature_record = {
+                "encoder": getattr(self.encoder, "id", type(self.encoder).__name__),
+                "dim": int(fv.dim),
+                "nbytes": int(fv.nbytes),
+                "cache_hit": bool(getattr(fv, "from_cache", False)),
+            }
+            with stages("matching"):
+                masks = [inst.coords() for inst in instances if inst.n_voxels > 0]
+                queries = pool_query(fv, masks, seed=cfg.seed)
+                radius = cfg.matching.nms_radius or nms_radius_from_masks(masks)
+                proposals = run_matching(fv, queries, cfg.matching, nms_radius=radius,
+                                         device=self.device)
+            proposals_zyx = np.asarray(proposals.zyx, dtype=float).reshape(-1, 3)
+            proposal_scores = np.asarray(proposals.scores, dtype=float).reshape(-1)
+            matching_record = {
+                "enabled": True,
+                "nms_radius": float(radius),
+                "queries": int(queries.shape[0]),
+                "proposals": int(len(proposals_zyx)),
+                "stats": proposals.stats,
+            }
+            keep = _outside_instances(proposals_zyx, instances, volume.shape)
+            cand_zyx, cand_sim = proposals_zyx[keep], proposal_scores[keep]
+            matching_record["proposals_inside_clicked"] = int((~keep).sum())
+            if len(cand_zyx):
+                with stages("segment_proposals"):
+                    cand_cfg = _proposal_propagation_config(cfg.propagation, instances)
+                    cand_res = propagate(volume, cand_zyx, segmenter, cand_cfg)
+                prop_stats["proposals"] = dict(cand_res.stats)
+                sizes = np.array([inst.n_voxels for inst in instances if inst.n_voxels > 0])
+                kept, rejected = _plausible(cand_res.instances, cand_zyx, sizes, target,
+                                            cfg.min_size_ratio, cfg.max_size_ratio)
+                matching_record["rejected"] = rejected
+                for i in kept:
+                    instances.append(cand_res.instances[i])
+                    similarity.append(float(cand_sim[i]))
+                    confidence.append(float(cand_res.confidence[i]))
+                    is_prompt.append(False)
+
+        with stages("merge"):
+            sim_arr = np.asarray(similarity, dtype=float)
+            conf_arr = np.clip(np.asarray(confidence, dtype=float), 0.0, 1.0)
+            scores = sim_arr * conf_arr
+            order, labels, merged = _merge(instances, scores, np.asarray(is_prompt),
+                                           volume.shape, cfg.merge_iou)
+            instances = [merged[i] for i in order]
+            result = SegmentationResult(
+                tomogram=tomo,
+                tomo_name=name,
+                target=target,
+                prompt_zyx=prompts,
+                instances=instances,
+                instance_scores=scores[order],
+                instance_similarity=sim_arr[order],
+                instance_confidence=conf_arr[order],
+                instance_is_prompt=np.asarray(is_prompt, dtype=bool)[order],
+                semantic=(labels > 0).astype(np.uint8),
+                labels=labels,
+                proposals_zyx=proposals_zyx,
+                proposal_scores=proposal_scores,
+            )
+        counters = {
+            "encoder_calls": int(getattr(segmenter, "encoder_calls", 0)),
+            "decoder_calls": int(getattr(segmenter, "decoder_calls", 0)),
+        }
+        result.record = {
+            "cryosam_version": cryosam.__version__,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+            "inputs": {
+                "tomogram": _file_info(tomo.path),
+                "shape_zyx": list(tomo.shape),
+                "voxel_size_zyx": list(tomo.voxel_size) if tomo.voxel_size else None,
+                "origin_zyx": list(tomo.origin),
+                "points": _file_info(points_source) if points_source else "array",
+                "points_unit": points_unit,
+                "tomo_name": name,
+                "prompts_zyx": prompts.tolist(),
+            },
+            "parameters": cfg.to_dict(),
+            "models": {
+                "encoder": getattr(self._encoder, "id", None) if match else None,
+                "segmenter": getattr(segmenter, "id", type(segmenter).__name__),
+            },
+            "scale": _scale_record(self._encoder if match else None, segmenter, tomo.shape),
+            "device": _device_record(self.device),
+            "versions": _versions(),
+            "counts": {
+                "prompts": int(len(prompts)),
+                "proposals": int(len(proposals_zyx)),
+                "instances": int(len(instances)),
+                "picks": int(len(result.picks_zyx)),
+                **counters,
+            },
+            "features": feature_record,
+            "matching": matching_record,
+            "propagation": prop_stats,
+            "score": "similarity x segmenter confidence (clicks: similarity 1)",
+            "seconds": {k: round(v, 4) for k, v in stages.seconds.items()},
+            "peak_memory_bytes": stages.peak_bytes,
+            "total_seconds": round(time.time() - started, 4),
+        }
+        return result
+
+
+def segment(
+    tomogram: io.Tomogram | str | os.PathLike[str] | np.ndarray,
+    points: np.ndarray | str | os.PathLike[str] | Sequence[Sequence[float]],
+    config: CryosamConfig | None = None,
+    **kwargs: Any,
+) -> SegmentationResult:
+    """One-call form of :meth:`CryoSAM.segment` (models are loaded for this call only)."""
+    return CryoSAM(config).segment(tomogram, points, **kwargs)
+
+
+# --- helpers -----------------------------------------------------------------------------
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for ext in (".gz", ".bz2"):
+        if name.endswith(ext):
+            name = name[: -len(ext)]
+    return Path(name).stem
+
+
+def _as_tomogram(tomogram: Any, voxel_size: float | None) -> io.Tomogram:
+    if isinstance(tomogram, io.Tomogram):
+        if voxel_size is not None:
+            return dataclasses.replace(tomogram, voxel_size=(float(voxel_size),) * 3)
+        return tomogram
+    if isinstance(tomogram, np.ndarray):
+        if tomogram.ndim != 3:
+            raise InputError(f"tomogram array has shape {tomogram.shape}; need a 3-D (z, y, x) "
+                             "volume")
+        data = np.asarray(tomogram, dtype=np.float32)
+        if not np.isfinite(data).all():
+            raise InputError("tomogram array holds NaN or inf values; clean it first")
+        vs = (float(voxel_size),) * 3 if voxel_size else None
+        return io.Tomogram(data=data, voxel_size=vs, origin=(0.0, 0.0, 0.0), path=None)
+    return io.read_tomogram(tomogram, voxel_size=voxel_size)
+
+
+def _as_points(
+    points: Any, tomo: io.Tomogram, unit: str, tomo_name: str | None
+) -> tuple[np.ndarray, Path | None]:
+    if isinstance(points, str | os.PathLike):
+        ps = io.read_points(points, shape=tomo.shape, voxel_size=tomo.voxel_size, unit=unit,
+                            tomo_name=tomo_name)
+        return np.asarray(ps.zyx, dtype=float).reshape(-1, 3), Path(points)
+    arr = np.asarray(points, dtype=float).reshape(-1, 3)
+    if not len(arr):
+        raise InputError("no points given; click at least one particle")
+    if not np.isfinite(arr).all():
+        raise InputError("points hold NaN or inf values")
+    hi = np.asarray(tomo.shape, dtype=float) - 0.5
+    bad = np.nonzero(((arr < -0.5) | (arr > hi)).any(axis=1))[0]
+    if len(bad):
+        raise InputError(f"point {int(bad[0])} (z,y,x = {arr[bad[0]].tolist()}) lies outside the "
+                         f"volume of shape {tomo.shape}")
+    return arr, None
+
+
+def _reset_segmenter(segmenter: Any) -> None:
+    """Drop slice embeddings cached for a previous tomogram."""
+    reset = getattr(segmenter, "reset", None)
+    if callable(reset):
+        reset()
+
+
+def _outside_instances(zyx: np.ndarray, instances: Sequence[Any], shape: tuple[int, ...]
+                       ) -> np.ndarray:
+    """True for proposals whose voxel lies outside every instance mask so far."""
+    keep = np.ones(len(zyx), dtype=bool)
+    if not len(zyx):
+        return keep
+    vox = np.clip(np.rint(zyx).astype(np.int64), 0, np.asarray(shape) - 1)
+    for inst in instances:
+        if inst.n_voxels == 0:
+            continue
+        rel = vox - np.asarray(inst.offset)
+        inside = ((rel >= 0) & (rel < np.asarray(inst.mask.shape))).all(axis=1)
+        idx = np.nonzero(inside & keep)[0]
+        if len(idx):
+            r = rel[idx]
+            hit = inst.mask[r[:, 0], r[:, 1], r[:, 2]]
+            keep[idx[hit]] = False
+    return keep
+
+
+def _proposal_propagation_config(cfg: PropagationConfig, prompts: Sequence[Any]
+                                 ) -> PropagationConfig:
+    """Proposals are segmented like the clicks; particles get the clicks' area cap."""
+    return cfg
+
+
+def _plausible(
+    instances: Sequence[Any],
+    zyx: np.ndarray,
+    prompt_sizes: np.ndarray,
+    target: str,
+    lo: float,
+    hi: float,
+) -> tuple[list[int], dict[str, int]]:
+    """Indices of proposal instances worth keeping, and counts of why others were dropped.
+
+    A particle proposal must give a non-empty mask that contains (or touches) its point and
+    whose volume is within [lo, hi] × the clicked particles' median volume.
+    """
+    kept: list[int] = []
+    rejected = {"empty": 0, "size": 0, "off_point": 0}
+    ref = float(np.median(prompt_sizes)) if len(prompt_sizes) else 0.0
+    for i, inst in enumerate(instances):
+        if inst.n_voxels == 0:
+            rejected["empty"] += 1
+            continue
+        if target == "particle" and ref > 0 and not (lo * ref <= inst.n_voxels <= hi * ref):
+            rejected["size"] += 1
+            continue
+        c = np.asarray(inst.centroid(), dtype=float)
+        extent = max(2.0, 0.5 * float(np.max(inst.mask.shape)))
+        if target == "particle" and np.linalg.norm(c - zyx[i]) > extent:
+            rejected["off_point"] += 1
+            continue
+        kept.append(i)
+    return kept, rejected
+
+
+def _merge(
+    instances: Sequence[Any],
+    scores: np.ndarray,
+    is_prompt: np.ndarray,
+    shape: tuple[int, ...],
+    merge_iou: float,
+) -> tuple[list[int], np.ndarray, list[Any]]:
+    """Paint instances into a label volume, best first (clicks before matches).
+
+    An instance that overlaps an already painted one by ≥ ``merge_iou`` of its own voxels is
+    merged into it (union); otherwise it only takes the voxels still free. Returns the order
+    of the surviving instances, the label volume (ids 1..N in that order) and the instances
+    (merged ones updated).
+    """
+    from cryosam.propagation import InstanceMask
+
+    n = len(instances)
+    dtype = np.int16 if n < 32000 else np.int32
+    labels = np.zeros(shape, dtype=dtype)
+    rank = np.lexsort((-scores, ~is_prompt.astype(bool))) if n else np.zeros(0, dtype=int)
+    kept: list[int] = []
+    merged: list[Any] = list(instances)
+    label_of: dict[int, int] = {}
+    for i in rank:
+        inst = instances[i]
+        if inst.n_voxels == 0 and not is_prompt[i]:
+            continue
+        if inst.n_voxels == 0:
+            kept.append(int(i))
+            continue
+        z0, y0, x0 = (int(v) for v in inst.offset)
+        dz, dy, dx = inst.mask.shape
+        region = labels[z0:z0 + dz, y0:y0 + dy, x0:x0 + dx]
+        under = region[inst.mask]
+        taken = under[under > 0]
+        if len(taken) and not is_prompt[i]:
+            ids, counts = np.unique(taken, return_counts=True)
+            best = int(np.argmax(counts))
+            if counts[best] >= merge_iou * inst.n_voxels:
+                owner = int(ids[best])
+                region[inst.mask & (region == 0)] = owner
+                j = label_of[owner]
+                merged[j] = _union(merged[j], inst, InstanceMask)
+                continue
+        kept.append(int(i))
+        label = len(kept)
+        label_of[label] = int(i)
+        region[inst.mask & (region == 0)] = label
+    # relabel in the final order (kept order is already clicks first, then by score)
+    return kept, labels, merged
+
+
+def _union(a: Any, b: Any, cls: Any) -> Any:
+    """Union of two sparse instance masks."""
+    lo = np.minimum(np.asarray(a.offset), np.asarray(b.offset))
+    hi = np.maximum(np.asarray(a.offset) + a.mask.shape, np.asarray(b.offset) + b.mask.shape)
+    out = np.zeros(tuple(int(v) for v in hi - lo), dtype=bool)
+    for m in (a, b):
+        s = np.asarray(m.offset) - lo
+        out[s[0]:s[0] + m.mask.shape[0], s[1]:s[1] + m.mask.shape[1],
+            s[2]:s[2] + m.mask.shape[2]] |= m.mask
+    return cls(offset=tuple(int(v) for v in lo), mask=out)
+
+
+def _file_info(path: Path | str | None) -> dict[str, Any] | None:
+    if path is None:
+        return None
+    p = Path(path)
+    h = hashlib.sha256()
+    with open(p, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return {"path": str(p.resolve()), "bytes": p.stat().st_size, "sha256": h.hexdigest()}
+
+
+def _scale_record(encoder: Any, segmenter: Any, shape: tuple[int, ...]) -> dict[str, Any]:
+    """Voxels per model patch along the long side of the largest slice, for each model."""
+    out: dict[str, Any] = {}
+    long_side = max(shape[1:]) if len(shape) == 3 else None
+    for name, model in (("encoder", encoder), ("segmenter", segmenter)):
+        if model is None:
+            continue
+        vpp = getattr(model, "voxels_per_patch", None)
+        if callable(vpp) and long_side:
+            with contextlib.suppress(Exception):
+                out[name] = float(vpp(long_side))
+        elif getattr(model, "patch_size", None):
+            out[f"{name}_patch_size"] = int(model.patch_size)
+    return out
+
+
+def _device_record(device: Any) -> dict[str, Any]:
+    import torch
+
+    rec: dict[str, Any] = {"type": device.type, "host": platform.node(),
+                           "cpu_threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        rec["name"] = torch.cuda.get_device_name(device)
+    return rec
+
+
+def _versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for pkg in ("cryosam", "numpy", "scipy", "torch", "torchvision", "transformers",
+                "segment-anything", "faiss-gpu", "faiss-cpu", "mrcfile", "starfile"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            out[pkg] = metadata.version(pkg)
+    return out
