@@ -1,0 +1,452 @@
+"""Cross-plane self-prompting: one click -> the particle's 3-D mask, for many clicks at once.
+
+From a point (z, y, x) the three orthogonal planes through it are segmented with a point
+prompt (YX at z, ZX at y, ZY at x). From each, a *chain* steps slice by slice in both
+directions (+-z from the YX plane, +-y from ZX, +-x from ZY), prompting the segmenter with the
+previous slice's mask (SAM: its low-res logits) and that mask's most confident point, and
+stops when IoU(previous, new) < ``iou_threshold``, the new mask is empty or larger than the
+area cap, or the volume ends. The instance is the union of the accepted 2-D masks.
+
+Batching: every chain of every particle advances one slice per *step*; a step's prompts are
+grouped by slice and sent to the segmenter together (``segmenter.max_batch`` prompts per
+decoder pass, which for SAM may span several slices), and every slice is encoded once
+(cached). ``PropagationConfig.batched = False`` runs the same algorithm one particle and one
+slice at a time, the baseline the batching is measured against; both give the same masks.
+
+The volume passed in is the RAW tomogram: it is rescaled per tomogram to [0, 1] from robust
+percentiles (``clip_percentiles``) unless ``normalise=False``, in which case it must already
+be in [0, 1].
+
+Membranes (``target="membrane"``) are sheets: their slices are thin curves, so consecutive
+masks are compared after dilating both by ``membrane_tolerance`` pixels (a curve that moves by
+a pixel keeps a high IoU) and there is no area cap.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from cryosam.config import PropagationConfig
+from cryosam.errors import InputError
+from cryosam.progress import track
+from cryosam.segmenters.base import AXES, PromptBatch, Segmenter, to_slice
+
+DIRECTIONS = ("+z", "-z", "+y", "-y", "+x", "-x")
+FIRST_MASK_SPREAD = 4.0  # first masks more than this times the smallest are outliers (leaks)
+
+
+@dataclass
+class InstanceMask:
+    """A sparse 3-D mask: a bool crop ``mask`` whose [0, 0, 0] sits at voxel ``offset``."""
+
+    offset: tuple[int, int, int]
+    mask: np.ndarray
+
+    @classmethod
+    def empty(cls) -> InstanceMask:
+        return cls((0, 0, 0), np.zeros((0, 0, 0), bool))
+
+    @classmethod
+    def from_dense(cls, dense: np.ndarray) -> InstanceMask:
+        """Crop a full-size bool volume to its bounding box."""
+        coords = np.argwhere(dense)
+        if coords.size == 0:
+            return cls.empty()
+        lo, hi = coords.min(0), coords.max(0) + 1
+        crop = dense[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]].astype(bool)
+        return cls((int(lo[0]), int(lo[1]), int(lo[2])), crop)
+
+    @property
+    def n_voxels(self) -> int:
+        return int(self.mask.sum())
+
+    @property
+    def bbox(self) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+        """((z0, y0, x0), (z1, y1, x1)), end exclusive."""
+        z0, y0, x0 = self.offset
+        dz, dy, dx = self.mask.shape
+        return (z0, y0, x0), (z0 + dz, y0 + dy, x0 + dx)
+
+    def coords(self) -> np.ndarray:
+        """(n, 3) voxel indices (z, y, x) of the mask."""
+        return np.argwhere(self.mask) + np.asarray(self.offset, dtype=np.int64)
+
+    def centroid(self) -> np.ndarray:
+        """Mean voxel position (z, y, x); NaN for an empty mask."""
+        if self.n_voxels == 0:
+            return np.full(3, np.nan)
+        return self.coords().mean(0)
+
+    def paste(self, into: np.ndarray, value: int | float | bool = True) -> None:
+        """Write ``value`` into ``into`` (a full volume) wherever the mask is set (clipped)."""
+        lo = np.asarray(self.offset)
+        hi = lo + np.asarray(self.mask.shape)
+        a = np.maximum(lo, 0)
+        b = np.minimum(hi, into.shape)
+        if np.any(b <= a):
+            return
+        crop = self.mask[a[0] - lo[0] : b[0] - lo[0], a[1] - lo[1] : b[1] - lo[1],
+                         a[2] - lo[2] : b[2] - lo[2]]
+        into[a[0] : b[0], a[1] : b[1], a[2] : b[2]][crop] = value
+
+    def to_dense(self, shape: tuple[int, int, int]) -> np.ndarray:
+        out = np.zeros(shape, bool)
+        self.paste(out, True)
+        return out
+
+    def iou(self, other: InstanceMask) -> float:
+        """Intersection over union of two sparse masks (0 when both are empty)."""
+        inter = 0
+        (a0, a1), (b0, b1) = self.bbox, other.bbox
+        lo = np.maximum(a0, b0)
+        hi = np.minimum(a1, b1)
+        if np.all(hi > lo) and self.n_voxels and other.n_voxels:
+            sa = tuple(slice(lo[i] - a0[i], hi[i] - a0[i]) for i in range(3))
+            sb = tuple(slice(lo[i] - b0[i], hi[i] - b0[i]) for i in range(3))
+            inter = int(np.logical_and(self.mask[sa], other.mask[sb]).sum())
+        union = self.n_voxels + other.n_voxels - inter
+        return inter / union if union else 0.0
+
+
+@dataclass
+class PropagationResult:
+    """One instance per prompt point (same order), a confidence each, and counters."""
+
+    instances: list[InstanceMask]
+    confidence: np.ndarray
+    stats: dict = field(default_factory=dict)
+
+
+@dataclass
+class _Piece:
+    """An accepted 2-D mask: slice ``index`` of ``axis``, crop at (row0, col0)."""
+
+    axis: str
+    index: int
+    r0: int
+    c0: int
+    crop: np.ndarray
+
+
+@dataclass
+class _Chain:
+    particle: int
+    axis: str
+    sign: int
+    index: int
+    prev: _Piece
+    point: np.ndarray
+    logits: np.ndarray | None
+    cap: float
+    steps: int = 0
+    stop: str = ""
+
+
+def normalise_volume(volume: np.ndarray, percentiles: tuple[float, float] = (0.5, 99.5)
+                     ) -> np.ndarray:
+    """Rescale so the given percentiles map to 0 and 1, clipped (float32). Percentiles come
+    from a strided subsample of at most ~4 M voxels, so this stays cheap on big tomograms."""
+    vol = np.asarray(volume, dtype=np.float32)
+    step = max(1, int(np.ceil((vol.size / 4e6) ** (1 / 3))))
+    sample = vol[::step, ::step, ::step]
+    lo, hi = np.percentile(sample, percentiles)
+    if not np.isfinite(lo) or not np.isfinite(hi) or hi <= lo:
+        return np.zeros_like(vol)
+    return np.clip((vol - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+
+
+def _crop2d(mask: np.ndarray) -> tuple[int, int, np.ndarray] | None:
+    rows = np.flatnonzero(mask.any(1))
+    if rows.size == 0:
+        return None
+    cols = np.flatnonzero(mask.any(0))
+    r0, r1, c0, c1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+    return int(r0), int(c0), mask[r0:r1, c0:c1].copy()
+
+
+def _iou2d(a: _Piece, b: _Piece, tolerance: int = 0) -> float:
+    """IoU of two cropped 2-D masks (after dilating both by ``tolerance`` pixels)."""
+    ma, mb = a.crop, b.crop
+    ra, ca, rb, cb = a.r0, a.c0, b.r0, b.c0
+    if tolerance > 0:
+        t = tolerance
+        ma = ndi.binary_dilation(np.pad(ma, t), iterations=t)
+        mb = ndi.binary_dilation(np.pad(mb, t), iterations=t)
+        ra, ca, rb, cb = ra - t, ca - t, rb - t, cb - t
+    r0, c0 = max(ra, rb), max(ca, cb)
+    r1 = min(ra + ma.shape[0], rb + mb.shape[0])
+    c1 = min(ca + ma.shape[1], cb + mb.shape[1])
+    inter = 0
+    if r1 > r0 and c1 > c0:
+        inter = int(np.logical_and(ma[r0 - ra : r1 - ra, c0 - ca : c1 - ca],
+                                   mb[r0 - rb : r1 - rb, c0 - cb : c1 - cb]).sum())
+    union = int(ma.sum()) + int(mb.sum()) - inter
+    return inter / union if union else 0.0
+
+
+def _full(piece: _Piece, shape: tuple[int, int]) -> np.ndarray:
+    out = np.zeros(shape, bool)
+    h, w = piece.crop.shape
+    out[piece.r0 : piece.r0 + h, piece.c0 : piece.c0 + w] = piece.crop
+    return out
+
+
+def _instance(pieces: list[_Piece]) -> InstanceMask:
+    """Union of 2-D pieces as a sparse 3-D mask."""
+    if not pieces:
+        return InstanceMask.empty()
+    boxes = []
+    for p in pieces:
+        h, w = p.crop.shape
+        a = AXES.index(p.axis)
+        lo = [p.r0, p.c0]
+        hi = [p.r0 + h, p.c0 + w]
+        lo.insert(a, p.index)
+        hi.insert(a, p.index + 1)
+        boxes.append((lo, hi))
+    lo = np.min([b[0] for b in boxes], axis=0)
+    hi = np.max([b[1] for b in boxes], axis=0)
+    out = np.zeros(tuple(hi - lo), bool)
+    for p, (plo, phi) in zip(pieces, boxes, strict=True):
+        sl = tuple(slice(plo[i] - lo[i], phi[i] - lo[i]) for i in range(3))
+        view = out[sl]
+        a = AXES.index(p.axis)
+        view |= np.expand_dims(p.crop, a)
+    return InstanceMask((int(lo[0]), int(lo[1]), int(lo[2])), out)
+
+
+def _check(volume: np.ndarray, points: np.ndarray, config: PropagationConfig) -> np.ndarray:
+    if volume.ndim != 3:
+        raise InputError(f"propagation needs a 3-D volume (z, y, x), got shape {volume.shape}")
+    pts = np.asarray(points, dtype=np.float64)
+    if pts.size == 0:
+        return pts.reshape(0, 3)
+    if pts.ndim != 2 or pts.shape[1] != 3:
+        raise InputError(f"prompt points must be an (N, 3) z,y,x array, got shape {pts.shape}")
+    if not np.all(np.isfinite(pts)):
+        raise InputError("prompt points contain NaN or infinite coordinates; fix the point file")
+    bad = np.any((pts < -0.5) | (pts > np.asarray(volume.shape) - 0.5), axis=1)
+    if bad.any():
+        z, y, x = pts[np.flatnonzero(bad)[0]]
+        raise InputError(
+            f"prompt point x={x:g}, y={y:g}, z={z:g} lies outside the tomogram "
+            f"(x<{volume.shape[2]}, y<{volume.shape[1]}, z<{volume.shape[0]}); "
+            "check the point file's axis order and units (voxels)")
+    for d in config.directions:
+        if d not in DIRECTIONS:
+            raise InputError(f"propagation direction {d!r} is not one of {', '.join(DIRECTIONS)}")
+    if config.target not in ("particle", "membrane"):
+        raise InputError(f"--target {config.target!r} is not 'particle' or 'membrane'")
+    return pts
+
+
+def propagate(volume: np.ndarray, points: np.ndarray, segmenter: Segmenter,
+              config: PropagationConfig | None = None) -> PropagationResult:
+    """Segment the particle under each (z, y, x) point in 3-D by cross-plane self-prompting.
+
+    ``volume`` is the raw tomogram (normalised here, see the module docstring). Returns one
+    sparse :class:`InstanceMask` per point, in order, a confidence per point (mean confidence
+    of its accepted 2-D masks) and ``stats`` (encoder/decoder calls, slices visited, steps,
+    stop reasons, time) for the run record.
+    """
+    cfg = config or PropagationConfig()
+    t0 = time.perf_counter()
+    volume = np.asarray(volume)
+    pts = _check(volume, points, cfg)
+    vol = normalise_volume(volume, cfg.clip_percentiles) if cfg.normalise else \
+        np.clip(np.asarray(volume, np.float32), 0.0, 1.0)
+    segmenter.set_volume(vol)
+    before = (segmenter.encoder_calls, segmenter.decoder_calls, segmenter.slices_encoded)
+    engine = _Engine(vol.shape, segmenter, cfg)
+    if cfg.batched:
+        engine.run(list(range(len(pts))), pts, max_prompts=segmenter.max_batch)
+    else:
+        for i in track(range(len(pts)), "segmenting (one at a time)"):
+            engine.run([i], pts, max_prompts=1, show=False)
+    instances = [_instance(engine.pieces.get(i, [])) for i in range(len(pts))]
+    conf = np.array([np.mean(engine.confs[i]) if engine.confs.get(i) else 0.0
+                     for i in range(len(pts))], dtype=np.float32)
+    visited = {a: len({k for (ax, k) in engine.visited if ax == a}) for a in AXES}
+    stats = {
+        "points": len(pts),
+        "encoder_calls": segmenter.encoder_calls - before[0],
+        "decoder_calls": segmenter.decoder_calls - before[1],
+        "slices_encoded": segmenter.slices_encoded - before[2],
+        "prompts": engine.prompts,  # one-call-per-particle-per-slice would make this many calls
+        "slices_visited": visited,
+        "distinct_slices_visited": len(engine.visited),
+        "steps": engine.steps,
+        "chain_lengths": {d: engine.lengths.get(d, 0) for d in cfg.directions},
+        "stop_reasons": dict(sorted(engine.stops.items())),
+        "batched": bool(cfg.batched),
+        "segmenter": getattr(segmenter, "id", type(segmenter).__name__),
+        "normalised": bool(cfg.normalise),
+        "time_s": round(time.perf_counter() - t0, 4),
+    }
+    return PropagationResult(instances, conf, stats)
+
+
+class _Engine:
+    """The step-synchronous propagation state shared by batched and one-at-a-time runs."""
+
+    def __init__(self, shape: tuple[int, ...], segmenter: Segmenter, cfg: PropagationConfig):
+        self.shape = tuple(int(s) for s in shape)
+        self.seg = segmenter
+        self.cfg = cfg
+        self.membrane = cfg.target == "membrane"
+        self.tol = max(0, int(cfg.membrane_tolerance)) if self.membrane else 0
+        self.axes = [a for a in AXES if any(d[1] == a for d in cfg.directions)]
+        self.pieces: dict[int, list[_Piece]] = {}
+        self.confs: dict[int, list[float]] = {}
+        self.visited: set[tuple[str, int]] = set()
+        self.prompts = 0
+        self.steps = 0
+        self.lengths: dict[str, int] = {}
+        self.stops: dict[str, int] = {}
+
+    def _slice_shape(self, axis: str) -> tuple[int, int]:
+        a = AXES.index(axis)
+        rest = [s for i, s in enumerate(self.shape) if i != a]
+        return rest[0], rest[1]
+
+    def _call(self, prompts: list[tuple[str, int, np.ndarray, _Piece | None,
+                                        np.ndarray | None, float]],
+              max_prompts: int) -> list[tuple[np.ndarray, float, np.ndarray, np.ndarray | None]]:
+        """Send prompts grouped by slice; at most ``max_prompts`` per segmenter call."""
+        order = sorted(range(len(prompts)), key=lambda i: (prompts[i][0], prompts[i][1]))
+        groups: dict[tuple[str, int], list[int]] = {}
+        for i in order:
+            groups.setdefault((prompts[i][0], prompts[i][1]), []).append(i)
+        out: list = [None] * len(prompts)
+        pending: list[tuple[PromptBatch, list[int]]] = []
+        count = 0
+
+        def flush() -> None:
+            nonlocal pending, count
+            if not pending:
+                return
+            results = self.seg.segment_batch([b for b, _ in pending])
+            for (_, ids), res in zip(pending, results, strict=True):
+                for k, i in enumerate(ids):
+                    logits = None if res.logits is None else res.logits[k]
+                    out[i] = (res.masks[k], float(res.confidence[k]), res.points[k], logits)
+            pending, count = [], 0
+
+        for (axis, index), ids in groups.items():
+            shape = self._slice_shape(axis)
+            for s in range(0, len(ids), max_prompts):
+                part = ids[s : s + max_prompts]
+                if count + len(part) > max_prompts:
+                    flush()
+                pts = np.stack([prompts[i][2] for i in part])
+                prev = [prompts[i][3] for i in part]
+                masks = None
+                if all(p is not None for p in prev):
+                    masks = np.stack([_full(p, shape) for p in prev])  # type: ignore[arg-type]
+                lg = [prompts[i][4] for i in part]
+                logits = np.stack(lg) if all(x is not None for x in lg) else None
+                caps = np.array([prompts[i][5] for i in part], dtype=np.float64)
+                pending.append((PromptBatch(axis, index, pts, masks, logits, caps), part))
+                count += len(part)
+                self.visited.add((axis, index))
+            self.prompts += len(ids)
+        flush()
+        return out
+
+    def _keep(self, i: int, piece: _Piece, conf: float) -> None:
+        self.pieces.setdefault(i, []).append(piece)
+        self.confs.setdefault(i, []).append(conf)
+
+    def _stop(self, chain: _Chain, reason: str) -> None:
+        chain.stop = reason
+        self.stops[reason] = self.stops.get(reason, 0) + 1
+        key = f"{'+' if chain.sign > 0 else '-'}{chain.axis}"
+        self.lengths[key] = self.lengths.get(key, 0) + chain.steps
+
+    def run(self, particles: list[int], pts: np.ndarray, max_prompts: int,
+            show: bool = True) -> None:
+        """Propagate ``particles`` (indices into ``pts``) to completion."""
+        cfg = self.cfg
+        fixed_cap = float(cfg.max_area) if cfg.max_area else np.inf
+        # step 0: the three planes through each point
+        first: list = []
+        for i in particles:
+            for axis in self.axes:
+                idx, rc = to_slice(pts[i : i + 1], axis)
+                a = AXES.index(axis)
+                index = int(np.clip(np.rint(idx[0]), 0, self.shape[a] - 1))
+                first.append((axis, index, rc[0], None, None, fixed_cap))
+        results = self._call(first, max_prompts)
+        self.steps += 1
+        starts: dict[int, dict[str, tuple[_Piece, np.ndarray, np.ndarray | None, float]]] = {}
+        for (axis, index, *_), (mask, conf, point, logits), n in zip(
+                first, results, np.repeat(particles, len(self.axes)), strict=True):
+            crop = _crop2d(mask)
+            if crop is not None:
+                starts.setdefault(int(n), {})[axis] = (_Piece(axis, index, *crop), point,
+                                                       logits, conf)
+        chains: list[_Chain] = []
+        for i in particles:
+            got = starts.get(i, {})
+            cap = fixed_cap
+            if not self.membrane and cfg.max_area is None and got:
+                areas = np.array([int(v[0].crop.sum()) for v in got.values()])
+                ref = areas[areas <= FIRST_MASK_SPREAD * areas.min()].max()
+                cap = float(cfg.area_factor) * float(ref)
+            if self.membrane and cfg.max_area is None:
+                cap = np.inf
+            for axis, (piece, point, logits, conf) in got.items():
+                if piece.crop.sum() > cap:
+                    continue  # an implausible (leaking) first mask: drop that plane
+                self._keep(i, piece, conf)
+                for d in cfg.directions:
+                    if d[1] == axis:
+                        chains.append(_Chain(i, axis, 1 if d[0] == "+" else -1, piece.index,
+                                             piece, np.asarray(point, np.float64), logits, cap))
+        for _ in track(self._steps(chains, max_prompts), "propagating" if show else "",
+                       total=None):
+            pass
+
+    def _steps(self, chains: list[_Chain], max_prompts: int) -> Iterator[int]:
+        cfg = self.cfg
+        active = list(chains)
+        while active:
+            live: list[_Chain] = []
+            for ch in active:
+                n = self.shape[AXES.index(ch.axis)]
+                if not 0 <= ch.index + ch.sign < n:
+                    self._stop(ch, "border")
+                elif cfg.max_steps is not None and ch.steps >= cfg.max_steps:
+                    self._stop(ch, "max_steps")
+                else:
+                    live.append(ch)
+            if not live:
+                break
+            prompts = [(ch.axis, ch.index + ch.sign, ch.point, ch.prev, ch.logits, ch.cap)
+                       for ch in live]
+            results = self._call(prompts, max_prompts)
+            self.steps += 1
+            active = []
+            for ch, (mask, conf, point, logits) in zip(live, results, strict=True):
+                crop = _crop2d(mask)
+                if crop is None:
+                    self._stop(ch, "empty")
+                    continue
+                piece = _Piece(ch.axis, ch.index + ch.sign, *crop)
+                if piece.crop.sum() > ch.cap:
+                    self._stop(ch, "area")
+                    continue
+                if _iou2d(ch.prev, piece, self.tol) < cfg.iou_threshold:
+                    self._stop(ch, "iou")
+                    continue
+                self._keep(ch.particle, piece, conf)
+                ch.prev, ch.index, ch.steps = piece, piece.index, ch.steps + 1
+                ch.point = np.asarray(point, np.float64)
+                ch.logits = logits
+                active.append(ch)
+            yield self.steps

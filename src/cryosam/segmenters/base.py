@@ -1,0 +1,306 @@
+"""The 2-D promptable segmenter protocol, and what every backend shares.
+
+A segmenter segments one slice of one axis of a tomogram: ``z`` slices are YX planes, ``y``
+slices ZX planes and ``x`` slices ZY planes, so a slice pixel (row, col) is (y, x), (z, x) or
+(z, y) respectively. Prompts are points in slice pixels (pixel centres at integer indices),
+optionally with the previous slice's mask (and, for SAM, its low-resolution logits). The
+per-slice work that does not depend on prompts (SAM's image embedding, the weight-free
+backend's denoised slice) is computed once per (axis, index) and cached within a memory budget.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from cryosam.errors import InputError
+
+AXES = ("z", "y", "x")
+
+
+def axis_number(axis: str) -> int:
+    """0, 1, 2 for ``z``, ``y``, ``x``."""
+    try:
+        return AXES.index(axis)
+    except ValueError:
+        raise InputError(f"axis {axis!r} is not one of z, y, x") from None
+
+
+def slice_of(volume: np.ndarray, axis: str, index: int) -> np.ndarray:
+    """The 2-D slice ``index`` of ``volume`` (z, y, x) perpendicular to ``axis`` (a view)."""
+    a = axis_number(axis)
+    return volume[(slice(None),) * a + (int(index),)]
+
+
+def slice_shape(shape: Sequence[int], axis: str) -> tuple[int, int]:
+    """(rows, cols) of a slice perpendicular to ``axis`` in a volume of ``shape``."""
+    a = axis_number(axis)
+    rest = [int(s) for i, s in enumerate(shape) if i != a]
+    return rest[0], rest[1]
+
+
+def to_slice(zyx: np.ndarray, axis: str) -> tuple[np.ndarray, np.ndarray]:
+    """Split (N, 3) zyx coordinates into (slice index along ``axis``, (N, 2) row/col)."""
+    zyx = np.asarray(zyx, dtype=np.float64).reshape(-1, 3)
+    a = axis_number(axis)
+    keep = [i for i in range(3) if i != a]
+    return zyx[:, a], zyx[:, keep]
+
+
+def to_volume(index: np.ndarray | float, rc: np.ndarray, axis: str) -> np.ndarray:
+    """Inverse of :func:`to_slice`: (N, 3) zyx from slice index and (N, 2) row/col."""
+    rc = np.asarray(rc, dtype=np.float64).reshape(-1, 2)
+    out = np.empty((rc.shape[0], 3), dtype=np.float64)
+    a = axis_number(axis)
+    keep = [i for i in range(3) if i != a]
+    out[:, a] = index
+    out[:, keep] = rc
+    return out
+
+
+@dataclass
+class SegmentResult:
+    """Masks for a batch of prompts on one slice, and what the next slice needs.
+
+    ``masks`` (P, h, w) bool in slice pixels; ``confidence`` (P,) in [0, 1] (0 for an empty
+    mask); ``points`` (P, 2) the most confident point of each mask in slice pixels (row, col),
+    the next slice's point prompt; ``logits`` (P, L, L) low-resolution mask logits in the
+    segmenter's own frame (SAM) to prompt the next slice with, or None.
+    """
+
+    masks: np.ndarray
+    confidence: np.ndarray
+    points: np.ndarray
+    logits: np.ndarray | None = None
+
+
+@dataclass
+class PromptBatch:
+    """Every prompt on one slice: points (P, 2) row/col, optional previous masks/logits and a
+    per-prompt area cap in slice pixels (``inf`` or None: no cap)."""
+
+    axis: str
+    index: int
+    points: np.ndarray
+    prev_masks: np.ndarray | None = None
+    prev_logits: np.ndarray | None = None
+    max_area: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return int(np.asarray(self.points).reshape(-1, 2).shape[0])
+
+
+@runtime_checkable
+class Segmenter(Protocol):
+    """A 2-D promptable segmenter of tomogram slices (SAM or the weight-free baseline).
+
+    ``encoder_calls`` counts per-slice encoding passes (batches), ``slices_encoded`` the slices
+    they covered, ``decoder_calls`` prompt-decoding passes (SAM: one mask-decoder forward for a
+    whole batch of prompts; weight-free: one per slice request). ``max_batch`` is how many
+    prompts one decoder pass takes; callers group requests up to it.
+    """
+
+    id: str
+    encoder_calls: int
+    decoder_calls: int
+    slices_encoded: int
+    max_batch: int
+
+    def set_volume(self, volume: np.ndarray) -> None:
+        """Use ``volume`` (z, y, x), normalised to [0, 1], as the source of slices; clears
+        the cache."""
+        ...
+
+    def set_slice(self, axis: str, index: int, image: np.ndarray) -> None:
+        """Register one 2-D slice image in [0, 1] under (axis, index) (e.g. a single image)."""
+        ...
+
+    def prepare(self, keys: Sequence[tuple[str, int]]) -> None:
+        """Compute (batched) the per-slice encodings of ``keys`` that are not cached yet."""
+        ...
+
+    def segment(
+        self,
+        axis: str,
+        index: int,
+        points: np.ndarray,
+        prev_masks: np.ndarray | None = None,
+        prev_logits: np.ndarray | None = None,
+        max_area: np.ndarray | None = None,
+    ) -> SegmentResult:
+        """Segment every prompt on one slice in one decoder pass."""
+        ...
+
+    def segment_batch(self, batches: Sequence[PromptBatch]) -> list[SegmentResult]:
+        """Segment the prompts of several slices; one result per batch, in order."""
+        ...
+
+
+class ByteLRU:
+    """An LRU mapping bounded by total bytes (per-slice encodings within a memory budget)."""
+
+    def __init__(self, budget_bytes: int) -> None:
+        self.budget = max(0, int(budget_bytes))
+        self._items: OrderedDict[Any, tuple[Any, int]] = OrderedDict()
+        self.nbytes = 0
+        self.evictions = 0
+
+    def __contains__(self, key: Any) -> bool:
+        return key in self._items
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, key: Any) -> Any | None:
+        item = self._items.get(key)
+        if item is None:
+            return None
+        self._items.move_to_end(key)
+        return item[0]
+
+    def put(self, key: Any, value: Any, nbytes: int) -> None:
+        if key in self._items:
+            self.nbytes -= self._items.pop(key)[1]
+        self._items[key] = (value, int(nbytes))
+        self.nbytes += int(nbytes)
+        while self.nbytes > self.budget and len(self._items) > 1:
+            _, (_, size) = self._items.popitem(last=False)
+            self.nbytes -= size
+            self.evictions += 1
+
+    def clear(self) -> None:
+        self._items.clear()
+        self.nbytes = 0
+
+
+class SliceSegmenterBase:
+    """Slice storage, the encoding cache and the counters shared by the backends.
+
+    Subclasses implement ``_encode(axis, indices) -> list`` (one encoding per index, with
+    ``_nbytes(enc)``) and ``segment_batch``.
+    """
+
+    id: str = "base"
+    max_batch: int = 64
+    encode_batch: int = 8
+
+    def __init__(self, cache_mb: int) -> None:
+        self.encoder_calls = 0
+        self.decoder_calls = 0
+        self.slices_encoded = 0
+        self._volume: np.ndarray | None = None
+        self._images: dict[tuple[str, int], np.ndarray] = {}
+        self._cache = ByteLRU(int(cache_mb) * 2**20)
+
+    # -- slices ---------------------------------------------------------------------------
+    def set_volume(self, volume: np.ndarray) -> None:
+        volume = np.asarray(volume)
+        if volume.ndim != 3:
+            raise InputError(f"segmenter volume must be 3-D (z, y, x), got shape {volume.shape}")
+        self._volume = volume
+        self._images.clear()
+        self._cache.clear()
+
+    def set_slice(self, axis: str, index: int, image: np.ndarray) -> None:
+        image = np.asarray(image, dtype=np.float32)
+        if image.ndim != 2:
+            raise InputError(f"slice image must be 2-D, got shape {image.shape}")
+        key = (axis, int(index))
+        self._images[key] = image
+        self._cache._items.pop(key, None)
+
+    def image(self, axis: str, index: int) -> np.ndarray:
+        """The slice image in [0, 1] (float32)."""
+        key = (axis, int(index))
+        if key in self._images:
+            return self._images[key]
+        if self._volume is None:
+            raise InputError(f"no image for slice {axis}={index}: call set_volume or set_slice")
+        return np.asarray(slice_of(self._volume, axis, index), dtype=np.float32)
+
+    def image_shape(self, axis: str, index: int) -> tuple[int, int]:
+        key = (axis, int(index))
+        if key in self._images:
+            return self._images[key].shape  # type: ignore[return-value]
+        if self._volume is None:
+            raise InputError(f"no image for slice {axis}={index}: call set_volume or set_slice")
+        return slice_shape(self._volume.shape, axis)
+
+    # -- encodings ------------------------------------------------------------------------
+    def _encode(self, axis: str, indices: list[int]) -> list[Any]:  # pragma: no cover
+        raise NotImplementedError
+
+    def _nbytes(self, encoding: Any) -> int:  # pragma: no cover
+        raise NotImplementedError
+
+    def prepare(self, keys: Sequence[tuple[str, int]]) -> None:
+        missing: dict[tuple[str, tuple[int, int]], list[int]] = {}
+        seen: set[tuple[str, int]] = set()
+        for axis, index in keys:
+            key = (axis, int(index))
+            if key in self._cache or key in seen:
+                continue
+            seen.add(key)
+            # slices of one axis (and shape) are encoded together
+            missing.setdefault((axis, self.image_shape(axis, index)), []).append(int(index))
+        for (axis, _), indices in missing.items():
+            for start in range(0, len(indices), max(1, self.encode_batch)):
+                chunk = indices[start : start + max(1, self.encode_batch)]
+                encodings = self._encode(axis, chunk)
+                self.encoder_calls += 1
+                self.slices_encoded += len(chunk)
+                for index, enc in zip(chunk, encodings, strict=True):
+                    self._cache.put((axis, index), enc, self._nbytes(enc))
+
+    def encoding(self, axis: str, index: int) -> Any:
+        """The cached encoding of a slice, computing it if needed."""
+        enc = self._cache.get((axis, int(index)))
+        if enc is None:
+            self.prepare([(axis, int(index))])
+            enc = self._cache.get((axis, int(index)))
+            if enc is None:  # budget smaller than one slice: encode without caching
+                enc = self._encode(axis, [int(index)])[0]
+        return enc
+
+    # -- prompts --------------------------------------------------------------------------
+    def segment_batch(self, batches: Sequence[PromptBatch]) -> list[SegmentResult]:
+        raise NotImplementedError  # pragma: no cover
+
+    def segment(
+        self,
+        axis: str,
+        index: int,
+        points: np.ndarray,
+        prev_masks: np.ndarray | None = None,
+        prev_logits: np.ndarray | None = None,
+        max_area: np.ndarray | None = None,
+    ) -> SegmentResult:
+        batch = PromptBatch(axis, int(index), np.asarray(points, dtype=np.float64).reshape(-1, 2),
+                            prev_masks, prev_logits, max_area)
+        return self.segment_batch([batch])[0]
+
+    def counters(self) -> dict[str, int]:
+        """Counters for the run record."""
+        return {"encoder_calls": self.encoder_calls, "decoder_calls": self.decoder_calls,
+                "slices_encoded": self.slices_encoded, "cache_evictions": self._cache.evictions}
+
+
+def caps_of(batch: PromptBatch) -> np.ndarray:
+    """The per-prompt area caps of a batch as floats (``inf`` = none)."""
+    n = len(batch)
+    if batch.max_area is None:
+        return np.full(n, np.inf)
+    caps = np.asarray(batch.max_area, dtype=np.float64).reshape(-1)
+    if caps.size == 1 and n != 1:
+        caps = np.full(n, caps[0])
+    return np.where(np.isfinite(caps) & (caps > 0), caps, np.inf)
+
+
+def empty_result(n: int, shape: tuple[int, int]) -> SegmentResult:
+    """A result with ``n`` empty masks of ``shape``."""
+    return SegmentResult(np.zeros((n, *shape), bool), np.zeros(n, np.float32),
+                         np.full((n, 2), np.nan, np.float32), None)

@@ -1,0 +1,365 @@
+"""SAM (segment-anything) as a batched promptable slice segmenter.
+
+Differences from ``SamPredictor`` (same model, same preprocessing, but built for volumes):
+
+- the image encoder runs on batches of slices; embeddings are cached per (axis, slice);
+- the prompt encoder and mask decoder run on a whole batch of prompts in ONE forward pass, and
+  the prompts of that pass may lie on different slices (even of different axes): every slice
+  embedding is 256 x 64 x 64 whatever the slice shape, so each prompt simply carries its own;
+- coordinates are mapped exactly for non-square slices: a slice of h x w pixels is resized to
+  (nh, nw) = round(h * s), round(w * s) with s = 1024 / max(h, w) and padded at the bottom/right
+  to 1024 x 1024; the 256 x 256 low-resolution logits cover that padded square, 4 input pixels
+  per logit. Pixel centres are mapped (index + 0.5 is the continuous coordinate).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cryosam.config import SegmenterConfig
+from cryosam.device import autocast, resolve_device
+from cryosam.errors import CryosamError
+from cryosam.segmenters.base import (
+    PromptBatch,
+    SegmentResult,
+    SliceSegmenterBase,
+    caps_of,
+    empty_result,
+)
+
+SAM_KINDS = ("vit_h", "vit_l", "vit_b")
+MASK_PROMPT_LOGIT = 8.0  # logit magnitude given to a binary mask turned into a mask prompt
+
+
+@dataclass(frozen=True)
+class SamGeometry:
+    """Exact maps between a slice (h x w pixels), SAM's padded input (S x S) and its
+    low-resolution logits (L x L)."""
+
+    h: int
+    w: int
+    img_size: int = 1024
+    lowres: int = 256
+
+    @property
+    def input_hw(self) -> tuple[int, int]:
+        """(nh, nw): the slice resized so its long side is ``img_size`` (as ResizeLongestSide)."""
+        scale = self.img_size / max(self.h, self.w)
+        return int(self.h * scale + 0.5), int(self.w * scale + 0.5)
+
+    def points_to_input(self, rc: np.ndarray) -> np.ndarray:
+        """Slice (row, col) pixel indices -> SAM point prompts (x, y) in input pixel indices.
+
+        SAM's prompt encoder adds 0.5 (pixel centre), so the centre (c + 0.5) * nw / w in the
+        continuous input frame is passed as that minus 0.5.
+        """
+        nh, nw = self.input_hw
+        rc = np.asarray(rc, dtype=np.float64).reshape(-1, 2)
+        x = (rc[:, 1] + 0.5) * nw / self.w - 0.5
+        y = (rc[:, 0] + 0.5) * nh / self.h - 0.5
+        return np.stack([x, y], axis=1)
+
+    def slice_to_lowres(self, rc: np.ndarray) -> np.ndarray:
+        """Slice (row, col) pixel indices -> continuous low-res logit coordinates (row, col)."""
+        nh, nw = self.input_hw
+        rc = np.asarray(rc, dtype=np.float64).reshape(-1, 2)
+        k = self.lowres / self.img_size
+        return np.stack([(rc[:, 0] + 0.5) * nh / self.h * k - 0.5,
+                         (rc[:, 1] + 0.5) * nw / self.w * k - 0.5], axis=1)
+
+    def upsample_grid(self, device: torch.device) -> torch.Tensor:
+        """grid_sample grid (1, h, w, 2) reading low-res logits at every slice pixel centre."""
+        nh, nw = self.input_hw
+        ys = (torch.arange(self.h, device=device, dtype=torch.float32) + 0.5) * nh / self.h
+        xs = (torch.arange(self.w, device=device, dtype=torch.float32) + 0.5) * nw / self.w
+        gy = 2.0 * ys / self.img_size - 1.0  # align_corners=False: -1/+1 are the outer edges
+        gx = 2.0 * xs / self.img_size - 1.0
+        grid = torch.stack(torch.meshgrid(gy, gx, indexing="ij")[::-1], dim=-1)
+        return grid.unsqueeze(0)
+
+    def logits_to_slice(self, lowres: torch.Tensor) -> torch.Tensor:
+        """(B, C, L, L) low-res logits -> (B, C, h, w) logits at slice pixel centres."""
+        grid = self.upsample_grid(lowres.device).expand(lowres.shape[0], -1, -1, -1)
+        return F.grid_sample(lowres.float(), grid, mode="bilinear", padding_mode="border",
+                             align_corners=False)
+
+    def masks_to_lowres(self, masks: torch.Tensor) -> torch.Tensor:
+        """(B, h, w) binary slice masks -> (B, 1, L, L) mask-prompt logits (outside: negative)."""
+        nh, nw = self.input_hw
+        dev = masks.device
+        cell = self.img_size / self.lowres
+        yin = (torch.arange(self.lowres, device=dev, dtype=torch.float32) + 0.5) * cell
+        xin = (torch.arange(self.lowres, device=dev, dtype=torch.float32) + 0.5) * cell
+        gy = 2.0 * yin / nh - 1.0  # input pixel -> slice frame, normalised over the slice
+        gx = 2.0 * xin / nw - 1.0
+        grid = torch.stack(torch.meshgrid(gy, gx, indexing="ij")[::-1], dim=-1)
+        grid = grid.unsqueeze(0).expand(masks.shape[0], -1, -1, -1)
+        prob = F.grid_sample(masks.float().unsqueeze(1), grid, mode="bilinear",
+                             padding_mode="border", align_corners=False)
+        inside = (yin < nh)[:, None] & (xin < nw)[None, :]  # cells over the padding: background
+        prob = prob * inside.to(prob.dtype)
+        return (prob * 2.0 - 1.0) * MASK_PROMPT_LOGIT
+
+
+def tiny_sam(img_size: int = 1024, embed_dim: int = 32, prompt_dim: int = 32, depth: int = 1,
+             seed: int = 0) -> Any:
+    """A randomly initialised, very small SAM built from segment-anything's own classes.
+
+    For tests and benchmarks: it runs exactly the code path of the real models (ViT image
+    encoder, prompt encoder, two-way transformer mask decoder) at a fraction of the cost.
+    ``img_size`` must be a multiple of 16 (the embedding grid is img_size / 16).
+    """
+    from segment_anything.modeling import (
+        ImageEncoderViT,
+        MaskDecoder,
+        PromptEncoder,
+        Sam,
+        TwoWayTransformer,
+    )
+
+    torch.manual_seed(seed)
+    grid = img_size // 16
+    sam = Sam(
+        image_encoder=ImageEncoderViT(
+            depth=depth, embed_dim=embed_dim, img_size=img_size, mlp_ratio=2,
+            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_heads=2, patch_size=16,
+            qkv_bias=True, use_rel_pos=True, global_attn_indexes=(),
+            window_size=min(14, grid), out_chans=prompt_dim),
+        prompt_encoder=PromptEncoder(
+            embed_dim=prompt_dim, image_embedding_size=(grid, grid),
+            input_image_size=(img_size, img_size), mask_in_chans=16),
+        mask_decoder=MaskDecoder(
+            num_multimask_outputs=3,
+            transformer=TwoWayTransformer(depth=1, embedding_dim=prompt_dim, mlp_dim=64,
+                                          num_heads=2),
+            transformer_dim=prompt_dim, iou_head_depth=2, iou_head_hidden_dim=32),
+    )
+    return sam.eval()
+
+
+def _kind_of(model: str) -> str:
+    """The architecture (vit_h/l/b) of a model name or checkpoint file name."""
+    low = Path(model).name.lower()
+    for kind in SAM_KINDS:
+        if kind in low:
+            return kind
+    return "vit_h"
+
+
+class SamSegmenter(SliceSegmenterBase):
+    """Batched SAM slice segmenter over a built ``segment_anything`` ``Sam`` model."""
+
+    def __init__(self, sam: Any, device: torch.device | str = "cpu",
+                 config: SegmenterConfig | None = None, model_id: str = "sam") -> None:
+        cfg = config or SegmenterConfig()
+        super().__init__(cfg.embedding_cache_mb)
+        self.device = resolve_device(device)
+        self.model = sam.to(self.device).eval()
+        self.img_size = int(sam.image_encoder.img_size)
+        self.lowres = int(sam.prompt_encoder.mask_input_size[0])
+        self.multimask = bool(cfg.multimask)
+        self.max_batch = max(1, int(cfg.decoder_batch_size))
+        self.encode_batch = max(1, int(cfg.encoder_batch_size))
+        self.id = f"sam:{model_id}"
+        self._geoms: dict[tuple[int, int], SamGeometry] = {}
+
+    @classmethod
+    def from_checkpoint(cls, model: str = "vit_h", device: torch.device | str = "auto",
+                        config: SegmenterConfig | None = None) -> SamSegmenter:
+        """Load ``vit_h``/``vit_l``/``vit_b`` from ``checkpoints/`` or a ``.pth`` path.
+
+        Raises :class:`cryosam.errors.MissingWeightsError` (one line, how to get the file) when
+        the checkpoint is not on this machine.
+        """
+        from segment_anything import sam_model_registry
+
+        from cryosam.weights import locate_sam
+
+        is_path = model not in SAM_KINDS
+        kind = _kind_of(model) if is_path else model
+        path = locate_sam(kind, Path(model) if is_path else None)
+        sam = sam_model_registry[kind](checkpoint=None)
+        try:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+            sam.load_state_dict(state)
+        except (RuntimeError, OSError, KeyError) as exc:
+            raise CryosamError(
+                f"SAM checkpoint {path} could not be loaded as {kind} ({exc.__class__.__name__}); "
+                "pass the matching --sam-model (vit_h, vit_l, vit_b) or re-download the file"
+            ) from None
+        return cls(sam, device, config, model_id=f"{kind}:{Path(path).name}")
+
+    def geometry(self, h: int, w: int) -> SamGeometry:
+        key = (int(h), int(w))
+        if key not in self._geoms:
+            self._geoms[key] = SamGeometry(key[0], key[1], self.img_size, self.lowres)
+        return self._geoms[key]
+
+    # -- image encoder --------------------------------------------------------------------
+    @torch.inference_mode()
+    def _encode(self, axis: str, indices: list[int]) -> list[torch.Tensor]:
+        images = np.stack([np.clip(self.image(axis, i), 0.0, 1.0) for i in indices])
+        geom = self.geometry(*images.shape[1:])
+        nh, nw = geom.input_hw
+        x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).to(self.device)
+        x = x.unsqueeze(1) * 255.0
+        x = F.interpolate(x, (nh, nw), mode="bilinear", align_corners=False, antialias=True)
+        x = x.expand(-1, 3, -1, -1)
+        x = (x - self.model.pixel_mean) / self.model.pixel_std
+        x = F.pad(x, (0, self.img_size - nw, 0, self.img_size - nh))
+        with autocast(self.device):
+            emb = self.model.image_encoder(x)
+        return list(emb.unbind(0))
+
+    def _nbytes(self, encoding: torch.Tensor) -> int:
+        return encoding.numel() * encoding.element_size()
+
+    # -- prompt encoder + mask decoder, many slices in one pass ---------------------------
+    @torch.inference_mode()
+    def decode(self, embeddings: torch.Tensor, coords: torch.Tensor,
+               mask_inputs: torch.Tensor | None, has_mask: torch.Tensor | None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One mask-decoder pass for B prompts, each with its own slice embedding.
+
+        ``embeddings`` (B, C, g, g); ``coords`` (B, 2) one positive point each, in input pixels
+        (x, y); ``mask_inputs`` (B, 1, L, L) logits used where ``has_mask``. Returns low-res
+        logits (B, M, L, L) and predicted IoUs (B, M) (M = 3 with multimask, else 1). This is
+        ``MaskDecoder.predict_masks`` with the image embedding given per prompt instead of one
+        embedding repeated for every prompt.
+        """
+        pe, md = self.model.prompt_encoder, self.model.mask_decoder
+        b = coords.shape[0]
+        labels = torch.ones((b, 1), dtype=torch.int, device=coords.device)
+        # positional encodings in fp32: bf16 would blur the point position (sin of ~2*pi*k)
+        sparse, _ = pe(points=(coords[:, None, :], labels), boxes=None, masks=None)
+        pos = pe.get_dense_pe().expand(b, -1, -1, -1)
+        with autocast(self.device):
+            g = pe.image_embedding_size
+            dense = pe.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(b, -1, g[0], g[1])
+            if mask_inputs is not None and has_mask is not None and bool(has_mask.any()):
+                dense = dense.clone()
+                embedded = pe.mask_downscaling(mask_inputs[has_mask])
+                dense[has_mask] = embedded.to(dense.dtype)
+            tokens = torch.cat([md.iou_token.weight, md.mask_tokens.weight], dim=0)
+            tokens = torch.cat([tokens.unsqueeze(0).expand(b, -1, -1), sparse], dim=1)
+            src = embeddings + dense
+            c, h, w = src.shape[1:]
+            hs, src = md.transformer(src, pos, tokens)
+            iou_out = hs[:, 0, :]
+            mask_out = hs[:, 1 : 1 + md.num_mask_tokens, :]
+            up = md.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
+            hyper = torch.stack([mlp(mask_out[:, i, :])
+                                 for i, mlp in enumerate(md.output_hypernetworks_mlps)], dim=1)
+            bb, cc, hh, ww = up.shape
+            masks = (hyper @ up.reshape(bb, cc, hh * ww)).reshape(bb, -1, hh, ww)
+            iou = md.iou_prediction_head(iou_out)
+        sel = slice(1, None) if self.multimask else slice(0, 1)
+        return masks[:, sel].float(), iou[:, sel].float()
+
+    def segment_batch(self, batches: Sequence[PromptBatch]) -> list[SegmentResult]:
+        """All prompts of all ``batches`` through the decoder, ``max_batch`` per pass."""
+        self.prepare([(b.axis, b.index) for b in batches])
+        results = [empty_result(len(b), self.image_shape(b.axis, b.index)) for b in batches]
+        results_logits = [np.zeros((len(b), self.lowres, self.lowres), np.float32)
+                          for b in batches]
+        flat = [(bi, k) for bi, b in enumerate(batches) for k in range(len(b))]
+        for start in range(0, len(flat), self.max_batch):
+            chunk = flat[start : start + self.max_batch]
+            self._decode_chunk(batches, chunk, results, results_logits)
+        for res, lg in zip(results, results_logits, strict=True):
+            res.logits = lg
+        return results
+
+    @torch.inference_mode()
+    def _decode_chunk(self, batches: Sequence[PromptBatch], chunk: list[tuple[int, int]],
+                      results: list[SegmentResult], results_logits: list[np.ndarray]) -> None:
+        dev = self.device
+        embs, coords, masks_in, has = [], [], [], []
+        for bi, k in chunk:
+            b = batches[bi]
+            geom = self.geometry(*self.image_shape(b.axis, b.index))
+            embs.append(self.encoding(b.axis, b.index))
+            pts = np.asarray(b.points, dtype=np.float64).reshape(-1, 2)
+            coords.append(geom.points_to_input(pts[k : k + 1])[0])
+            if b.prev_logits is not None:
+                masks_in.append(torch.as_tensor(np.asarray(b.prev_logits[k], np.float32),
+                                                device=dev)[None])
+                has.append(True)
+            elif b.prev_masks is not None:
+                m = torch.as_tensor(np.asarray(b.prev_masks[k], bool), device=dev)[None]
+                masks_in.append(geom.masks_to_lowres(m)[0])
+                has.append(True)
+            else:
+                masks_in.append(torch.zeros((1, self.lowres, self.lowres), device=dev))
+                has.append(False)
+        emb = torch.stack([e.to(dev) for e in embs]).float()
+        coord_t = torch.as_tensor(np.stack(coords), dtype=torch.float32, device=dev)
+        mask_t = torch.stack(masks_in).float()
+        has_t = torch.as_tensor(has, device=dev)
+        low, iou = self.decode(emb, coord_t, mask_t if bool(has_t.any()) else None, has_t)
+        self.decoder_calls += 1
+        # postprocess per slice shape (prompts of one axis share it)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for j, (bi, _) in enumerate(chunk):
+            b = batches[bi]
+            groups.setdefault(self.image_shape(b.axis, b.index), []).append(j)
+        for shape, js in groups.items():
+            self._select(shape, [chunk[j] for j in js], batches, low[js], iou[js], results,
+                         results_logits)
+
+    def _select(self, shape: tuple[int, int], items: list[tuple[int, int]],
+                batches: Sequence[PromptBatch], low: torch.Tensor, iou: torch.Tensor,
+                results: list[SegmentResult], results_logits: list[np.ndarray]) -> None:
+        """Pick, per prompt, the best acceptable candidate: non-empty, containing (or touching)
+        the point, within the area cap; highest predicted IoU among those."""
+        geom = self.geometry(*shape)
+        h, w = shape
+        dev = low.device
+        full = geom.logits_to_slice(low)  # (n, M, h, w)
+        binary = full > self.model.mask_threshold
+        n, m = binary.shape[:2]
+        area = binary.flatten(2).sum(-1).float()  # (n, M)
+        pts = np.stack([np.asarray(batches[bi].points, np.float64).reshape(-1, 2)[k]
+                        for bi, k in items])
+        caps = np.array([caps_of(batches[bi])[k] for bi, k in items])
+        r = np.clip(np.rint(pts[:, 0]).astype(int), 0, h - 1)
+        c = np.clip(np.rint(pts[:, 1]).astype(int), 0, w - 1)
+        dr = np.repeat([-1, 0, 1], 3)
+        dc = np.tile([-1, 0, 1], 3)
+        rr_t = torch.as_tensor(np.clip(r[:, None] + dr, 0, h - 1), device=dev)
+        cc_t = torch.as_tensor(np.clip(c[:, None] + dc, 0, w - 1), device=dev)
+        idx_n = torch.arange(n, device=dev)[:, None, None]
+        idx_m = torch.arange(m, device=dev)[None, :, None]
+        touch = binary[idx_n, idx_m, rr_t[:, None, :], cc_t[:, None, :]].any(-1)  # (n, M)
+        caps_t = torch.as_tensor(caps, dtype=torch.float32, device=dev)[:, None]
+        nonempty = area > 0
+        ok = nonempty & touch & (area <= caps_t)
+        score = iou + 4.0 * ok.float() + 2.0 * (nonempty & touch).float() + nonempty.float()
+        best = score.argmax(1)
+        ar = torch.arange(n, device=dev)
+        chosen = binary[ar, best]  # (n, h, w)
+        chosen_logits = full[ar, best]
+        conf = torch.where(area[ar, best] > 0, iou[ar, best].clamp(0.0, 1.0),
+                           torch.zeros_like(iou[ar, best]))
+        # most confident point: highest logit inside the mask (the prompt point if empty)
+        flat = torch.where(chosen, chosen_logits, torch.full_like(chosen_logits, -torch.inf))
+        arg = flat.flatten(1).argmax(1)
+        best_rc = torch.stack([arg // w, arg % w], dim=1).float()
+        masks_np = chosen.cpu().numpy()
+        conf_np = conf.cpu().numpy().astype(np.float32)
+        rc_np = best_rc.cpu().numpy()
+        low_np = low[ar, best].cpu().numpy().astype(np.float32)
+        for j, (bi, k) in enumerate(items):
+            res = results[bi]
+            res.masks[k] = masks_np[j]
+            res.confidence[k] = conf_np[j]
+            res.points[k] = rc_np[j] if masks_np[j].any() else pts[j]
+            results_logits[bi][k] = low_np[j]

@@ -1,0 +1,202 @@
+"""A weight-free promptable slice segmenter: local half-maximum region growing.
+
+The offline/CPU baseline and the way the pipeline is checked end to end without weights.
+Per slice (the "encoding", cached like SAM's embeddings): average ``slab`` neighbouring slices
+each side, Gaussian-denoise, flip so particles are bright (raw cryo-ET: particles are dark),
+and estimate the noise level robustly. Per prompt, in a window around the point:
+
+1. the particle core level ``v`` is the denoised signal at the point (or, with a previous mask,
+   a high percentile of the signal under that mask on this slice), the background ``b`` the
+   median of the window outside the core / previous mask;
+2. no mask when ``v - b < min_contrast * noise`` (left the particle: propagation stops);
+3. cut at ``b + level * (v - b)`` (half maximum by default, which lands on the blurred edge),
+   fill holes and keep the connected component under the point (or overlapping the previous
+   mask most, or nearest within 2 px);
+4. with a previous mask, a component that grew past ``1.5x`` its area is clipped to a dilation
+   of it (touching neighbours); over the area cap, higher cuts are tried.
+
+The confidence is the contrast-to-noise ratio squashed to [0, 1]: ``cnr / (cnr + 4)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from cryosam.config import SegmenterConfig
+from cryosam.errors import CryosamError
+from cryosam.segmenters.base import (
+    PromptBatch,
+    SegmentResult,
+    SliceSegmenterBase,
+    caps_of,
+    empty_result,
+    slice_of,
+)
+
+LEAK_FACTOR = 1.5  # a guided mask may grow to this many times the previous area unclipped
+START_HALF_WINDOW = 24  # pixels each side of the point, doubled while the mask touches it
+
+
+class ThresholdSegmenter(SliceSegmenterBase):
+    """Local half-maximum region growing from the point on a denoised slice."""
+
+    def __init__(self, config: SegmenterConfig | None = None) -> None:
+        cfg = config or SegmenterConfig(name="threshold")
+        super().__init__(cfg.embedding_cache_mb)
+        if cfg.polarity not in ("dark", "bright"):
+            raise CryosamError(f"segmenter polarity {cfg.polarity!r} is not 'dark' or 'bright'")
+        self.sign = -1.0 if cfg.polarity == "dark" else 1.0
+        self.sigma = float(cfg.smooth_sigma)
+        self.slab = max(0, int(cfg.slab))
+        self.level = float(cfg.level)
+        self.min_contrast = float(cfg.min_contrast)
+        self.max_batch = max(1, int(cfg.decoder_batch_size))
+        self.encode_batch = max(1, int(cfg.encoder_batch_size))
+        self.id = (f"threshold:{cfg.polarity}:s{self.sigma:g}:slab{self.slab}:"
+                   f"l{self.level:g}:c{self.min_contrast:g}")
+
+    # -- per-slice encoding ---------------------------------------------------------------
+    def _encode(self, axis: str, indices: list[int]) -> list[tuple[np.ndarray, float]]:
+        out = []
+        for index in indices:
+            key = (axis, int(index))
+            if key in self._images or self._volume is None or self.slab == 0:
+                img = self.image(axis, index)
+            else:
+                n = self._volume.shape["zyx".index(axis)]
+                lo, hi = max(0, index - self.slab), min(n, index + self.slab + 1)
+                img = np.mean([np.asarray(slice_of(self._volume, axis, i), np.float32)
+                               for i in range(lo, hi)], axis=0)
+            sig = self.sign * np.asarray(img, np.float32)
+            if self.sigma > 0:
+                sig = ndi.gaussian_filter(sig, self.sigma, mode="nearest")
+            # noise: robust spread of the fine detail left after a second smoothing
+            detail = sig - ndi.gaussian_filter(sig, 2.0 * max(self.sigma, 1.0), mode="nearest")
+            noise = 1.4826 * float(np.median(np.abs(detail - np.median(detail))))
+            out.append((sig.astype(np.float32), max(noise, 1e-6)))
+        return out
+
+    def _nbytes(self, encoding: tuple[np.ndarray, float]) -> int:
+        return int(encoding[0].nbytes)
+
+    # -- prompts --------------------------------------------------------------------------
+    def segment_batch(self, batches: Sequence[PromptBatch]) -> list[SegmentResult]:
+        self.prepare([(b.axis, b.index) for b in batches])
+        results = []
+        for b in batches:
+            sig, noise = self.encoding(b.axis, b.index)
+            res = empty_result(len(b), sig.shape)
+            pts = np.asarray(b.points, np.float64).reshape(-1, 2)
+            caps = caps_of(b)
+            carry = np.full((len(b), 1), np.nan, np.float32)
+            for k in range(len(b)):
+                prev = None if b.prev_masks is None else np.asarray(b.prev_masks[k], bool)
+                ref = None
+                if b.prev_logits is not None and np.isfinite(b.prev_logits[k]).all():
+                    ref = float(np.asarray(b.prev_logits[k]).reshape(-1)[0])
+                mask, conf, point, carry[k, 0] = self._one(sig, noise, pts[k], prev, caps[k], ref)
+                res.masks[k] = mask
+                res.confidence[k] = conf
+                res.points[k] = point
+            res.logits = carry
+            self.decoder_calls += 1
+            results.append(res)
+        return results
+
+    def _one(self, sig: np.ndarray, noise: float, point: np.ndarray, prev: np.ndarray | None,
+             cap: float, ref: float | None) -> tuple[np.ndarray, float, np.ndarray, float]:
+        h, w = sig.shape
+        r = int(np.clip(np.rint(point[0]), 0, h - 1))
+        c = int(np.clip(np.rint(point[1]), 0, w - 1))
+        full = np.zeros((h, w), bool)
+        if prev is not None and not prev.any():
+            prev = None
+        if prev is not None:
+            rows, cols = np.nonzero(prev)
+            ext = max(rows.max() - rows.min(), cols.max() - cols.min()) + 1
+            half = max(START_HALF_WINDOW, int(ext))
+            centre = ((rows.min() + rows.max()) // 2, (cols.min() + cols.max()) // 2)
+        else:
+            half, centre = START_HALF_WINDOW, (r, c)
+        while True:
+            r0, r1 = max(0, centre[0] - half), min(h, centre[0] + half + 1)
+            c0, c1 = max(0, centre[1] - half), min(w, centre[1] + half + 1)
+            win = sig[r0:r1, c0:c1]
+            pw = None if prev is None else prev[r0:r1, c0:c1]
+            mask, cnr, contrast = self._grow(win, noise, (r - r0, c - c0), pw, cap, ref)
+            touches = mask.any() and (
+                (mask[0].any() and r0 > 0) or (mask[-1].any() and r1 < h)
+                or (mask[:, 0].any() and c0 > 0) or (mask[:, -1].any() and c1 < w))
+            if not touches or half >= max(h, w):
+                break
+            half *= 2
+        if not mask.any():
+            return full, 0.0, np.asarray(point, np.float32), np.nan
+        full[r0:r1, c0:c1] = mask
+        # most confident point: deepest inside the mask (ties: strongest signal)
+        depth = ndi.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
+        score = depth + 1e-3 * (win - win.min()) / (np.ptp(win) + 1e-9)
+        br, bc = np.unravel_index(np.argmax(np.where(mask, score, -np.inf)), mask.shape)
+        conf = float(cnr / (cnr + 4.0))
+        return full, conf, np.array([br + r0, bc + c0], np.float32), contrast
+
+    def _grow(self, win: np.ndarray, noise: float, rc: tuple[int, int],
+              prev: np.ndarray | None, cap: float, ref: float | None
+              ) -> tuple[np.ndarray, float, float]:
+        """The component of the window around ``rc`` above the half-maximum cut.
+
+        ``ref`` is the particle's contrast on its first slice: following slices are cut at
+        the same absolute level above their local background (a 3-D half maximum), and are
+        empty once their own core falls below it. Returns (mask, cnr, reference contrast).
+        """
+        r = int(np.clip(rc[0], 0, win.shape[0] - 1))
+        c = int(np.clip(rc[1], 0, win.shape[1] - 1))
+        if prev is not None and prev.any():
+            core = ndi.binary_erosion(prev) if prev.sum() > 8 else prev
+            core = core if core.any() else prev
+            v = float(np.percentile(win[core], 75))
+            outside = ~ndi.binary_dilation(prev, iterations=2)
+        else:
+            r0, r1 = max(0, r - 1), r + 2
+            c0, c1 = max(0, c - 1), c + 2
+            v = float(win[r0:r1, c0:c1].mean())
+            yy, xx = np.ogrid[: win.shape[0], : win.shape[1]]
+            outside = (yy - r) ** 2 + (xx - c) ** 2 > 9
+        b = float(np.median(win[outside])) if outside.any() else float(np.median(win))
+        contrast = v - b
+        cnr = contrast / noise
+        c0 = contrast if ref is None else ref
+        if cnr < self.min_contrast or contrast < self.level * c0:
+            return np.zeros(win.shape, bool), 0.0, c0
+        mask = np.zeros(win.shape, bool)
+        for level in (self.level, self.level + 0.15, self.level + 0.3):
+            mask = self._component(win > b + level * c0, (r, c), prev)
+            if prev is not None and prev.any() and mask.sum() > LEAK_FACTOR * prev.sum():
+                grow = max(2, int(round(0.25 * np.sqrt(prev.sum() / np.pi))))
+                mask &= ndi.binary_dilation(prev, iterations=grow)
+                mask = self._component(mask, (r, c), prev)
+            if mask.sum() <= cap:
+                break
+        return mask, cnr, c0
+
+    @staticmethod
+    def _component(binary: np.ndarray, rc: tuple[int, int], prev: np.ndarray | None
+                   ) -> np.ndarray:
+        binary = ndi.binary_fill_holes(binary)
+        labels, n = ndi.label(binary)
+        if n == 0:
+            return np.zeros(binary.shape, bool)
+        r, c = rc
+        lab = labels[r, c]
+        if lab == 0 and prev is not None and prev.any():
+            counts = np.bincount(labels[prev], minlength=n + 1)
+            counts[0] = 0
+            lab = int(counts.argmax()) if counts.max() > 0 else 0
+        if lab == 0:
+            near = labels[max(0, r - 2) : r + 3, max(0, c - 2) : c + 3]
+            found = near[near > 0]
+            lab = int(np.bincount(found).argmax()) if found.size else 0
+        return labels == lab if lab else np.zeros(binary.shape, bool)
