@@ -69,7 +69,8 @@ class MatchingConfig:
     nms_radius: float | None = None  # voxels; None = from the prompted particles' size
     chunk_size: int = 65536  # feature vectors scored per chunk
     naive: bool = False  # score every finest-grid cell in one pass (baseline)
-    dilation: int = 1  # also score this many rings of fine cells around survivors' children
+    dilation: int = 0  # also score this many rings of fine cells around survivors' children
+    grow: bool = True  # follow surviving regions past their coarse cells to their border
     coarse_margin: float = 0.1  # levels before the last keep cells >= sim_threshold - this
     coarse_pooling: bool = True  # score coarse levels on cell-averaged features (not a point)
     adapt_ratios: bool = True  # skip ratios coarser than the prompted particle's diameter
