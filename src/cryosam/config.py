@@ -67,10 +67,10 @@ class MatchingConfig:
     sim_threshold: float = 0.5  # keep cells with cosine similarity >= this (paper: 0.5)
     top_k: int = 512  # keep at most this many proposals (paper: K = 512)
     nms_radius: float | None = None  # voxels; None = from the prompted particles' size
-    chunk_size: int = 65536  # feature vectors scored per chunk
+    chunk_size: int = 16384  # feature vectors scored per chunk (bounded memory)
     naive: bool = False  # score every finest-grid cell in one pass (baseline)
     dilation: int = 0  # also score this many rings of fine cells around survivors' children
-    grow: bool = True  # follow surviving regions past their coarse cells to their border
+    grow: bool = True  # last level: follow surviving regions past their parents to their rim
     coarse_margin: float = 0.1  # levels before the last keep cells >= sim_threshold - this
     coarse_pooling: bool = True  # score coarse levels on cell-averaged features (not a point)
     adapt_ratios: bool = True  # skip ratios coarser than the prompted particle's diameter
@@ -87,8 +87,9 @@ class CryosamConfig:
     matching: MatchingConfig = field(default_factory=MatchingConfig)
     device: str = "auto"  # "auto" | "cpu" | "cuda"
     seed: int = 0
-    min_size_ratio: float = 0.25  # drop matched particles smaller than this x the clicked ones
-    max_size_ratio: float = 4.0  # ... or larger than this x the clicked ones
+    min_size_ratio: float = 0.33  # drop matched particles smaller than this x the clicked ones
+    max_size_ratio: float = 3.0  # ... or larger than this x the clicked ones
+    max_elongation_ratio: float = 1.5  # ... or more elongated than this x the clicked ones
     merge_iou: float = 0.5  # merge an instance into one that already holds this share of it
 
     def to_dict(self) -> dict[str, Any]:

@@ -196,7 +196,11 @@ class CryoSAM:
         if match and any(inst.n_voxels > 0 for inst in instances):
             from cryosam.features import extract_features
             from cryosam.matching import match as run_matching
-            from cryosam.matching import nms_radius_from_masks, pool_query
+            from cryosam.matching import (
+                nms_radius_from_masks,
+                particle_radius_from_masks,
+                pool_query,
+            )
 
             with stages("features"):
                 fv = extract_features(
@@ -207,18 +211,22 @@ class CryoSAM:
                     device=self.device,
                     cache_dir=cache_dir,
                     clip_percentiles=cfg.encoder.clip_percentiles,
+                    reduce_to=cfg.encoder.reduce_to,
                 )
             feature_record = {
                 "encoder": getattr(self.encoder, "id", type(self.encoder).__name__),
                 "dim": int(fv.dim),
                 "nbytes": int(fv.nbytes),
                 "cache_hit": bool(getattr(fv, "from_cache", False)),
+                "voxels_per_patch": (fv.meta or {}).get("voxels_per_patch"),
+                "grids": (fv.meta or {}).get("grids"),
             }
             with stages("matching"):
                 masks = [inst.coords() for inst in instances if inst.n_voxels > 0]
                 queries = pool_query(fv, masks, seed=cfg.seed)
                 radius = cfg.matching.nms_radius or nms_radius_from_masks(masks)
                 proposals = run_matching(fv, queries, cfg.matching, nms_radius=radius,
+                                         particle_radius=particle_radius_from_masks(masks),
                                          device=self.device)
             proposals_zyx = np.asarray(proposals.zyx, dtype=float).reshape(-1, 3)
             proposal_scores = np.asarray(proposals.scores, dtype=float).reshape(-1)
@@ -227,7 +235,7 @@ class CryoSAM:
                 "nms_radius": float(radius),
                 "queries": int(queries.shape[0]),
                 "proposals": int(len(proposals_zyx)),
-                "stats": proposals.stats,
+                "stats": proposals.stats.to_dict(),
             }
             keep = _outside_instances(proposals_zyx, instances, volume.shape)
             cand_zyx, cand_sim = proposals_zyx[keep], proposal_scores[keep]
@@ -237,9 +245,8 @@ class CryoSAM:
                     cand_cfg = _proposal_propagation_config(cfg.propagation, instances)
                     cand_res = propagate(volume, cand_zyx, segmenter, cand_cfg)
                 prop_stats["proposals"] = dict(cand_res.stats)
-                sizes = np.array([inst.n_voxels for inst in instances if inst.n_voxels > 0])
-                kept, rejected = _plausible(cand_res.instances, cand_zyx, sizes, target,
-                                            cfg.min_size_ratio, cfg.max_size_ratio)
+                kept, rejected = _plausible(cand_res.instances, cand_zyx, instances, target,
+                                            cfg)
                 matching_record["rejected"] = rejected
                 for i in kept:
                     instances.append(cand_res.instances[i])
@@ -403,32 +410,51 @@ def _proposal_propagation_config(cfg: PropagationConfig, prompts: Sequence[Any]
     return cfg
 
 
+def elongation(inst: Any) -> float:
+    """Ratio of the longest to the shortest principal axis of a mask (1 = round)."""
+    coords = inst.coords().astype(float)
+    if len(coords) < 4:
+        return 1.0
+    ev = np.linalg.eigvalsh(np.cov(coords.T) + 1e-3 * np.eye(3))
+    return float(np.sqrt(ev[-1] / max(ev[0], 1e-6)))
+
+
 def _plausible(
     instances: Sequence[Any],
     zyx: np.ndarray,
-    prompt_sizes: np.ndarray,
+    references: Sequence[Any],
     target: str,
-    lo: float,
-    hi: float,
+    cfg: CryosamConfig,
 ) -> tuple[list[int], dict[str, int]]:
     """Indices of proposal instances worth keeping, and counts of why others were dropped.
 
-    A particle proposal must give a non-empty mask that contains (or touches) its point and
-    whose volume is within [lo, hi] × the clicked particles' median volume.
+    A particle proposal must give a non-empty mask centred near its point, whose volume is
+    within [min_size_ratio, max_size_ratio] × the clicked particles' median volume and whose
+    elongation is at most ``max_elongation_ratio`` × theirs: the clicks say what the particle
+    looks like, and matches of another size or shape are other things. Membranes are only
+    required to be non-empty.
     """
     kept: list[int] = []
-    rejected = {"empty": 0, "size": 0, "off_point": 0}
-    ref = float(np.median(prompt_sizes)) if len(prompt_sizes) else 0.0
+    rejected = {"empty": 0, "size": 0, "shape": 0, "off_point": 0}
+    refs = [r for r in references if r.n_voxels > 0]
+    ref_size = float(np.median([r.n_voxels for r in refs])) if refs else 0.0
+    ref_elong = max((elongation(r) for r in refs), default=0.0)
     for i, inst in enumerate(instances):
         if inst.n_voxels == 0:
             rejected["empty"] += 1
             continue
-        if target == "particle" and ref > 0 and not (lo * ref <= inst.n_voxels <= hi * ref):
+        if target != "particle" or not refs:
+            kept.append(i)
+            continue
+        if not cfg.min_size_ratio * ref_size <= inst.n_voxels <= cfg.max_size_ratio * ref_size:
             rejected["size"] += 1
+            continue
+        if elongation(inst) > cfg.max_elongation_ratio * ref_elong:
+            rejected["shape"] += 1
             continue
         c = np.asarray(inst.centroid(), dtype=float)
         extent = max(2.0, 0.5 * float(np.max(inst.mask.shape)))
-        if target == "particle" and np.linalg.norm(c - zyx[i]) > extent:
+        if np.linalg.norm(c - zyx[i]) > extent:
             rejected["off_point"] += 1
             continue
         kept.append(i)

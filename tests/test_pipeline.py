@@ -1,0 +1,191 @@
+"""End-to-end pipeline on small synthetic tomograms: outputs, formats, CLI behaviour."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mrcfile
+import numpy as np
+import pytest
+import starfile
+
+from cryosam import io
+from cryosam.config import CryosamConfig, EncoderConfig, SegmenterConfig
+from cryosam.export import OUTPUT_FILES, write_outputs
+from cryosam.pipeline import CryoSAM
+from cryosam.simulate import SimulationConfig, simulate, write_simulation
+
+WEIGHT_FREE = CryosamConfig(encoder=EncoderConfig(name="filterbank"),
+                            segmenter=SegmenterConfig(name="threshold"), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def small_sim(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, dict[str, Path]]:
+    sim = simulate(SimulationConfig(shape=(40, 96, 112), seed=3))
+    files = write_simulation(sim, tmp_path_factory.mktemp("sim"))
+    return sim, files
+
+
+@pytest.fixture(scope="module")
+def small_run(small_sim, tmp_path_factory: pytest.TempPathFactory):
+    sim, files = small_sim
+    result = CryoSAM(WEIGHT_FREE).segment(files["tomo.mrc"], files["prompt.csv"],
+                                          tomo_name="TS_07")
+    out = tmp_path_factory.mktemp("run") / "out"
+    written = write_outputs(result, out, tomo_name="TS_07")
+    return result, out, written
+
+
+def test_every_output_is_written(small_run) -> None:
+    result, out, written = small_run
+    assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUT_FILES)
+    assert set(written) == set(OUTPUT_FILES)
+    # nothing hidden (staging folders, temporaries) is left beside the output
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]
+    assert len(result.picks_zyx) >= 1
+    assert result.pick_is_prompt.sum() == 1
+
+
+def test_picks_csv_star_and_napari_agree(small_run, small_sim) -> None:
+    result, out, _ = small_run
+    sim, _ = small_sim
+    csv = io.read_points(out / "picks.csv")
+    np.testing.assert_allclose(csv.zyx, result.picks_zyx, atol=1e-3)
+    scores = csv.columns["score"]
+    assert np.all(np.diff(scores) <= 1e-9), "picks.csv is sorted by score"
+    assert set(csv.columns) >= {"score", "instance_id", "n_voxels"}
+
+    star = starfile.read(out / "picks.star")
+    df = star if not isinstance(star, dict) else next(iter(star.values()))
+    xyz = df[["rlnCoordinateX", "rlnCoordinateY", "rlnCoordinateZ"]].to_numpy(float)
+    np.testing.assert_allclose(xyz[:, ::-1], result.picks_zyx, atol=1e-3)
+    assert set(df["rlnTomoName"]) == {"TS_07"}
+    np.testing.assert_allclose(df["rlnAutopickFigureOfMerit"].to_numpy(float), scores,
+                               atol=1e-5)
+    # RELION-5 centred coordinates: (voxel - size/2) * voxel size, in Å
+    vs = sim.voxel_size
+    size = np.array(result.tomogram.shape[::-1], dtype=float)  # x, y, z
+    centred = df[["rlnCenteredCoordinateXAngst", "rlnCenteredCoordinateYAngst",
+                  "rlnCenteredCoordinateZAngst"]].to_numpy(float)
+    np.testing.assert_allclose(centred, (xyz - size / 2) * vs, atol=1e-2)
+    back = io.read_points(out / "picks.star", shape=result.tomogram.shape,
+                          voxel_size=result.tomogram.voxel_size)
+    np.testing.assert_allclose(back.zyx, result.picks_zyx, atol=1e-3)
+
+    napari = io.read_points(out / "picks_napari.csv")
+    np.testing.assert_allclose(napari.zyx, result.picks_zyx, atol=1e-3)
+
+
+def test_mrc_outputs_carry_voxel_size_and_match_labels(small_run, small_sim) -> None:
+    result, out, _ = small_run
+    sim, _ = small_sim
+    for name in ("semantic.mrc", "instances.mrc"):
+        assert mrcfile.validate(str(out / name), print_file=open("/dev/null", "w"))
+        with mrcfile.open(out / name, permissive=False) as mrc:
+            assert mrc.data.shape == sim.volume.shape
+            assert float(mrc.voxel_size.x) == pytest.approx(sim.voxel_size, rel=1e-4)
+    labels = io.read_tomogram(out / "instances.mrc").data.astype(int)
+    semantic = io.read_tomogram(out / "semantic.mrc").data
+    assert set(np.unique(semantic)) <= {0.0, 1.0}
+    np.testing.assert_array_equal(labels > 0, semantic > 0)
+    picks = io.read_points(out / "picks.csv")
+    ids = picks.columns["instance_id"].astype(int)
+    counts = picks.columns["n_voxels"].astype(int)
+    for iid, n in zip(ids, counts, strict=True):
+        assert (labels == iid).sum() <= n  # overlaps go to the better instance
+        assert (labels == iid).sum() > 0
+
+
+def test_run_record_holds_what_reproduces_the_run(small_run, small_sim) -> None:
+    result, out, _ = small_run
+    _, files = small_sim
+    rec = json.loads((out / "run.json").read_text())
+    assert rec["inputs"]["tomogram"]["sha256"] == io.file_sha256(files["tomo.mrc"])
+    assert rec["inputs"]["points"]["sha256"] == io.file_sha256(files["prompt.csv"])
+    assert rec["parameters"]["matching"]["ratios"] == [16, 8, 4]
+    assert rec["parameters"]["propagation"]["iou_threshold"] == 0.5
+    assert rec["models"]["segmenter"] and rec["models"]["encoder"]
+    assert rec["device"]["type"] == "cpu"
+    assert "torch" in rec["versions"] and "numpy" in rec["versions"]
+    counts = rec["counts"]
+    assert counts["prompts"] == 1 and counts["instances"] == len(result.instances)
+    assert counts["decoder_calls"] > 0
+    for stage in ("load", "segment_prompts", "features", "matching", "merge"):
+        assert stage in rec["seconds"] and stage in rec["peak_memory_bytes"]
+    assert set(rec["outputs"]) == set(OUTPUT_FILES)
+
+
+def test_same_input_same_output(small_sim, small_run) -> None:
+    _, files = small_sim
+    first, _, _ = small_run
+    again = CryoSAM(WEIGHT_FREE).segment(files["tomo.mrc"], files["prompt.csv"])
+    np.testing.assert_array_equal(again.labels, first.labels)
+    np.testing.assert_allclose(again.pick_scores, first.pick_scores)
+
+
+def test_existing_output_needs_overwrite(small_run, tmp_path: Path) -> None:
+    result, _, _ = small_run
+    out = tmp_path / "o"
+    write_outputs(result, out)
+    (out / "mine.txt").write_text("keep?")
+    with pytest.raises(io.InputError, match="--overwrite"):
+        write_outputs(result, out)
+    write_outputs(result, out, overwrite=True)
+    assert not (out / "mine.txt").exists()
+    assert (out / "picks.csv").exists()
+
+
+def test_cli_segment_no_match_writes_clicked_particles(small_sim, tmp_path: Path,
+                                                        run_cli) -> None:
+    sim, files = small_sim
+    out = tmp_path / "clicked"
+    code, stdout, err = run_cli("segment", files["tomo.mrc"], "--points", files["prompts5.csv"],
+                                "--no-match", "--segmenter", "threshold", "--out", out,
+                                "--device", "cpu")
+    assert code == 0, err
+    picks = io.read_points(out / "picks.csv")
+    assert len(picks) == 5
+    assert np.all(picks.columns["prompt"] == 1)
+    labels = io.read_tomogram(out / "instances.mrc").data
+    assert len(np.unique(labels)) == 6  # five instances + background
+    assert "5 click(s)" in stdout
+
+
+@pytest.mark.parametrize("case", ["missing_tomo", "outside", "empty_points", "image_2d"])
+def test_cli_bad_input_is_one_line_exit_2_and_no_output(case: str, small_sim, tmp_path: Path,
+                                                        run_cli) -> None:
+    _, files = small_sim
+    tomo, points = files["tomo.mrc"], files["prompt.csv"]
+    if case == "missing_tomo":
+        tomo = tmp_path / "nope.mrc"
+    elif case == "outside":
+        points = tmp_path / "far.csv"
+        points.write_text("x,y,z\n5000,10,10\n")
+    elif case == "empty_points":
+        points = tmp_path / "empty.csv"
+        points.write_text("x,y,z\n")
+    elif case == "image_2d":
+        tomo = tmp_path / "flat.mrc"
+        with mrcfile.new(tomo) as mrc:
+            mrc.set_data(np.zeros((32, 32), np.float32))
+    out = tmp_path / "out"
+    code, _, err = run_cli("segment", tomo, "--points", points, "--out", out,
+                           "--encoder", "filterbank", "--segmenter", "threshold")
+    assert code == 2
+    lines = [ln for ln in err.strip().splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_cli_missing_weights_is_one_line(small_sim, tmp_path: Path, run_cli,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    _, files = small_sim
+    monkeypatch.setenv("CRYOSAM_CHECKPOINTS", str(tmp_path / "empty"))
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli("segment", files["tomo.mrc"], "--points", files["prompt.csv"],
+                           "--out", tmp_path / "o", "--sam-model", "vit_b")
+    assert code == 2
+    assert "cryosam weights download" in err
+    assert not (tmp_path / "o").exists()
