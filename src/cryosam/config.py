@@ -40,6 +40,7 @@ class SegmenterConfig:
     smooth_sigma: float = 1.5  # threshold: Gaussian denoising of each slice, in pixels
     slab: int = 1  # threshold: average this many neighbouring slices each side before smoothing
     level: float = 0.5  # threshold: cut between local background (0) and particle core (1)
+    membrane_level: float = 0.7  # threshold, --target membrane: cut higher on thin sheets
     min_contrast: float = 2.0  # threshold: no mask when core-background contrast < this * noise
 
 

@@ -140,7 +140,12 @@ class CryoSAM:
         if self._segmenter is None:
             from cryosam.segmenters import build_segmenter
 
-            self._segmenter = build_segmenter(self.config.segmenter, self.device)
+            seg_cfg = self.config.segmenter
+            if self.config.propagation.target == "membrane" and seg_cfg.name == "threshold":
+                # a membrane slice is a thin dark curve blurred wider than it is: cut higher
+                # up its profile so the mask keeps the bilayer's width
+                seg_cfg = dataclasses.replace(seg_cfg, level=seg_cfg.membrane_level)
+            self._segmenter = build_segmenter(seg_cfg, self.device)
         return self._segmenter
 
     def segment(
@@ -148,7 +153,7 @@ class CryoSAM:
         tomogram: io.Tomogram | str | os.PathLike[str] | np.ndarray,
         points: np.ndarray | str | os.PathLike[str] | Sequence[Sequence[float]],
         *,
-        match: bool = True,
+        match: bool | None = None,
         cache_dir: str | os.PathLike[str] | None = None,
         voxel_size: float | None = None,
         points_unit: str = "voxel",
@@ -157,8 +162,12 @@ class CryoSAM:
         """Segment the clicked particles (or membranes) and, with ``match``, all similar ones.
 
         ``points`` are (z, y, x) voxels when given as an array, or a CSV/STAR file path.
+        ``match`` defaults to True for particles and False for membranes (where the clicks
+        usually name the membranes wanted; matching finds other sheet-like structures too).
         """
         cfg = self.config
+        if match is None:
+            match = cfg.propagation.target == "particle"
         stages = _Stages(self.device)
         started = time.time()
         with stages("load"):
@@ -431,8 +440,8 @@ def _plausible(
     A particle proposal must give a non-empty mask centred near its point, whose volume is
     within [min_size_ratio, max_size_ratio] × the clicked particles' median volume and whose
     elongation is at most ``max_elongation_ratio`` × theirs: the clicks say what the particle
-    looks like, and matches of another size or shape are other things. Membranes are only
-    required to be non-empty.
+    looks like, and matches of another size or shape are other things. Membrane proposals
+    need only reach the minimum size.
     """
     kept: list[int] = []
     rejected = {"empty": 0, "size": 0, "shape": 0, "off_point": 0}
@@ -443,8 +452,15 @@ def _plausible(
         if inst.n_voxels == 0:
             rejected["empty"] += 1
             continue
-        if target != "particle" or not refs:
+        if not refs:
             kept.append(i)
+            continue
+        if target != "particle":
+            # membranes: any sheet the size of the clicked ones, however shaped or large
+            if inst.n_voxels >= cfg.min_size_ratio * ref_size:
+                kept.append(i)
+            else:
+                rejected["size"] += 1
             continue
         if not cfg.min_size_ratio * ref_size <= inst.n_voxels <= cfg.max_size_ratio * ref_size:
             rejected["size"] += 1

@@ -53,14 +53,15 @@ def register(app: typer.Typer) -> None:
         points: Path = typer.Option(..., "--points", "-p",
                                     help="Clicks: CSV (x,y,z or napari axis-0..2) or STAR."),
         out: Path | None = typer.Option(None, "--out", "-o",
-                                        help="Output folder [default: <stem>_cryosam/ beside "
-                                        "the tomogram]."),
+                                        help="Output folder (default: <stem>_cryosam/ beside "
+                                        "the tomogram)."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out."),
         target: TargetChoice = typer.Option(TargetChoice.particle, "--target",
                                             help="What the clicks are on."),
-        match: bool = typer.Option(True, "--match/--no-match",
-                                   help="Find every similar particle (default), or only "
-                                   "segment the clicked ones."),
+        match: bool | None = typer.Option(None, "--match/--no-match",
+                                          help="Find every similar particle, or only segment "
+                                          "the clicked ones (default: match for particles, "
+                                          "not for membranes)."),
         encoder: EncoderChoice = typer.Option(EncoderChoice.dinov2, "--encoder",
                                               help="Feature encoder for matching."),
         dinov2_model: str = typer.Option("facebook/dinov2-with-registers-large",
@@ -79,11 +80,11 @@ def register(app: typer.Typer) -> None:
                                             "drops below this."),
         ratios: str = typer.Option("16,8,4", "--ratios", help="Coarse-to-fine grid ratios."),
         nms_radius: float | None = typer.Option(None, "--nms-radius",
-                                                help="Voxels [default: from the clicked "
-                                                "particles' size]."),
+                                                help="Voxels (default: from the clicked "
+                                                "particles' size)."),
         max_area: int | None = typer.Option(None, "--max-area",
                                             help="Largest mask area per slice, voxels "
-                                            "[default: from the first masks]."),
+                                            "(default: from the first masks)."),
         patches: int = typer.Option(37, "--patches",
                                     help="DINOv2 patches along a slice's long side (37 = 518 "
                                     "px); raise it for small particles."),
