@@ -45,7 +45,7 @@ def test_tiny_dinov2_and_sam_run_end_to_end(target: str, tmp_path: Path) -> None
     )
     points = sim.membrane_clicks[:2] if target == "membrane" else sim.prompt_points[:1]
     result = CryoSAM(cfg, encoder=encoder, segmenter=segmenter).segment(
-        sim.volume, points, voxel_size=sim.voxel_size)
+        sim.volume, points, voxel_size=sim.voxel_size, match=True)
     rec = result.record
     assert rec["counts"]["proposals"] >= 1  # matching ran on DINOv2 features
     assert rec["counts"]["encoder_calls"] > 0 and rec["counts"]["decoder_calls"] > 0
