@@ -163,12 +163,17 @@ def test_filterbank_contract_and_rotation_invariance() -> None:
     enc = FilterBankEncoder(patch_size=2, sigmas=(1.0, 2.0))
     assert isinstance(enc, SliceEncoder) and enc.channels == 10
     rng = np.random.default_rng(4)
-    img = rng.random((1, 32, 24)).astype(np.float32)
+    img = 0.7 + 0.1 * rng.random((1, 32, 24)).astype(np.float32)
+    yy, xx = np.mgrid[:32, :24]
+    for cy, cx, r in ((9, 7, 3.5), (22, 16, 2.0), (24, 5, 1.5)):  # dark disks, no symmetry
+        img[0][(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] -= 0.5
+    img[0, 14:16, 10:22] -= 0.5  # and a dark bar
     maps = enc.encode(img)
     assert tuple(maps.shape) == (1, 16, 12, 10) and maps.dtype == torch.float16
     flat = maps.float().reshape(-1, 10)
-    assert flat.mean(0).abs().max() < 0.05  # standardised per slice after pooling
-    assert (flat.std(0) - 1).abs().max() < 0.05
+    norms = flat.norm(dim=1)
+    assert torch.isfinite(flat).all() and (norms < 1).all() and norms.max() > 0.5  # soft unit
+    assert enc.encode(rng.random((1, 32, 24)).astype(np.float32)).abs().max() < 0.01  # noise
     rotated = enc.encode(np.ascontiguousarray(np.rot90(img, axes=(1, 2))))
     expected = torch.rot90(maps.float(), dims=(1, 2))
     inner = (slice(None), slice(3, -3), slice(3, -3))  # away from the replicated borders

@@ -23,7 +23,7 @@ class EncoderConfig:
     slice_stride: int = 1  # encode every k-th slice along each axis, interpolate between
     reduce_to: int | None = None  # PCA: keep this many channels per axis (None = all)
     filterbank_patch: int = 2  # voxels per patch of the weight-free filter bank
-    filterbank_sigmas: tuple[float, ...] = (1.5, 3.0, 4.5, 6.5)  # filter scales, voxels
+    filterbank_sigmas: tuple[float, ...] = (1.0, 1.41, 2.0, 2.83, 4.0, 5.66, 8.0, 11.3)  # voxels
 
 
 @dataclass(frozen=True)

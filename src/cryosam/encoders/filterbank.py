@@ -1,18 +1,31 @@
-"""A weight-free slice encoder: multi-scale, rotation-invariant filter responses.
+"""A weight-free slice encoder: scale-selective, rotation-invariant blob and line codes.
 
-For every scale sigma the filter bank computes, on each slice,
+Cosine matching needs features whose *direction* says what a structure is, not merely that it
+is dark: a map of smoothed intensities or Laplacians points every dark thing (and every dark
+noise clump) the same way. So each patch-grid cell gets a *population code* of the structure
+centred on it:
 
-- the Gaussian-smoothed intensity,
-- the scale-normalised gradient magnitude ``sigma * |grad G|``,
-- the two scale-normalised Hessian eigenvalues ``sigma^2 * l1 >= sigma^2 * l2`` (their sum is
-  the Laplacian of Gaussian; blobs give two strong eigenvalues of one sign, rods one),
-- the local standard deviation in a Gaussian window.
+1. the scale-normalised Laplacian of Gaussian ``sigma^2 * (Ixx + Iyy)`` at every scale of
+   ``sigmas`` (one FFT of the slice, every scale computed from it);
+2. its peak over scale, located to a fraction of a scale step: the structure's size
+   (a dark disk of radius ``R`` peaks near ``sigma = R / sqrt(2)``);
+3. the peak's strength above the slice's noise (median absolute deviation of that scale's
+   response, times ``threshold``): weak noise clumps get no code at all;
+4. its isotropy ``lambda_min / lambda_max`` of the Hessian at the peak scale (1 for a disk,
+   0 for a line or a membrane seen edge-on);
+5. strength x tuning curve over scale (Gaussian in log2 sigma, ``TUNING_OCTAVES`` wide) x
+   tuning curve over isotropy (blob, oblong, line for dark structures; blob, line for bright
+   ones), so that structures of a different size or shape land in different channels.
 
-All are invariant to in-plane rotation. They are averaged over ``patch_size`` x ``patch_size``
-voxel patches and standardised per slice and channel (zero mean, unit variance: what cosine
-matching needs), giving maps on the same patch-grid contract as DINOv2. It is the offline/CPU
-baseline: it separates particles by size and shape, not by identity. The default scales suit
-particles of radius ~2-8 voxels (bin the tomogram, or scale ``sigmas``, for bigger ones).
+Each channel is then standardised per slice (background cells share one point, away from any
+code) and each cell's vector is softly scaled to unit length, so that the three planes of a
+voxel weigh alike: a particle that looks right in one plane only (a filament seen end-on)
+scores lower than one that looks right in all three. Everything is invariant to in-plane
+rotation and to affine intensity changes.
+
+Channels: 5 per scale (``channel_names``). Scales should be spaced by at most half an octave;
+the defaults suit dark particles of radius ~2-12 voxels (bin the tomogram, or scale
+``sigmas``, for bigger ones).
 """
 
 from __future__ import annotations
@@ -27,44 +40,37 @@ import torch.nn.functional as F
 from cryosam.encoders.base import as_batch
 from cryosam.errors import CryosamError
 
-RESPONSES = ("smooth", "gradient", "hessian_max", "hessian_min", "local_std")
+VERSION = "v2"
+DEFAULT_SIGMAS = (1.0, 1.41, 2.0, 2.83, 4.0, 5.66, 8.0, 11.3)  # half-octave steps, voxels
+RESPONSES = ("dark_blob", "dark_oblong", "dark_line", "bright_blob", "bright_line")
+DARK_ISO_BINS = 3  # isotropy tuning curves of dark structures: blob, oblong, line
+BRIGHT_ISO_BINS = 2  # of bright structures: blob, line
+TUNING_OCTAVES = 0.22  # width of the scale tuning curves (at least 0.4 x the scale step)
+THRESHOLD = 4.0  # a peak counts from this many noise deviations of its scale's response
+SOFT_NORM = 3.0  # cell vectors are divided by (norm + SOFT_NORM), in standardised units
+MAD_TO_STD = 1.4826
 
 
-def _gaussian_kernel(sigma: float, device: torch.device) -> torch.Tensor:
-    radius = max(1, int(math.ceil(3.0 * sigma)))
-    x = torch.arange(-radius, radius + 1, dtype=torch.float32, device=device)
-    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
-    return kernel / kernel.sum()
+def _median_pad(images: torch.Tensor, pad_h: int, pad_w: int) -> torch.Tensor:
+    """Pad (B, 1, H, W) images with each image's median: no mirrored copies of particles."""
+    med = images.flatten(1).median(dim=1).values.view(-1, 1, 1, 1)
+    return F.pad(images - med, (pad_w, pad_w, pad_h, pad_h)) + med
 
 
-def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian smoothing of (B, 1, H, W) images, borders replicated."""
-    kernel = _gaussian_kernel(sigma, images.device)
-    r = kernel.numel() // 2
-    out = F.conv2d(F.pad(images, (0, 0, r, r), mode="replicate"), kernel.view(1, 1, -1, 1))
-    return F.conv2d(F.pad(out, (r, r, 0, 0), mode="replicate"), kernel.view(1, 1, 1, -1))
-
-
-def _derivatives(images: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Central first and second differences (dy, dx, dyy, dxx, dxy) of (B, 1, H, W)."""
-    p = F.pad(images, (1, 1, 1, 1), mode="replicate")
-    c = p[..., 1:-1, 1:-1]
-    up, down = p[..., :-2, 1:-1], p[..., 2:, 1:-1]
-    left, right = p[..., 1:-1, :-2], p[..., 1:-1, 2:]
-    dy, dx = 0.5 * (down - up), 0.5 * (right - left)
-    dyy, dxx = down - 2 * c + up, right - 2 * c + left
-    dxy = 0.25 * (p[..., 2:, 2:] - p[..., 2:, :-2] - p[..., :-2, 2:] + p[..., :-2, :-2])
-    return dy, dx, dyy, dxx, dxy
+def _tuning(value: torch.Tensor, centres: torch.Tensor, width: float) -> torch.Tensor:
+    """Gaussian tuning curves: (B, h, w) values -> (B, len(centres), h, w)."""
+    diff = value[:, None] - centres.view(1, -1, 1, 1)
+    return torch.exp(-0.5 * (diff / width) ** 2)
 
 
 class FilterBankEncoder:
-    """Multi-scale filter responses pooled to ``patch_size``-voxel patches."""
+    """Scale- and shape-tuned codes of the structure at every ``patch_size``-voxel patch."""
 
     def __init__(
         self,
         *,
         patch_size: int = 2,
-        sigmas: Sequence[float] = (1.5, 3.0, 4.5, 6.5),
+        sigmas: Sequence[float] = DEFAULT_SIGMAS,
         device: torch.device | str = "cpu",
     ) -> None:
         if int(patch_size) < 1:
@@ -72,14 +78,18 @@ class FilterBankEncoder:
         if not sigmas or min(sigmas) <= 0:
             raise CryosamError(f"filter bank sigmas {tuple(sigmas)}: need one or more > 0")
         self.patch_size = int(patch_size)
-        self.sigmas = tuple(float(s) for s in sigmas)
+        self.sigmas = tuple(sorted({float(s) for s in sigmas}))
         self.channels = len(RESPONSES) * len(self.sigmas)
         self.device = torch.device(device)
+        logs = np.log2(self.sigmas)
+        step = float(np.mean(np.diff(logs))) if len(logs) > 1 else 1.0
+        self.tuning_octaves = max(TUNING_OCTAVES, 0.4 * step)
 
     @property
     def id(self) -> str:  # noqa: A003 - the protocol's name
         """Version, patch size and scales: everything that changes the maps."""
-        return f"filterbank:v1:p{self.patch_size}:s{','.join(f'{s:g}' for s in self.sigmas)}"
+        return (f"filterbank:{VERSION}:p{self.patch_size}:"
+                f"s{','.join(f'{s:g}' for s in self.sigmas)}")
 
     @property
     def channel_names(self) -> list[str]:
@@ -90,30 +100,94 @@ class FilterBankEncoder:
         """One cell per ``patch_size`` voxels (rounded; the grid covers the slice exactly)."""
         return (max(1, round(height / self.patch_size)), max(1, round(width / self.patch_size)))
 
+    # ----------------------------------------------------------------------- filtering
+
+    def hessians(self, cells: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, h, w) patch-averaged slices -> scale-normalised Laplacian and Hessian anisotropy
+        ``sigma^2 * |lambda_1 - lambda_2|``, each (B, K, h, w), from one FFT per slice."""
+        b, h, w = cells.shape
+        cell_sigmas = [s / self.patch_size for s in self.sigmas]  # in cells
+        reach = int(math.ceil(3.0 * max(cell_sigmas))) + 1
+        # odd padded sizes: no Nyquist frequency, so the operators are exactly symmetric
+        hh, ww = h + 2 * reach, w + 2 * reach
+        extra_h, extra_w = 1 - hh % 2, 1 - ww % 2
+        padded = _median_pad(cells[:, None], reach, reach)
+        padded = F.pad(padded, (0, extra_w, 0, extra_h), mode="replicate")[:, 0]
+        hh, ww = padded.shape[-2:]
+        spectrum = torch.fft.rfft2(padded)
+        ky = torch.fft.fftfreq(hh, device=cells.device).view(-1, 1) * (2 * math.pi)
+        kx = torch.fft.rfftfreq(ww, device=cells.device).view(1, -1) * (2 * math.pi)
+        k2 = ky * ky + kx * kx
+        ops = []
+        for s in cell_sigmas:
+            gauss = torch.exp(-0.5 * s * s * k2) * (s * s)
+            ops += [-gauss * ky * ky, -gauss * kx * kx, -gauss * ky * kx]
+        ops_t = torch.stack(ops)  # (3K, hh, ww/2+1)
+        maps = torch.fft.irfft2(spectrum[:, None] * ops_t[None], s=(hh, ww))
+        maps = maps[..., reach:reach + h, reach:reach + w].reshape(b, len(cell_sigmas), 3, h, w)
+        dyy, dxx, dxy = maps.unbind(2)
+        laplacian = dyy + dxx
+        anisotropy = torch.sqrt((dyy - dxx) ** 2 + 4.0 * dxy * dxy)
+        return laplacian, anisotropy
+
+    def _peak_scale(self, response: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Peak over scale of (B, K, h, w): value, index, and log2 scale refined by a parabola
+        through the peak and its neighbours."""
+        logs = torch.log2(torch.tensor(self.sigmas, device=response.device))
+        value, index = response.max(dim=1)
+        k = response.shape[1]
+        if k < 3:
+            return value, index, logs[index]
+        mid = index.clamp(1, k - 2)
+        y0 = response.gather(1, (mid - 1)[:, None])[:, 0]
+        y1 = response.gather(1, mid[:, None])[:, 0]
+        y2 = response.gather(1, (mid + 1)[:, None])[:, 0]
+        curv = y0 - 2.0 * y1 + y2
+        offset = torch.where(curv < 0, 0.5 * (y0 - y2) / curv.clamp_max(-1e-12),
+                             torch.zeros_like(curv)).clamp(-0.5, 0.5)
+        offset = torch.where(index == mid, offset, torch.zeros_like(offset))
+        base = logs[mid]
+        step = torch.where(offset >= 0, logs[(mid + 1).clamp(max=k - 1)] - base,
+                           base - logs[(mid - 1).clamp(min=0)])
+        return value, index, base + offset * step
+
+    def _codes(self, response: torch.Tensor, anisotropy: torch.Tensor, noise: torch.Tensor,
+               iso_bins: int) -> torch.Tensor:
+        """Population codes (B, iso_bins, K, h, w) of the structures ``response`` peaks on."""
+        value, index, log_scale = self._peak_scale(response)
+        noise_at = noise.expand_as(response).gather(1, index[:, None])[:, 0]
+        strength = torch.relu(value - THRESHOLD * noise_at)
+        aniso = anisotropy.gather(1, index[:, None])[:, 0]
+        isotropy = ((value - aniso) / (value + aniso).clamp_min(1e-12)).clamp(0.0, 1.0)
+        logs = torch.log2(torch.tensor(self.sigmas, device=response.device))
+        scale_code = _tuning(log_scale, logs, self.tuning_octaves)  # (B, K, h, w)
+        iso_centres = torch.linspace(1.0, 0.0, iso_bins, device=response.device)
+        iso_code = _tuning(isotropy, iso_centres, 0.5 / (iso_bins - 1))
+        iso_code = iso_code / iso_code.sum(dim=1, keepdim=True)  # (B, bins, h, w)
+        return (strength[:, None, None] * iso_code[:, :, None] * scale_code[:, None])
+
     def responses(self, batch: torch.Tensor, pool: int = 1) -> torch.Tensor:
-        """(B, H, W) -> (B, C, H/pool, W/pool) filter responses, averaged over ``pool`` x
-        ``pool`` patches and standardised per slice and channel."""
+        """(B, H, W) slices -> (B, C, H/pool, W/pool) standardised, cell-normalised codes."""
         images = batch[:, None].float()
-        n = images.shape[0]
-        maps = []
-        for sigma in self.sigmas:
-            both = gaussian_blur(torch.cat([images, images * images]), sigma)
-            smooth, smooth_sq = both[:n], both[n:]
-            dy, dx, dyy, dxx, dxy = _derivatives(smooth)
-            s2 = sigma * sigma
-            half_trace = 0.5 * (dyy + dxx)
-            root = torch.sqrt(0.25 * (dyy - dxx) ** 2 + dxy * dxy)
-            responses = (smooth, sigma * torch.sqrt(dy * dy + dx * dx), s2 * (half_trace + root),
-                         s2 * (half_trace - root), torch.sqrt((smooth_sq - smooth * smooth)
-                                                              .clamp_min(0.0)))
-            maps += [F.avg_pool2d(r, pool) if pool > 1 else r for r in responses]
-        out = torch.cat(maps, dim=1)
-        mean = out.mean(dim=(2, 3), keepdim=True)
-        std = out.std(dim=(2, 3), keepdim=True) if out[0, 0].numel() > 1 else torch.ones_like(mean)
-        return (out - mean) / (std + 1e-6)
+        cells = (F.avg_pool2d(images, pool) if pool > 1 else images)[:, 0]
+        laplacian, anisotropy = self.hessians(cells)
+        flat = laplacian.flatten(2)
+        centre = flat.median(dim=2, keepdim=True).values
+        noise = ((flat - centre).abs().median(dim=2, keepdim=True).values * MAD_TO_STD)
+        noise = noise[..., None]  # (B, K, 1, 1)
+        dark = self._codes(laplacian, anisotropy, noise, DARK_ISO_BINS)
+        bright = self._codes(-laplacian, anisotropy, noise, BRIGHT_ISO_BINS)
+        codes = torch.cat([dark, bright], dim=1)  # (B, 5, K, h, w): response-major
+        b, _, k, h, w = codes.shape
+        out = codes.transpose(1, 2).reshape(b, k * len(RESPONSES), h, w)  # scale-major
+        if h * w > 1:
+            mean = out.mean(dim=(2, 3), keepdim=True)
+            std = out.std(dim=(2, 3), keepdim=True)
+            out = (out - mean) / (std + 1e-6)
+        return out / (out.norm(dim=1, keepdim=True) + SOFT_NORM)
 
     def encode(self, slices: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """(B, H, W) normalised slices -> (B, h, w, C) fp16 patch-averaged responses.
+        """(B, H, W) normalised slices -> (B, h, w, C) fp16 codes.
 
         A slice whose sides are not multiples of the patch size is first resized (by less
         than half a patch) so that the grid covers it exactly.
