@@ -15,8 +15,10 @@ def pick_backends(device: str = "auto") -> tuple[str, str, str]:
     try:
         locate_sam("vit_h")
         locate_dinov2("facebook/dinov2-with-registers-large")
-    except MissingWeightsError as exc:
-        return "filterbank", "threshold", f"weight-free backends ({exc})"
+    except MissingWeightsError:
+        return ("filterbank", "threshold",
+                "weight-free backends (filter bank + threshold): DINOv2/SAM weights are not on "
+                "this machine; `cryosam weights list` says how to get them")
     return "dinov2", "sam", "DINOv2-L (registers) + SAM ViT-H, weights found locally"
 
 

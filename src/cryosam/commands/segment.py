@@ -144,17 +144,18 @@ def register(app: typer.Typer) -> None:
 def print_summary(result, written: dict[str, Path], out_dir: Path) -> None:  # noqa: ANN001
     """One screen: counts, times per stage, where the outputs are."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     rec = result.record
     console = Console()
     counts = rec["counts"]
+    models = ", ".join(str(m) for m in (rec["models"]["segmenter"], rec["models"].get("encoder"),
+                                        rec["device"]["type"]) if m)
     console.print(
         f"[bold]cryosam[/bold]: {counts['prompts']} click(s) → "
         f"{counts['proposals']} proposal(s) → {counts['instances']} instance(s), "
-        f"{counts['picks']} pick(s)  [{rec['models']['segmenter']}"
-        + (f", {rec['models']['encoder']}" if rec["models"].get("encoder") else "")
-        + f", {rec['device']['type']}]"
+        f"{counts['picks']} pick(s)  " + escape(f"[{models}]")
     )
     table = Table(show_header=True, header_style="bold", box=None)
     table.add_column("stage")
@@ -165,4 +166,4 @@ def print_summary(result, written: dict[str, Path], out_dir: Path) -> None:  # n
         table.add_row(stage, f"{secs:.2f}", f"{peak:.0f}")
     table.add_row("total", f"{rec['total_seconds']:.2f}", "")
     console.print(table)
-    console.print(f"outputs in [bold]{out_dir}[/bold]: " + ", ".join(sorted(written)))
+    console.print(f"outputs in [bold]{escape(str(out_dir))}[/bold]: " + ", ".join(sorted(written)))
