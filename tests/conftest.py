@@ -33,3 +33,14 @@ def run_cli(capsys: pytest.CaptureFixture[str]):
         return code, out, err
 
     return _run
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Small tensors on a shared 2-core machine: one intra-op torch thread is faster."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -26,13 +26,7 @@ from cryosam.features import (
 SHAPE = (11, 17, 23)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors on a shared 2-core machine: one intra-op thread is faster."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def smooth(zyx: np.ndarray) -> np.ndarray:

@@ -25,12 +25,7 @@ from cryosam.simulate import SimulationConfig, simulate
 TAU_SIM = 0.5  # the paper's similarity threshold, kept for every encoder
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def cosines(fv, points: np.ndarray, query: torch.Tensor) -> np.ndarray:

@@ -189,3 +189,23 @@ def test_cli_missing_weights_is_one_line(small_sim, tmp_path: Path, run_cli,
     assert code == 2
     assert "cryosam weights download" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_cli_demo_runs_offline_and_scores(tmp_path: Path, run_cli,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CRYOSAM_CHECKPOINTS", str(tmp_path / "no_weights"))
+    code, out, err = run_cli("demo", tmp_path / "demo", "--shape", "40,96,112", "--seed", "3",
+                             "--device", "cpu")
+    assert code == 0, err
+    assert "weight-free backends" in out
+    f1 = float(out.split(" F1 ")[1].split()[0])
+    assert 0.0 <= f1 <= 1.0
+    assert (tmp_path / "demo" / "tomo_cryosam" / "preview.png").stat().st_size > 10_000
+    assert (tmp_path / "demo" / "data" / "truth.csv").exists()
+
+
+def test_cli_help_lists_built_commands(run_cli) -> None:
+    code, out, _ = run_cli("--help")
+    assert code == 0
+    for name in ("segment", "demo", "simulate", "evaluate", "info", "weights", "bench"):
+        assert name in out

@@ -34,14 +34,18 @@ OUTPUT_FILES = (
 )
 
 
-def default_out_dir(tomo_path: str | os.PathLike[str]) -> Path:
-    """``<stem>_cryosam/`` beside the input tomogram (``.gz``/``.bz2`` stripped)."""
-    path = Path(tomo_path)
-    name = path.name
+def tomo_stem(tomo_path: str | os.PathLike[str]) -> str:
+    """A tomogram's name without folder and extensions (``TS_01.mrc.gz`` → ``TS_01``)."""
+    name = Path(tomo_path).name
     for ext in (".gz", ".bz2"):
         if name.endswith(ext):
             name = name[: -len(ext)]
-    return path.parent / f"{Path(name).stem}_cryosam"
+    return Path(name).stem
+
+
+def default_out_dir(tomo_path: str | os.PathLike[str]) -> Path:
+    """``<stem>_cryosam/`` beside the input tomogram."""
+    return Path(tomo_path).parent / f"{tomo_stem(tomo_path)}_cryosam"
 
 
 def check_out_dir(out_dir: str | os.PathLike[str], overwrite: bool) -> Path:

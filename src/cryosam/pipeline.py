@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import os
 import platform
 import time
@@ -21,9 +20,10 @@ import numpy as np
 
 import cryosam
 from cryosam import io
-from cryosam.config import CryosamConfig, PropagationConfig
+from cryosam.config import CryosamConfig
 from cryosam.device import peak_memory_bytes, reset_peak_memory, resolve_device
 from cryosam.errors import InputError
+from cryosam.export import tomo_stem
 
 
 @dataclass
@@ -173,16 +173,23 @@ class CryoSAM:
         with stages("load"):
             tomo = _as_tomogram(tomogram, voxel_size)
             prompts, points_source = _as_points(points, tomo, points_unit, tomo_name)
-        name = tomo_name or (_stem(tomo.path) if tomo.path else "tomo")
+        name = tomo_name or (tomo_stem(tomo.path) if tomo.path else "tomo")
         target = cfg.propagation.target
-        volume = tomo.data
         segmenter = self.segmenter
+        with stages("normalise"):
+            # one normalised copy serves both models (the raw data may be memory-mapped)
+            from cryosam.features import normalise_volume
+
+            volume = normalise_volume(tomo.data, cfg.propagation.clip_percentiles)
+        prop_cfg = dataclasses.replace(cfg.propagation, normalise=False)
+        shared_norm = tuple(cfg.encoder.clip_percentiles) == tuple(
+            cfg.propagation.clip_percentiles)
         _reset_segmenter(segmenter)
 
         from cryosam.propagation import propagate
 
         with stages("segment_prompts"):
-            prompt_res = propagate(volume, prompts, segmenter, cfg.propagation)
+            prompt_res = propagate(volume, prompts, segmenter, prop_cfg)
         instances = list(prompt_res.instances)
         similarity = [1.0] * len(instances)
         confidence = [float(c) for c in prompt_res.confidence]
@@ -213,13 +220,13 @@ class CryoSAM:
 
             with stages("features"):
                 fv = extract_features(
-                    volume,
+                    volume if shared_norm else tomo.data,
                     self.encoder,
                     stride=cfg.encoder.slice_stride,
                     batch_size=cfg.encoder.batch_size,
                     device=self.device,
                     cache_dir=cache_dir,
-                    clip_percentiles=cfg.encoder.clip_percentiles,
+                    clip_percentiles=None if shared_norm else cfg.encoder.clip_percentiles,
                     reduce_to=cfg.encoder.reduce_to,
                 )
             feature_record = {
@@ -251,8 +258,7 @@ class CryoSAM:
             matching_record["proposals_inside_clicked"] = int((~keep).sum())
             if len(cand_zyx):
                 with stages("segment_proposals"):
-                    cand_cfg = _proposal_propagation_config(cfg.propagation, instances)
-                    cand_res = propagate(volume, cand_zyx, segmenter, cand_cfg)
+                    cand_res = propagate(volume, cand_zyx, segmenter, prop_cfg)
                 prop_stats["proposals"] = dict(cand_res.stats)
                 kept, rejected = _plausible(cand_res.instances, cand_zyx, instances, target,
                                             cfg)
@@ -341,14 +347,6 @@ def segment(
 # --- helpers -----------------------------------------------------------------------------
 
 
-def _stem(path: Path) -> str:
-    name = path.name
-    for ext in (".gz", ".bz2"):
-        if name.endswith(ext):
-            name = name[: -len(ext)]
-    return Path(name).stem
-
-
 def _as_tomogram(tomogram: Any, voxel_size: float | None) -> io.Tomogram:
     if isinstance(tomogram, io.Tomogram):
         if voxel_size is not None:
@@ -376,14 +374,7 @@ def _as_points(
     arr = np.asarray(points, dtype=float).reshape(-1, 3)
     if not len(arr):
         raise InputError("no points given; click at least one particle")
-    if not np.isfinite(arr).all():
-        raise InputError("points hold NaN or inf values")
-    hi = np.asarray(tomo.shape, dtype=float) - 0.5
-    bad = np.nonzero(((arr < -0.5) | (arr > hi)).any(axis=1))[0]
-    if len(bad):
-        raise InputError(f"point {int(bad[0])} (z,y,x = {arr[bad[0]].tolist()}) lies outside the "
-                         f"volume of shape {tomo.shape}")
-    return arr, None
+    return arr, None  # propagation checks that they are finite and inside the volume
 
 
 def _reset_segmenter(segmenter: Any) -> None:
@@ -411,12 +402,6 @@ def _outside_instances(zyx: np.ndarray, instances: Sequence[Any], shape: tuple[i
             hit = inst.mask[r[:, 0], r[:, 1], r[:, 2]]
             keep[idx[hit]] = False
     return keep
-
-
-def _proposal_propagation_config(cfg: PropagationConfig, prompts: Sequence[Any]
-                                 ) -> PropagationConfig:
-    """Proposals are segmented like the clicks; particles get the clicks' area cap."""
-    return cfg
 
 
 def elongation(inst: Any) -> float:
@@ -545,11 +530,7 @@ def _file_info(path: Path | str | None) -> dict[str, Any] | None:
     if path is None:
         return None
     p = Path(path)
-    h = hashlib.sha256()
-    with open(p, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return {"path": str(p.resolve()), "bytes": p.stat().st_size, "sha256": h.hexdigest()}
+    return {"path": str(p.resolve()), "bytes": p.stat().st_size, "sha256": io.file_sha256(p)}
 
 
 def _scale_record(encoder: Any, segmenter: Any, shape: tuple[int, ...]) -> dict[str, Any]:

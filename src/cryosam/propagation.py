@@ -33,6 +33,7 @@ from scipy import ndimage as ndi
 
 from cryosam.config import PropagationConfig
 from cryosam.errors import InputError
+from cryosam.features import normalise_volume
 from cryosam.progress import track
 from cryosam.segmenters.base import AXES, PromptBatch, Segmenter, to_slice
 
@@ -145,19 +146,6 @@ class _Chain:
     cap: float
     steps: int = 0
     stop: str = ""
-
-
-def normalise_volume(volume: np.ndarray, percentiles: tuple[float, float] = (0.5, 99.5)
-                     ) -> np.ndarray:
-    """Rescale so the given percentiles map to 0 and 1, clipped (float32). Percentiles come
-    from a strided subsample of at most ~4 M voxels, so this stays cheap on big tomograms."""
-    vol = np.asarray(volume, dtype=np.float32)
-    step = max(1, int(np.ceil((vol.size / 4e6) ** (1 / 3))))
-    sample = vol[::step, ::step, ::step]
-    lo, hi = np.percentile(sample, percentiles)
-    if not np.isfinite(lo) or not np.isfinite(hi) or hi <= lo:
-        return np.zeros_like(vol)
-    return np.clip((vol - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
 
 
 def _crop2d(mask: np.ndarray) -> tuple[int, int, np.ndarray] | None:
