@@ -128,12 +128,15 @@ def test_existing_output_needs_overwrite(small_run, tmp_path: Path) -> None:
     result, _, _ = small_run
     out = tmp_path / "o"
     write_outputs(result, out)
-    (out / "mine.txt").write_text("keep?")
     with pytest.raises(io.InputError, match="--overwrite"):
         write_outputs(result, out)
-    write_outputs(result, out, overwrite=True)
-    assert not (out / "mine.txt").exists()
+    (out / "picks.csv").unlink()
+    write_outputs(result, out, overwrite=True)  # an earlier cryosam output is replaced
     assert (out / "picks.csv").exists()
+    (out / "mine.txt").write_text("keep!")
+    with pytest.raises(io.InputError, match="did not write"):
+        write_outputs(result, out, overwrite=True)
+    assert (out / "mine.txt").read_text() == "keep!"
 
 
 def test_cli_segment_no_match_writes_clicked_particles(small_sim, tmp_path: Path,
@@ -209,3 +212,57 @@ def test_cli_help_lists_built_commands(run_cli) -> None:
     assert code == 0
     for name in ("segment", "demo", "simulate", "evaluate", "info", "weights", "bench"):
         assert name in out
+
+
+def test_overwrite_never_deletes_user_files(small_sim, run_cli, tmp_path: Path) -> None:
+    _, files = small_sim
+    data = files["tomo.mrc"].parent  # the simulation folder: the user's own files
+    before = sorted(p.name for p in data.iterdir())
+    code, _, err = run_cli("segment", files["tomo.mrc"], "--points", files["prompt.csv"],
+                           "--out", data, "--overwrite", "--no-match", "--segmenter",
+                           "threshold")
+    assert code == 2 and "did not write" in err
+    assert sorted(p.name for p in data.iterdir()) == before
+
+
+def test_click_with_empty_mask_is_kept_at_the_click(small_sim, small_run, tmp_path: Path
+                                                    ) -> None:
+    sim, _ = small_sim
+    first, _, _ = small_run
+    background = np.array([[1.0, 1.0, 1.0]])  # a corner: no particle there
+    points = np.vstack([first.prompt_zyx, background])
+    with pytest.warns(UserWarning, match="empty mask"):
+        res = CryoSAM(WEIGHT_FREE).segment(sim.volume, points, voxel_size=sim.voxel_size,
+                                           match=False)
+    row = np.nonzero(res.pick_click_row == 1)[0]
+    assert len(row) == 1
+    np.testing.assert_allclose(res.picks_zyx[row[0]], background[0])
+    assert res.pick_n_voxels[row[0]] == 0 and res.pick_scores[row[0]] == 0
+    written = write_outputs(res, tmp_path / "o")
+    assert len(io.read_points(written["picks.csv"])) == 2
+
+
+def test_output_folder_is_readable_by_the_group(small_run, tmp_path: Path) -> None:
+    import os
+
+    result, _, _ = small_run
+    old = os.umask(0o022)
+    try:
+        written = write_outputs(result, tmp_path / "o")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "o").stat().st_mode & 0o777 == 0o755
+    assert written["picks.csv"].stat().st_mode & 0o777 == 0o644
+
+
+@pytest.mark.parametrize("args", [["--out", "FILE/sub"], ["--cache-dir", "FILE"],
+                                  ["--nms-radius", "-3"], ["--device", "cuda:7"]])
+def test_cli_bad_options_fail_before_any_work(args: list[str], small_sim, tmp_path: Path,
+                                              run_cli) -> None:
+    _, files = small_sim
+    (tmp_path / "FILE").write_text("not a folder")
+    args = [a.replace("FILE", str(tmp_path / "FILE")) for a in args]
+    code, _, err = run_cli("segment", files["tomo.mrc"], "--points", files["prompt.csv"],
+                           "--encoder", "filterbank", "--segmenter", "threshold", *args)
+    assert code == 2
+    assert "Traceback" not in err and err.strip()

@@ -90,14 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         return 130
-    except Exception as exc:  # click usage errors
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
+    except Exception as exc:  # usage errors from click (or typer's own copy of it)
+        if callable(getattr(exc, "show", None)) and hasattr(exc, "exit_code"):
             exc.show()
-            return 2
-        if _DEBUG:
-            raise
+            return int(exc.exit_code or 2)
         raise
     return 0
 

@@ -25,7 +25,11 @@ def resolve_device(spec: str | torch.device = "auto") -> torch.device:
                 f"--device {spec}: no CUDA GPU is visible to torch on this machine; "
                 "use --device cpu or --device auto"
             )
-        return torch.device(spec)
+        device = torch.device(spec)
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise CryosamError(f"--device {spec}: this machine has "
+                               f"{torch.cuda.device_count()} CUDA device(s); use cuda:0 or auto")
+        return device
     if spec == "cpu":
         return torch.device("cpu")
     raise CryosamError(f"--device {spec!r} is not one of auto, cpu, cuda")

@@ -48,13 +48,40 @@ def default_out_dir(tomo_path: str | os.PathLike[str]) -> Path:
     return Path(tomo_path).parent / f"{tomo_stem(tomo_path)}_cryosam"
 
 
-def check_out_dir(out_dir: str | os.PathLike[str], overwrite: bool) -> Path:
-    """Refuse an existing, non-empty output folder unless ``overwrite``; return it as a Path."""
+def check_out_dir(
+    out_dir: str | os.PathLike[str],
+    overwrite: bool,
+    inputs: tuple[str | os.PathLike[str], ...] = (),
+) -> Path:
+    """Check, before any work, that ``out_dir`` can be written; return it as a Path.
+
+    An existing non-empty folder is replaced only with ``overwrite``, and only when it is an
+    earlier cryosam output (it holds ``run.json`` and nothing but cryosam's files) that holds
+    none of ``inputs``: ``--overwrite`` never deletes a user's own files.
+    """
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: exists and is not a folder; choose another --out")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise InputError(f"{out}: output folder exists; pass --overwrite or choose another --out")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise InputError(f"{out}: output folder exists; pass --overwrite or choose another "
+                             "--out")
+        names = {p.name for p in out.iterdir()}
+        if "run.json" not in names or not names <= set(OUTPUT_FILES):
+            raise InputError(f"{out}: holds files cryosam did not write; --overwrite only "
+                             "replaces an earlier cryosam output folder, choose another --out")
+        resolved = out.resolve()
+        for item in inputs:
+            if resolved in Path(item).resolve().parents:
+                raise InputError(f"{out}: holds the input {item}; choose another --out")
+    parent = out.resolve().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        probe = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".probe", dir=parent))
+        probe.rmdir()
+    except OSError as exc:
+        raise InputError(f"{out}: cannot write there ({exc.strerror}); choose another --out") \
+            from None
     return out
 
 
@@ -68,8 +95,10 @@ def write_outputs(
 ) -> dict[str, Path]:
     """Write every output of ``result`` into ``out_dir``; return {name: final path}."""
     out = check_out_dir(out_dir, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes 0700; outputs are for the group too
     try:
         written = _write_all(result, staging, tomo_name=tomo_name, preview=preview)
         if out.exists():
@@ -79,6 +108,10 @@ def write_outputs(
             shutil.rmtree(trash, ignore_errors=True)
         else:
             os.replace(staging, out)
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise InputError(f"{out}: writing the outputs failed ({exc}); check the disk and "
+                         "--out") from exc
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -99,6 +132,7 @@ def _write_all(
             "similarity": result.pick_similarity,
             "confidence": result.pick_confidence,
             "prompt": result.pick_is_prompt.astype(np.int8),
+            "click_row": result.pick_click_row,
         }
         written["picks.csv"] = folder / "picks.csv"
         io.write_picks_csv(written["picks.csv"], result.picks_zyx, columns)

@@ -39,7 +39,9 @@ class SegmentationResult:
     instance_similarity: np.ndarray  # (I,) matching similarity (1 for clicks)
     instance_confidence: np.ndarray  # (I,) segmenter confidence
     instance_is_prompt: np.ndarray  # (I,) bool
-    semantic: np.ndarray  # (D, H, W) uint8, 1 = segmented
+    instance_seeds: np.ndarray  # (I, 3) the click or proposal each instance grew from
+    instance_click_rows: np.ndarray  # (I,) row of the click in the points file, -1 = match
+    semantic: np.ndarray  # (D, H, W) int8, 1 = segmented
     labels: np.ndarray  # (D, H, W) int16/int32 instance ids (1..I), 0 = background
     proposals_zyx: np.ndarray = field(default_factory=lambda: np.zeros((0, 3)))
     proposal_scores: np.ndarray = field(default_factory=lambda: np.zeros(0))
@@ -54,11 +56,13 @@ class SegmentationResult:
 
     @property
     def picks_zyx(self) -> np.ndarray:
-        """(N, 3) instance centroids in voxels (z, y, x), best score first."""
+        """(N, 3) instance centroids in voxels (z, y, x), best score first; a click whose
+        mask came out empty is reported at the click itself."""
         order = self._pick_order
         if not len(order):
             return np.zeros((0, 3))
-        return np.array([self.instances[i].centroid() for i in order], dtype=float)
+        return np.array([self.instances[i].centroid() if self.instances[i].n_voxels
+                         else self.instance_seeds[i] for i in order], dtype=float)
 
     @property
     def pick_scores(self) -> np.ndarray:
@@ -75,6 +79,11 @@ class SegmentationResult:
     @property
     def pick_is_prompt(self) -> np.ndarray:
         return self.instance_is_prompt[self._pick_order]
+
+    @property
+    def pick_click_row(self) -> np.ndarray:
+        """Row of each pick's click in the points file (0-based), -1 for matches."""
+        return self.instance_click_rows[self._pick_order]
 
     @property
     def pick_instance_ids(self) -> np.ndarray:
@@ -170,12 +179,16 @@ class CryoSAM:
             match = cfg.propagation.target == "particle"
         stages = _Stages(self.device)
         started = time.time()
+        with stages("models"):
+            # load (and so check) the models before any work on the data
+            segmenter = self.segmenter
+            if match:
+                _ = self.encoder
         with stages("load"):
             tomo = _as_tomogram(tomogram, voxel_size)
             prompts, points_source = _as_points(points, tomo, points_unit, tomo_name)
         name = tomo_name or (tomo_stem(tomo.path) if tomo.path else "tomo")
         target = cfg.propagation.target
-        segmenter = self.segmenter
         with stages("normalise"):
             # one normalised copy serves both models (the raw data may be memory-mapped)
             from cryosam.features import normalise_volume
@@ -194,6 +207,8 @@ class CryoSAM:
         similarity = [1.0] * len(instances)
         confidence = [float(c) for c in prompt_res.confidence]
         is_prompt = [True] * len(instances)
+        seeds = [p for p in prompts]
+        click_rows = list(range(len(instances)))
         prop_stats: dict[str, Any] = {"prompts": dict(prompt_res.stats)}
         empty_prompts = [i for i, inst in enumerate(instances) if inst.n_voxels == 0]
         if empty_prompts:
@@ -201,7 +216,7 @@ class CryoSAM:
 
             warnings.warn(
                 f"{len(empty_prompts)} click(s) gave an empty mask (rows {empty_prompts}); "
-                "they are kept as picks but do not shape the query",
+                "they are kept as picks at the click, with score 0, but do not shape the query",
                 stacklevel=2,
             )
 
@@ -240,7 +255,8 @@ class CryoSAM:
             with stages("matching"):
                 masks = [inst.coords() for inst in instances if inst.n_voxels > 0]
                 queries = pool_query(fv, masks, seed=cfg.seed)
-                radius = cfg.matching.nms_radius or nms_radius_from_masks(masks)
+                radius = (cfg.matching.nms_radius if cfg.matching.nms_radius is not None
+                          else nms_radius_from_masks(masks))
                 proposals = run_matching(fv, queries, cfg.matching, nms_radius=radius,
                                          particle_radius=particle_radius_from_masks(masks),
                                          device=self.device)
@@ -268,6 +284,8 @@ class CryoSAM:
                     similarity.append(float(cand_sim[i]))
                     confidence.append(float(cand_res.confidence[i]))
                     is_prompt.append(False)
+                    seeds.append(cand_zyx[i])
+                    click_rows.append(-1)
 
         with stages("merge"):
             sim_arr = np.asarray(similarity, dtype=float)
@@ -286,7 +304,9 @@ class CryoSAM:
                 instance_similarity=sim_arr[order],
                 instance_confidence=conf_arr[order],
                 instance_is_prompt=np.asarray(is_prompt, dtype=bool)[order],
-                semantic=(labels > 0).astype(np.uint8),
+                instance_seeds=np.asarray(seeds, dtype=float).reshape(-1, 3)[order],
+                instance_click_rows=np.asarray(click_rows, dtype=np.int64)[order],
+                semantic=(labels > 0).astype(np.int8),
                 labels=labels,
                 proposals_zyx=proposals_zyx,
                 proposal_scores=proposal_scores,

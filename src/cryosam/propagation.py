@@ -246,8 +246,9 @@ def propagate(volume: np.ndarray, points: np.ndarray, segmenter: Segmenter,
     t0 = time.perf_counter()
     volume = np.asarray(volume)
     pts = _check(volume, points, cfg)
+    # normalise=False: the caller's [0, 1] volume is used as it is (no copy of a big tomogram)
     vol = normalise_volume(volume, cfg.clip_percentiles) if cfg.normalise else \
-        np.clip(np.asarray(volume, np.float32), 0.0, 1.0)
+        np.asarray(volume, np.float32)
     segmenter.set_volume(vol)
     before = (segmenter.encoder_calls, segmenter.decoder_calls, segmenter.slices_encoded)
     engine = _Engine(vol.shape, segmenter, cfg)

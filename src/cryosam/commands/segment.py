@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from enum import StrEnum
 from pathlib import Path
 
@@ -79,13 +80,13 @@ def register(app: typer.Typer) -> None:
                                             help="Stop propagating when slice-to-slice IoU "
                                             "drops below this."),
         ratios: str = typer.Option("16,8,4", "--ratios", help="Coarse-to-fine grid ratios."),
-        nms_radius: float | None = typer.Option(None, "--nms-radius",
+        nms_radius: float | None = typer.Option(None, "--nms-radius", min=0.0,
                                                 help="Voxels (default: from the clicked "
                                                 "particles' size)."),
-        max_area: int | None = typer.Option(None, "--max-area",
+        max_area: int | None = typer.Option(None, "--max-area", min=1,
                                             help="Largest mask area per slice, voxels "
                                             "(default: from the first masks)."),
-        patches: int = typer.Option(37, "--patches",
+        patches: int = typer.Option(37, "--patches", min=1,
                                     help="DINOv2 patches along a slice's long side (37 = 518 "
                                     "px); raise it for small particles."),
         slice_stride: int = typer.Option(1, "--slice-stride", min=1,
@@ -118,7 +119,9 @@ def register(app: typer.Typer) -> None:
         if quiet:
             progress.set_quiet(True)
         out_dir = out or default_out_dir(tomo)
-        check_out_dir(out_dir, overwrite)
+        check_out_dir(out_dir, overwrite, inputs=(tomo, points))
+        if cache_dir is not None:
+            check_cache_dir(cache_dir)
         enc_fields = {f.name for f in dataclasses.fields(EncoderConfig)}
         enc_kwargs = {"name": encoder.value, "model": dinov2_model,
                       "patches_long_side": patches, "slice_stride": slice_stride}
@@ -139,6 +142,18 @@ def register(app: typer.Typer) -> None:
         written = write_outputs(result, out_dir, overwrite=overwrite, tomo_name=tomo_name)
         if not quiet:
             print_summary(result, written, out_dir)
+
+
+def check_cache_dir(cache_dir: Path) -> None:
+    """Make sure ``--cache-dir`` is (or can become) a writable folder, before any work."""
+    if cache_dir.exists() and not cache_dir.is_dir():
+        raise InputError(f"--cache-dir {cache_dir}: exists and is not a folder")
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"--cache-dir {cache_dir}: cannot create it ({exc.strerror})") from None
+    if not os.access(cache_dir, os.W_OK):
+        raise InputError(f"--cache-dir {cache_dir}: not writable; choose another folder")
 
 
 def print_summary(result, written: dict[str, Path], out_dir: Path) -> None:  # noqa: ANN001
