@@ -273,3 +273,13 @@ def test_evaluate_picks_combines_both():
     assert ev.summary()["average_precision"] == pytest.approx(ev.average_precision)
     plain = evaluate_picks(p, t, 3.0)
     assert plain.best_f1 is None and "best_f1" not in plain.summary()
+
+
+def test_fraction_picked_counts_points_with_a_pick_nearby() -> None:
+    from cryosam.metrics import fraction_picked
+
+    points = np.array([[0.0, 0, 0], [10, 0, 0], [20, 0, 0], [30, 0, 0]])
+    picks = np.array([[0.0, 0, 2.9], [0.5, 0, 0], [21, 0, 0]])  # two picks near one point
+    assert fraction_picked(points, picks, 3.0) == 0.5
+    assert fraction_picked(points, picks, 0.4) == 0.0
+    assert fraction_picked(points, np.zeros((0, 3)), 3.0) == 0.0

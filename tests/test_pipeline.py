@@ -114,6 +114,9 @@ def test_run_record_holds_what_reproduces_the_run(small_run, small_sim) -> None:
     for stage in ("load", "segment_prompts", "features", "matching", "merge"):
         assert stage in rec["seconds"] and stage in rec["peak_memory_bytes"]
     assert set(rec["outputs"]) == set(OUTPUT_FILES)
+    # the filter bank pools 2x2-voxel patches on every axis
+    vpp = rec["scale"]["encoder_voxels_per_patch"]
+    assert set(vpp) == {"z", "y", "x"} and all(v == [2.0, 2.0] for v in vpp.values())
 
 
 def test_same_input_same_output(small_sim, small_run) -> None:

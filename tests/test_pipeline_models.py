@@ -51,6 +51,8 @@ def test_tiny_dinov2_and_sam_run_end_to_end(target: str, tmp_path: Path) -> None
     assert rec["counts"]["encoder_calls"] > 0 and rec["counts"]["decoder_calls"] > 0
     assert rec["models"]["encoder"].startswith("dinov2") or "dinov2" in rec["models"]["encoder"]
     assert result.semantic.shape == sim.volume.shape
+    # SAM sees the 72-voxel long side at 128 px: 16-px patches span 9 voxels
+    assert rec["scale"]["sam_voxels_per_patch"] == 9.0
     out = tmp_path / "out"
     written = write_outputs(result, out)
     expected = set(OUTPUT_FILES) if target == "particle" else (

@@ -156,3 +156,13 @@ def test_tiny_sam_batched_propagation_counts():
     assert one.stats["decoder_calls"] == one.stats["prompts"]
     for a, b in zip(again.instances, one.instances, strict=True):
         assert a.iou(b) > 0.95
+
+
+def test_instance_union_holds_both_masks() -> None:
+    a = InstanceMask((2, 3, 4), np.ones((2, 2, 2), bool))
+    b = InstanceMask((3, 3, 7), np.ones((1, 1, 3), bool))
+    u = a.union(b)
+    shape = (8, 8, 12)
+    np.testing.assert_array_equal(u.to_dense(shape), a.to_dense(shape) | b.to_dense(shape))
+    assert u.n_voxels == 8 + 3 - 0
+    assert a.union(InstanceMask.empty()) is a

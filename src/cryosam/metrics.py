@@ -259,6 +259,20 @@ def ranked_metrics(picks: np.ndarray, scores: np.ndarray, truth: np.ndarray,
         tp=tp)
 
 
+def fraction_picked(points: np.ndarray, picks: np.ndarray, radius: float) -> float:
+    """Share of ``points`` (e.g. distractors) with any pick within ``radius`` (not one-to-one):
+    how often a picker fires on things it should not."""
+    pts = _as_points(points, "points")
+    pk = _as_points(picks, "picks")
+    r = _check_radius(radius)
+    if not len(pts) or not len(pk):
+        return 0.0
+    from scipy.spatial import cKDTree
+
+    dist, _ = cKDTree(pk).query(pts, k=1, distance_upper_bound=r * (1 + 1e-12))
+    return float(np.isfinite(dist).mean())
+
+
 def mask_metrics(pred: np.ndarray, truth: np.ndarray) -> MaskMetrics:
     """Dice and IoU of two boolean masks of the same shape (non-zero = inside)."""
     a = np.asarray(pred)

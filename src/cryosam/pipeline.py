@@ -13,6 +13,7 @@ import platform
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -48,13 +49,13 @@ class SegmentationResult:
     record: dict[str, Any] = field(default_factory=dict)
 
     # picks: one per instance at its centroid, sorted by score (particles only)
-    @property
+    @cached_property
     def _pick_order(self) -> np.ndarray:
         if self.target != "particle":
             return np.zeros(0, dtype=int)
         return np.argsort(-self.instance_scores, kind="stable")
 
-    @property
+    @cached_property
     def picks_zyx(self) -> np.ndarray:
         """(N, 3) instance centroids in voxels (z, y, x), best score first; a click whose
         mask came out empty is reported at the click itself."""
@@ -90,7 +91,7 @@ class SegmentationResult:
         """Label of each pick in ``instances.mrc``."""
         return self._pick_order + 1
 
-    @property
+    @cached_property
     def pick_n_voxels(self) -> np.ndarray:
         return np.array([self.instances[i].n_voxels for i in self._pick_order], dtype=np.int64)
 
@@ -149,12 +150,8 @@ class CryoSAM:
         if self._segmenter is None:
             from cryosam.segmenters import build_segmenter
 
-            seg_cfg = self.config.segmenter
-            if self.config.propagation.target == "membrane" and seg_cfg.name == "threshold":
-                # a membrane slice is a thin dark curve blurred wider than it is: cut higher
-                # up its profile so the mask keeps the bilayer's width
-                seg_cfg = dataclasses.replace(seg_cfg, level=seg_cfg.membrane_level)
-            self._segmenter = build_segmenter(seg_cfg, self.device)
+            self._segmenter = build_segmenter(self.config.segmenter, self.device,
+                                              target=self.config.propagation.target)
         return self._segmenter
 
     def segment(
@@ -197,7 +194,6 @@ class CryoSAM:
         prop_cfg = dataclasses.replace(cfg.propagation, normalise=False)
         shared_norm = tuple(cfg.encoder.clip_percentiles) == tuple(
             cfg.propagation.clip_percentiles)
-        _reset_segmenter(segmenter)
 
         from cryosam.propagation import propagate
 
@@ -333,7 +329,7 @@ class CryoSAM:
                 "encoder": getattr(self._encoder, "id", None) if match else None,
                 "segmenter": getattr(segmenter, "id", type(segmenter).__name__),
             },
-            "scale": _scale_record(self._encoder if match else None, segmenter, tomo.shape),
+            "scale": _scale_record(feature_record, segmenter, tomo.shape),
             "device": _device_record(self.device),
             "versions": _versions(),
             "counts": {
@@ -395,13 +391,6 @@ def _as_points(
     if not len(arr):
         raise InputError("no points given; click at least one particle")
     return arr, None  # propagation checks that they are finite and inside the volume
-
-
-def _reset_segmenter(segmenter: Any) -> None:
-    """Drop slice embeddings cached for a previous tomogram."""
-    reset = getattr(segmenter, "reset", None)
-    if callable(reset):
-        reset()
 
 
 def _outside_instances(zyx: np.ndarray, instances: Sequence[Any], shape: tuple[int, ...]
@@ -496,8 +485,6 @@ def _merge(
     of the surviving instances, the label volume (ids 1..N in that order) and the instances
     (merged ones updated).
     """
-    from cryosam.propagation import InstanceMask
-
     n = len(instances)
     dtype = np.int16 if n < 32000 else np.int32
     labels = np.zeros(shape, dtype=dtype)
@@ -524,7 +511,7 @@ def _merge(
                 owner = int(ids[best])
                 region[inst.mask & (region == 0)] = owner
                 j = label_of[owner]
-                merged[j] = _union(merged[j], inst, InstanceMask)
+                merged[j] = merged[j].union(inst)
                 continue
         kept.append(int(i))
         label = len(kept)
@@ -534,18 +521,6 @@ def _merge(
     return kept, labels, merged
 
 
-def _union(a: Any, b: Any, cls: Any) -> Any:
-    """Union of two sparse instance masks."""
-    lo = np.minimum(np.asarray(a.offset), np.asarray(b.offset))
-    hi = np.maximum(np.asarray(a.offset) + a.mask.shape, np.asarray(b.offset) + b.mask.shape)
-    out = np.zeros(tuple(int(v) for v in hi - lo), dtype=bool)
-    for m in (a, b):
-        s = np.asarray(m.offset) - lo
-        out[s[0]:s[0] + m.mask.shape[0], s[1]:s[1] + m.mask.shape[1],
-            s[2]:s[2] + m.mask.shape[2]] |= m.mask
-    return cls(offset=tuple(int(v) for v in lo), mask=out)
-
-
 def _file_info(path: Path | str | None) -> dict[str, Any] | None:
     if path is None:
         return None
@@ -553,19 +528,17 @@ def _file_info(path: Path | str | None) -> dict[str, Any] | None:
     return {"path": str(p.resolve()), "bytes": p.stat().st_size, "sha256": io.file_sha256(p)}
 
 
-def _scale_record(encoder: Any, segmenter: Any, shape: tuple[int, ...]) -> dict[str, Any]:
-    """Voxels per model patch along the long side of the largest slice, for each model."""
+def _scale_record(features: dict[str, Any], segmenter: Any, shape: tuple[int, ...]
+                  ) -> dict[str, Any]:
+    """Voxels per model patch (DESIGN "Scale"): the encoder's per axis from the feature
+    volume, SAM's (16-px patches of its 1024-px input) for the largest slice."""
     out: dict[str, Any] = {}
-    long_side = max(shape[1:]) if len(shape) == 3 else None
-    for name, model in (("encoder", encoder), ("segmenter", segmenter)):
-        if model is None:
-            continue
-        vpp = getattr(model, "voxels_per_patch", None)
-        if callable(vpp) and long_side:
-            with contextlib.suppress(Exception):
-                out[name] = float(vpp(long_side))
-        elif getattr(model, "patch_size", None):
-            out[f"{name}_patch_size"] = int(model.patch_size)
+    if features.get("voxels_per_patch"):
+        out["encoder_voxels_per_patch"] = features["voxels_per_patch"]
+    geometry = getattr(segmenter, "geometry", None)
+    if callable(geometry):
+        long_side = max(shape[1:]) if len(shape) == 3 else max(shape)
+        out["sam_voxels_per_patch"] = round(16.0 * long_side / float(geometry(1, 1).img_size), 3)
     return out
 
 

@@ -100,6 +100,21 @@ class InstanceMask:
         self.paste(out, True)
         return out
 
+    def union(self, other: InstanceMask) -> InstanceMask:
+        """The voxels of either mask, as one sparse mask."""
+        if not other.n_voxels:
+            return self
+        if not self.n_voxels:
+            return other
+        (a0, a1), (b0, b1) = self.bbox, other.bbox
+        lo, hi = np.minimum(a0, b0), np.maximum(a1, b1)
+        out = np.zeros(tuple(int(v) for v in hi - lo), dtype=bool)
+        for m, start in ((self, np.subtract(a0, lo)), (other, np.subtract(b0, lo))):
+            z, y, x = (int(v) for v in start)
+            dz, dy, dx = m.mask.shape
+            out[z:z + dz, y:y + dy, x:x + dx] |= m.mask
+        return InstanceMask(tuple(int(v) for v in lo), out)
+
     def iou(self, other: InstanceMask) -> float:
         """Intersection over union of two sparse masks (0 when both are empty)."""
         inter = 0

@@ -43,7 +43,7 @@ def register(app: typer.Typer) -> None:
         from cryosam.commands.segment import print_summary
         from cryosam.config import CryosamConfig, EncoderConfig, SegmenterConfig
         from cryosam.export import write_outputs
-        from cryosam.metrics import evaluate_picks
+        from cryosam.metrics import evaluate_picks, fraction_picked
         from cryosam.pipeline import CryoSAM
         from cryosam.simulate import SimulationConfig, parse_shape, simulate, write_simulation
 
@@ -78,11 +78,8 @@ def register(app: typer.Typer) -> None:
 
         truth = np.array([p.zyx for p in targets], dtype=float)
         ev = evaluate_picks(result.picks_zyx, truth, radius, scores=result.pick_scores)
-        hit_others = 0
-        if others and len(result.picks_zyx):
-            dist = np.linalg.norm(result.picks_zyx[:, None, :]
-                                  - np.array([p.zyx for p in others])[None], axis=2)
-            hit_others = int((dist.min(axis=0) <= radius).sum())
+        others_zyx = np.array([p.zyx for p in others], dtype=float).reshape(-1, 3)
+        hit_others = round(fraction_picked(others_zyx, result.picks_zyx, radius) * len(others))
         typer.echo(
             f"{sim.target_kind}: precision {ev.precision:.3f}  recall {ev.recall:.3f}  "
             f"F1 {ev.f1:.3f}  ({ev.tp} TP, {ev.fp} FP, {ev.fn} FN, radius {radius:g} voxels)"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from enum import StrEnum
 from pathlib import Path
@@ -122,11 +121,9 @@ def register(app: typer.Typer) -> None:
         check_out_dir(out_dir, overwrite, inputs=(tomo, points))
         if cache_dir is not None:
             check_cache_dir(cache_dir)
-        enc_fields = {f.name for f in dataclasses.fields(EncoderConfig)}
-        enc_kwargs = {"name": encoder.value, "model": dinov2_model,
-                      "patches_long_side": patches, "slice_stride": slice_stride}
         cfg = CryosamConfig(
-            encoder=EncoderConfig(**{k: v for k, v in enc_kwargs.items() if k in enc_fields}),
+            encoder=EncoderConfig(name=encoder.value, model=dinov2_model,
+                                  patches_long_side=patches, slice_stride=slice_stride),
             segmenter=SegmenterConfig(name=segmenter.value, model=sam_model),
             propagation=PropagationConfig(iou_threshold=iou_threshold, max_area=max_area,
                                           target=target.value),

@@ -17,8 +17,12 @@ __all__ = ["AXES", "SEGMENTER_NAMES", "PromptBatch", "SegmentResult", "Segmenter
            "build_segmenter"]
 
 
-def build_segmenter(cfg: SegmenterConfig, device: torch.device | str = "auto") -> Segmenter:
-    """The segmenter ``cfg.name`` names: ``sam`` (loads ``cfg.model``) or ``threshold``."""
+def build_segmenter(cfg: SegmenterConfig, device: torch.device | str = "auto",
+                    target: str = "particle") -> Segmenter:
+    """The segmenter ``cfg.name`` names: ``sam`` (loads ``cfg.model``) or ``threshold``.
+
+    ``target`` ("particle" | "membrane") lets a segmenter tune itself to what is clicked.
+    """
     if cfg.name == "sam":
         from cryosam.segmenters.sam import SamSegmenter
 
@@ -26,5 +30,5 @@ def build_segmenter(cfg: SegmenterConfig, device: torch.device | str = "auto") -
     if cfg.name == "threshold":
         from cryosam.segmenters.threshold import ThresholdSegmenter
 
-        return ThresholdSegmenter(cfg)
+        return ThresholdSegmenter(cfg, target=target)
     raise CryosamError(f"--segmenter {cfg.name!r} is not one of {', '.join(SEGMENTER_NAMES)}")

@@ -43,7 +43,7 @@ START_HALF_WINDOW = 24  # pixels each side of the point, doubled while the mask 
 class ThresholdSegmenter(SliceSegmenterBase):
     """Local half-maximum region growing from the point on a denoised slice."""
 
-    def __init__(self, config: SegmenterConfig | None = None) -> None:
+    def __init__(self, config: SegmenterConfig | None = None, target: str = "particle") -> None:
         cfg = config or SegmenterConfig(name="threshold")
         super().__init__(cfg.embedding_cache_mb)
         if cfg.polarity not in ("dark", "bright"):
@@ -51,7 +51,9 @@ class ThresholdSegmenter(SliceSegmenterBase):
         self.sign = -1.0 if cfg.polarity == "dark" else 1.0
         self.sigma = float(cfg.smooth_sigma)
         self.slab = max(0, int(cfg.slab))
-        self.level = float(cfg.level)
+        # a membrane slice is a thin dark curve blurred wider than it is: cutting higher up
+        # its profile keeps the mask at the bilayer's width
+        self.level = float(cfg.membrane_level if target == "membrane" else cfg.level)
         self.min_contrast = float(cfg.min_contrast)
         self.max_batch = max(1, int(cfg.decoder_batch_size))
         self.encode_batch = max(1, int(cfg.encoder_batch_size))
