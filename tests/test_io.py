@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 import starfile
 
+import cryosam.io
 from cryosam.errors import InputError
 from cryosam.io import (
     CryosamWarning,
-    file_sha256,
+    Tomogram,
     read_points,
     read_tomogram,
     star_tomo_names,
@@ -290,11 +291,12 @@ def test_write_mrc_label_volumes_exact(tmp_path, labels, mode):
     np.testing.assert_array_equal(tomo.data, labels.astype(np.float64))
 
 
-def test_file_sha256(tmp_path):
-    path = tmp_path / "blob"
-    payload = RNG.bytes(100_000)
-    path.write_bytes(payload)
-    assert file_sha256(path, chunk_size=4096) == hashlib.sha256(payload).hexdigest()
+def test_tomogram_sha256(tmp_path):
+    path = tmp_path / "t.mrc"
+    write_mrc(path, _volume(), voxel_size=5.0)
+    assert read_tomogram(path).sha256() == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert Tomogram(data=_volume(), voxel_size=None).sha256() is None
+    assert not hasattr(cryosam.io, "file_sha256")  # one hashing helper: cryosam.utils
 
 
 # ---------------------------------------------------------------------------- points: CSV

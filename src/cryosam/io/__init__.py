@@ -1,0 +1,35 @@
+"""Tomograms and point files in and out: MRC through mrcfile, CSV, STAR through starfile.
+
+Arrays are indexed [z, y, x]; coordinates inside cryosam are (z, y, x) float voxels with voxel
+centres at integers (0-based); files users see speak x, y, z. Every problem with a user's file
+is raised as :class:`cryosam.errors.InputError` with one line that names the file and the fix;
+recoverable oddities are reported with ``warnings.warn(..., CryosamWarning)``.
+
+- :mod:`cryosam.io.mrc`: :class:`Tomogram`, :func:`read_tomogram`, :func:`write_mrc`
+- :mod:`cryosam.io.points`: :class:`PointSet`, :func:`read_points` (CSV, napari CSV, and STAR
+  through :mod:`cryosam.io.star`), :func:`write_picks_csv`, :func:`write_napari_csv`
+- :mod:`cryosam.io.star`: :func:`star_tomo_names`, :func:`write_picks_star`
+"""
+
+from __future__ import annotations
+
+from cryosam.errors import CryosamWarning, InputError
+from cryosam.io._common import VoxelSize
+from cryosam.io.mrc import Tomogram, read_tomogram, write_mrc
+from cryosam.io.points import PointSet, read_points, write_napari_csv, write_picks_csv
+from cryosam.io.star import star_tomo_names, write_picks_star
+
+__all__ = [
+    "CryosamWarning",
+    "InputError",
+    "PointSet",
+    "Tomogram",
+    "VoxelSize",
+    "read_points",
+    "read_tomogram",
+    "star_tomo_names",
+    "write_mrc",
+    "write_napari_csv",
+    "write_picks_csv",
+    "write_picks_star",
+]

@@ -1,0 +1,351 @@
+"""Point files in and out: the reader for prompts and picks (CSV, napari CSV, STAR) and the
+CSV writers.
+
+Inside cryosam points are (z, y, x) float voxels with voxel centres at integers (0-based);
+the files users see speak x, y, z. STAR files are handed to :mod:`cryosam.io.star`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io as _stdio
+import math
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from cryosam._atomic import atomic_write_text
+from cryosam.errors import InputError
+from cryosam.io._common import ParsedPoints, as_column, as_voxel_size, as_zyx, warn
+from cryosam.io.star import read_star_points
+
+__all__ = ["PointSet", "read_points", "write_napari_csv", "write_picks_csv"]
+
+_UNIT_ALIASES = {
+    "voxel": "voxel", "voxels": "voxel", "vox": "voxel", "px": "voxel", "pixel": "voxel",
+    "pixels": "voxel", "angstrom": "angstrom", "angstroms": "angstrom", "a": "angstrom",
+    "å": "angstrom", "angst": "angstrom", "ang": "angstrom",
+}
+_COORD_HEADER = re.compile(
+    r"^(?P<axis>[xyz])(?:\s*[\[(]\s*(?P<unit>[^\])]*)\s*[\])])?$", re.IGNORECASE
+)
+_NAPARI_AXES = {"axis-0": "z", "axis-1": "y", "axis-2": "x"}
+_SEPARATORS = {"\t": "tab", "|": "'|'", ";": "';'"}
+
+
+@dataclass
+class PointSet:
+    """Points read from a file: (N, 3) float64 (z, y, x) voxels plus any extra columns.
+
+    ``columns`` maps lower-case names (e.g. ``kind``, ``score``, ``instance_id``, ``index``,
+    ``tomo_name``) to arrays of length N, numeric or string.
+    """
+
+    zyx: np.ndarray
+    columns: dict[str, np.ndarray] = field(default_factory=dict)
+    source: Path | None = None
+
+    def __len__(self) -> int:
+        return int(self.zyx.shape[0])
+
+    @property
+    def xyz(self) -> np.ndarray:
+        """The same points as (N, 3) x, y, z."""
+        return self.zyx[:, ::-1]
+
+
+def _normalise_unit(unit: str) -> str:
+    key = str(unit).strip().lower()
+    if key not in _UNIT_ALIASES:
+        raise InputError(f"--points-unit {unit!r} is not known; use 'voxel' or 'angstrom'")
+    return _UNIT_ALIASES[key]
+
+
+def _is_star(path: Path, text: str) -> bool:
+    """A ``.star`` name, or a first content line that opens a ``data_`` block."""
+    if path.suffix.lower() == ".star":
+        return True
+    for line in text.splitlines():
+        s = line.strip()
+        if s and not s.startswith("#"):
+            return s.startswith("data_")
+    return False
+
+
+def read_points(
+    path: str | os.PathLike[str],
+    *,
+    shape: Sequence[int] | None = None,
+    voxel_size: float | Sequence[float] | None = None,
+    unit: str = "voxel",
+    tomo_name: str | None = None,
+    check_bounds: bool = True,
+    star_pixel_size: float | None = None,
+) -> PointSet:
+    """Read points (prompts or picks) from CSV or STAR as (z, y, x) voxels.
+
+    CSV: a header naming ``x,y,z`` (any case; extra columns kept), napari's
+    ``axis-0,axis-1,axis-2`` (= z, y, x), or no header and exactly three columns x, y, z.
+    Comma-separated only (tab, '|' or ';' files are refused with a fix). TARDIS-style
+    ``X [A]`` headers are in Å and need ``unit="angstrom"``.
+
+    STAR: ``rlnCoordinateX/Y/Z`` (pixels) or RELION-5 ``rlnCenteredCoordinateX/Y/ZAngst``
+    (needs ``shape`` and ``voxel_size``: voxel = centered Å / voxel size + size / 2, RELION's
+    own decentring). Several tomograms in one file need ``tomo_name``. When the STAR states the
+    pixel size of its coordinates (``rlnTomoTiltSeriesPixelSize`` or ``rlnMicrographPixelSize``
+    in the optics block, ``rlnPixelSize``, or ``rlnDetectorPixelSize``/``rlnMagnification``)
+    and it differs from ``voxel_size``, the coordinates are scaled to this tomogram's voxels
+    with a warning; ``star_pixel_size`` overrides the stated size. Origin shifts
+    (``rlnOriginX/Y/Z[Angst]``) are not applied.
+
+    ``unit="angstrom"`` divides CSV coordinates by ``voxel_size`` (Å from voxel 0; the header
+    origin is not subtracted). With ``shape`` (D, H, W), points outside the volume (beyond the
+    outer voxel edges) are refused unless ``check_bounds`` is False.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"{p}: file not found; check the path to the points file")
+    if p.is_dir():
+        raise InputError(f"{p}: is a folder; give a CSV or STAR points file")
+    unit = _normalise_unit(unit)
+    vs = as_voxel_size(voxel_size)
+    try:
+        text = p.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise InputError(
+            f"{p}: not a text file; give points as CSV (x,y,z) or a RELION STAR file"
+        ) from None
+    if not text.strip():
+        raise InputError(f"{p}: the file is empty (no points); add at least one x,y,z point")
+
+    if _is_star(p, text):
+        if unit != "voxel":
+            warn(f"{p}: --points-unit is ignored for STAR files (their columns state units)")
+        zyx, columns, labels = read_star_points(p, shape, vs, tomo_name, star_pixel_size)
+    else:
+        zyx, columns, labels = _read_csv_points(p, text, unit, vs)
+    if shape is not None and check_bounds:
+        _check_bounds(p, zyx, shape, labels)
+    return PointSet(zyx=zyx, columns=columns, source=p)
+
+
+def _check_bounds(path: Path, zyx: np.ndarray, shape: Sequence[int], labels: list[str]) -> None:
+    """Refuse points beyond the outer voxel edges (−0.5 … size − 0.5) of a (D, H, W) volume."""
+    size = np.asarray([int(s) for s in shape], dtype=float)
+    outside = np.any((zyx < -0.5) | (zyx > size - 0.5), axis=1)
+    if outside.any():
+        i = int(np.argmax(outside))
+        z, y, x = zyx[i]
+        d, h, w = (int(s) for s in size)
+        more = int(outside.sum()) - 1
+        extra = f" (and {more} more)" if more else ""
+        raise InputError(
+            f"{path}: {labels[i]}: point x,y,z = {x:.6g},{y:.6g},{z:.6g} voxels lies outside "
+            f"the tomogram (x,y,z size {w}×{h}×{d}){extra}; check the columns are x,y,z in "
+            "voxels of this tomogram (or use --points-unit angstrom / --voxel-size)"
+        )
+
+
+# ------------------------------------------------------------------------------ CSV reading
+
+
+def _parse_float(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def _csv_rows(path: Path, text: str) -> list[tuple[int, list[str]]]:
+    """(line number, fields) of every non-blank, non-comment line; refuse other separators."""
+    lines = [(i + 1, line) for i, line in enumerate(text.splitlines())]
+    content = [(n, s) for n, s in lines if s.strip() and not s.lstrip().startswith("#")]
+    if not content:
+        raise InputError(f"{path}: no points in the file; add at least one x,y,z point")
+    first = content[0][1]
+    if "," not in first:
+        for sep, name in _SEPARATORS.items():
+            if sep in first:
+                raise InputError(
+                    f"{path}: line {content[0][0]} is {name}-separated; cryosam reads "
+                    "comma-separated points (x,y,z): replace the separators with commas"
+                )
+        if len(first.split()) > 1:
+            raise InputError(
+                f"{path}: line {content[0][0]} is space-separated; cryosam reads "
+                "comma-separated points (x,y,z): replace the spaces with commas"
+            )
+    reader = csv.reader((s for _, s in content), delimiter=",", skipinitialspace=True)
+    return [(n, [f.strip() for f in row]) for (n, _), row in zip(content, reader, strict=True)]
+
+
+def _column_array(values: list[str]) -> np.ndarray:
+    """Numbers as int64/float64 when every non-empty value parses, strings otherwise."""
+    parsed = [_parse_float(v) if v != "" else math.nan for v in values]
+    if all(v is not None for v in parsed):
+        arr = np.asarray(parsed, dtype=np.float64)
+        integral = all(re.fullmatch(r"[+-]?\d+", v) for v in values)
+        return arr.astype(np.int64) if integral else arr
+    return np.asarray(values, dtype=str)
+
+
+def _header_axes(path: Path, first: list[str], names: list[str], unit: str) -> dict[str, int]:
+    """Column index of x, y and z named by a header; refuse a unit other than ``unit``."""
+    axis_col: dict[str, int] = {}
+    header_unit: str | None = None
+    for j, name in enumerate(names):
+        m = _COORD_HEADER.match(name)
+        if m and m.group("axis").lower() not in axis_col:
+            axis_col[m.group("axis").lower()] = j
+            if m.group("unit"):
+                u = m.group("unit").strip().lower()
+                if u not in _UNIT_ALIASES:
+                    raise InputError(
+                        f"{path}: column {first[j]!r} is in {m.group('unit')!r}, which "
+                        "cryosam does not read; give coordinates in voxels or Å"
+                    )
+                header_unit = _UNIT_ALIASES[u]
+    if len(axis_col) < 3:
+        napari = {_NAPARI_AXES[n]: j for j, n in enumerate(names) if n in _NAPARI_AXES}
+        if len(napari) == 3:
+            axis_col = napari
+    if len(axis_col) < 3:
+        raise InputError(
+            f"{path}: the header ({', '.join(first)}) names no x,y,z columns; name them "
+            "x,y,z (or napari's axis-0,axis-1,axis-2 = z,y,x)"
+        )
+    if header_unit is not None and header_unit != unit:
+        if header_unit == "angstrom":
+            raise InputError(
+                f"{path}: the coordinate columns ("
+                f"{', '.join(first[axis_col[a]] for a in 'xyz')}) are in Å; pass "
+                "--points-unit angstrom (with the tomogram's voxel size)"
+            )
+        raise InputError(
+            f"{path}: the coordinate columns say voxels but --points-unit {unit} was given; "
+            "drop --points-unit or fix the header"
+        )
+    return axis_col
+
+
+def _read_csv_points(path: Path, text: str, unit: str, vs: np.ndarray | None) -> ParsedPoints:
+    rows = _csv_rows(path, text)
+    first_line, first = rows[0]
+    if all(_parse_float(f) is None for f in first):  # a header
+        names = [f.strip().strip('"').strip().lower() for f in first]
+        data_rows = rows[1:]
+        if not data_rows:
+            raise InputError(f"{path}: a header but no points; add at least one point below it")
+        axis_col = _header_axes(path, first, names, unit)
+    else:
+        if len(first) != 3:
+            raise InputError(
+                f"{path}: line {first_line} has {len(first)} columns and the file has no "
+                "header; give three columns x,y,z or add a header naming x,y,z"
+            )
+        names = ["x", "y", "z"]
+        axis_col = {"x": 0, "y": 1, "z": 2}
+        data_rows = rows
+
+    ncol = len(names)
+    coords = np.empty((len(data_rows), 3), dtype=np.float64)
+    labels: list[str] = []
+    for i, (line_no, fields) in enumerate(data_rows):
+        if len(fields) != ncol:
+            raise InputError(
+                f"{path}: line {line_no} has {len(fields)} values but {ncol} columns are "
+                "expected; fix that line"
+            )
+        for k, axis in enumerate("zyx"):
+            raw = fields[axis_col[axis]]
+            value = _parse_float(raw)
+            if value is None:
+                raise InputError(
+                    f"{path}: line {line_no}: {axis} = {raw!r} is not a number; fix that line"
+                )
+            if not math.isfinite(value):
+                raise InputError(
+                    f"{path}: line {line_no}: {axis} is {raw}; give a finite coordinate"
+                )
+            coords[i, k] = value
+        labels.append(f"line {line_no}")
+
+    if unit == "angstrom":
+        if vs is None:
+            raise InputError(
+                f"{path}: coordinates in Å need the tomogram's voxel size; the header has none, "
+                "so pass --voxel-size"
+            )
+        coords = coords / vs
+    used = set(axis_col.values())
+    columns: dict[str, np.ndarray] = {}
+    for j, name in enumerate(names):
+        if j not in used:
+            columns[name] = _column_array([fields[j] for _, fields in data_rows])
+    return coords, columns, labels
+
+
+# ------------------------------------------------------------------------------ CSV writing
+
+
+def _format_value(value: object, digits: int = 6) -> str:
+    """A CSV cell: integers as integers, floats shortest with at most ``digits`` decimals."""
+    if isinstance(value, (bool, np.bool_)):
+        return str(int(value))
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    if isinstance(value, (float, np.floating)):
+        v = float(value)
+        if not math.isfinite(v):
+            return "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")
+        if v == int(v) and abs(v) < 1e15:
+            return str(int(v))
+        return np.format_float_positional(v, precision=digits, unique=True, trim="-")
+    return str(value)
+
+
+def _csv_text(header: Sequence[str], columns: Sequence[np.ndarray], digits: Sequence[int]) -> str:
+    buf = _stdio.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    n = len(columns[0]) if columns else 0
+    for i in range(n):
+        writer.writerow(
+            [_format_value(col[i], d) for col, d in zip(columns, digits, strict=True)]
+        )
+    return buf.getvalue()
+
+
+def write_picks_csv(
+    path: str | os.PathLike[str],
+    zyx: np.ndarray,
+    columns: Mapping[str, object] | None = None,
+) -> None:
+    """Write picks as CSV ``x,y,z,<columns...>`` (voxels), atomically.
+
+    ``columns`` (e.g. ``score``, ``instance_id``, ``n_voxels``) are written in the order given;
+    :func:`read_points` reads the file back to the same points and columns.
+    """
+    pts = as_zyx(zyx)
+    n = len(pts)
+    names = ["x", "y", "z"]
+    cols = [pts[:, 2], pts[:, 1], pts[:, 0]]
+    digits = [3, 3, 3]
+    for name, values in (columns or {}).items():
+        if name.lower() in ("x", "y", "z"):
+            raise ValueError(f"column name {name!r} clashes with the coordinates")
+        names.append(name)
+        cols.append(as_column(name, values, n))
+        digits.append(6)
+    atomic_write_text(path, _csv_text(names, cols, digits))
+
+
+def write_napari_csv(path: str | os.PathLike[str], zyx: np.ndarray) -> None:
+    """Write points as napari's points CSV ``index,axis-0,axis-1,axis-2`` (= z, y, x)."""
+    pts = as_zyx(zyx)
+    cols = [np.arange(len(pts)), pts[:, 0], pts[:, 1], pts[:, 2]]
+    atomic_write_text(path, _csv_text(["index", "axis-0", "axis-1", "axis-2"], cols, [0, 3, 3, 3]))

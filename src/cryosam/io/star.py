@@ -1,0 +1,365 @@
+"""RELION / Warp STAR point files in and out, through the ``starfile`` package.
+
+Reading picks the particles block, selects one tomogram by name, scales pixel coordinates
+when the file states a pixel size different from the tomogram's, and converts RELION-5
+centred Å coordinates to voxels. Writing produces a ``data_particles`` block that RELION 3/4,
+Warp and RELION-5 readers all understand. pandas and starfile are imported when a STAR file
+is actually read or written, so that importing cryosam stays fast.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from cryosam._atomic import atomic_path
+from cryosam.errors import InputError
+from cryosam.io._common import (
+    ParsedPoints,
+    as_column,
+    as_voxel_size,
+    as_zyx,
+    third_party_quiet,
+    warn,
+)
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+__all__ = ["read_star_points", "star_tomo_names", "write_picks_star"]
+
+_STAR_PIXEL = ("rlnCoordinateX", "rlnCoordinateY", "rlnCoordinateZ")
+_STAR_CENTERED = (
+    "rlnCenteredCoordinateXAngst",
+    "rlnCenteredCoordinateYAngst",
+    "rlnCenteredCoordinateZAngst",
+)
+_STAR_SCORES = ("rlnAutopickFigureOfMerit", "rlnLCCmax")
+_NAME_COLUMNS = ("rlnTomoName", "rlnMicrographName")
+
+
+def _read_star_blocks(path: Path) -> dict[str, object]:
+    import starfile
+
+    try:
+        with third_party_quiet():
+            blocks = starfile.read(path, always_dict=True)
+    except Exception as exc:
+        raise InputError(
+            f"{path}: could not be read as a STAR file ({type(exc).__name__}: {exc}); "
+            "check it is a RELION STAR file"
+        ) from None
+    return dict(blocks)
+
+
+def _particles_block(
+    path: Path, blocks: Mapping[str, object]
+) -> tuple[str, pd.DataFrame, object | None]:
+    """(name, table, optics block or None) of the one block that holds coordinates."""
+    import pandas as pd
+
+    coord_names = set(_STAR_PIXEL) | set(_STAR_CENTERED)
+    tables = {k: v for k, v in blocks.items() if isinstance(v, pd.DataFrame)}
+    candidates = {k: v for k, v in tables.items() if coord_names & set(v.columns)}
+    if not candidates:
+        found = ", ".join(f"data_{k}" for k in blocks) or "none"
+        if any("rlnTomoParticlesFile" in v.columns for v in tables.values()):
+            hint = "this is an optimisation set: give the particles file it names"
+        elif any("rlnTomoSizeX" in v.columns for v in tables.values()):
+            hint = "this is a tomogram set: give the particles file"
+        else:
+            hint = "give a particles STAR file"
+        raise InputError(
+            f"{path}: no particle coordinates (rlnCoordinateX/Y/Z or "
+            f"rlnCenteredCoordinateX/Y/ZAngst) in its data blocks ({found}); {hint}"
+        )
+    if "particles" in candidates:
+        name = "particles"
+    elif len(candidates) == 1:
+        name = next(iter(candidates))
+    else:
+        listed = ", ".join(f"data_{k}" for k in candidates)
+        raise InputError(
+            f"{path}: {len(candidates)} data blocks hold coordinates ({listed}); cryosam reads "
+            "one particles block: keep one (or name it data_particles)"
+        )
+    return name, candidates[name], blocks.get("optics")
+
+
+def _name_column(df: pd.DataFrame) -> str | None:
+    return next((c for c in _NAME_COLUMNS if c in df.columns), None)
+
+
+def star_tomo_names(path: str | os.PathLike[str]) -> list[str]:
+    """The tomogram names (rlnTomoName, else rlnMicrographName) in a STAR file, in file order."""
+    p = Path(path)
+    _, df, _ = _particles_block(p, _read_star_blocks(p))
+    column = _name_column(df)
+    if column is None:
+        return []
+    return list(dict.fromkeys(str(v) for v in df[column]))
+
+
+def _name_key(name: str) -> str:
+    """A tomogram name without folders, ``:suffix`` and extensions (``a/TS_1.tomostar``)."""
+    base = name.strip().replace("\\", "/").rsplit("/", 1)[-1]
+    base = base.split(":", 1)[0]
+    return base.split(".", 1)[0]
+
+
+def _shown(names: list[str]) -> str:
+    return ", ".join(names[:10]) + (", ..." if len(names) > 10 else "")
+
+
+def _select_tomogram(path: Path, df: pd.DataFrame, tomo_name: str | None) -> pd.DataFrame:
+    """The rows of ``tomo_name`` (exact name, else same name key); one tomogram needs none."""
+    column = _name_column(df)
+    if column is None:
+        return df
+    values = df[column].astype(str)
+    names = list(dict.fromkeys(values))
+    if tomo_name is None:
+        if len(names) > 1:
+            raise InputError(
+                f"{path}: holds points for {len(names)} tomograms ({_shown(names)}); choose one "
+                "with --tomo-name"
+            )
+        return df
+    mask = values == tomo_name
+    if not mask.any():
+        mask = values.map(_name_key) == _name_key(tomo_name)
+    if not mask.any():
+        raise InputError(
+            f"{path}: no points for tomogram {tomo_name!r}; it holds {_shown(names)}: pass one "
+            "of these with --tomo-name"
+        )
+    return df[mask.to_numpy()]
+
+
+def _star_pixel_sizes(df: pd.DataFrame, optics: object | None) -> tuple[np.ndarray | None, str]:
+    """Pixel size (Å) of each row's rlnCoordinate values, when the file states it."""
+    import pandas as pd
+
+    n = len(df)
+    if isinstance(optics, pd.DataFrame) and len(optics):
+        for column in ("rlnTomoTiltSeriesPixelSize", "rlnMicrographPixelSize"):
+            if column not in optics.columns:
+                continue
+            if "rlnOpticsGroup" in df.columns and "rlnOpticsGroup" in optics.columns:
+                lookup = dict(zip(optics["rlnOpticsGroup"], optics[column], strict=False))
+                sizes = np.asarray([lookup.get(g, np.nan) for g in df["rlnOpticsGroup"]], float)
+                if np.all(np.isfinite(sizes)):
+                    return sizes, column
+            if optics[column].nunique() == 1:
+                return np.full(n, float(optics[column].iloc[0])), column
+    if "rlnPixelSize" in df.columns:
+        return df["rlnPixelSize"].to_numpy(dtype=float), "rlnPixelSize"
+    if "rlnDetectorPixelSize" in df.columns and "rlnMagnification" in df.columns:
+        detector = df["rlnDetectorPixelSize"].to_numpy(float)
+        sizes = detector * 1e4 / df["rlnMagnification"].to_numpy(float)
+        return sizes, "rlnDetectorPixelSize/rlnMagnification"
+    return None, ""
+
+
+def _star_numeric(
+    path: Path, df: pd.DataFrame, columns: Sequence[str], rows: list[str]
+) -> np.ndarray:
+    """``columns`` as float64 (N, len(columns)); the first non-number names its row."""
+    import pandas as pd
+
+    out = np.empty((len(df), len(columns)), dtype=np.float64)
+    for k, column in enumerate(columns):
+        values = pd.to_numeric(df[column], errors="coerce").to_numpy(dtype=float)
+        bad = ~np.isfinite(values)
+        if bad.any():
+            i = int(np.argmax(bad))
+            raw = df[column].iloc[i]
+            raise InputError(
+                f"{path}: {rows[i]}: {column} = {raw!r} is not a finite number; fix that row"
+            )
+        out[:, k] = values
+    return out
+
+
+def _centered_to_voxels(
+    path: Path, df: pd.DataFrame, shape: Sequence[int], vs: np.ndarray, rows: list[str]
+) -> np.ndarray:
+    """RELION-5: voxel = centered Å / voxel size + size / 2 (ParticleSet decentring)."""
+    centered = _star_numeric(path, df, _STAR_CENTERED[::-1], rows)
+    size = np.asarray([int(s) for s in shape], dtype=float)
+    return centered / vs[None, :] + size[None, :] / 2.0
+
+
+def _voxels_to_centered(zyx: np.ndarray, shape: Sequence[int], vs: np.ndarray) -> np.ndarray:
+    """RELION-5 centred Å of (z, y, x) voxels: (voxel − size / 2) × voxel size."""
+    size = np.asarray([int(s) for s in shape], dtype=float)
+    return (zyx - size[None, :] / 2.0) * vs[None, :]
+
+
+def _pixel_coordinates(
+    path: Path,
+    df: pd.DataFrame,
+    optics: object | None,
+    vs: np.ndarray | None,
+    star_pixel_size: float | None,
+    rows: list[str],
+) -> np.ndarray:
+    """rlnCoordinateX/Y/Z as (z, y, x), scaled to this tomogram's voxels when sizes differ."""
+    zyx = _star_numeric(path, df, _STAR_PIXEL[::-1], rows)
+    sizes, source = _star_pixel_sizes(df, optics)
+    if star_pixel_size is not None:
+        sizes, source = np.full(len(df), float(star_pixel_size)), "star_pixel_size"
+    if sizes is not None and vs is not None:
+        factor = sizes[:, None] / vs[None, :]
+        if np.any(np.abs(factor - 1.0) > 1e-3):
+            shown = np.unique(np.round(sizes, 4))
+            warn(
+                f"{path}: coordinates are in {', '.join(f'{s:g}' for s in shown)} Å pixels "
+                f"({source}) and the tomogram has {', '.join(f'{v:g}' for v in vs)} Å "
+                f"voxels (z,y,x): scaled by {np.unique(np.round(factor, 4))[0]:g} to "
+                "this tomogram's voxels; if they already are, state the pixel size "
+                "(star_pixel_size) or remove it from the file"
+            )
+            zyx = zyx * factor
+    return zyx
+
+
+def _warn_unapplied_origins(path: Path, df: pd.DataFrame) -> None:
+    import pandas as pd
+
+    origins = [c for c in df.columns if re.fullmatch(r"rlnOrigin[XYZ](Angst)?", str(c))]
+    if not origins:
+        return
+    values = np.stack(
+        [pd.to_numeric(df[c], errors="coerce").to_numpy(dtype=float) for c in origins]
+    )
+    if np.any(np.nan_to_num(np.abs(values)) > 0):
+        warn(
+            f"{path}: rlnOrigin shifts are not applied; points are taken from "
+            "rlnCoordinateX/Y/Z as picked"
+        )
+
+
+def _series_array(series: pd.Series) -> np.ndarray:
+    import pandas as pd
+
+    if pd.api.types.is_integer_dtype(series.dtype):
+        return series.to_numpy(dtype=np.int64)
+    if pd.api.types.is_numeric_dtype(series.dtype):
+        return series.to_numpy(dtype=np.float64)
+    return series.astype(str).to_numpy(dtype=str)
+
+
+def read_star_points(
+    path: Path,
+    shape: Sequence[int] | None,
+    vs: np.ndarray | None,
+    tomo_name: str | None,
+    star_pixel_size: float | None,
+) -> ParsedPoints:
+    """(z, y, x) voxels, extra columns and row labels of one tomogram's points in a STAR file.
+
+    The engine of :func:`cryosam.io.read_points` for STAR files (which documents the rules);
+    ``vs`` is the tomogram's voxel size (z, y, x) or None.
+    """
+    blocks = _read_star_blocks(path)
+    block, df, optics = _particles_block(path, blocks)
+    if len(df) == 0:
+        raise InputError(f"{path}: data_{block} has no rows (no points); give a file with points")
+    df = df.reset_index(drop=True)
+    rows_all = [f"row {i + 1} of data_{block}" for i in range(len(df))]
+    index = _select_tomogram(path, df, tomo_name).index.to_numpy()
+    df = df.loc[index].reset_index(drop=True)
+    rows = [rows_all[i] for i in index]
+
+    has_pixel = all(c in df.columns for c in _STAR_PIXEL)
+    has_centered = all(c in df.columns for c in _STAR_CENTERED)
+    if not (has_pixel or has_centered):
+        present = [c for c in (*_STAR_PIXEL, *_STAR_CENTERED) if c in df.columns]
+        raise InputError(
+            f"{path}: data_{block} has {', '.join(present)} but not all three axes; give "
+            "rlnCoordinateX/Y/Z or rlnCenteredCoordinateX/Y/ZAngst"
+        )
+    if has_pixel:
+        zyx = _pixel_coordinates(path, df, optics, vs, star_pixel_size, rows)
+        if has_centered and shape is not None and vs is not None:
+            other = _centered_to_voxels(path, df, shape, vs, rows)
+            if np.max(np.abs(other - zyx)) > 1.0:
+                warn(
+                    f"{path}: rlnCoordinateX/Y/Z and rlnCenteredCoordinateX/Y/ZAngst disagree "
+                    "by more than a voxel for this tomogram; using rlnCoordinateX/Y/Z"
+                )
+        _warn_unapplied_origins(path, df)
+    else:
+        if shape is None or vs is None:
+            raise InputError(
+                f"{path}: RELION-5 centered coordinates (rlnCenteredCoordinateX/Y/ZAngst) need "
+                "the tomogram's size and voxel size; give the tomogram (and --voxel-size if its "
+                "header has none)"
+            )
+        zyx = _centered_to_voxels(path, df, shape, vs, rows)
+
+    columns: dict[str, np.ndarray] = {}
+    for column in _STAR_SCORES:
+        if column in df.columns:
+            columns["score"] = _star_numeric(path, df, [column], rows)[:, 0]
+            break
+    name_col = _name_column(df)
+    if name_col is not None:
+        columns["tomo_name"] = df[name_col].astype(str).to_numpy(dtype=str)
+    for column in df.columns:
+        if not str(column).startswith("rln"):
+            columns[str(column).lower()] = _series_array(df[column])
+    return zyx, columns, rows
+
+
+def write_picks_star(
+    path: str | os.PathLike[str],
+    zyx: np.ndarray,
+    *,
+    tomo_name: str,
+    voxel_size: float | Sequence[float] | None = None,
+    shape: Sequence[int] | None = None,
+    scores: np.ndarray | Sequence[float] | None = None,
+    extra: Mapping[str, object] | None = None,
+) -> None:
+    """Write picks as a RELION particles STAR file (``data_particles``), atomically.
+
+    Columns: ``rlnTomoName`` and ``rlnMicrographName`` (= ``tomo_name``),
+    ``rlnCoordinateX/Y/Z`` in this tomogram's voxels (what RELION 3/4 and Warp read),
+    ``rlnAutopickFigureOfMerit`` when ``scores`` are given, and RELION-5
+    ``rlnCenteredCoordinateX/Y/ZAngst`` = (voxel − size / 2) × voxel size when both
+    ``voxel_size`` and ``shape`` (D, H, W) are known. ``extra`` adds columns by name.
+    """
+    import pandas as pd
+    import starfile
+
+    pts = as_zyx(zyx)
+    n = len(pts)
+    table: dict[str, object] = {
+        "rlnTomoName": [str(tomo_name)] * n,
+        "rlnMicrographName": [str(tomo_name)] * n,
+        "rlnCoordinateX": pts[:, 2],
+        "rlnCoordinateY": pts[:, 1],
+        "rlnCoordinateZ": pts[:, 0],
+    }
+    vs = as_voxel_size(voxel_size)
+    if vs is not None and shape is not None:
+        centered = _voxels_to_centered(pts, shape, vs)
+        table["rlnCenteredCoordinateXAngst"] = centered[:, 2]
+        table["rlnCenteredCoordinateYAngst"] = centered[:, 1]
+        table["rlnCenteredCoordinateZAngst"] = centered[:, 0]
+    if scores is not None:
+        table["rlnAutopickFigureOfMerit"] = as_column("scores", scores, n).astype(float)
+    for name, values in (extra or {}).items():
+        if name in table:
+            raise ValueError(f"extra column {name!r} is already written")
+        table[name] = as_column(name, values, n)
+    df = pd.DataFrame(table)
+    with atomic_path(path, suffix=".star") as tmp, third_party_quiet():
+        starfile.write({"particles": df}, tmp, float_format="%.6f")
