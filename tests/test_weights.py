@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import hashlib
 import json
 import os
 import socket
+import subprocess
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -16,6 +19,8 @@ import pytest
 
 from cryosam import weights as w
 from cryosam.errors import CryosamError, MissingWeightsError
+from cryosam.utils import sha256_file
+from cryosam.weights import locate
 
 # --------------------------------------------------------------------------------------------
 # a small HTTP file server on 127.0.0.1 (Range support, optional cut connections)
@@ -103,7 +108,7 @@ def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """No CRYOSAM_CHECKPOINTS, an empty working directory, a private HF cache and repo folder."""
     monkeypatch.delenv(w.CHECKPOINTS_ENV, raising=False)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hfcache"))
-    monkeypatch.setattr(w, "_repo_checkpoints", lambda: tmp_path / "repo" / "checkpoints")
+    monkeypatch.setattr(locate, "_repo_checkpoints", lambda: tmp_path / "repo" / "checkpoints")
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)
@@ -213,6 +218,83 @@ def test_http_404_fails_without_retrying(server: _Server, tmp_path: Path) -> Non
     assert list(tmp_path.iterdir()) == []
 
 
+def test_downloads_go_through_pooch(server: _Server, tmp_path: Path,
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    import pooch
+
+    data = _payload(120_000, seed=10)
+    server.files["m.pth"] = data
+    calls: list[dict] = []
+    real = pooch.retrieve
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pooch, "retrieve", spy)
+    w.download_file(f"{server.url}/m.pth", tmp_path / "m.pth", sha256=_sha(data), size=len(data))
+    assert len(calls) == 1 and calls[0]["known_hash"] == f"sha256:{_sha(data)}"
+    assert isinstance(calls[0]["downloader"], w.ResumingDownloader)
+    # the resuming downloader is an ordinary pooch downloader: pooch's own hash check applies
+    folder = tmp_path / "plain"
+    downloader = w.ResumingDownloader(folder / "m.pth.part", len(data), retries=0)
+    with pytest.raises(ValueError, match="does not match the known hash"):
+        real(f"{server.url}/m.pth", known_hash=f"sha256:{_sha(b'other')}", fname="m.pth",
+             path=folder, downloader=downloader)
+    assert list(folder.iterdir()) == []
+    got = real(f"{server.url}/m.pth", known_hash=f"sha256:{_sha(data)}", fname="m.pth",
+               path=folder, downloader=downloader)
+    assert Path(got).read_bytes() == data and sorted(folder.iterdir()) == [folder / "m.pth"]
+
+
+def test_existing_file_replaced_only_by_a_good_download(server: _Server, tmp_path: Path) -> None:
+    data = _payload(80_000, seed=11)
+    server.files["m.pth"] = data
+    dest = tmp_path / "m.pth"
+    dest.write_bytes(data)  # pooch would keep a matching file; --force still downloads
+    w.download_file(f"{server.url}/m.pth", dest, sha256=_sha(data), size=len(data))
+    assert len(server.requests) == 1 and dest.read_bytes() == data
+    server.files["m.pth"] = data[::-1]
+    with pytest.raises(CryosamError, match="checksum mismatch"):
+        w.download_file(f"{server.url}/m.pth", dest, sha256=_sha(data), size=len(data))
+    assert dest.read_bytes() == data
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pth", "m.pth.sha256"]
+
+
+def test_pooch_is_imported_only_to_download(tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    code = "import sys, cryosam.weights; assert 'pooch' not in sys.modules, 'pooch imported'"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    monkeypatch.setitem(sys.modules, "pooch", None)  # as if it were not installed
+    with pytest.raises(CryosamError, match="needs pooch") as info:
+        w.download_file("http://127.0.0.1:9/m.pth", tmp_path / "m.pth", sha256="0" * 64)
+    assert "\n" not in str(info.value) and list(tmp_path.iterdir()) == []
+
+
+def test_weights_modules_import_in_one_direction() -> None:
+    """specs <- locate <- verify <- download; nothing from the pipeline's heavy modules."""
+    order = ["specs", "locate", "verify", "download"]
+    allowed = {"cryosam.errors", "cryosam.utils", "cryosam.progress", "cryosam._atomic"}
+    folder = Path(w.__file__).parent
+    assert sorted(p.stem for p in folder.glob("*.py")) == sorted(["__init__", *order])
+    for i, name in enumerate(order):
+        targets: list[str] = []
+        for node in ast.walk(ast.parse((folder / f"{name}.py").read_text())):  # any depth
+            if isinstance(node, ast.Import):
+                targets += [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = "cryosam.weights." * bool(node.level) + (node.module or "")
+                targets += [f"{base}.{a.name}" for a in node.names] if base == "cryosam" \
+                    else [base]
+        for mod in (t for t in targets if t.split(".")[0] == "cryosam"):
+            if mod.startswith("cryosam.weights"):
+                assert mod.split(".")[2:3] and mod.split(".")[2] in order[:i], \
+                    f"{name} imports {mod}"
+            else:
+                assert mod in allowed, f"{name} imports {mod}"
+
+
 # --------------------------------------------------------------------------------------------
 # hashing
 
@@ -221,7 +303,7 @@ def test_sha256_and_weights_id(tmp_path: Path) -> None:
     data = _payload(3 * 2**20 + 5, seed=5)
     a = tmp_path / "a.pth"
     a.write_bytes(data)
-    assert w.sha256_file(a) == _sha(data)
+    assert sha256_file(a) == _sha(data)
     b = tmp_path / "sub" / "b.pth"
     b.parent.mkdir()
     b.write_bytes(data)
@@ -330,7 +412,7 @@ def test_dinov2_cache_main_ref_and_unknown_hub_id(isolated: Path) -> None:
 
 def test_dinov2_manifest_size_check(isolated: Path) -> None:
     folder = _fake_dinov2(isolated / "work" / "checkpoints" / "dinov2-small")
-    files = {f: {"size": (folder / f).stat().st_size, "sha256": w.sha256_file(folder / f)}
+    files = {f: {"size": (folder / f).stat().st_size, "sha256": sha256_file(folder / f)}
              for f in ("config.json", "model.safetensors")}
     (folder / w.MANIFEST_NAME).write_text(json.dumps(
         {"repo_id": "facebook/dinov2-small", "revision": w.get_spec("dinov2-small").revision,

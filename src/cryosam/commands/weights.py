@@ -9,6 +9,7 @@ import typer
 
 from cryosam import weights as w
 from cryosam.errors import CryosamError
+from cryosam.utils import format_bytes
 
 
 def _where(found: w.Found | None) -> str:
@@ -30,12 +31,12 @@ def list_weights(verify: bool = typer.Option(
     typer.echo("")
     rows = [w.status(spec, rehash=verify) for spec in w.REGISTRY.values()]
     name_w = max(len(r.spec.name) for r in rows) + 2
-    typer.echo(f"{'name':<{name_w}}{'size':>10}  {'licence':<11}{'status':<10}where")
+    typer.echo(f"{'name':<{name_w}}{'size':>11}  {'licence':<11}{'status':<10}where")
     for r in rows:
         default = " *" if r.spec.name in w.DEFAULT_NAMES else ""
-        size = ("~" if r.spec.kind == "dinov2" else "") + w.human_size(r.spec.size_bytes)
+        size = ("~" if r.spec.kind == "dinov2" else "") + format_bytes(r.spec.size_bytes)
         where = _where(r.found) + (f"  ({r.detail})" if r.detail else "")
-        typer.echo(f"{r.spec.name + default:<{name_w}}{size:>10}  {r.spec.license:<11}"
+        typer.echo(f"{r.spec.name + default:<{name_w}}{size:>11}  {r.spec.license:<11}"
                    f"{r.state:<10}{where}")
     typer.echo("(* = the pipeline's defaults, as in the paper)")
     missing = [r for r in rows if r.state in ("missing", "bad")]
@@ -74,7 +75,7 @@ def download_weights(
         raise CryosamError(f"--dir {dest} is a file; give a folder")
     failures: list[str] = []
     for spec in dict.fromkeys(specs):
-        typer.echo(f"{spec.name}: {spec.description}, {w.human_size(spec.size_bytes)} -> {dest}")
+        typer.echo(f"{spec.name}: {spec.description}, {format_bytes(spec.size_bytes)} -> {dest}")
         try:
             path, what = w.download(spec, dest, base_url=base_url, force=force, retries=retries,
                                     endpoint=hf_endpoint or os.environ.get("HF_ENDPOINT"))
