@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from cryosam.backends import FilterBankOptions
 from cryosam.config import EncoderConfig
 from cryosam.encoders import SliceEncoder, aspect_change, build_encoder, voxels_per_patch
 from cryosam.encoders.dinov2 import Dinov2Encoder, architecture_config, channels_for_model
@@ -144,7 +145,8 @@ def test_architecture_configs_match_published_sizes() -> None:
 
 
 def test_build_encoder() -> None:
-    fb = build_encoder(EncoderConfig(name="filterbank", filterbank_patch=3), "cpu")
+    cfg = EncoderConfig(name="filterbank", backends={"filterbank": FilterBankOptions(patch=3)})
+    fb = build_encoder(cfg, "cpu")
     assert isinstance(fb, FilterBankEncoder) and fb.patch_size == 3
     with pytest.raises(CryosamError, match="encoder"):
         build_encoder(EncoderConfig(name="resnet"), "cpu")

@@ -8,20 +8,21 @@ import numpy as np
 import pytest
 import torch
 
+from cryosam.backends import FilterBankOptions
 from cryosam.config import EncoderConfig
 from cryosam.encoders.filterbank import FilterBankEncoder
 from cryosam.errors import CryosamError, InputError
 from cryosam.features import (
-    AXES,
     PLANE_DIMS,
     SLICE_DIM,
     FeatureVolume,
     cache_path,
     estimate_nbytes,
     extract_features,
-    normalise_volume,
     slice_positions,
 )
+from cryosam.normalise import normalise_volume
+from cryosam.utils import AXES
 
 SHAPE = (11, 17, 23)
 
@@ -168,7 +169,8 @@ def test_extraction_matches_estimate_and_strided_slices(tomogram: np.ndarray) ->
     enc = FilterBankEncoder(patch_size=2, sigmas=(1.0, 2.0))
     full = extract_features(tomogram, enc, batch_size=5)
     assert full.nbytes == estimate_nbytes(tomogram.shape, enc)
-    cfg = EncoderConfig(name="filterbank", filterbank_patch=2, filterbank_sigmas=(1.0, 2.0))
+    options = FilterBankOptions(patch=2, sigmas=(1.0, 2.0))
+    cfg = EncoderConfig(name="filterbank", backends={"filterbank": options})
     assert estimate_nbytes(tomogram.shape, cfg) == full.nbytes
     assert tuple(full.stacks["x"].shape) == (20, 6, 13, 10)
     strided = extract_features(tomogram, enc, stride=3)

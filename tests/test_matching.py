@@ -18,7 +18,6 @@ from cryosam.matching import (
     nms_radius_from_masks,
     particle_radius_from_masks,
     pool_query,
-    pooled,
 )
 
 C = 8  # channels per axis: features are 3 * C = 24 long
@@ -302,7 +301,7 @@ def test_children_of_survivors(volume) -> None:
 
 
 def test_pooled_volume_averages_each_cell(volume) -> None:
-    pv = pooled(volume, 8)
+    pv = volume.pooled(8)
     assert pv.shape == volume.shape and pv.dim == volume.dim
     cell = np.array([[2, 3, 5]])
     centre = pv.cell_centres(8, cell)

@@ -15,6 +15,7 @@ from cryosam.config import CryosamConfig, EncoderConfig, SegmenterConfig
 from cryosam.export import OUTPUT_FILES, write_outputs
 from cryosam.pipeline import CryoSAM
 from cryosam.simulate import SimulationConfig, simulate, write_simulation
+from cryosam.utils import sha256_file
 
 WEIGHT_FREE = CryosamConfig(encoder=EncoderConfig(name="filterbank"),
                             segmenter=SegmenterConfig(name="threshold"), device="cpu")
@@ -101,8 +102,8 @@ def test_run_record_holds_what_reproduces_the_run(small_run, small_sim) -> None:
     result, out, _ = small_run
     _, files = small_sim
     rec = json.loads((out / "run.json").read_text())
-    assert rec["inputs"]["tomogram"]["sha256"] == io.file_sha256(files["tomo.mrc"])
-    assert rec["inputs"]["points"]["sha256"] == io.file_sha256(files["prompt.csv"])
+    assert rec["inputs"]["tomogram"]["sha256"] == sha256_file(files["tomo.mrc"])
+    assert rec["inputs"]["points"]["sha256"] == sha256_file(files["prompt.csv"])
     assert rec["parameters"]["matching"]["ratios"] == [16, 8, 4]
     assert rec["parameters"]["propagation"]["iou_threshold"] == 0.5
     assert rec["models"]["segmenter"] and rec["models"]["encoder"]

@@ -15,8 +15,9 @@ from cryosam.config import CryosamConfig, MatchingConfig, PropagationConfig
 from cryosam.encoders.dinov2 import Dinov2Encoder
 from cryosam.export import OUTPUT_FILES, write_outputs
 from cryosam.pipeline import CryoSAM
-from cryosam.segmenters.sam import SamSegmenter, tiny_sam
+from cryosam.segmenters.sam import SamSegmenter
 from cryosam.simulate import SimulationConfig, simulate
+from cryosam.testing import tiny_sam
 
 
 def _tiny_dinov2() -> torch.nn.Module:

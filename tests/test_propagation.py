@@ -9,9 +9,10 @@ import torch
 from cryosam.config import PropagationConfig, SegmenterConfig
 from cryosam.errors import InputError
 from cryosam.propagation import InstanceMask, propagate
-from cryosam.segmenters.sam import SamSegmenter, tiny_sam
+from cryosam.segmenters.sam import SamSegmenter
 from cryosam.segmenters.threshold import ThresholdSegmenter
 from cryosam.simulate import SimulationConfig, simulate
+from cryosam.testing import tiny_sam
 
 torch.set_num_threads(2)
 

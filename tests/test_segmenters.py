@@ -10,8 +10,9 @@ from cryosam.config import SegmenterConfig
 from cryosam.errors import CryosamError, MissingWeightsError
 from cryosam.segmenters import PromptBatch, Segmenter, build_segmenter
 from cryosam.segmenters.base import ByteLRU, slice_of, to_slice, to_volume
-from cryosam.segmenters.sam import SamGeometry, SamSegmenter, tiny_sam
+from cryosam.segmenters.sam import SamGeometry, SamSegmenter
 from cryosam.segmenters.threshold import ThresholdSegmenter
+from cryosam.testing import tiny_sam
 
 torch.set_num_threads(2)
 

@@ -11,7 +11,7 @@ cosine matching, and SAM cross-plane self-prompting. The public surface:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 __version__ = "0.1.0"
 
@@ -31,7 +31,7 @@ __all__ = [
 
 _LAZY = {
     "CryoSAM": "cryosam.pipeline",
-    "SegmentationResult": "cryosam.pipeline",
+    "SegmentationResult": "cryosam.result",
     "segment": "cryosam.pipeline",
     "CryosamConfig": "cryosam.config",
     "EncoderConfig": "cryosam.config",
@@ -43,21 +43,12 @@ _LAZY = {
     "write_outputs": "cryosam.export",
 }
 
-if TYPE_CHECKING:  # pragma: no cover
-    from cryosam.config import (
-        CryosamConfig,
-        EncoderConfig,
-        MatchingConfig,
-        PropagationConfig,
-        SegmenterConfig,
-    )
-    from cryosam.export import write_outputs
-    from cryosam.io import read_points, read_tomogram
-    from cryosam.pipeline import CryoSAM, SegmentationResult, segment
-
-
 def __getattr__(name: str) -> Any:
-    """Import the heavy modules (torch, transformers) only when they are used."""
+    """Import the heavy modules (torch, transformers) only when they are used.
+
+    Names are resolved by module path at run time (no static import), so importing any
+    cryosam module never imports the pipeline through this package.
+    """
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'cryosam' has no attribute {name!r}")

@@ -1,30 +1,21 @@
 """The ``cryosam`` command line: a thin typer layer over the Python API.
 
-Every subcommand lives in ``cryosam.commands.<name>`` and registers itself. Errors of type
-:class:`cryosam.errors.CryosamError` end as one line on stderr with exit code 2; ``--debug``
-shows the traceback instead.
+Every subcommand lives in ``cryosam.commands.<name>`` and is listed in :data:`COMMANDS`.
+Errors of type :class:`cryosam.errors.CryosamError` end as one line on stderr with exit code 2;
+``--debug`` shows the traceback instead.
 """
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 import sys
 
 import typer
 
 import cryosam
-from cryosam import commands
+from cryosam.commands import bench, demo, evaluate, info, segment, simulate, weights
 from cryosam.errors import CryosamError
 
-app = typer.Typer(
-    name="cryosam",
-    help="Training-free particle picking and segmentation of cryo-ET tomograms "
-    "(CryoSAM: DINOv2 features + SAM cross-plane self-prompting).",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
+COMMANDS = (segment, demo, simulate, evaluate, info, weights, bench)  # in --help order
 
 _DEBUG = False
 
@@ -35,7 +26,6 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
-@app.callback()
 def _root(
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or summaries."),
@@ -50,13 +40,26 @@ def _root(
     progress.set_quiet(quiet)
 
 
-def _register_all() -> None:
-    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
-        module = importlib.import_module(f"cryosam.commands.{info.name}")
-        module.register(app)
+def build_app() -> typer.Typer:
+    """The ``cryosam`` typer app with every command of :data:`COMMANDS` registered.
+
+    Commands take their option defaults from the configuration when they are registered.
+    """
+    new = typer.Typer(
+        name="cryosam",
+        help="Training-free particle picking and segmentation of cryo-ET tomograms "
+        "(CryoSAM: DINOv2 features + SAM cross-plane self-prompting).",
+        no_args_is_help=True,
+        add_completion=False,
+        pretty_exceptions_enable=False,
+    )
+    new.callback()(_root)
+    for command in COMMANDS:
+        command.register(new)
+    return new
 
 
-_register_all()
+app = build_app()
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001

@@ -1,47 +1,89 @@
 """Every knob of the pipeline, as frozen dataclasses with the paper's defaults.
 
-Each pipeline stage reads its own block; the run record stores all of them. Stage owners may
-add fields to their own block (with a default and a one-line comment).
+Each pipeline stage reads its own block; the run record stores all of them, and
+:meth:`CryosamConfig.from_dict` reads them back, so ``cryosam segment --config run.json``
+re-runs a job. Backend-specific knobs live in the backend's own options block (see
+:mod:`cryosam.backends`) under ``encoder.backends[name]`` / ``segmenter.backends[name]``.
+Values are checked when a block is built; errors name the parameter.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import re
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
+
+from cryosam import backends
+from cryosam.backends import Target, build_dataclass, check_choice
+from cryosam.errors import InputError
+
+Direction = Literal["+z", "-z", "+y", "-y", "+x", "-x"]
+MatchBackend = Literal["auto", "torch", "faiss"]
+DIRECTIONS: tuple[str, ...] = ("+z", "-z", "+y", "-y", "+x", "-x")
+TARGETS: tuple[str, ...] = ("particle", "membrane")
+MATCH_BACKENDS: tuple[str, ...] = ("auto", "torch", "faiss")
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+def _check_percentiles(parameter: str, value: tuple[float, float]) -> None:
+    lo, hi = (float(v) for v in value)
+    if not 0.0 <= lo < hi <= 100.0:
+        raise InputError(f"{parameter} {tuple(value)}: need 0 <= low < high <= 100")
 
 
 @dataclass(frozen=True)
 class EncoderConfig:
     """Slice feature encoder (DINOv2 or the weight-free filter bank)."""
 
-    name: str = "dinov2"  # "dinov2" | "filterbank"
-    model: str = "facebook/dinov2-with-registers-large"  # hub id or local directory
-    patches_long_side: int = 37  # long side of a slice spans this many patches (37*14 = 518 px)
+    name: str = "dinov2"  # a registered encoder: dinov2 | filterbank
     batch_size: int = 16  # slices per forward pass
     clip_percentiles: tuple[float, float] = (0.5, 99.5)  # robust intensity normalisation
     slice_stride: int = 1  # encode every k-th slice along each axis, interpolate between
     reduce_to: int | None = None  # PCA: keep this many channels per axis (None = all)
-    filterbank_patch: int = 2  # voxels per patch of the weight-free filter bank
-    filterbank_sigmas: tuple[float, ...] = (1.0, 1.41, 2.0, 2.83, 4.0, 5.66, 8.0, 11.3)  # voxels
+    backends: dict[str, Any] = field(default_factory=lambda: backends.default_options("encoder"))
+
+    def __post_init__(self) -> None:
+        backends.get(self.name, "encoder")
+        object.__setattr__(self, "backends", backends.options_from("encoder", self.backends))
+        _check_percentiles("encoder.clip_percentiles", self.clip_percentiles)
+        if self.batch_size < 1 or self.slice_stride < 1:
+            raise InputError("encoder.batch_size and encoder.slice_stride must be at least 1")
+        if self.reduce_to is not None and self.reduce_to < 1:
+            raise InputError(f"encoder.reduce_to {self.reduce_to}: must be at least 1 or None")
+
+    @property
+    def options(self) -> Any:
+        """The options block of the selected encoder."""
+        return self.backends[self.name]
 
 
 @dataclass(frozen=True)
 class SegmenterConfig:
-    """2-D promptable segmenter (SAM or the weight-free one)."""
+    """2-D promptable segmenter (SAM or the weight-free threshold segmenter)."""
 
-    name: str = "sam"  # "sam" | "threshold"
-    model: str = "vit_h"  # "vit_h" | "vit_l" | "vit_b" or a path to a .pth checkpoint
-    embedding_cache_mb: int = 4096  # budget for cached per-slice image embeddings
+    name: str = "sam"  # a registered segmenter: sam | threshold
+    embedding_cache_mb: int = 4096  # budget for cached per-slice work (SAM image embeddings)
     encoder_batch_size: int = 8  # slices per image-encoder forward pass
-    decoder_batch_size: int = 64  # prompts per mask-decoder forward pass (all slices mixed)
-    multimask: bool = True  # SAM: 3 candidate masks per prompt, keep the best acceptable one
-    polarity: str = "dark"  # threshold: particles darker ("dark") or brighter than background
-    smooth_sigma: float = 1.5  # threshold: Gaussian denoising of each slice, in pixels
-    slab: int = 1  # threshold: average this many neighbouring slices each side before smoothing
-    level: float = 0.5  # threshold: cut between local background (0) and particle core (1)
-    membrane_level: float = 0.7  # threshold, --target membrane: cut higher on thin sheets
-    min_contrast: float = 2.0  # threshold: no mask when core-background contrast < this * noise
+    decoder_batch_size: int = 64  # prompts per mask-decoder call (all slices mixed)
+    backends: dict[str, Any] = field(
+        default_factory=lambda: backends.default_options("segmenter"))
+
+    def __post_init__(self) -> None:
+        backends.get(self.name, "segmenter")
+        object.__setattr__(self, "backends", backends.options_from("segmenter", self.backends))
+        if self.encoder_batch_size < 1 or self.decoder_batch_size < 1:
+            raise InputError("segmenter batch sizes must be at least 1")
+        if self.embedding_cache_mb < 0:
+            raise InputError("segmenter.embedding_cache_mb must be >= 0")
+
+    @property
+    def options(self) -> Any:
+        """The options block of the selected segmenter."""
+        return self.backends[self.name]
 
 
 @dataclass(frozen=True)
@@ -51,13 +93,23 @@ class PropagationConfig:
     iou_threshold: float = 0.5  # stop a direction when IoU(previous, new) < this (paper: 0.5)
     max_area: int | None = None  # area cap per slice in voxels; None = from the prompt's masks
     area_factor: float = 2.0  # default cap = area_factor * largest area of the first masks
-    directions: tuple[str, ...] = ("+z", "-z", "+y", "-y", "+x", "-x")
-    target: str = "particle"  # "particle" | "membrane" (no area cap, sheet-like propagation)
+    directions: tuple[Direction, ...] = DIRECTIONS  # type: ignore[assignment]
+    target: Target = "particle"  # "membrane": no area cap, sheet-like propagation
     max_steps: int | None = None  # at most this many slices per direction; None = until a stop
     membrane_tolerance: int = 2  # membrane: IoU of masks dilated by this many pixels (thin)
     batched: bool = True  # advance all particles together (False: one at a time, baseline)
     normalise: bool = True  # rescale the raw volume by robust percentiles to [0, 1] first
     clip_percentiles: tuple[float, float] = (0.5, 99.5)  # percentiles mapped to 0 and 1
+
+    def __post_init__(self) -> None:
+        check_choice("propagation.target", self.target, TARGETS)
+        for d in self.directions:
+            check_choice("propagation.directions", d, DIRECTIONS)
+        if self.iou_threshold < 0.0:  # above 1 is allowed: no step is ever accepted
+            raise InputError(f"propagation.iou_threshold {self.iou_threshold}: must be >= 0")
+        if self.max_area is not None and self.max_area < 1:
+            raise InputError(f"propagation.max_area {self.max_area}: must be at least 1")
+        _check_percentiles("propagation.clip_percentiles", self.clip_percentiles)
 
 
 @dataclass(frozen=True)
@@ -66,7 +118,7 @@ class MatchingConfig:
 
     ratios: tuple[int, ...] = (16, 8, 4)  # coarse-to-fine grid ratios (paper)
     sim_threshold: float = 0.5  # keep cells with cosine similarity >= this (paper: 0.5)
-    top_k: int = 512  # keep at most this many proposals (paper: K = 512)
+    top_k: int = 512  # keep at most this many proposals (paper: K = 512; 0 = no cap)
     nms_radius: float | None = None  # voxels; None = from the prompted particles' size
     chunk_size: int = 16384  # feature vectors scored per chunk (bounded memory)
     naive: bool = False  # score every finest-grid cell in one pass (baseline)
@@ -75,7 +127,25 @@ class MatchingConfig:
     coarse_margin: float = 0.1  # levels before the last keep cells >= sim_threshold - this
     coarse_pooling: bool = True  # score coarse levels on cell-averaged features (not a point)
     adapt_ratios: bool = True  # skip ratios coarser than the prompted particle's diameter
-    backend: str = "auto"  # "auto" (= torch matmul) | "torch" | "faiss" (GPU index on CUDA)
+    backend: MatchBackend = "auto"  # "auto" (= torch matmul) | "torch" | "faiss" (GPU index)
+
+    def __post_init__(self) -> None:
+        check_choice("matching.backend", self.backend, MATCH_BACKENDS)
+        ratios = tuple(int(r) for r in self.ratios)
+        if not ratios or min(ratios) < 1 or list(ratios) != sorted(ratios, reverse=True):
+            raise InputError(f"matching.ratios {tuple(self.ratios)}: give decreasing positive "
+                             "integers, e.g. 16,8,4")
+        object.__setattr__(self, "ratios", ratios)
+        if not -1.0 <= self.sim_threshold <= 1.0:
+            raise InputError(f"matching.sim_threshold {self.sim_threshold}: must be in [-1, 1]")
+        if self.top_k < 0:
+            raise InputError(f"matching.top_k {self.top_k}: must be >= 0 (0 = no cap)")
+        if self.nms_radius is not None and self.nms_radius < 0:
+            raise InputError(f"matching.nms_radius {self.nms_radius}: must be >= 0")
+
+
+_BLOCKS: dict[str, type] = {"encoder": EncoderConfig, "segmenter": SegmenterConfig,
+                            "propagation": PropagationConfig, "matching": MatchingConfig}
 
 
 @dataclass(frozen=True)
@@ -86,13 +156,77 @@ class CryosamConfig:
     segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
     propagation: PropagationConfig = field(default_factory=PropagationConfig)
     matching: MatchingConfig = field(default_factory=MatchingConfig)
-    device: str = "auto"  # "auto" | "cpu" | "cuda"
+    device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
     seed: int = 0
     min_size_ratio: float = 0.33  # drop matched particles smaller than this x the clicked ones
     max_size_ratio: float = 3.0  # ... or larger than this x the clicked ones
     max_elongation_ratio: float = 1.5  # ... or more elongated than this x the clicked ones
     merge_iou: float = 0.5  # merge an instance into one that already holds this share of it
 
+    def __post_init__(self) -> None:
+        if not _DEVICE.match(str(self.device).strip().lower()):
+            raise InputError(f"device {self.device!r} is not one of auto, cpu, cuda, cuda:N")
+        if not 0.0 <= self.min_size_ratio <= 1.0 <= self.max_size_ratio:
+            raise InputError("min_size_ratio must be in [0, 1] and max_size_ratio >= 1")
+
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON form for the run record."""
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CryosamConfig:
+        """The inverse of :meth:`to_dict` (a run record's ``parameters``); unknown keys are
+        errors naming them, missing ones take today's defaults."""
+        if not isinstance(data, dict):
+            raise InputError("configuration: expected a mapping of parameters")
+        top = {k: v for k, v in data.items() if k not in _BLOCKS}
+        blocks = {}
+        for name, block_cls in _BLOCKS.items():
+            blocks[name] = build_dataclass(block_cls, dict(data.get(name) or {}), name)
+        return build_dataclass(cls, {**top, **blocks}, "configuration")
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str]) -> CryosamConfig:
+        """Read a run record (``run.json``, its ``parameters``) or a bare parameters JSON."""
+        p = Path(path)
+        try:
+            data = json.loads(p.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise InputError(f"--config {p}: cannot read it ({exc.strerror})") from None
+        except ValueError as exc:
+            raise InputError(f"--config {p}: not valid JSON ({exc})") from None
+        params = data.get("parameters", data) if isinstance(data, dict) else data
+        try:
+            return cls.from_dict(params)
+        except InputError as exc:
+            raise InputError(f"--config {p}: {exc}") from None
+
+    def replace_path(self, path: str, value: Any) -> CryosamConfig:
+        """A copy with one dotted parameter changed, e.g. ``matching.top_k`` or
+        ``encoder.backends.dinov2.model``."""
+        head, _, rest = path.partition(".")
+        return _replace(self, head, rest, value)
+
+
+def _replace(obj: Any, head: str, rest: str, value: Any) -> Any:
+    if isinstance(obj, dict):
+        inner = obj[head]
+        new = _replace(inner, *rest.partition(".")[::2], value) if rest else value
+        return {**obj, head: new}
+    if not rest:
+        return dataclasses.replace(obj, **{head: value})
+    inner = getattr(obj, head)
+    return dataclasses.replace(obj, **{head: _replace(inner, *rest.partition(".")[::2], value)})
+
+
+def get_path(config: Any, path: str) -> Any:
+    """The value of a dotted parameter path in a config (``matching.top_k``)."""
+    obj = config
+    for part in path.split("."):
+        obj = obj[part] if isinstance(obj, dict) else getattr(obj, part)
+    return obj
+
+
+def default_config() -> CryosamConfig:
+    """Today's defaults; the CLI takes every option's default from here."""
+    return CryosamConfig()

@@ -15,7 +15,14 @@ class InputError(CryosamError):
 
 
 class MissingWeightsError(CryosamError):
-    """Model weights that are not on this machine; the message says how to get them."""
+    """Model weights that are not on this machine; the message says how to get them.
+
+    ``name`` is the model's name in ``cryosam weights download`` when it has one.
+    """
+
+    def __init__(self, message: str, name: str | None = None) -> None:
+        super().__init__(message)
+        self.name = name
 
 
 class CryosamWarning(UserWarning):

@@ -12,16 +12,15 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from cryosam import io
 from cryosam._atomic import atomic_path
 from cryosam.errors import InputError
-
-if TYPE_CHECKING:
-    from cryosam.pipeline import SegmentationResult
+from cryosam.result import SegmentationResult
+from cryosam.utils import tomo_stem
 
 OUTPUT_FILES = (
     "picks.csv",
@@ -32,15 +31,6 @@ OUTPUT_FILES = (
     "preview.png",
     "run.json",
 )
-
-
-def tomo_stem(tomo_path: str | os.PathLike[str]) -> str:
-    """A tomogram's name without folder and extensions (``TS_01.mrc.gz`` → ``TS_01``)."""
-    name = Path(tomo_path).name
-    for ext in (".gz", ".bz2"):
-        if name.endswith(ext):
-            name = name[: -len(ext)]
-    return Path(name).stem
 
 
 def default_out_dir(tomo_path: str | os.PathLike[str]) -> Path:

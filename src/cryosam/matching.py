@@ -3,12 +3,12 @@
 The query is the masked average of the FeatureVolume over each prompt's instance mask. Matching
 scores cells of r-times coarser voxel grids by cosine similarity with the queries (max over the
 queries): first every cell at the coarsest ratio, then only the children of the cells that
-reached ``sim_threshold - coarse_margin``. Coarse levels are scored on features averaged over
-each cell (:func:`pooled`), not at one point that may miss a small particle. The last level
-keeps cells >= ``sim_threshold``, scored exactly as the naive baseline scores them, and (with
-``grow``) follows each surviving region past the children of its coarse cells to its rim, so a
-particle straddling a coarse-cell border is not cut. Its survivors go through 3-D non-maximum
-suppression and the best ``top_k`` become proposals.
+reached ``sim_threshold - coarse_margin``. Coarse levels are scored on features averaged
+over each cell (``FeatureVolume.pooled``), not at one point that may miss a small particle.
+The last level keeps cells >= ``sim_threshold``, scored exactly as the naive baseline scores
+them, and (with ``grow``) follows each surviving region past the children of its coarse
+cells to its rim, so a particle straddling a coarse-cell border is not cut. Its survivors go
+through 3-D non-maximum suppression and the best ``top_k`` become proposals.
 
 Scoring is a matmul of L2-normalised features with the queries on the chosen device (torch);
 FAISS ``IndexFlatIP`` (on the GPU when FAISS has one) is available as ``backend="faiss"``. With a
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 import time
-import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
@@ -50,6 +49,10 @@ class FeatureSource(Protocol):
     def iter_grid(
         self, ratio: int, cells: np.ndarray | None = None, chunk_size: int = 65536
     ) -> Iterator[tuple[np.ndarray, torch.Tensor]]: ...
+
+    def pooled(self, ratio: int) -> FeatureSource:
+        """The same features averaged over ``ratio``-voxel cells (coarse levels)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -213,7 +216,7 @@ def match(
             cells = children(fv, levels[i - 1], kept_cells, ratio, dilation=config.dilation)
         last = i == len(levels) - 1
         level_tau = tau if last else tau - float(config.coarse_margin)
-        source = fv if last or not config.coarse_pooling else pooled(fv, ratio)
+        source = fv if last or not config.coarse_pooling else fv.pooled(ratio)
         kept_cells, kept_scores, n_scored = _score_level(
             source, ratio, cells, scorer, level_tau, config.chunk_size
         )
@@ -400,68 +403,6 @@ def children(
 
         fine = binary_dilation(fine, structure=np.ones((3, 3, 3), bool), iterations=dilation)
     return np.argwhere(fine).astype(np.int64)
-
-
-_POOLED: weakref.WeakKeyDictionary[Any, dict[int, Any]] = weakref.WeakKeyDictionary()
-
-
-def pooled(fv: Any, ratio: int, *, max_bytes: int = 256 << 20) -> Any:
-    """A FeatureVolume whose stacks are averaged over ``ratio``-voxel windows.
-
-    Sampling it at the centre of a cell of the ratio-``ratio`` grid gives (about) the mean
-    feature of the cell, rather than the feature at one point: a coarse grid would otherwise
-    skip particles smaller than a cell when the features are finer than the grid (the filter
-    bank's 2-voxel patches). Slices are averaged in groups of one cell (their mean position
-    becomes the new slice position), maps with a box of about ``ratio`` voxels (an odd number
-    of map cells, stride 1, so the map geometry is unchanged; maps already coarser than a
-    cell are left as they are). Works in fp32 on groups of slices of at most ``max_bytes``.
-    Kept per FeatureVolume (weakly), so further queries on the same tomogram reuse it.
-    """
-    from cryosam.features import AXES, PLANE_DIMS, SLICE_DIM, FeatureVolume
-
-    r = int(ratio)
-    cache = _POOLED.setdefault(fv, {})
-    if r in cache:
-        return cache[r]
-    stacks, positions = {}, {}
-    for axis in AXES:
-        stack = fv.stacks[axis]
-        pos = np.asarray(fv.positions[axis], dtype=np.float64)
-        n, gh, gw, ch = stack.shape
-        kernel = [_odd(r * cells / fv.shape[d]) for cells, d in
-                  zip((gh, gw), PLANE_DIMS[axis], strict=True)]
-        group = np.minimum(np.floor(pos / r), math.ceil(fv.shape[SLICE_DIM[axis]] / r) - 1)
-        bounds = np.flatnonzero(np.diff(group)) + 1
-        starts = np.concatenate([[0], bounds]).astype(int)
-        ends = np.concatenate([bounds, [n]]).astype(int)
-        per_group = max(1, int(max_bytes // max(1, 4 * r * gh * gw * ch)))
-        out = []
-        for g0 in range(0, len(starts), per_group):
-            g1 = min(g0 + per_group, len(starts))
-            block = stack[starts[g0] : ends[g1 - 1]].float()
-            sizes = torch.as_tensor(ends[g0:g1] - starts[g0:g1], device=block.device)
-            ids = torch.repeat_interleave(torch.arange(g1 - g0, device=block.device), sizes)
-            mean = torch.zeros((g1 - g0, gh, gw, ch), dtype=torch.float32, device=block.device)
-            mean.index_add_(0, ids, block)
-            mean /= sizes.to(torch.float32)[:, None, None, None]
-            if max(kernel) > 1:  # separable box: rows, then columns (same valid-area mean)
-                x = mean.permute(0, 3, 1, 2)
-                for k in ((kernel[0], 1), (1, kernel[1])):
-                    if max(k) > 1:
-                        x = torch.nn.functional.avg_pool2d(
-                            x, k, stride=1, padding=(k[0] // 2, k[1] // 2),
-                            count_include_pad=False)
-                mean = x.permute(0, 2, 3, 1)
-            out.append(mean.to(stack.dtype))
-        stacks[axis] = torch.cat(out).contiguous()
-        positions[axis] = np.asarray([pos[a:b].mean() for a, b in zip(starts, ends, strict=True)])
-    cache[r] = FeatureVolume(stacks, fv.shape, positions)
-    return cache[r]
-
-
-def _odd(width: float) -> int:
-    """The odd integer nearest to ``width`` (at least 1)."""
-    return max(1, 2 * int(round((width - 1) / 2)) + 1)
 
 
 # ------------------------------------------------------------------------------------------ NMS

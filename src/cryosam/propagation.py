@@ -33,11 +33,11 @@ from scipy import ndimage as ndi
 
 from cryosam.config import PropagationConfig
 from cryosam.errors import InputError
-from cryosam.features import normalise_volume
+from cryosam.normalise import normalise_volume
 from cryosam.progress import track
-from cryosam.segmenters.base import AXES, PromptBatch, Segmenter, to_slice
+from cryosam.segmenters.base import PromptBatch, Segmenter, to_slice
+from cryosam.utils import AXES
 
-DIRECTIONS = ("+z", "-z", "+y", "-y", "+x", "-x")
 FIRST_MASK_SPREAD = 4.0  # first masks more than this times the smallest are outliers (leaks)
 
 
@@ -223,7 +223,7 @@ def _instance(pieces: list[_Piece]) -> InstanceMask:
     return InstanceMask((int(lo[0]), int(lo[1]), int(lo[2])), out)
 
 
-def _check(volume: np.ndarray, points: np.ndarray, config: PropagationConfig) -> np.ndarray:
+def _check(volume: np.ndarray, points: np.ndarray) -> np.ndarray:
     if volume.ndim != 3:
         raise InputError(f"propagation needs a 3-D volume (z, y, x), got shape {volume.shape}")
     pts = np.asarray(points, dtype=np.float64)
@@ -240,11 +240,6 @@ def _check(volume: np.ndarray, points: np.ndarray, config: PropagationConfig) ->
             f"prompt point x={x:g}, y={y:g}, z={z:g} lies outside the tomogram "
             f"(x<{volume.shape[2]}, y<{volume.shape[1]}, z<{volume.shape[0]}); "
             "check the point file's axis order and units (voxels)")
-    for d in config.directions:
-        if d not in DIRECTIONS:
-            raise InputError(f"propagation direction {d!r} is not one of {', '.join(DIRECTIONS)}")
-    if config.target not in ("particle", "membrane"):
-        raise InputError(f"--target {config.target!r} is not 'particle' or 'membrane'")
     return pts
 
 
@@ -260,7 +255,7 @@ def propagate(volume: np.ndarray, points: np.ndarray, segmenter: Segmenter,
     cfg = config or PropagationConfig()
     t0 = time.perf_counter()
     volume = np.asarray(volume)
-    pts = _check(volume, points, cfg)
+    pts = _check(volume, points)
     # normalise=False: the caller's [0, 1] volume is used as it is (no copy of a big tomogram)
     vol = normalise_volume(volume, cfg.clip_percentiles) if cfg.normalise else \
         np.asarray(volume, np.float32)

@@ -502,18 +502,6 @@ OUTPUT_NAMES = ("tomo.mrc", "truth.csv", "prompt.csv", "prompts5.csv", "membrane
                 "membrane.mrc", "labels.mrc", "simulation.json")
 
 
-def parse_shape(text: str) -> tuple[int, int, int]:
-    """``"64,160,160"`` (z,y,x) -> (64, 160, 160); one clear error otherwise."""
-    try:
-        parts = tuple(int(v) for v in str(text).replace("x", ",").split(","))
-    except ValueError:
-        parts = ()
-    if len(parts) != 3 or min(parts) <= 0:
-        raise InputError(f"--shape {text!r}: give three positive integers z,y,x, "
-                         "e.g. 64,160,160")
-    return parts  # type: ignore[return-value]
-
-
 def _xyz_csv(points_zyx: np.ndarray) -> str:
     lines = ["x,y,z"]
     lines += [f"{x:.2f},{y:.2f},{z:.2f}" for z, y, x in np.asarray(points_zyx).reshape(-1, 3)]

@@ -17,37 +17,15 @@ import typer
 from cryosam.device import peak_memory_bytes, reset_peak_memory, resolve_device
 from cryosam.errors import CryosamError
 from cryosam.features import (
-    AXES,
     PLANE_DIMS,
     SLICE_DIM,
     estimate_nbytes,
     extract_features,
-    format_bytes,
     slice_positions,
 )
+from cryosam.utils import AXES, format_bytes, parse_shape, rss_bytes
 
 MEMORY_SHAPES = ((200, 512, 512), (200, 1000, 1000))
-
-
-def _parse_shape(text: str) -> tuple[int, int, int]:
-    try:
-        shape = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        shape = ()
-    if len(shape) != 3 or min(shape) < 1:
-        raise CryosamError(f"--shape {text!r}: give three positive sizes D,H,W, e.g. 200,1000,1000")
-    return shape  # type: ignore[return-value]
-
-
-def _rss_bytes() -> int:
-    """Current resident memory of this process (Linux), 0 where unknown."""
-    try:
-        with open("/proc/self/statm", encoding="ascii") as fh:
-            import os
-
-            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
 
 
 class _GridOnly:
@@ -107,11 +85,11 @@ def _memory(encoder, shape: tuple[int, int, int]) -> None:
     est = estimate_nbytes(shape, encoder)
     volume = np.zeros(shape, dtype=np.float32)
     gc.collect()
-    before = _rss_bytes()
+    before = rss_bytes()
     features = extract_features(volume, _GridOnly(encoder), batch_size=64,
                                 clip_percentiles=None)
     gc.collect()
-    grown = _rss_bytes() - before
+    grown = rss_bytes() - before
     stacks = ", ".join(f"{a} {tuple(features.stacks[a].shape)}" for a in AXES)
     typer.echo(f"  {shape[0]}x{shape[1]}x{shape[2]}: estimated {format_bytes(est)}, "
                f"measured {format_bytes(features.nbytes)} in stacks, process grew "
@@ -138,7 +116,7 @@ def register(app: typer.Typer) -> None:
         from cryosam.encoders.dinov2 import Dinov2Encoder, random_init_model
 
         dev = resolve_device(device)
-        dims = _parse_shape(shape)
+        dims = parse_shape(shape)
         if slices < 1 or batch_size < 1:
             raise CryosamError("--slices and --batch-size must be at least 1")
         model = random_init_model(arch, registers=registers)

@@ -9,20 +9,18 @@ from one target's spherical mask, as the pipeline would from a prompt's instance
 from __future__ import annotations
 
 import dataclasses
-import math
-import os
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import torch
 import typer
 
 from cryosam.config import MatchingConfig
 from cryosam.device import peak_memory_bytes, reset_peak_memory, resolve_device
 from cryosam.errors import InputError
+from cryosam.testing import recall_within, sphere_coords, synthetic_feature_volume
+from cryosam.utils import RssSampler, parse_shape
 
 
 def register(app: typer.Typer) -> None:
@@ -57,7 +55,7 @@ def register(app: typer.Typer) -> None:
         """
         from cryosam.matching import match, nms_radius_from_masks, pool_query
 
-        dims = _parse_shape(shape)
+        dims = parse_shape(shape)
         if dim % 3 or dim <= 0:
             raise InputError(f"--dim {dim} must be a positive multiple of 3 (three axes)")
         dev = resolve_device(device)
@@ -128,16 +126,6 @@ def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
     return out, time.process_time() - t0
 
 
-def _parse_shape(text: str) -> tuple[int, int, int]:
-    try:
-        dims = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        dims = ()
-    if len(dims) != 3 or min(dims) < 1:
-        raise InputError(f"--shape {text!r} must be three positive integers D,H,W")
-    return dims  # type: ignore[return-value]
-
-
 def _stack_bytes(fv: Any) -> int:
     stacks = getattr(fv, "stacks", {})
     return sum(t.numel() * t.element_size() for t in stacks.values())
@@ -152,155 +140,6 @@ def _measure(device: torch.device, fn: Callable[[], Any]) -> tuple[Any, int]:
         out = fn()
         torch.cuda.synchronize(device)
         return out, peak_memory_bytes(device) - base
-    sampler = _RssSampler()
-    with sampler:
+    with RssSampler() as sampler:
         out = fn()
-    return out, sampler.peak - sampler.base
-
-
-class _RssSampler:
-    """Polls this process's resident memory while a block runs (CPU peak per run)."""
-
-    def __init__(self, interval: float = 0.002) -> None:
-        self.interval = interval
-        self.base = self.peak = _rss()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, _rss())
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> _RssSampler:
-        self.base = self.peak = _rss()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, _rss())
-
-
-def _rss() -> int:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError):
-        return 0
-
-
-# ------------------------------------------------------------------------- synthetic content
-
-
-def recall_within(reference: np.ndarray, found: np.ndarray, radius: float) -> float:
-    """Fraction of ``reference`` points with a ``found`` point within ``radius`` (1.0 if none)."""
-    reference = np.asarray(reference, dtype=np.float64).reshape(-1, 3)
-    found = np.asarray(found, dtype=np.float64).reshape(-1, 3)
-    if len(reference) == 0:
-        return 1.0
-    if len(found) == 0:
-        return 0.0
-    from scipy.spatial import cKDTree
-
-    dist, _ = cKDTree(found).query(reference, k=1)
-    return float(np.mean(dist <= radius))
-
-
-def sphere_coords(centre: np.ndarray, radius: float, shape: tuple[int, int, int]) -> np.ndarray:
-    """(n, 3) integer voxel coordinates of a ball, clipped to the volume."""
-    c = np.asarray(centre, dtype=np.float64)
-    lo = np.maximum(np.floor(c - radius), 0).astype(int)
-    hi = np.minimum(np.ceil(c + radius), np.asarray(shape) - 1).astype(int)
-    axes = [np.arange(a, b + 1) for a, b in zip(lo, hi, strict=True)]
-    grid = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3)
-    return grid[((grid - c) ** 2).sum(1) <= radius**2]
-
-
-def synthetic_feature_volume(
-    shape: tuple[int, int, int],
-    channels: int,
-    *,
-    patches: int = 37,
-    n_targets: int = 40,
-    n_distractors: int = 40,
-    radius: float = 10.0,
-    seed: int = 0,
-) -> tuple[Any, np.ndarray, np.ndarray]:
-    """A FeatureVolume with planted particles; returns (fv, target centres, distractor centres).
-
-    Each stack cell holds unit-variance noise plus a shared background vector; a particle adds
-    its kind's vector (amplitude varying per particle, plus a small per-particle deviation)
-    weighted by the share of a Gaussian (sigma = radius / 2) that falls in each patch, as a
-    patch token sees the part of a particle inside its footprint: the similarity map then has
-    one blob per particle about a patch wide, as with real patch features.
-    """
-    from cryosam.features import FeatureVolume
-
-    rng = np.random.default_rng(seed)
-    D, H, W = shape
-    centres = _separated_points(rng, shape, n_targets + n_distractors, 3 * radius, radius)
-    kinds = [_unit(rng, 3 * channels) * 3 * math.sqrt(channels) for _ in range(2)]
-    background = _unit(rng, 3 * channels) * 0.3 * math.sqrt(channels)
-    long_side = max(shape)
-    sigma = radius / 2
-
-    def cells(extent: int) -> int:
-        return max(1, math.ceil(extent * patches / long_side))
-
-    layout = {"z": (0, 1, 2), "y": (1, 0, 2), "x": (2, 0, 1)}  # slice axis, map rows, map cols
-    stacks = {}
-    for a, (name, (s_ax, r_ax, c_ax)) in enumerate(layout.items()):
-        n_s, n_r, n_c = shape[s_ax], cells(shape[r_ax]), cells(shape[c_ax])
-        stack = rng.standard_normal((n_s, n_r, n_c, channels), dtype=np.float32)
-        stack += background[a * channels : (a + 1) * channels]
-        rows = (np.arange(n_r) + 0.5) * shape[r_ax] / n_r - 0.5
-        cols = (np.arange(n_c) + 0.5) * shape[c_ax] / n_c - 0.5
-        half_r, half_c = shape[r_ax] / n_r / 2, shape[c_ax] / n_c / 2
-        for p, centre in enumerate(centres):
-            kind = kinds[0] if p < n_targets else kinds[1]
-            vec = kind[a * channels : (a + 1) * channels] * rng.uniform(0.8, 1.2)
-            vec = vec + rng.standard_normal(channels).astype(np.float32) * 0.5  # ~30 % of it
-            lo = max(0, int(centre[s_ax] - 2 * radius))
-            hi = min(n_s, int(centre[s_ax] + 2 * radius) + 1)
-            ws = np.exp(-((np.arange(lo, hi) - centre[s_ax]) ** 2) / (2 * sigma**2))
-            wr = _box_gauss(rows, half_r, centre[r_ax], sigma)
-            wc = _box_gauss(cols, half_c, centre[c_ax], sigma)
-            weight = (ws[:, None, None] * wr[None, :, None] * wc[None, None, :]).astype(np.float32)
-            stack[lo:hi] += weight[..., None] * vec
-        stacks[name] = torch.from_numpy(stack).to(torch.float16)
-    fv = FeatureVolume(stacks, (D, H, W))
-    return fv, centres[:n_targets], centres[n_targets:]
-
-
-def _box_gauss(centres: np.ndarray, half: float, mu: float, sigma: float) -> np.ndarray:
-    """Share of a 1-D Gaussian (mu, sigma) inside each patch [c - half, c + half], max 1."""
-    from scipy.special import ndtr
-
-    full = ndtr(half / sigma) - ndtr(-half / sigma)  # a particle centred in the patch: 1
-    return (ndtr((centres + half - mu) / sigma) - ndtr((centres - half - mu) / sigma)) / full
-
-
-def _unit(rng: np.random.Generator, n: int) -> np.ndarray:
-    v = rng.standard_normal(n).astype(np.float32)
-    return v / np.linalg.norm(v)
-
-
-def _separated_points(
-    rng: np.random.Generator, shape: tuple[int, int, int], n: int, min_dist: float, margin: float
-) -> np.ndarray:
-    """``n`` random points at least ``min_dist`` apart, ``margin`` inside the volume."""
-    lo = np.full(3, margin)
-    hi = np.maximum(np.asarray(shape, dtype=np.float64) - 1 - margin, lo)
-    points: list[np.ndarray] = []
-    for _ in range(200 * max(n, 1)):
-        if len(points) == n:
-            break
-        p = rng.uniform(lo, hi)
-        if all(np.linalg.norm(p - q) >= min_dist for q in points):
-            points.append(p)
-    if len(points) < n:
-        raise InputError(f"cannot place {n} particles {min_dist:g} voxels apart in {shape}; "
-                         "use fewer --targets/--distractors or a bigger --shape")
-    return np.asarray(points)
+    return out, sampler.added

@@ -39,7 +39,8 @@ def register(app: typer.Typer) -> None:
         from cryosam.device import resolve_device
         from cryosam.errors import InputError
         from cryosam.pipeline import CryoSAM
-        from cryosam.simulate import SimulationConfig, parse_shape, simulate
+        from cryosam.simulate import SimulationConfig, simulate
+        from cryosam.utils import parse_shape
 
         dev = resolve_device(device)
         start = time.perf_counter()

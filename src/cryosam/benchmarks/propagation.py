@@ -22,7 +22,8 @@ def _segmenter(name: str, device: str):
         from cryosam.segmenters.threshold import ThresholdSegmenter
 
         return ThresholdSegmenter(SegmenterConfig(name="threshold"))
-    from cryosam.segmenters.sam import SamSegmenter, tiny_sam
+    from cryosam.segmenters.sam import SamSegmenter
+    from cryosam.testing import tiny_sam
 
     if name == "tiny-sam":
         return SamSegmenter(tiny_sam(img_size=1024), device, SegmenterConfig())
@@ -54,12 +55,13 @@ def register(app: typer.Typer) -> None:
         from cryosam.errors import InputError
         from cryosam.propagation import InstanceMask, propagate
         from cryosam.simulate import SimulationConfig, simulate
+        from cryosam.utils import parse_shape
 
         for name in segmenter:
             if name not in SEGMENTERS:
                 raise InputError(f"--segmenter {name!r} is not one of {', '.join(SEGMENTERS)}")
-        dims = tuple(int(s) for s in shape.split(","))
-        sim = simulate(SimulationConfig(shape=dims, seed=seed))  # type: ignore[arg-type]
+        dims = parse_shape(shape)
+        sim = simulate(SimulationConfig(shape=dims, seed=seed))
         pts = sim.points()
         ids = [p.id for p in sim.particles]
         if n_points > len(pts):

@@ -1,5 +1,5 @@
-"""CLI command modules. Each module defines ``register(app: typer.Typer) -> None``.
+"""CLI command modules. Each defines ``register(app: typer.Typer) -> None``.
 
-``cryosam.cli`` imports every module here and calls its ``register``, so a new command is
-one new file, and commands that are not built do not appear.
+A new command is a new module here plus its name in :data:`cryosam.cli.COMMANDS`. Modules
+import the heavy parts of cryosam inside their command functions, so ``cryosam --help`` is fast.
 """

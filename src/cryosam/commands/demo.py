@@ -7,19 +7,24 @@ from pathlib import Path
 import typer
 
 
-def pick_backends(device: str = "auto") -> tuple[str, str, str]:
-    """(encoder, segmenter, why): DINOv2 + SAM when both weights are here, else weight-free."""
-    from cryosam.errors import MissingWeightsError
-    from cryosam.weights import locate_dinov2, locate_sam
+def pick_backends() -> tuple[str, str, str]:
+    """(encoder, segmenter, why): the default models when their weights are here, else the
+    registry's weight-free backends (the one place that falls back by itself, and says so)."""
+    from cryosam import backends
+    from cryosam.config import default_config
 
-    try:
-        locate_sam("vit_h")
-        locate_dinov2("facebook/dinov2-with-registers-large")
-    except MissingWeightsError:
-        return ("filterbank", "threshold",
-                "weight-free backends (filter bank + threshold): DINOv2/SAM weights are not on "
-                "this machine; `cryosam weights list` says how to get them")
-    return "dinov2", "sam", "DINOv2-L (registers) + SAM ViT-H, weights found locally"
+    cfg = default_config()
+    selected: list[tuple[backends.Kind, str, object]] = [
+        ("encoder", cfg.encoder.name, cfg.encoder.options),
+        ("segmenter", cfg.segmenter.name, cfg.segmenter.options)]
+    if backends.missing_weights(selected):
+        enc, seg = backends.weight_free("encoder"), backends.weight_free("segmenter")
+        return (enc, seg,
+                f"weight-free backends ({enc} + {seg}): the {cfg.encoder.name}/"
+                f"{cfg.segmenter.name} weights are not on this machine; `cryosam weights list` "
+                "says how to get them")
+    return (cfg.encoder.name, cfg.segmenter.name,
+            f"{cfg.encoder.name} + {cfg.segmenter.name}, weights found locally")
 
 
 def register(app: typer.Typer) -> None:
@@ -39,20 +44,23 @@ def register(app: typer.Typer) -> None:
         quiet: bool = typer.Option(False, "--quiet", "-q"),
     ) -> None:
         """Run the whole pipeline on a synthetic tomogram and score it against the truth."""
-        from cryosam import io, progress
+        from cryosam import backends, io, progress
         from cryosam.commands.segment import print_summary
         from cryosam.config import CryosamConfig, EncoderConfig, SegmenterConfig
         from cryosam.export import write_outputs
         from cryosam.metrics import evaluate_picks, fraction_picked
         from cryosam.pipeline import CryoSAM
-        from cryosam.simulate import SimulationConfig, parse_shape, simulate, write_simulation
+        from cryosam.simulate import SimulationConfig, simulate, write_simulation
+        from cryosam.utils import parse_shape
 
         if quiet:
             progress.set_quiet(True)
         if weight_free:
-            encoder, segmenter, why = "filterbank", "threshold", "weight-free backends (asked)"
+            encoder, segmenter, why = (backends.weight_free("encoder"),
+                                       backends.weight_free("segmenter"),
+                                       "weight-free backends (asked)")
         else:
-            encoder, segmenter, why = pick_backends(device)
+            encoder, segmenter, why = pick_backends()
         echo = (lambda *a, **k: None) if quiet else typer.echo
         echo(f"backends: {why}")
 

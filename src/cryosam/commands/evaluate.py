@@ -10,6 +10,7 @@ from typing import Any
 import typer
 
 from cryosam.errors import InputError
+from cryosam.utils import parse_shape
 
 
 def _clean(value: Any) -> Any:
@@ -39,18 +40,6 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def _parse_shape(text: str | None) -> tuple[int, int, int] | None:
-    if text is None:
-        return None
-    try:
-        parts = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        parts = ()
-    if len(parts) != 3:
-        raise InputError(f"--shape {text!r}: give three integers z,y,x")
-    return parts  # type: ignore[return-value]
-
-
 def evaluate(
     picks: Path = typer.Argument(..., help="Picks: CSV (x,y,z[,score]) or STAR."),
     truth: Path = typer.Argument(..., help="True positions: CSV (x,y,z[,kind]) or STAR."),
@@ -78,7 +67,7 @@ def evaluate(
     from cryosam.io import read_points
     from cryosam.metrics import evaluate_picks
 
-    size = _parse_shape(shape)
+    size = parse_shape(shape) if shape is not None else None
     opts = {"shape": size, "voxel_size": voxel_size, "tomo_name": tomo_name,
             "check_bounds": False}
     pk = read_points(picks, **opts)

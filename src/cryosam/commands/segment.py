@@ -1,29 +1,47 @@
-"""``cryosam segment TOMO --points P``: the main job."""
+"""``cryosam segment TOMO --points P``: the main job.
+
+Every option that sets a parameter takes its default from :func:`cryosam.config.default_config`
+(:data:`OPTION_PATHS` maps each to its place in the configuration), so the CLI cannot drift from
+the Python API. ``--config run.json`` starts from an earlier run's parameters; options given on
+the command line override them.
+"""
 
 from __future__ import annotations
 
 import os
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 import typer
 
+from cryosam import backends
+from cryosam.config import TARGETS, CryosamConfig, default_config, get_path
 from cryosam.errors import InputError
 
+# CLI parameter -> dotted path in CryosamConfig
+OPTION_PATHS: dict[str, str] = {
+    "target": "propagation.target",
+    "encoder": "encoder.name",
+    "dinov2_model": "encoder.backends.dinov2.model",
+    "segmenter": "segmenter.name",
+    "sam_model": "segmenter.backends.sam.model",
+    "device": "device",
+    "top_k": "matching.top_k",
+    "sim_threshold": "matching.sim_threshold",
+    "iou_threshold": "propagation.iou_threshold",
+    "ratios": "matching.ratios",
+    "nms_radius": "matching.nms_radius",
+    "max_area": "propagation.max_area",
+    "patches": "encoder.backends.dinov2.patches_long_side",
+    "slice_stride": "encoder.slice_stride",
+    "seed": "seed",
+}
 
-class EncoderChoice(StrEnum):
-    dinov2 = "dinov2"
-    filterbank = "filterbank"
-
-
-class SegmenterChoice(StrEnum):
-    sam = "sam"
-    threshold = "threshold"
-
-
-class TargetChoice(StrEnum):
-    particle = "particle"
-    membrane = "membrane"
+EncoderChoice = StrEnum("EncoderChoice", {n: n for n in backends.names("encoder")})  # type: ignore[misc]
+SegmenterChoice = StrEnum("SegmenterChoice",  # type: ignore[misc]
+                          {n: n for n in backends.names("segmenter")})
+TargetChoice = StrEnum("TargetChoice", {n: n for n in TARGETS})  # type: ignore[misc]
 
 
 class UnitChoice(StrEnum):
@@ -44,51 +62,82 @@ def parse_ratios(text: str) -> tuple[int, ...]:
     return ratios
 
 
+def _cli_value(param: str, value: Any) -> Any:
+    """A command-line value in the configuration's type."""
+    if param == "ratios":
+        return parse_ratios(value)
+    return value.value if isinstance(value, StrEnum) else value
+
+
+def config_from_cli(base: CryosamConfig, given: dict[str, Any]) -> CryosamConfig:
+    """``base`` with the parameters the user gave on the command line (by CLI name)."""
+    cfg = base
+    for param, value in given.items():
+        path = OPTION_PATHS[param]
+        try:
+            cfg = cfg.replace_path(path, _cli_value(param, value))
+        except InputError as exc:
+            flag = "--" + param.replace("_", "-")
+            raise InputError(f"{flag}: {exc}") from None
+    return cfg
+
+
 def register(app: typer.Typer) -> None:
-    """Add ``segment``."""
+    """Add ``segment`` with defaults from today's configuration."""
+    d = default_config()
+    default = {p: get_path(d, path) for p, path in OPTION_PATHS.items()}
+    default["ratios"] = ",".join(str(r) for r in default["ratios"])
 
     @app.command()
     def segment(
+        ctx: typer.Context,
         tomo: Path = typer.Argument(..., help="Tomogram (.mrc/.rec/.map, optionally .gz/.bz2)."),
         points: Path = typer.Option(..., "--points", "-p",
                                     help="Clicks: CSV (x,y,z or napari axis-0..2) or STAR."),
         out: Path | None = typer.Option(None, "--out", "-o",
                                         help="Output folder (default: <stem>_cryosam/ beside "
                                         "the tomogram)."),
-        overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out."),
-        target: TargetChoice = typer.Option(TargetChoice.particle, "--target",
+        overwrite: bool = typer.Option(False, "--overwrite",
+                                       help="Replace an earlier cryosam output in --out."),
+        config: Path | None = typer.Option(None, "--config",
+                                           help="Start from an earlier run's parameters "
+                                           "(its run.json); options given here override."),
+        target: TargetChoice = typer.Option(default["target"], "--target",
                                             help="What the clicks are on."),
         match: bool | None = typer.Option(None, "--match/--no-match",
                                           help="Find every similar particle, or only segment "
                                           "the clicked ones (default: match for particles, "
                                           "not for membranes)."),
-        encoder: EncoderChoice = typer.Option(EncoderChoice.dinov2, "--encoder",
+        encoder: EncoderChoice = typer.Option(default["encoder"], "--encoder",
                                               help="Feature encoder for matching."),
-        dinov2_model: str = typer.Option("facebook/dinov2-with-registers-large",
-                                         "--dinov2-model",
+        dinov2_model: str = typer.Option(default["dinov2_model"], "--dinov2-model",
                                          help="DINOv2 hub id or local folder."),
-        segmenter: SegmenterChoice = typer.Option(SegmenterChoice.sam, "--segmenter",
+        segmenter: SegmenterChoice = typer.Option(default["segmenter"], "--segmenter",
                                                   help="2-D promptable segmenter."),
-        sam_model: str = typer.Option("vit_h", "--sam-model",
+        sam_model: str = typer.Option(default["sam_model"], "--sam-model",
                                       help="vit_h, vit_l, vit_b or a .pth path."),
-        device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
-        top_k: int = typer.Option(512, "--top-k", min=1, help="At most this many matches."),
-        sim_threshold: float = typer.Option(0.5, "--sim-threshold", min=-1.0, max=1.0,
+        device: str = typer.Option(default["device"], "--device", help="auto, cpu or cuda."),
+        top_k: int = typer.Option(default["top_k"], "--top-k", min=1,
+                                  help="At most this many matches."),
+        sim_threshold: float = typer.Option(default["sim_threshold"], "--sim-threshold",
+                                            min=-1.0, max=1.0,
                                             help="Cosine similarity a match must reach."),
-        iou_threshold: float = typer.Option(0.5, "--iou-threshold", min=0.0, max=1.0,
+        iou_threshold: float = typer.Option(default["iou_threshold"], "--iou-threshold",
+                                            min=0.0, max=1.0,
                                             help="Stop propagating when slice-to-slice IoU "
                                             "drops below this."),
-        ratios: str = typer.Option("16,8,4", "--ratios", help="Coarse-to-fine grid ratios."),
-        nms_radius: float | None = typer.Option(None, "--nms-radius", min=0.0,
+        ratios: str = typer.Option(default["ratios"], "--ratios",
+                                   help="Coarse-to-fine grid ratios."),
+        nms_radius: float | None = typer.Option(default["nms_radius"], "--nms-radius", min=0.0,
                                                 help="Voxels (default: from the clicked "
                                                 "particles' size)."),
-        max_area: int | None = typer.Option(None, "--max-area", min=1,
+        max_area: int | None = typer.Option(default["max_area"], "--max-area", min=1,
                                             help="Largest mask area per slice, voxels "
                                             "(default: from the first masks)."),
-        patches: int = typer.Option(37, "--patches", min=1,
+        patches: int = typer.Option(default["patches"], "--patches", min=1,
                                     help="DINOv2 patches along a slice's long side (37 = 518 "
                                     "px); raise it for small particles."),
-        slice_stride: int = typer.Option(1, "--slice-stride", min=1,
+        slice_stride: int = typer.Option(default["slice_stride"], "--slice-stride", min=1,
                                          help="Encode every k-th slice per axis."),
         voxel_size: float | None = typer.Option(None, "--voxel-size",
                                                 help="Å per voxel, overriding the header."),
@@ -99,39 +148,25 @@ def register(app: typer.Typer) -> None:
         cache_dir: Path | None = typer.Option(None, "--cache-dir",
                                               help="Keep features here; a second query on the "
                                               "same tomogram reuses them."),
-        seed: int = typer.Option(0, "--seed"),
+        seed: int = typer.Option(default["seed"], "--seed"),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or summary."),
         debug: bool = typer.Option(False, "--debug", help="Full tracebacks on errors."),
     ) -> None:
         """Segment the clicked particles in 3-D and find every similar one in the tomogram."""
         from cryosam import progress
-        from cryosam.config import (
-            CryosamConfig,
-            EncoderConfig,
-            MatchingConfig,
-            PropagationConfig,
-            SegmenterConfig,
-        )
         from cryosam.export import check_out_dir, default_out_dir, write_outputs
         from cryosam.pipeline import CryoSAM
 
         if quiet:
             progress.set_quiet(True)
+        values = locals()
+        given = {p: values[p] for p in OPTION_PATHS if _given(ctx, p)}
+        base = CryosamConfig.from_file(config) if config is not None else default_config()
+        cfg = config_from_cli(base, given)
         out_dir = out or default_out_dir(tomo)
         check_out_dir(out_dir, overwrite, inputs=(tomo, points))
         if cache_dir is not None:
             check_cache_dir(cache_dir)
-        cfg = CryosamConfig(
-            encoder=EncoderConfig(name=encoder.value, model=dinov2_model,
-                                  patches_long_side=patches, slice_stride=slice_stride),
-            segmenter=SegmenterConfig(name=segmenter.value, model=sam_model),
-            propagation=PropagationConfig(iou_threshold=iou_threshold, max_area=max_area,
-                                          target=target.value),
-            matching=MatchingConfig(ratios=parse_ratios(ratios), sim_threshold=sim_threshold,
-                                    top_k=top_k, nms_radius=nms_radius),
-            device=device,
-            seed=seed,
-        )
         runner = CryoSAM(cfg)
         result = runner.segment(tomo, points, match=match, cache_dir=cache_dir,
                                 voxel_size=voxel_size, points_unit=points_unit.value,
@@ -139,6 +174,12 @@ def register(app: typer.Typer) -> None:
         written = write_outputs(result, out_dir, overwrite=overwrite, tomo_name=tomo_name)
         if not quiet:
             print_summary(result, written, out_dir)
+
+
+def _given(ctx: typer.Context, param: str) -> bool:
+    """True when ``param`` came from the command line (not its default)."""
+    source = ctx.get_parameter_source(param)
+    return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
 
 
 def check_cache_dir(cache_dir: Path) -> None:

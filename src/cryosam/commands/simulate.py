@@ -33,10 +33,10 @@ def simulate_command(
         TARGET_KIND,
         SimulationConfig,
         measured_snr,
-        parse_shape,
         simulate,
         write_simulation,
     )
+    from cryosam.utils import parse_shape
 
     config = SimulationConfig(
         shape=parse_shape(shape), voxel_size=voxel_size, snr=snr, seed=seed,

@@ -12,11 +12,6 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from cryosam.config import EncoderConfig
-from cryosam.errors import CryosamError
-
-ENCODER_NAMES = ("dinov2", "filterbank")
-
 
 @runtime_checkable
 class SliceEncoder(Protocol):
@@ -77,21 +72,3 @@ def as_batch(slices: np.ndarray | torch.Tensor, device: torch.device) -> torch.T
     else:
         tensor = slices.float()
     return tensor.to(device)
-
-
-def build_encoder(cfg: EncoderConfig, device: torch.device | str = "cpu") -> SliceEncoder:
-    """Build the encoder named by ``cfg.name`` on ``device`` (DINOv2 loads its weights)."""
-    from cryosam.device import resolve_device
-
-    dev = resolve_device(device)
-    if cfg.name == "dinov2":
-        from cryosam.encoders.dinov2 import Dinov2Encoder
-
-        return Dinov2Encoder.from_pretrained(cfg.model, dev,
-                                             patches_long_side=cfg.patches_long_side)
-    if cfg.name == "filterbank":
-        from cryosam.encoders.filterbank import FilterBankEncoder
-
-        return FilterBankEncoder(patch_size=cfg.filterbank_patch, sigmas=cfg.filterbank_sigmas,
-                                 device=dev)
-    raise CryosamError(f"--encoder {cfg.name!r} is not one of {', '.join(ENCODER_NAMES)}")

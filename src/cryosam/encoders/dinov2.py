@@ -12,8 +12,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -22,6 +23,10 @@ import torch.nn.functional as F
 from cryosam.device import autocast
 from cryosam.encoders.base import as_batch, grid_for_long_side
 from cryosam.errors import CryosamError
+
+if TYPE_CHECKING:
+    from cryosam.backends import Dinov2Options
+    from cryosam.config import EncoderConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -124,6 +129,21 @@ class Dinov2Encoder:
         weights_hash = state_dict_hash(model)
         return cls(model, patches_long_side=patches_long_side, device=device, image_mean=mean,
                    image_std=std, name=str(model_id_or_dir), weights_hash=weights_hash)
+
+    @classmethod
+    def from_config(cls, cfg: EncoderConfig, device: torch.device) -> Dinov2Encoder:
+        """The registry's builder: the model named by ``cfg.options`` on ``device``."""
+        options: Dinov2Options = cfg.options
+        return cls.from_pretrained(options.model, device,
+                                   patches_long_side=options.patches_long_side)
+
+    @staticmethod
+    def geometry_from_options(
+        options: Dinov2Options,
+    ) -> tuple[Callable[[int, int], tuple[int, int]], int]:
+        """(grid_shape, channels) without loading weights: for memory estimates."""
+        n = options.patches_long_side
+        return (lambda h, w: grid_for_long_side(h, w, n)), channels_for_model(options.model)
 
     @property
     def weights_hash(self) -> str:

@@ -31,7 +31,8 @@ the defaults suit dark particles of radius ~2-12 voxels (bin the tomogram, or sc
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -39,6 +40,10 @@ import torch.nn.functional as F
 
 from cryosam.encoders.base import as_batch
 from cryosam.errors import CryosamError
+
+if TYPE_CHECKING:
+    from cryosam.backends import FilterBankOptions
+    from cryosam.config import EncoderConfig
 
 VERSION = "v2"
 DEFAULT_SIGMAS = (1.0, 1.41, 2.0, 2.83, 4.0, 5.66, 8.0, 11.3)  # half-octave steps, voxels
@@ -84,6 +89,20 @@ class FilterBankEncoder:
         logs = np.log2(self.sigmas)
         step = float(np.mean(np.diff(logs))) if len(logs) > 1 else 1.0
         self.tuning_octaves = max(TUNING_OCTAVES, 0.4 * step)
+
+    @classmethod
+    def from_config(cls, cfg: EncoderConfig, device: torch.device) -> FilterBankEncoder:
+        """The registry's builder: patch size and scales from ``cfg.options``."""
+        options: FilterBankOptions = cfg.options
+        return cls(patch_size=options.patch, sigmas=options.sigmas, device=device)
+
+    @staticmethod
+    def geometry_from_options(
+        options: FilterBankOptions,
+    ) -> tuple[Callable[[int, int], tuple[int, int]], int]:
+        """(grid_shape, channels) without building the bank: for memory estimates."""
+        fb = FilterBankEncoder(patch_size=options.patch, sigmas=options.sigmas)
+        return fb.grid_shape, fb.channels
 
     @property
     def id(self) -> str:  # noqa: A003 - the protocol's name

@@ -1,34 +1,27 @@
-"""2-D promptable slice segmenters behind one protocol: SAM and a weight-free baseline."""
+"""2-D promptable slice segmenters behind one protocol: SAM and a weight-free baseline.
+
+:func:`build_segmenter` builds the one a configuration names, through :mod:`cryosam.backends`.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import torch
 
+from cryosam import backends
+from cryosam.backends import Target
 from cryosam.config import SegmenterConfig
-from cryosam.errors import CryosamError
-from cryosam.segmenters.base import AXES, PromptBatch, Segmenter, SegmentResult
+from cryosam.device import resolve_device
+from cryosam.segmenters.base import PromptBatch, Segmenter, SegmentResult
+from cryosam.utils import AXES
 
-if TYPE_CHECKING:
-    import torch
-
-SEGMENTER_NAMES = ("sam", "threshold")
-
-__all__ = ["AXES", "SEGMENTER_NAMES", "PromptBatch", "SegmentResult", "Segmenter",
-           "build_segmenter"]
+__all__ = ["AXES", "PromptBatch", "SegmentResult", "Segmenter", "build_segmenter"]
 
 
 def build_segmenter(cfg: SegmenterConfig, device: torch.device | str = "auto",
-                    target: str = "particle") -> Segmenter:
-    """The segmenter ``cfg.name`` names: ``sam`` (loads ``cfg.model``) or ``threshold``.
+                    target: Target = "particle") -> Segmenter:
+    """The segmenter ``cfg.name`` names (SAM loads its checkpoint).
 
     ``target`` ("particle" | "membrane") lets a segmenter tune itself to what is clicked.
     """
-    if cfg.name == "sam":
-        from cryosam.segmenters.sam import SamSegmenter
-
-        return SamSegmenter.from_checkpoint(cfg.model, device, cfg)
-    if cfg.name == "threshold":
-        from cryosam.segmenters.threshold import ThresholdSegmenter
-
-        return ThresholdSegmenter(cfg, target=target)
-    raise CryosamError(f"--segmenter {cfg.name!r} is not one of {', '.join(SEGMENTER_NAMES)}")
+    cls = backends.get(cfg.name, "segmenter").load()
+    return cls.from_config(cfg, resolve_device(device), target)

@@ -18,8 +18,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from cryosam.errors import InputError
-
-AXES = ("z", "y", "x")
+from cryosam.utils import AXES
 
 
 def axis_number(axis: str) -> int:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cryosam.backends import SAM_KINDS, sam_kind_of
 from cryosam.config import SegmenterConfig
 from cryosam.device import autocast, resolve_device
 from cryosam.errors import CryosamError
@@ -35,7 +35,6 @@ from cryosam.segmenters.base import (
     empty_result,
 )
 
-SAM_KINDS = ("vit_h", "vit_l", "vit_b")
 MASK_PROMPT_LOGIT = 8.0  # logit magnitude given to a binary mask turned into a mask prompt
 
 
@@ -109,51 +108,6 @@ class SamGeometry:
         return (prob * 2.0 - 1.0) * MASK_PROMPT_LOGIT
 
 
-def tiny_sam(img_size: int = 1024, embed_dim: int = 32, prompt_dim: int = 32, depth: int = 1,
-             seed: int = 0) -> Any:
-    """A randomly initialised, very small SAM built from segment-anything's own classes.
-
-    For tests and benchmarks: it runs exactly the code path of the real models (ViT image
-    encoder, prompt encoder, two-way transformer mask decoder) at a fraction of the cost.
-    ``img_size`` must be a multiple of 16 (the embedding grid is img_size / 16).
-    """
-    from segment_anything.modeling import (
-        ImageEncoderViT,
-        MaskDecoder,
-        PromptEncoder,
-        Sam,
-        TwoWayTransformer,
-    )
-
-    torch.manual_seed(seed)
-    grid = img_size // 16
-    sam = Sam(
-        image_encoder=ImageEncoderViT(
-            depth=depth, embed_dim=embed_dim, img_size=img_size, mlp_ratio=2,
-            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_heads=2, patch_size=16,
-            qkv_bias=True, use_rel_pos=True, global_attn_indexes=(),
-            window_size=min(14, grid), out_chans=prompt_dim),
-        prompt_encoder=PromptEncoder(
-            embed_dim=prompt_dim, image_embedding_size=(grid, grid),
-            input_image_size=(img_size, img_size), mask_in_chans=16),
-        mask_decoder=MaskDecoder(
-            num_multimask_outputs=3,
-            transformer=TwoWayTransformer(depth=1, embedding_dim=prompt_dim, mlp_dim=64,
-                                          num_heads=2),
-            transformer_dim=prompt_dim, iou_head_depth=2, iou_head_hidden_dim=32),
-    )
-    return sam.eval()
-
-
-def _kind_of(model: str) -> str:
-    """The architecture (vit_h/l/b) of a model name or checkpoint file name."""
-    low = Path(model).name.lower()
-    for kind in SAM_KINDS:
-        if kind in low:
-            return kind
-    return "vit_h"
-
-
 class SamSegmenter(SliceSegmenterBase):
     """Batched SAM slice segmenter over a built ``segment_anything`` ``Sam`` model."""
 
@@ -165,11 +119,17 @@ class SamSegmenter(SliceSegmenterBase):
         self.model = sam.to(self.device).eval()
         self.img_size = int(sam.image_encoder.img_size)
         self.lowres = int(sam.prompt_encoder.mask_input_size[0])
-        self.multimask = bool(cfg.multimask)
+        self.multimask = bool(cfg.backends["sam"].multimask)
         self.max_batch = max(1, int(cfg.decoder_batch_size))
         self.encode_batch = max(1, int(cfg.encoder_batch_size))
         self.id = f"sam:{model_id}"
         self._geoms: dict[tuple[int, int], SamGeometry] = {}
+
+    @classmethod
+    def from_config(cls, cfg: SegmenterConfig, device: torch.device,
+                    target: str = "particle") -> SamSegmenter:
+        """The registry's builder: the checkpoint named by ``cfg.options.model``."""
+        return cls.from_checkpoint(cfg.options.model, device, cfg)
 
     @classmethod
     def from_checkpoint(cls, model: str = "vit_h", device: torch.device | str = "auto",
@@ -184,7 +144,7 @@ class SamSegmenter(SliceSegmenterBase):
         from cryosam.weights import locate_sam
 
         is_path = model not in SAM_KINDS
-        kind = _kind_of(model) if is_path else model
+        kind = sam_kind_of(model) if is_path else model
         path = locate_sam(kind, Path(model) if is_path else None)
         sam = sam_model_registry[kind](checkpoint=None)
         try:

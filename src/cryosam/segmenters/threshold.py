@@ -21,12 +21,13 @@ The confidence is the contrast-to-noise ratio squashed to [0, 1]: ``cnr / (cnr +
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy import ndimage as ndi
 
+from cryosam.backends import ThresholdOptions
 from cryosam.config import SegmenterConfig
-from cryosam.errors import CryosamError
 from cryosam.segmenters.base import (
     PromptBatch,
     SegmentResult,
@@ -35,6 +36,9 @@ from cryosam.segmenters.base import (
     empty_result,
     slice_of,
 )
+
+if TYPE_CHECKING:
+    import torch
 
 LEAK_FACTOR = 1.5  # a guided mask may grow to this many times the previous area unclipped
 START_HALF_WINDOW = 24  # pixels each side of the point, doubled while the mask touches it
@@ -46,21 +50,27 @@ class ThresholdSegmenter(SliceSegmenterBase):
     def __init__(self, config: SegmenterConfig | None = None, target: str = "particle") -> None:
         cfg = config or SegmenterConfig(name="threshold")
         super().__init__(cfg.embedding_cache_mb)
-        if cfg.polarity not in ("dark", "bright"):
-            raise CryosamError(f"segmenter polarity {cfg.polarity!r} is not 'dark' or 'bright'")
-        self.sign = -1.0 if cfg.polarity == "dark" else 1.0
-        self.sigma = float(cfg.smooth_sigma)
-        self.slab = max(0, int(cfg.slab))
+        opts: ThresholdOptions = cfg.backends["threshold"]
+        self.sign = -1.0 if opts.polarity == "dark" else 1.0
+        self.sigma = float(opts.smooth_sigma)
+        self.slab = max(0, int(opts.slab))
         # a membrane slice is a thin dark curve blurred wider than it is: cutting higher up
         # its profile keeps the mask at the bilayer's width
-        self.level = float(cfg.membrane_level if target == "membrane" else cfg.level)
-        self.min_contrast = float(cfg.min_contrast)
+        self.level = float(opts.membrane_level if target == "membrane" else opts.level)
+        self.min_contrast = float(opts.min_contrast)
         self.max_batch = max(1, int(cfg.decoder_batch_size))
         self.encode_batch = max(1, int(cfg.encoder_batch_size))
-        self.id = (f"threshold:{cfg.polarity}:s{self.sigma:g}:slab{self.slab}:"
+        self.id = (f"threshold:{opts.polarity}:s{self.sigma:g}:slab{self.slab}:"
                    f"l{self.level:g}:c{self.min_contrast:g}")
 
     # -- per-slice encoding ---------------------------------------------------------------
+
+    @classmethod
+    def from_config(cls, cfg: SegmenterConfig, device: torch.device,
+                    target: str = "particle") -> ThresholdSegmenter:
+        """The registry's builder (CPU only: ``device`` is not used)."""
+        return cls(cfg, target=target)
+
     def _encode(self, axis: str, indices: list[int]) -> list[tuple[np.ndarray, float]]:
         out = []
         for index in indices:

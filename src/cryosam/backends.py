@@ -1,0 +1,257 @@
+"""The backend registry: the one place that maps a backend name to its class, its options
+block and its model weights.
+
+A backend is a slice encoder (features for matching) or a 2-D promptable segmenter (masks).
+Each entry names its implementation as ``"module:Class"`` (imported only when the backend is
+built, so choosing the weight-free path never imports transformers), its options dataclass
+(the knobs only it reads; they sit under ``encoder.backends[name]`` /
+``segmenter.backends[name]`` in :class:`cryosam.config.CryosamConfig`) and how to find the
+weights it needs. Adding a backend is its module plus one :class:`Backend` entry here.
+
+The implementation class provides ``from_config(block, device, target)`` (a classmethod that
+builds it from the whole :class:`~cryosam.config.EncoderConfig` or
+:class:`~cryosam.config.SegmenterConfig`); encoders also provide
+``geometry_from_options(options)`` → ``(grid_shape, channels)`` so that memory can be
+estimated without loading weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from cryosam.errors import InputError, MissingWeightsError
+
+Kind = Literal["encoder", "segmenter"]
+Target = Literal["particle", "membrane"]
+Polarity = Literal["dark", "bright"]
+
+DEFAULT_DINOV2 = "facebook/dinov2-with-registers-large"  # the paper's reference code
+DEFAULT_SAM = "vit_h"  # the paper's SAM
+SAM_KINDS = ("vit_h", "vit_l", "vit_b")
+
+
+# --------------------------------------------------------------------------- options blocks
+
+
+@dataclass(frozen=True)
+class Dinov2Options:
+    """DINOv2 (transformers): which model and how finely it sees a slice."""
+
+    model: str = DEFAULT_DINOV2  # hub id or local directory
+    patches_long_side: int = 37  # long side of a slice spans this many patches (37*14 = 518 px)
+
+    def __post_init__(self) -> None:
+        _at_least("encoder.backends.dinov2.patches_long_side", self.patches_long_side, 1)
+
+
+@dataclass(frozen=True)
+class FilterBankOptions:
+    """The weight-free filter bank: patch size and the scales it looks at."""
+
+    patch: int = 2  # voxels per patch
+    sigmas: tuple[float, ...] = (1.0, 1.41, 2.0, 2.83, 4.0, 5.66, 8.0, 11.3)  # voxels
+
+    def __post_init__(self) -> None:
+        _at_least("encoder.backends.filterbank.patch", self.patch, 1)
+        if not self.sigmas or min(self.sigmas) <= 0:
+            raise InputError(f"encoder.backends.filterbank.sigmas {self.sigmas}: give one or "
+                             "more scales > 0 (voxels)")
+
+
+@dataclass(frozen=True)
+class SamOptions:
+    """SAM (segment-anything): which checkpoint and how many candidate masks per prompt."""
+
+    model: str = DEFAULT_SAM  # "vit_h" | "vit_l" | "vit_b" or a path to a .pth checkpoint
+    multimask: bool = True  # 3 candidate masks per prompt, keep the best acceptable one
+
+
+@dataclass(frozen=True)
+class ThresholdOptions:
+    """The weight-free threshold segmenter: local contrast around the prompt."""
+
+    polarity: Polarity = "dark"  # particles darker ("dark") or brighter than background
+    smooth_sigma: float = 1.5  # Gaussian denoising of each slice, in pixels
+    slab: int = 1  # average this many neighbouring slices each side before smoothing
+    level: float = 0.5  # cut between local background (0) and particle core (1)
+    membrane_level: float = 0.7  # --target membrane: cut higher on thin sheets
+    min_contrast: float = 2.0  # no mask when core-background contrast < this * noise
+
+    def __post_init__(self) -> None:
+        check_choice("segmenter.backends.threshold.polarity", self.polarity, ("dark", "bright"))
+        _at_least("segmenter.backends.threshold.slab", self.slab, 0)
+
+
+# --------------------------------------------------------------------------- weights lookups
+
+
+def _sam_weights(options: SamOptions) -> None:
+    from pathlib import Path
+
+    from cryosam.weights import locate_sam
+
+    model = options.model
+    known = model in SAM_KINDS
+    try:
+        locate_sam(model) if known else locate_sam(sam_kind_of(model), Path(model))
+    except MissingWeightsError as exc:
+        raise MissingWeightsError(str(exc), name=f"sam_{model}" if known else None) from None
+
+
+def _dinov2_weights(options: Dinov2Options) -> None:
+    from cryosam.errors import CryosamError
+    from cryosam.weights import get_spec, locate_dinov2
+
+    try:
+        locate_dinov2(options.model)
+    except MissingWeightsError as exc:
+        try:
+            name: str | None = get_spec(options.model).name
+        except CryosamError:
+            name = None  # a local folder or a hub id cryosam does not list
+        raise MissingWeightsError(str(exc), name=name) from None
+
+
+def sam_kind_of(model: str) -> str:
+    """The SAM architecture (vit_h/l/b) a model name or checkpoint file name stands for."""
+    from pathlib import PurePath
+
+    low = PurePath(model).name.lower()
+    return next((kind for kind in SAM_KINDS if kind in low), "vit_h")
+
+
+# --------------------------------------------------------------------------- the registry
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One registry entry."""
+
+    name: str  # what --encoder / --segmenter take
+    kind: Kind
+    implementation: str  # "module:Class"
+    options: type  # its options dataclass
+    summary: str  # one line for --help and the README
+    weights: Callable[[Any], None] | None = None  # raises MissingWeightsError when absent
+    weight_free: bool = False  # a baseline that needs no download (the offline fallback)
+
+    def load(self) -> type:
+        """Import and return the implementation class."""
+        module, _, attr = self.implementation.partition(":")
+        return getattr(importlib.import_module(module), attr)
+
+
+REGISTRY: dict[str, Backend] = {b.name: b for b in (
+    Backend("dinov2", "encoder", "cryosam.encoders.dinov2:Dinov2Encoder", Dinov2Options,
+            "DINOv2 ViT patch features (transformers); the paper's encoder",
+            weights=_dinov2_weights),
+    Backend("filterbank", "encoder", "cryosam.encoders.filterbank:FilterBankEncoder",
+            FilterBankOptions, "weight-free multi-scale blob/line filter bank",
+            weight_free=True),
+    Backend("sam", "segmenter", "cryosam.segmenters.sam:SamSegmenter", SamOptions,
+            "Segment Anything (segment-anything); the paper's segmenter",
+            weights=_sam_weights),
+    Backend("threshold", "segmenter", "cryosam.segmenters.threshold:ThresholdSegmenter",
+            ThresholdOptions, "weight-free local-contrast threshold", weight_free=True),
+)}
+
+
+def names(kind: Kind) -> tuple[str, ...]:
+    """Registered backend names of one kind, in registry order."""
+    return tuple(n for n, b in REGISTRY.items() if b.kind == kind)
+
+
+def weight_free(kind: Kind) -> str:
+    """The weight-free backend of a kind (``cryosam demo``'s offline fallback)."""
+    return next(n for n, b in REGISTRY.items() if b.kind == kind and b.weight_free)
+
+
+def get(name: str, kind: Kind) -> Backend:
+    """The entry ``name`` of ``kind``; a clear error naming the parameter otherwise."""
+    backend = REGISTRY.get(name)
+    if backend is None or backend.kind != kind:
+        raise InputError(f"{kind} {name!r} is not one of {', '.join(names(kind))}")
+    return backend
+
+
+def default_options(kind: Kind) -> dict[str, Any]:
+    """Every backend's default options block of ``kind``, keyed by name."""
+    return {n: REGISTRY[n].options() for n in names(kind)}
+
+
+def options_from(kind: Kind, given: Any) -> dict[str, Any]:
+    """The per-backend options mapping, completed with defaults; dicts (a run record) become
+    the backends' dataclasses. Unknown backends or fields are errors naming them."""
+    out = default_options(kind)
+    for name, value in dict(given or {}).items():
+        cls = get(name, kind).options
+        if isinstance(value, cls):
+            out[name] = value
+        elif isinstance(value, dict):
+            out[name] = build_dataclass(cls, value, f"{kind}.backends.{name}")
+        else:
+            raise InputError(f"{kind}.backends.{name}: expected a mapping of options, "
+                             f"got {type(value).__name__}")
+    return out
+
+
+def missing_weights(
+    selected: list[tuple[Kind, str, Any]],
+) -> list[tuple[str | None, MissingWeightsError]]:
+    """For each (kind, name, options) in use whose weights are not on this machine: the
+    model's download name (None for a user-given path) and the error saying so."""
+    missing = []
+    for kind, name, options in selected:
+        backend = get(name, kind)
+        if backend.weights is None:
+            continue
+        try:
+            backend.weights(options)
+        except MissingWeightsError as exc:
+            missing.append((exc.name, exc))
+    return missing
+
+
+# --------------------------------------------------------------------------- validation helpers
+
+
+def check_choice(parameter: str, value: Any, choices: tuple[Any, ...]) -> None:
+    """An :class:`InputError` naming ``parameter`` when ``value`` is not one of ``choices``."""
+    if value not in choices:
+        raise InputError(f"{parameter} {value!r} is not one of "
+                         f"{', '.join(str(c) for c in choices)}")
+
+
+def _at_least(parameter: str, value: float, low: float) -> None:
+    if value < low:
+        raise InputError(f"{parameter} {value}: must be at least {low}")
+
+
+def build_dataclass(cls: type, data: dict[str, Any], where: str) -> Any:
+    """``cls(**data)`` with lists turned into tuples where the field is a tuple, and unknown
+    keys refused by name (a run record from another version says what it cannot carry)."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise InputError(f"{where}: unknown parameter(s) {', '.join(unknown)}; "
+                         f"known: {', '.join(fields)}")
+    kwargs = {}
+    for key, value in data.items():
+        if isinstance(value, list) and "tuple" in str(fields[key].type):
+            value = tuple(value)
+        kwargs[key] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise InputError(f"{where}: {exc}") from None
+
+
+__all__ = [
+    "REGISTRY", "SAM_KINDS", "Backend", "Dinov2Options", "FilterBankOptions", "SamOptions",
+    "ThresholdOptions", "build_dataclass", "check_choice", "default_options", "get",
+    "missing_weights", "names", "options_from", "sam_kind_of", "weight_free",
+]

@@ -1,0 +1,118 @@
+"""What a run produces: one :class:`Instance` record per segmented object and the
+:class:`SegmentationResult` that :func:`cryosam.export.write_outputs` writes to disk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+
+from cryosam.backends import Target
+from cryosam.io import Tomogram
+from cryosam.propagation import InstanceMask
+
+
+@dataclass
+class Instance:
+    """One segmented particle (or membrane piece) and where it came from."""
+
+    mask: InstanceMask
+    seed: np.ndarray  # (3,) the click or proposal (z, y, x voxels) it grew from
+    similarity: float  # matching similarity with the query (1 for clicks)
+    confidence: float  # segmenter confidence, clipped to [0, 1]
+    click_row: int = -1  # row of its click in the points file; -1 for a match
+
+    @property
+    def is_prompt(self) -> bool:
+        """True for a clicked instance."""
+        return self.click_row >= 0
+
+    @property
+    def score(self) -> float:
+        """Matching similarity x segmenter confidence: how sure the pick is."""
+        return self.similarity * self.confidence
+
+    @property
+    def n_voxels(self) -> int:
+        return self.mask.n_voxels
+
+    def position(self) -> np.ndarray:
+        """Where the pick is reported: the mask's centroid, or the seed for an empty mask."""
+        return self.mask.centroid() if self.mask.n_voxels else np.asarray(self.seed, float)
+
+
+@dataclass
+class SegmentationResult:
+    """Everything a run produced; :func:`cryosam.export.write_outputs` writes it to disk.
+
+    ``instances`` are in label order (``instances[i]`` is label ``i + 1`` in ``labels``):
+    clicks first, then matches by score.
+    """
+
+    tomogram: Tomogram
+    tomo_name: str
+    target: Target
+    prompt_zyx: np.ndarray  # (P, 3) clicked points, voxels
+    instances: list[Instance]
+    semantic: np.ndarray  # (D, H, W) int8, 1 = segmented
+    labels: np.ndarray  # (D, H, W) int16/int32 instance ids (1..I), 0 = background
+    proposals_zyx: np.ndarray = field(default_factory=lambda: np.zeros((0, 3)))
+    proposal_scores: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    record: dict[str, Any] = field(default_factory=dict)
+
+    # per instance, in label order
+    @property
+    def instance_scores(self) -> np.ndarray:
+        return np.array([i.score for i in self.instances], dtype=float)
+
+    # picks: one per instance at its centroid, best score first (particles only)
+    @cached_property
+    def _pick_order(self) -> np.ndarray:
+        if self.target != "particle":
+            return np.zeros(0, dtype=int)
+        return np.argsort(-self.instance_scores, kind="stable")
+
+    def _picked(self, attr: str, dtype: type) -> np.ndarray:
+        return np.array([getattr(self.instances[i], attr) for i in self._pick_order],
+                        dtype=dtype)
+
+    @cached_property
+    def picks_zyx(self) -> np.ndarray:
+        """(N, 3) pick positions in voxels (z, y, x), best score first; a click whose mask
+        came out empty is reported at the click itself."""
+        if not len(self._pick_order):
+            return np.zeros((0, 3))
+        return np.array([self.instances[i].position() for i in self._pick_order], dtype=float)
+
+    @property
+    def pick_scores(self) -> np.ndarray:
+        return self._picked("score", float)
+
+    @property
+    def pick_similarity(self) -> np.ndarray:
+        return self._picked("similarity", float)
+
+    @property
+    def pick_confidence(self) -> np.ndarray:
+        return self._picked("confidence", float)
+
+    @property
+    def pick_is_prompt(self) -> np.ndarray:
+        return self._picked("is_prompt", bool)
+
+    @property
+    def pick_click_row(self) -> np.ndarray:
+        """Row of each pick's click in the points file (0-based), -1 for matches."""
+        return self._picked("click_row", np.int64)
+
+    @property
+    def pick_instance_ids(self) -> np.ndarray:
+        """Label of each pick in ``instances.mrc``."""
+        return self._pick_order + 1
+
+    @cached_property
+    def pick_n_voxels(self) -> np.ndarray:
+        return self._picked("n_voxels", np.int64)
