@@ -16,6 +16,8 @@ from cryosam.metrics import evaluate_picks, fraction_picked, mask_metrics
 from cryosam.pipeline import CryoSAM
 from cryosam.simulate import SimulationConfig, simulate
 
+pytestmark = pytest.mark.slow
+
 SEEDS = (0, 1, 2)
 WEIGHT_FREE = CryosamConfig(encoder=EncoderConfig(name="filterbank"),
                             segmenter=SegmenterConfig(name="threshold"), device="cpu")

@@ -1,4 +1,5 @@
-"""End-to-end pipeline on small synthetic tomograms: outputs, formats, CLI behaviour."""
+"""End-to-end pipeline on small synthetic tomograms: outputs and formats (the command line
+is in test_cli.py)."""
 
 from __future__ import annotations
 
@@ -11,27 +12,15 @@ import pytest
 import starfile
 
 from cryosam import io
-from cryosam.config import CryosamConfig, EncoderConfig, SegmenterConfig
 from cryosam.export import OUTPUT_FILES, write_outputs
 from cryosam.pipeline import CryoSAM
-from cryosam.simulate import SimulationConfig, simulate, write_simulation
 from cryosam.utils import sha256_file
 
-WEIGHT_FREE = CryosamConfig(encoder=EncoderConfig(name="filterbank"),
-                            segmenter=SegmenterConfig(name="threshold"), device="cpu")
-
 
 @pytest.fixture(scope="module")
-def small_sim(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, dict[str, Path]]:
-    sim = simulate(SimulationConfig(shape=(40, 96, 112), seed=3))
-    files = write_simulation(sim, tmp_path_factory.mktemp("sim"))
-    return sim, files
-
-
-@pytest.fixture(scope="module")
-def small_run(small_sim, tmp_path_factory: pytest.TempPathFactory):
+def small_run(small_sim, weight_free, tmp_path_factory: pytest.TempPathFactory):
     sim, files = small_sim
-    result = CryoSAM(WEIGHT_FREE).segment(files["tomo.mrc"], files["prompt.csv"],
+    result = CryoSAM(weight_free).segment(files["tomo.mrc"], files["prompt.csv"],
                                           tomo_name="TS_07")
     out = tmp_path_factory.mktemp("run") / "out"
     written = write_outputs(result, out, tomo_name="TS_07")
@@ -120,10 +109,10 @@ def test_run_record_holds_what_reproduces_the_run(small_run, small_sim) -> None:
     assert set(vpp) == {"z", "y", "x"} and all(v == [2.0, 2.0] for v in vpp.values())
 
 
-def test_same_input_same_output(small_sim, small_run) -> None:
+def test_same_input_same_output(small_sim, small_run, weight_free) -> None:
     _, files = small_sim
     first, _, _ = small_run
-    again = CryoSAM(WEIGHT_FREE).segment(files["tomo.mrc"], files["prompt.csv"])
+    again = CryoSAM(weight_free).segment(files["tomo.mrc"], files["prompt.csv"])
     np.testing.assert_array_equal(again.labels, first.labels)
     np.testing.assert_allclose(again.pick_scores, first.pick_scores)
 
@@ -143,100 +132,14 @@ def test_existing_output_needs_overwrite(small_run, tmp_path: Path) -> None:
     assert (out / "mine.txt").read_text() == "keep!"
 
 
-def test_cli_segment_no_match_writes_clicked_particles(small_sim, tmp_path: Path,
-                                                        run_cli) -> None:
-    sim, files = small_sim
-    out = tmp_path / "clicked"
-    code, stdout, err = run_cli("segment", files["tomo.mrc"], "--points", files["prompts5.csv"],
-                                "--no-match", "--segmenter", "threshold", "--out", out,
-                                "--device", "cpu")
-    assert code == 0, err
-    picks = io.read_points(out / "picks.csv")
-    assert len(picks) == 5
-    assert np.all(picks.columns["prompt"] == 1)
-    labels = io.read_tomogram(out / "instances.mrc").data
-    assert len(np.unique(labels)) == 6  # five instances + background
-    assert "5 click(s)" in stdout
-
-
-@pytest.mark.parametrize("case", ["missing_tomo", "outside", "empty_points", "image_2d"])
-def test_cli_bad_input_is_one_line_exit_2_and_no_output(case: str, small_sim, tmp_path: Path,
-                                                        run_cli) -> None:
-    _, files = small_sim
-    tomo, points = files["tomo.mrc"], files["prompt.csv"]
-    if case == "missing_tomo":
-        tomo = tmp_path / "nope.mrc"
-    elif case == "outside":
-        points = tmp_path / "far.csv"
-        points.write_text("x,y,z\n5000,10,10\n")
-    elif case == "empty_points":
-        points = tmp_path / "empty.csv"
-        points.write_text("x,y,z\n")
-    elif case == "image_2d":
-        tomo = tmp_path / "flat.mrc"
-        with mrcfile.new(tomo) as mrc:
-            mrc.set_data(np.zeros((32, 32), np.float32))
-    out = tmp_path / "out"
-    code, _, err = run_cli("segment", tomo, "--points", points, "--out", out,
-                           "--encoder", "filterbank", "--segmenter", "threshold")
-    assert code == 2
-    lines = [ln for ln in err.strip().splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in err
-    assert not out.exists()
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
-
-
-def test_cli_missing_weights_is_one_line(small_sim, tmp_path: Path, run_cli,
-                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    _, files = small_sim
-    monkeypatch.setenv("CRYOSAM_CHECKPOINTS", str(tmp_path / "empty"))
-    monkeypatch.chdir(tmp_path)
-    code, _, err = run_cli("segment", files["tomo.mrc"], "--points", files["prompt.csv"],
-                           "--out", tmp_path / "o", "--sam-model", "vit_b")
-    assert code == 2
-    assert "cryosam weights download" in err
-    assert not (tmp_path / "o").exists()
-
-
-def test_cli_demo_runs_offline_and_scores(tmp_path: Path, run_cli,
-                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("CRYOSAM_CHECKPOINTS", str(tmp_path / "no_weights"))
-    code, out, err = run_cli("demo", tmp_path / "demo", "--shape", "40,96,112", "--seed", "3",
-                             "--device", "cpu")
-    assert code == 0, err
-    assert "weight-free backends" in out
-    f1 = float(out.split(" F1 ")[1].split()[0])
-    assert 0.0 <= f1 <= 1.0
-    assert (tmp_path / "demo" / "tomo_cryosam" / "preview.png").stat().st_size > 10_000
-    assert (tmp_path / "demo" / "data" / "truth.csv").exists()
-
-
-def test_cli_help_lists_built_commands(run_cli) -> None:
-    code, out, _ = run_cli("--help")
-    assert code == 0
-    for name in ("segment", "demo", "simulate", "evaluate", "info", "weights", "bench"):
-        assert name in out
-
-
-def test_overwrite_never_deletes_user_files(small_sim, run_cli, tmp_path: Path) -> None:
-    _, files = small_sim
-    data = files["tomo.mrc"].parent  # the simulation folder: the user's own files
-    before = sorted(p.name for p in data.iterdir())
-    code, _, err = run_cli("segment", files["tomo.mrc"], "--points", files["prompt.csv"],
-                           "--out", data, "--overwrite", "--no-match", "--segmenter",
-                           "threshold")
-    assert code == 2 and "did not write" in err
-    assert sorted(p.name for p in data.iterdir()) == before
-
-
-def test_click_with_empty_mask_is_kept_at_the_click(small_sim, small_run, tmp_path: Path
-                                                    ) -> None:
+def test_click_with_empty_mask_is_kept_at_the_click(small_sim, small_run, weight_free,
+                                                    tmp_path: Path) -> None:
     sim, _ = small_sim
     first, _, _ = small_run
     background = np.array([[1.0, 1.0, 1.0]])  # a corner: no particle there
     points = np.vstack([first.prompt_zyx, background])
     with pytest.warns(UserWarning, match="empty mask"):
-        res = CryoSAM(WEIGHT_FREE).segment(sim.volume, points, voxel_size=sim.voxel_size,
+        res = CryoSAM(weight_free).segment(sim.volume, points, voxel_size=sim.voxel_size,
                                            match=False)
     row = np.nonzero(res.pick_click_row == 1)[0]
     assert len(row) == 1
@@ -257,16 +160,3 @@ def test_output_folder_is_readable_by_the_group(small_run, tmp_path: Path) -> No
         os.umask(old)
     assert (tmp_path / "o").stat().st_mode & 0o777 == 0o755
     assert written["picks.csv"].stat().st_mode & 0o777 == 0o644
-
-
-@pytest.mark.parametrize("args", [["--out", "FILE/sub"], ["--cache-dir", "FILE"],
-                                  ["--nms-radius", "-3"], ["--device", "cuda:7"]])
-def test_cli_bad_options_fail_before_any_work(args: list[str], small_sim, tmp_path: Path,
-                                              run_cli) -> None:
-    _, files = small_sim
-    (tmp_path / "FILE").write_text("not a folder")
-    args = [a.replace("FILE", str(tmp_path / "FILE")) for a in args]
-    code, _, err = run_cli("segment", files["tomo.mrc"], "--points", files["prompt.csv"],
-                           "--encoder", "filterbank", "--segmenter", "threshold", *args)
-    assert code == 2
-    assert "Traceback" not in err and err.strip()

@@ -20,22 +20,13 @@ from cryosam.simulate import SimulationConfig, simulate
 from cryosam.testing import tiny_sam
 
 
-def _tiny_dinov2() -> torch.nn.Module:
-    from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
-
-    torch.manual_seed(0)
-    cfg = Dinov2WithRegistersConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                    mlp_ratio=2, image_size=56, patch_size=14,
-                                    num_register_tokens=4)
-    return Dinov2WithRegistersModel(cfg).eval()
-
-
 @pytest.mark.parametrize("target", ["particle", "membrane"])
-def test_tiny_dinov2_and_sam_run_end_to_end(target: str, tmp_path: Path) -> None:
+def test_tiny_dinov2_and_sam_run_end_to_end(target: str, tiny_dinov2_model,
+                                            tmp_path: Path) -> None:
     torch.set_num_threads(2)
     sim = simulate(SimulationConfig(shape=(32, 64, 72), seed=2, n_targets=3, n_blobs=2,
                                     n_filaments=1))
-    encoder = Dinov2Encoder(_tiny_dinov2(), patches_long_side=8, device="cpu")
+    encoder = Dinov2Encoder(tiny_dinov2_model, patches_long_side=8, device="cpu")
     segmenter = SamSegmenter(tiny_sam(img_size=128, seed=0), "cpu")
     cfg = CryosamConfig(
         device="cpu",

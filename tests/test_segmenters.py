@@ -12,14 +12,13 @@ from cryosam.segmenters import PromptBatch, Segmenter, build_segmenter
 from cryosam.segmenters.base import ByteLRU, slice_of, to_slice, to_volume
 from cryosam.segmenters.sam import SamGeometry, SamSegmenter
 from cryosam.segmenters.threshold import ThresholdSegmenter
-from cryosam.testing import tiny_sam
 
 torch.set_num_threads(2)
 
 
 @pytest.fixture(scope="module")
-def sam256():
-    return tiny_sam(img_size=256, seed=1)
+def sam256(tiny_sam_model):
+    return tiny_sam_model
 
 
 def _disk(h: int, w: int, r0: float, c0: float, rad: float) -> np.ndarray:
@@ -52,6 +51,22 @@ def test_geometry_non_square_points_and_padding():
     valid_rows = int(np.ceil(nh * 256 / 1024))
     assert (low[: valid_rows - 1] > 0).all()
     assert (low[valid_rows + 1 :] < 0).all()  # the bottom padding is outside
+
+
+@pytest.mark.parametrize("hw", [(48, 80), (80, 48), (60, 150), (200, 200), (7, 1000)])
+def test_geometry_matches_segment_anythings_resize_longest_side(hw):
+    """SamGeometry mirrors segment-anything 1.0's ResizeLongestSide (sizes and coordinates)."""
+    from segment_anything.utils.transforms import ResizeLongestSide
+
+    h, w = hw
+    g = SamGeometry(h, w, 1024, 256)
+    resize = ResizeLongestSide(1024)
+    assert g.input_hw == resize.get_preprocess_shape(h, w, 1024)
+    rc = np.array([[0.0, 0.0], [h - 1, w - 1], [h / 3, w / 5]])
+    # SAM's coords are continuous (x, y) scaled by new/old; ours map pixel centres, which SAM's
+    # prompt encoder then shifts by +0.5: the two agree on the centre of every pixel
+    theirs = resize.apply_coords(rc[:, ::-1] + 0.5, (h, w))
+    np.testing.assert_allclose(g.points_to_input(rc) + 0.5, theirs, rtol=1e-6)
 
 
 def test_geometry_mask_round_trip_and_point_agreement():

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import typer
 
-from cryosam.benchmarks import features, matching, pipeline, propagation
+from cryosam.benchmarks import accuracy, features, matching, pipeline, propagation
 
-BENCHMARKS = (pipeline, features, matching, propagation)
+BENCHMARKS = (pipeline, accuracy, features, matching, propagation)
 
 
 def register(app: typer.Typer) -> None:

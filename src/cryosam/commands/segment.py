@@ -1,6 +1,7 @@
 """``cryosam segment TOMO --points P``: the main job.
 
-Every option that sets a parameter takes its default from :func:`cryosam.config.default_config`
+Every option that sets a parameter takes its default from
+:func:`cryosam.config.default_config`
 (:data:`OPTION_PATHS` maps each to its place in the configuration), so the CLI cannot drift from
 the Python API. ``--config run.json`` starts from an earlier run's parameters; options given on
 the command line override them.
@@ -16,7 +17,8 @@ from typing import Any
 import typer
 
 from cryosam import backends
-from cryosam.config import TARGETS, CryosamConfig, default_config, get_path
+from cryosam import config as configuration
+from cryosam.config import TARGETS, CryosamConfig, get_path
 from cryosam.errors import InputError
 
 # CLI parameter -> dotted path in CryosamConfig
@@ -84,7 +86,7 @@ def config_from_cli(base: CryosamConfig, given: dict[str, Any]) -> CryosamConfig
 
 def register(app: typer.Typer) -> None:
     """Add ``segment`` with defaults from today's configuration."""
-    d = default_config()
+    d = configuration.default_config()
     default = {p: get_path(d, path) for p, path in OPTION_PATHS.items()}
     default["ratios"] = ",".join(str(r) for r in default["ratios"])
 
@@ -161,7 +163,8 @@ def register(app: typer.Typer) -> None:
             progress.set_quiet(True)
         values = locals()
         given = {p: values[p] for p in OPTION_PATHS if _given(ctx, p)}
-        base = CryosamConfig.from_file(config) if config is not None else default_config()
+        base = (CryosamConfig.from_file(config) if config is not None
+                else configuration.default_config())
         cfg = config_from_cli(base, given)
         out_dir = out or default_out_dir(tomo)
         check_out_dir(out_dir, overwrite, inputs=(tomo, points))

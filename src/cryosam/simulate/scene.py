@@ -21,17 +21,13 @@ Sizes are in voxels; ``voxel_size`` only goes into the headers. Everything is dr
 
 from __future__ import annotations
 
-import json
 import math
-import os
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import numpy as np
-import scipy.fft as sfft
 
-from cryosam._atomic import atomic_write_text
 from cryosam.errors import CryosamError, InputError
+from cryosam.simulate.imaging import apply_transfer, transfer
 
 TARGET_KIND = "ribosome"
 BLOB_KIND = "blob"
@@ -318,41 +314,6 @@ def _make_membranes(shape: tuple[int, int, int], rng: np.random.Generator) -> li
 
 
 # ----------------------------------------------------------------------------------------
-# Fourier filters
-
-
-def _transfer(shape: tuple[int, int, int], sigma: float, tilt_range: float) -> np.ndarray:
-    """rfftn-layout transfer function: Gaussian low-pass (``sigma`` voxels, real space) times
-    the missing-wedge mask (tilt axis y; kept where |kz| <= tan(tilt_range) |kx|)."""
-    d, h, w = shape
-    kz = sfft.fftfreq(d).astype(np.float32)[:, None, None]
-    ky = sfft.fftfreq(h).astype(np.float32)[None, :, None]
-    kx = sfft.rfftfreq(w).astype(np.float32)[None, None, :]
-    k2 = kz**2 + ky**2 + kx**2
-    out = np.exp(np.float32(-2 * math.pi**2 * sigma**2) * k2)
-    if tilt_range < 90:
-        keep = np.abs(kz) <= np.float32(math.tan(math.radians(tilt_range))) * np.abs(kx)
-        out = out * keep
-    return out.astype(np.float32)
-
-
-def missing_wedge_mask(shape: tuple[int, int, int], tilt_range: float = 60.0) -> np.ndarray:
-    """Boolean rfftn-layout mask of the Fourier components a +-``tilt_range`` tilt series
-    about the y axis samples (True = sampled)."""
-    d, h, w = shape
-    kz = sfft.fftfreq(d)[:, None, None]
-    kx = sfft.rfftfreq(w)[None, None, :]
-    keep = np.abs(kz) <= math.tan(math.radians(min(tilt_range, 89.999))) * np.abs(kx)
-    return np.broadcast_to(keep, (d, h, w // 2 + 1)).copy()
-
-
-def _filter(vol: np.ndarray, transfer: np.ndarray) -> np.ndarray:
-    spec = sfft.rfftn(vol, workers=-1)
-    spec *= transfer
-    return sfft.irfftn(spec, s=vol.shape, workers=-1).astype(np.float32)
-
-
-# ----------------------------------------------------------------------------------------
 # simulation
 
 
@@ -419,9 +380,9 @@ def simulate(config: SimulationConfig | None = None) -> Simulation:
             size_factors.append(shp.size_factor)
 
     # dense matter dark: negate; blur + wedge the signal; band-limited, wedge-filtered noise
-    signal = _filter(-density, _transfer(shape, cfg.blur_sigma, cfg.tilt_range))
+    signal = apply_transfer(-density, transfer(shape, cfg.blur_sigma, cfg.tilt_range))
     white = rng.standard_normal(size=shape, dtype=np.float32)
-    noise = _filter(white, _transfer(shape, cfg.noise_sigma, cfg.tilt_range))
+    noise = apply_transfer(white, transfer(shape, cfg.noise_sigma, cfg.tilt_range))
     signal -= signal.mean()
     noise -= noise.mean()
     var_s = float(np.var(signal, dtype=np.float64))
@@ -493,64 +454,3 @@ def _membrane_clicks(membranes: list[_Membrane], mask: np.ndarray, n: int,
     arr = np.asarray(pts, dtype=np.float64)
     idx = np.clip(np.rint(arr).astype(int), 0, np.asarray(shape) - 1)
     return arr[mask[idx[:, 0], idx[:, 1], idx[:, 2]]]
-
-
-# ----------------------------------------------------------------------------------------
-# files
-
-OUTPUT_NAMES = ("tomo.mrc", "truth.csv", "prompt.csv", "prompts5.csv", "membrane_clicks.csv",
-                "membrane.mrc", "labels.mrc", "simulation.json")
-
-
-def _xyz_csv(points_zyx: np.ndarray) -> str:
-    lines = ["x,y,z"]
-    lines += [f"{x:.2f},{y:.2f},{z:.2f}" for z, y, x in np.asarray(points_zyx).reshape(-1, 3)]
-    return "\n".join(lines) + "\n"
-
-
-def write_simulation(sim: Simulation, out_dir: str | os.PathLike[str], *,
-                     overwrite: bool = False) -> dict[str, Path]:
-    """Write the tomogram, its truth and prompt files into ``out_dir``; return the paths,
-    keyed by file name (``paths["tomo.mrc"]``).
-
-    Files: ``tomo.mrc`` (voxel size set), ``truth.csv`` (id,kind,x,y,z,radius; voxels),
-    ``prompt.csv`` (one target), ``prompts5.csv`` (five targets), ``membrane_clicks.csv``,
-    ``membrane.mrc`` (0/1), ``labels.mrc`` (particle ids) and ``simulation.json`` (the
-    configuration and a summary). Existing files are kept unless ``overwrite``.
-    """
-    from cryosam.io import write_mrc
-
-    out = Path(out_dir)
-    paths = {name: out / name for name in OUTPUT_NAMES}
-    existing = [p.name for p in paths.values() if p.exists()]
-    if existing and not overwrite:
-        raise CryosamError(f"{out}: already holds {', '.join(existing)}; "
-                           "choose another folder or pass --overwrite")
-    out.mkdir(parents=True, exist_ok=True)
-    vs = sim.voxel_size
-    write_mrc(paths["tomo.mrc"], sim.volume, voxel_size=vs, origin=(0.0, 0.0, 0.0))
-    write_mrc(paths["labels.mrc"], sim.labels, voxel_size=vs, origin=(0.0, 0.0, 0.0))
-    write_mrc(paths["membrane.mrc"], sim.membrane, voxel_size=vs, origin=(0.0, 0.0, 0.0))
-    rows = ["id,kind,x,y,z,radius"]
-    rows += [f"{p.id},{p.kind},{p.zyx[2]:.3f},{p.zyx[1]:.3f},{p.zyx[0]:.3f},{p.radius:.3f}"
-             for p in sim.particles]
-    atomic_write_text(paths["truth.csv"], "\n".join(rows) + "\n")
-    atomic_write_text(paths["prompt.csv"], _xyz_csv(sim.prompt_points[:1]))
-    atomic_write_text(paths["prompts5.csv"], _xyz_csv(sim.prompt_points[:5]))
-    atomic_write_text(paths["membrane_clicks.csv"], _xyz_csv(sim.membrane_clicks))
-    summary = {
-        "config": asdict(sim.config),
-        "counts": {k: len(sim.ids(k)) for k in (TARGET_KIND, BLOB_KIND, FILAMENT_KIND)},
-        "target_kind": sim.target_kind,
-        "target_radius": sim.target_radius,
-        "prompt_ids": list(sim.prompt_ids),
-        "measured_snr": measured_snr(sim),
-    }
-    atomic_write_text(paths["simulation.json"], json.dumps(summary, indent=2) + "\n")
-    return paths
-
-
-def measured_snr(sim: Simulation) -> float:
-    """Var(signal) / Var(volume - signal), the SNR as defined in :class:`SimulationConfig`."""
-    noise = sim.volume.astype(np.float64) - sim.signal
-    return float(np.var(sim.signal, dtype=np.float64) / np.var(noise))

@@ -1,0 +1,236 @@
+"""The command line: defaults from the configuration, --config re-runs, one-line errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mrcfile
+import numpy as np
+import pytest
+
+from cryosam import io
+from cryosam.config import CryosamConfig, MatchingConfig, get_path
+
+
+def test_cli_segment_no_match_writes_clicked_particles(small_sim, tmp_path: Path,
+                                                        run_cli) -> None:
+    sim, files = small_sim
+    out = tmp_path / "clicked"
+    code, stdout, err = run_cli("segment", files["tomo.mrc"], "--points", files["prompts5.csv"],
+                                "--no-match", "--segmenter", "threshold", "--out", out,
+                                "--device", "cpu")
+    assert code == 0, err
+    picks = io.read_points(out / "picks.csv")
+    assert len(picks) == 5
+    assert np.all(picks.columns["prompt"] == 1)
+    labels = io.read_tomogram(out / "instances.mrc").data
+    assert len(np.unique(labels)) == 6  # five instances + background
+    assert "5 click(s)" in stdout
+
+
+@pytest.mark.parametrize("case", ["missing_tomo", "outside", "empty_points", "image_2d"])
+def test_cli_bad_input_is_one_line_exit_2_and_no_output(case: str, small_sim, tmp_path: Path,
+                                                        run_cli) -> None:
+    _, files = small_sim
+    tomo, points = files["tomo.mrc"], files["prompt.csv"]
+    if case == "missing_tomo":
+        tomo = tmp_path / "nope.mrc"
+    elif case == "outside":
+        points = tmp_path / "far.csv"
+        points.write_text("x,y,z\n5000,10,10\n")
+    elif case == "empty_points":
+        points = tmp_path / "empty.csv"
+        points.write_text("x,y,z\n")
+    elif case == "image_2d":
+        tomo = tmp_path / "flat.mrc"
+        with mrcfile.new(tomo) as mrc:
+            mrc.set_data(np.zeros((32, 32), np.float32))
+    out = tmp_path / "out"
+    code, _, err = run_cli("segment", tomo, "--points", points, "--out", out,
+                           "--encoder", "filterbank", "--segmenter", "threshold")
+    assert code == 2
+    lines = [ln for ln in err.strip().splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_cli_missing_weights_is_one_line(small_sim, tmp_path: Path, run_cli,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    _, files = small_sim
+    monkeypatch.setenv("CRYOSAM_CHECKPOINTS", str(tmp_path / "empty"))
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli("segment", files["tomo.mrc"], "--points", files["prompt.csv"],
+                           "--out", tmp_path / "o", "--sam-model", "vit_b")
+    assert code == 2
+    assert "cryosam weights download" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_demo_runs_offline_and_scores(tmp_path: Path, run_cli,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CRYOSAM_CHECKPOINTS", str(tmp_path / "no_weights"))
+    code, out, err = run_cli("demo", tmp_path / "demo", "--shape", "40,96,112", "--seed", "3",
+                             "--device", "cpu")
+    assert code == 0, err
+    assert "weight-free backends" in out
+    f1 = float(out.split(" F1 ")[1].split()[0])
+    assert 0.0 <= f1 <= 1.0
+    assert (tmp_path / "demo" / "tomo_cryosam" / "preview.png").stat().st_size > 10_000
+    assert (tmp_path / "demo" / "data" / "truth.csv").exists()
+
+
+def test_cli_help_lists_built_commands(run_cli) -> None:
+    code, out, _ = run_cli("--help")
+    assert code == 0
+    for name in ("segment", "demo", "simulate", "evaluate", "info", "weights", "bench"):
+        assert name in out
+
+
+def test_overwrite_never_deletes_user_files(small_sim, run_cli, tmp_path: Path) -> None:
+    _, files = small_sim
+    data = files["tomo.mrc"].parent  # the simulation folder: the user's own files
+    before = sorted(p.name for p in data.iterdir())
+    code, _, err = run_cli("segment", files["tomo.mrc"], "--points", files["prompt.csv"],
+                           "--out", data, "--overwrite", "--no-match", "--segmenter",
+                           "threshold")
+    assert code == 2 and "did not write" in err
+    assert sorted(p.name for p in data.iterdir()) == before
+
+
+@pytest.mark.parametrize("args", [["--out", "FILE/sub"], ["--cache-dir", "FILE"],
+                                  ["--nms-radius", "-3"], ["--device", "cuda:7"]])
+def test_cli_bad_options_fail_before_any_work(args: list[str], small_sim, tmp_path: Path,
+                                              run_cli) -> None:
+    _, files = small_sim
+    (tmp_path / "FILE").write_text("not a folder")
+    args = [a.replace("FILE", str(tmp_path / "FILE")) for a in args]
+    code, _, err = run_cli("segment", files["tomo.mrc"], "--points", files["prompt.csv"],
+                           "--encoder", "filterbank", "--segmenter", "threshold", *args)
+    assert code == 2
+    assert "Traceback" not in err and err.strip()
+
+
+# --------------------------------------------------------------------------- defaults
+
+
+def _segment_params(app=None) -> dict[str, object]:  # noqa: ANN001
+    """The ``segment`` command's click parameters by name, from ``app`` (default: the CLI's)."""
+    import typer.main
+
+    from cryosam import cli
+
+    group = typer.main.get_command(app or cli.app)
+    return {p.name: p for p in group.commands["segment"].params}
+
+
+def test_every_segment_option_takes_its_default_from_the_config() -> None:
+    from cryosam.commands.segment import OPTION_PATHS
+
+    params = _segment_params()
+    defaults = CryosamConfig()
+    assert len(OPTION_PATHS) >= 15
+    for name, path in OPTION_PATHS.items():
+        expected = get_path(defaults, path)
+        if name == "ratios":
+            expected = ",".join(str(r) for r in expected)
+        default = params[name].default
+        assert (getattr(default, "value", default)) == expected, name
+
+
+def test_changing_a_config_default_changes_the_cli(monkeypatch: pytest.MonkeyPatch, small_sim,
+                                                   tmp_path: Path, capsys) -> None:
+    """A default changed in the configuration reaches ``cryosam segment`` (help and run)."""
+    from cryosam import cli, config
+
+    changed = CryosamConfig(matching=MatchingConfig(top_k=7, sim_threshold=0.61))
+    monkeypatch.setattr(config, "default_config", lambda: changed)
+    app = cli.build_app()
+    monkeypatch.setattr(cli, "app", app)
+    params = _segment_params(app)
+    assert params["top_k"].default == 7 and params["sim_threshold"].default == 0.61
+    _, files = small_sim
+    out = tmp_path / "o"
+    code = cli.main(["segment", str(files["tomo.mrc"]), "--points", str(files["prompt.csv"]),
+                     "--encoder", "filterbank", "--segmenter", "threshold", "--device", "cpu",
+                     "--out", str(out), "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    params = json.loads((out / "run.json").read_text())["parameters"]
+    assert params["matching"]["top_k"] == 7 and params["matching"]["sim_threshold"] == 0.61
+
+
+# --------------------------------------------------------------------------- --config
+
+
+def test_config_rerun_reproduces_picks_exactly(small_sim, tmp_path: Path, run_cli) -> None:
+    _, files = small_sim
+    first = tmp_path / "first"
+    code, _, err = run_cli("segment", files["tomo.mrc"], "--points", files["prompt.csv"],
+                           "--encoder", "filterbank", "--segmenter", "threshold",
+                           "--device", "cpu", "--sim-threshold", "0.45", "--top-k", "40",
+                           "--out", first, "--quiet")
+    assert code == 0, err
+    again = tmp_path / "again"
+    code, _, err = run_cli("segment", files["tomo.mrc"], "--points", files["prompt.csv"],
+                           "--config", first / "run.json", "--out", again, "--quiet")
+    assert code == 0, err
+    assert (again / "picks.csv").read_bytes() == (first / "picks.csv").read_bytes()
+    np.testing.assert_array_equal(io.read_tomogram(again / "instances.mrc").data,
+                                  io.read_tomogram(first / "instances.mrc").data)
+    p1 = json.loads((first / "run.json").read_text())["parameters"]
+    p2 = json.loads((again / "run.json").read_text())["parameters"]
+    assert p1 == p2 and p2["encoder"]["name"] == "filterbank"
+
+
+def test_command_line_overrides_the_config_file(small_sim, tmp_path: Path, run_cli) -> None:
+    _, files = small_sim
+    saved = CryosamConfig.from_dict({"encoder": {"name": "filterbank"},
+                                     "segmenter": {"name": "threshold"},
+                                     "matching": {"top_k": 40}, "device": "cpu"})
+    cfg_file = tmp_path / "params.json"
+    cfg_file.write_text(json.dumps(saved.to_dict()))
+    out = tmp_path / "o"
+    code, _, err = run_cli("segment", files["tomo.mrc"], "--points", files["prompt.csv"],
+                           "--config", cfg_file, "--top-k", "3", "--out", out, "--quiet")
+    assert code == 0, err
+    params = json.loads((out / "run.json").read_text())["parameters"]
+    assert params["matching"]["top_k"] == 3  # the command line wins
+    assert params["segmenter"]["name"] == "threshold"  # the file's value, not the default
+    assert len(io.read_points(out / "picks.csv")) <= 3 + 1
+
+
+@pytest.mark.parametrize("content, words", [
+    ("{not json", "not valid JSON"),
+    ('{"parameters": {"matching": {"topk": 3}}}', "topk"),
+    ('{"matching": {"ratios": [4, 8]}}', "matching.ratios"),
+    ('{"encoder": {"name": "resnet"}}', "resnet"),
+])
+def test_bad_config_file_is_one_line(content: str, words: str, small_sim, tmp_path: Path,
+                                     run_cli) -> None:
+    _, files = small_sim
+    bad = tmp_path / "bad.json"
+    bad.write_text(content)
+    out = tmp_path / "o"
+    code, _, err = run_cli("segment", files["tomo.mrc"], "--points", files["prompt.csv"],
+                           "--config", bad, "--out", out)
+    assert code == 2 and "Traceback" not in err
+    lines = [ln for ln in err.strip().splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and words in lines[0] and "--config" in lines[0]
+    assert not out.exists()
+
+
+def test_missing_weights_of_both_models_name_both_and_one_command(
+        small_sim, tmp_path: Path, run_cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    _, files = small_sim
+    monkeypatch.setenv("CRYOSAM_CHECKPOINTS", str(tmp_path / "empty"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli("segment", files["tomo.mrc"], "--points", files["prompt.csv"],
+                           "--out", tmp_path / "o")
+    assert code == 2
+    lines = [ln for ln in err.strip().splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1
+    assert "sam_vit_h" in lines[0] and "dinov2-with-registers-large" in lines[0]
+    assert lines[0].count("cryosam weights download") == 1
+    assert not (tmp_path / "o").exists()
