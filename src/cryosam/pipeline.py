@@ -145,9 +145,9 @@ class CryoSAM:
             matching_record = matches.report()
             if proposals is not None:
                 matching_record["rejected"] = proposals.rejected
-        propagation_record = {"prompts": clicks.stats}
+        propagation_record = {"prompts": clicks.report()}
         if proposals is not None:
-            propagation_record["proposals"] = proposals.stats
+            propagation_record["proposals"] = proposals.report()
         features_record = features.report() if features else {}
         result.record = {
             "cryosam_version": cryosam.__version__,

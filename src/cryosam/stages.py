@@ -115,6 +115,9 @@ class Clicks:
         """The non-empty click masks: what the query and the size statistics come from."""
         return [i.mask for i in self.instances if i.n_voxels > 0]
 
+    def report(self) -> dict[str, Any]:
+        return dict(self.stats)
+
 
 def segment_clicks(volume: np.ndarray, prompts: np.ndarray, segmenter: Segmenter,
                    cfg: PropagationConfig) -> Clicks:
@@ -234,6 +237,9 @@ class ProposalMasks:
     instances: list[Instance]
     rejected: dict[str, int] = field(default_factory=dict)
     stats: dict[str, Any] = field(default_factory=dict)
+
+    def report(self) -> dict[str, Any]:
+        return dict(self.stats)
 
 
 def segment_proposals(volume: np.ndarray, matches: Matches, clicks: Clicks,

@@ -1,4 +1,4 @@
-"""The slice-encoder contract and the factory that builds one from the configuration.
+"""The slice-encoder contract and the geometry helpers every encoder shares.
 
 An encoder turns a batch of 2-D slices into patch-grid feature maps. The grid covers the slice
 exactly: along a slice side of extent ``A`` voxels mapped to ``a`` cells, cell ``i`` is centred
