@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import torch
 
 from cryosam.errors import CryosamError
+from cryosam.utils import peak_rss_bytes
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 
@@ -55,6 +56,4 @@ def peak_memory_bytes(device: torch.device) -> int:
     """Peak GPU memory since the last reset on CUDA; the process's peak RSS on CPU."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
-    import resource
-
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+    return peak_rss_bytes()
