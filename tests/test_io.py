@@ -349,10 +349,8 @@ def test_csv_angstrom_unit(tmp_path):
         ("x,y,z\n1,2,3\n4,five,6\n", r"line 3: y = 'five' is not a number"),
         ("x,y,z\n1,2,nan\n", "line 2: z is nan"),
         ("x,y,z\n1,2,3\n1,2\n", "line 3 has 2 values"),
-        ("1,2,3,4\n", "no header"),
+        ("1,2,3,4,5,6\n", "no header"),
         ("a,b,c\n1,2,3\n", "names no x,y,z"),
-        ("1\t2\t3\n", "tab-separated"),
-        ("1 2 3\n", "space-separated"),
         ("x|y|z\n1|2|3\n", "'|'-separated"),
     ],
 )
@@ -546,3 +544,19 @@ def test_empty_picks_write_header_only_files(tmp_path):
     write_picks_star(tmp_path / "p.star", np.zeros((0, 3)), tomo_name="t")
     with pytest.raises(InputError, match="no points"):
         read_points(tmp_path / "p.star")
+
+
+@pytest.mark.parametrize(("text", "xyz", "extra"), [
+    ("1\t2\t3\n4\t5\t6\n", [[1, 2, 3], [4, 5, 6]], {}),
+    ("  10.5  20.25   3\n 1 2 3\n", [[10.5, 20.25, 3], [1, 2, 3]], {}),
+    # IMOD model2point -object -contour: object, contour, x, y, z
+    ("     1     1   100.00   200.00    30.00\n     1     2   110.00   210.00    31.00\n",
+     [[100, 200, 30], [110, 210, 31]], {"object": [1, 1], "contour": [1, 2]}),
+    ("1 100 200 30\n", [[100, 200, 30]], {"object": [1]}),
+    ("x y z\n1 2 3\n", [[1, 2, 3]], {}),
+])
+def test_whitespace_and_imod_point_files(tmp_path, text, xyz, extra):
+    points = read_points(_write(tmp_path / "clicks.txt", text))
+    np.testing.assert_allclose(points.xyz, xyz)
+    for name, values in extra.items():
+        np.testing.assert_array_equal(points.columns[name], values)

@@ -34,7 +34,7 @@ _COORD_HEADER = re.compile(
     r"^(?P<axis>[xyz])(?:\s*[\[(]\s*(?P<unit>[^\])]*)\s*[\])])?$", re.IGNORECASE
 )
 _NAPARI_AXES = {"axis-0": "z", "axis-1": "y", "axis-2": "x"}
-_SEPARATORS = {"\t": "tab", "|": "'|'", ";": "';'"}
+_SEPARATORS = {"|": "'|'", ";": "';'"}  # refused: say which; tabs and spaces are read
 
 
 @dataclass
@@ -160,8 +160,14 @@ def _parse_float(text: str) -> float | None:
         return None
 
 
+# header-less files, by column count: x y z, or IMOD model2point's object/contour columns first
+_HEADERLESS = {3: ["x", "y", "z"], 4: ["object", "x", "y", "z"],
+               5: ["object", "contour", "x", "y", "z"]}
+
+
 def _csv_rows(path: Path, text: str) -> list[tuple[int, list[str]]]:
-    """(line number, fields) of every non-blank, non-comment line; refuse other separators."""
+    """(line number, fields) of every non-blank, non-comment line: comma-separated, or
+    whitespace-separated (tabs or spaces, as IMOD's model2point writes); others refused."""
     lines = [(i + 1, line) for i, line in enumerate(text.splitlines())]
     content = [(n, s) for n, s in lines if s.strip() and not s.lstrip().startswith("#")]
     if not content:
@@ -171,14 +177,11 @@ def _csv_rows(path: Path, text: str) -> list[tuple[int, list[str]]]:
         for sep, name in _SEPARATORS.items():
             if sep in first:
                 raise InputError(
-                    f"{path}: line {content[0][0]} is {name}-separated; cryosam reads "
-                    "comma-separated points (x,y,z): replace the separators with commas"
+                    f"{path}: line {content[0][0]} is {name}-separated; cryosam reads points "
+                    "separated by commas, tabs or spaces: replace the separators"
                 )
-        if len(first.split()) > 1:
-            raise InputError(
-                f"{path}: line {content[0][0]} is space-separated; cryosam reads "
-                "comma-separated points (x,y,z): replace the spaces with commas"
-            )
+        if len(first.split()) > 1:  # whitespace-separated, e.g. IMOD model2point output
+            return [(n, s.split()) for n, s in content]
     reader = csv.reader((s for _, s in content), delimiter=",", skipinitialspace=True)
     return [(n, [f.strip() for f in row]) for (n, _), row in zip(content, reader, strict=True)]
 
@@ -242,13 +245,14 @@ def _read_csv_points(path: Path, text: str, unit: str, vs: np.ndarray | None) ->
             raise InputError(f"{path}: a header but no points; add at least one point below it")
         axis_col = _header_axes(path, first, names, unit)
     else:
-        if len(first) != 3:
+        if len(first) not in _HEADERLESS:
             raise InputError(
                 f"{path}: line {first_line} has {len(first)} columns and the file has no "
-                "header; give three columns x,y,z or add a header naming x,y,z"
+                "header; give three columns x y z (IMOD model2point: optionally object and "
+                "contour first) or add a header naming x,y,z"
             )
-        names = ["x", "y", "z"]
-        axis_col = {"x": 0, "y": 1, "z": 2}
+        names = _HEADERLESS[len(first)]
+        axis_col = {a: names.index(a) for a in "xyz"}
         data_rows = rows
 
     ncol = len(names)

@@ -28,6 +28,16 @@ import numpy as np
 
 from cryosam.errors import CryosamError, InputError
 from cryosam.simulate.imaging import apply_transfer, transfer
+from cryosam.simulate.shapes import (
+    MEMBRANE_HALF_THICKNESS,
+    Membrane,
+    Shape,
+    bilayer,
+    blob_shape,
+    filament_shape,
+    make_membranes,
+    ribosome_shape,
+)
 
 TARGET_KIND = "ribosome"
 BLOB_KIND = "blob"
@@ -36,9 +46,6 @@ FILAMENT_KIND = "filament"
 _DEFAULT_SHAPE = (64, 160, 160)
 _DEFAULT_COUNTS = {TARGET_KIND: 24, FILAMENT_KIND: 16, BLOB_KIND: 24}  # per default volume
 _GAP = 2.0  # minimum free space between particles (and particles and membranes), voxels
-_MEMBRANE_HALF_THICKNESS = 2.5  # membrane mask: |distance to mid-surface| <= this, voxels
-_LEAFLET_OFFSET = 1.5  # leaflet centres at +-this from the mid-surface, voxels
-_LEAFLET_SIGMA = 0.7  # leaflet Gaussian profile width, voxels
 
 
 @dataclass(frozen=True)
@@ -67,6 +74,8 @@ class SimulationConfig:
     membrane: bool = True  # add a vesicle and a membrane sheet (where they fit)
     n_membrane_clicks: int = 5  # points placed on the membranes' mid-surfaces
     seed: int = 0
+    zoom: float = 1.0  # sample the same scene this many times finer (voxel_size / zoom)
+    invert: bool = False  # dense matter bright, as in many processed/denoised tomograms
 
     def __post_init__(self) -> None:
         if len(self.shape) != 3 or any(int(s) < 16 for s in self.shape):
@@ -81,6 +90,8 @@ class SimulationConfig:
         if not 3.0 <= self.target_radius <= min(self.shape) / 3:
             raise InputError(f"target_radius {self.target_radius}: must be between 3 voxels "
                              "and a third of the smallest dimension")
+        if not 1.0 <= self.zoom <= 8.0:
+            raise InputError(f"--zoom {self.zoom}: must be between 1 and 8")
         for name in ("n_targets", "n_blobs", "n_filaments"):
             value = getattr(self, name)
             if value is not None and int(value) < 0:
@@ -136,6 +147,11 @@ class Simulation:
         return self.particles[pid - 1]
 
     @property
+    def shape(self) -> tuple[int, int, int]:
+        """The sampled volume's shape: the scene's shape times the zoom."""
+        return tuple(int(s) for s in self.volume.shape)  # type: ignore[return-value]
+
+    @property
     def target_radius(self) -> float:
         """Median equivalent radius of the target particles (voxels)."""
         radii = [p.radius for p in self.particles if p.kind == self.target_kind]
@@ -145,172 +161,6 @@ class Simulation:
     def prompt_points(self) -> np.ndarray:
         """(P, 3) zyx of the prompted particles (first = the one-click prompt)."""
         return np.asarray([self.particle(i).zyx for i in self.prompt_ids]).reshape(-1, 3)
-
-
-# ----------------------------------------------------------------------------------------
-# particle shapes
-
-
-@dataclass
-class _Shape:
-    """A particle as primitives relative to its centre: spheres, capsules and one ellipsoid."""
-
-    extent: float  # bounding radius (voxels)
-    spheres: list[tuple[np.ndarray, float]] = field(default_factory=list)
-    capsules: list[tuple[np.ndarray, np.ndarray, float]] = field(default_factory=list)
-    ellipsoid: tuple[np.ndarray, np.ndarray] | None = None  # rotation (3,3), radii (3,)
-    lumps: list[tuple[np.ndarray, float, float]] = field(default_factory=list)  # texture
-    density: float = 1.0  # base density (positive = dense; drawn dark)
-    clip: float | None = None  # intersect with a sphere of this radius
-    size_factor: float = 1.0  # size relative to the kind's nominal size
-
-    def inside(self, d: tuple[np.ndarray, np.ndarray, np.ndarray], pad: float = 0.0) -> np.ndarray:
-        """Boolean mask of the voxels within the shape grown by ``pad``; ``d`` = offsets."""
-        dz, dy, dx = d
-        out = np.zeros(np.broadcast_shapes(dz.shape, dy.shape, dx.shape), dtype=bool)
-        for c, r in self.spheres:
-            out |= (dz - c[0]) ** 2 + (dy - c[1]) ** 2 + (dx - c[2]) ** 2 <= (r + pad) ** 2
-        for p0, p1, r in self.capsules:
-            axis = p1 - p0
-            length2 = float(axis @ axis)
-            t = ((dz - p0[0]) * axis[0] + (dy - p0[1]) * axis[1] + (dx - p0[2]) * axis[2])
-            t = np.clip(t / length2, 0.0, 1.0)
-            dist2 = ((dz - p0[0] - t * axis[0]) ** 2 + (dy - p0[1] - t * axis[1]) ** 2
-                     + (dx - p0[2] - t * axis[2]) ** 2)
-            out |= dist2 <= (r + pad) ** 2
-        if self.ellipsoid is not None:
-            rot, radii = self.ellipsoid
-            acc = np.zeros_like(out, dtype=np.float64)
-            for i in range(3):
-                u = dz * rot[0, i] + dy * rot[1, i] + dx * rot[2, i]
-                acc = acc + (u / (radii[i] + pad)) ** 2
-            out |= acc <= 1.0
-        if self.clip is not None:
-            out &= dz**2 + dy**2 + dx**2 <= (self.clip + pad) ** 2
-        return out
-
-    def texture(self, d: tuple[np.ndarray, np.ndarray, np.ndarray]) -> np.ndarray:
-        """Density inside the shape (before masking): base plus smooth denser lumps."""
-        dz, dy, dx = d
-        dens = np.full(np.broadcast_shapes(dz.shape, dy.shape, dx.shape), self.density)
-        for c, s, a in self.lumps:
-            r2 = (dz - c[0]) ** 2 + (dy - c[1]) ** 2 + (dx - c[2]) ** 2
-            dens = dens + a * np.exp(-r2 / (2 * s * s))
-        return dens
-
-
-def _unit(rng: np.random.Generator) -> np.ndarray:
-    v = rng.normal(size=3)
-    return v / np.linalg.norm(v)
-
-
-def _ribosome(rng: np.random.Generator, radius: float) -> _Shape:
-    """Large subunit + small subunit along a random axis, surface lumps, RNA-rich texture."""
-    factor = rng.uniform(0.92, 1.08)
-    r = radius * factor
-    u = _unit(rng)
-    large_c, small_c = 0.28 * r * u, -0.48 * r * u
-    shape = _Shape(extent=r, clip=r, density=0.8, size_factor=float(factor))
-    shape.spheres.append((large_c, 0.72 * r))
-    shape.spheres.append((small_c, 0.52 * r))
-    for _ in range(int(rng.integers(3, 6))):  # lumps on the large subunit's surface
-        v = _unit(rng)
-        if v @ u < -0.3:
-            v = -v
-        shape.spheres.append((large_c + 0.6 * r * v, 0.26 * r))
-    for _ in range(5):  # denser internal patches
-        c = (large_c if rng.random() < 0.7 else small_c) + rng.normal(scale=0.25 * r, size=3)
-        shape.lumps.append((c, 0.2 * r, float(rng.uniform(0.3, 0.6))))
-    return shape
-
-
-def _blob(rng: np.random.Generator) -> _Shape:
-    """A small compact protein: a randomly oriented ellipsoid, radii ~2.2-3.8 voxels."""
-    base = rng.uniform(2.6, 3.4)
-    radii = base * rng.uniform(0.85, 1.12, size=3)
-    rot, _ = np.linalg.qr(rng.normal(size=(3, 3)))
-    return _Shape(extent=float(radii.max()), ellipsoid=(rot, radii),
-                  density=float(rng.uniform(0.9, 1.1)))
-
-
-def _filament(rng: np.random.Generator) -> _Shape:
-    """A straight rod: a capsule of radius 1.6-2.2 voxels and length 14-22 voxels."""
-    half = rng.uniform(7.0, 11.0)
-    r = rng.uniform(1.6, 2.2)
-    u = _unit(rng)
-    return _Shape(extent=half + r, capsules=[(-half * u, half * u, r)],
-                  density=float(rng.uniform(0.9, 1.1)))
-
-
-# ----------------------------------------------------------------------------------------
-# membranes
-
-
-@dataclass
-class _Membrane:
-    """A bilayer given by a signed distance to its mid-surface."""
-
-    kind: str  # "vesicle" | "sheet"
-    params: dict[str, float]
-
-    def signed_distance(self, z: np.ndarray, y: np.ndarray, x: np.ndarray) -> np.ndarray:
-        p = self.params
-        if self.kind == "vesicle":
-            return np.sqrt((z - p["cz"]) ** 2 + (y - p["cy"]) ** 2 + (x - p["cx"]) ** 2) - p["r"]
-        # sheet: x = x0 + a sin(2 pi y / lam + phi) + b (z - zc)
-        w = 2 * math.pi / p["lam"]
-        f = p["x0"] + p["a"] * np.sin(w * y + p["phi"]) + p["b"] * (z - p["zc"])
-        fy = p["a"] * w * np.cos(w * y + p["phi"])
-        return (x - f) / np.sqrt(1.0 + fy**2 + p["b"] ** 2)
-
-    def surface_points(self, n: int, shape: tuple[int, int, int],
-                       rng: np.random.Generator) -> list[tuple[float, float, float]]:
-        """``n`` points on the mid-surface where the membrane is seen edge-on (not in the
-        missing wedge): the vesicle's equator, the sheet's middle z."""
-        p = self.params
-        pts = []
-        if self.kind == "vesicle":
-            phi0 = rng.uniform(0, 2 * math.pi)
-            for i in range(n):
-                a = phi0 + 2 * math.pi * i / n
-                pts.append((p["cz"], p["cy"] + p["r"] * math.sin(a),
-                            p["cx"] + p["r"] * math.cos(a)))
-        else:
-            z = p["zc"]
-            for i in range(n):
-                y = shape[1] * (i + 1) / (n + 1)
-                w = 2 * math.pi / p["lam"]
-                x = p["x0"] + p["a"] * math.sin(w * y + p["phi"]) + p["b"] * (z - p["zc"])
-                pts.append((z, y, x))
-        return pts
-
-
-def _bilayer(sd: np.ndarray) -> np.ndarray:
-    s2 = 2 * _LEAFLET_SIGMA**2
-    return 0.9 * (np.exp(-((sd - _LEAFLET_OFFSET) ** 2) / s2)
-                  + np.exp(-((sd + _LEAFLET_OFFSET) ** 2) / s2))
-
-
-def _make_membranes(shape: tuple[int, int, int], rng: np.random.Generator) -> list[_Membrane]:
-    d, h, w = shape
-    out: list[_Membrane] = []
-    sheet_xmax = 0.0
-    if w >= 64 and h >= 32:
-        x0 = max(8.0, 0.1 * w)
-        a, b = float(rng.uniform(1.5, 3.0)), float(rng.uniform(-0.12, 0.12))
-        out.append(_Membrane("sheet", {"x0": x0, "a": a, "b": b, "zc": d / 2,
-                                       "lam": float(h * rng.uniform(0.7, 1.1)),
-                                       "phi": float(rng.uniform(0, 2 * math.pi))}))
-        sheet_xmax = x0 + a + abs(b) * d / 2 + _MEMBRANE_HALF_THICKNESS
-    r = min(0.34 * d, 0.17 * min(h, w))
-    margin = r + _MEMBRANE_HALF_THICKNESS + 3
-    x_lo = max(margin, sheet_xmax + margin + 4)
-    if r >= 8 and 2 * margin <= h and x_lo <= w - margin:
-        cz = d / 2 + rng.uniform(-1, 1) * max(0.0, d / 2 - margin)
-        cy, cx = rng.uniform(margin, h - margin), rng.uniform(x_lo, w - margin)
-        out.append(_Membrane("vesicle", {"cz": float(cz), "cy": float(cy), "cx": float(cx),
-                                         "r": float(r)}))
-    return out
 
 
 # ----------------------------------------------------------------------------------------
@@ -337,22 +187,23 @@ def simulate(config: SimulationConfig | None = None) -> Simulation:
     occupied = np.zeros(shape, dtype=bool)
     labels = np.zeros(shape, dtype=np.int16)
 
-    membranes = _make_membranes(shape, rng) if cfg.membrane else []
+    membranes = make_membranes(shape, rng) if cfg.membrane else []
     membrane = np.zeros(shape, dtype=bool)
     if membranes:
         z, y, x = (g.astype(np.float32) for g in np.ogrid[: shape[0], : shape[1], : shape[2]])
         for mem in membranes:
             sd = mem.signed_distance(z, y, x)
-            membrane |= np.abs(sd) <= _MEMBRANE_HALF_THICKNESS
+            membrane |= np.abs(sd) <= MEMBRANE_HALF_THICKNESS
             near = np.abs(sd) <= 4.0
-            density[near] += _bilayer(sd[near]).astype(np.float32)
+            density[near] += bilayer(sd[near]).astype(np.float32)
         occupied |= membrane
 
     counts = cfg.counts()
-    makers = [(TARGET_KIND, lambda: _ribosome(rng, cfg.target_radius)),
-              (FILAMENT_KIND, lambda: _filament(rng)), (BLOB_KIND, lambda: _blob(rng))]
+    makers = [(TARGET_KIND, lambda: ribosome_shape(rng, cfg.target_radius)),
+              (FILAMENT_KIND, lambda: filament_shape(rng)), (BLOB_KIND, lambda: blob_shape(rng))]
     particles: list[Particle] = []
     size_factors: list[float] = []
+    placed: list[tuple[Shape, np.ndarray]] = []
     for kind, make in makers:
         for _ in range(counts[kind]):
             shp = make()
@@ -378,11 +229,38 @@ def simulate(config: SimulationConfig | None = None) -> Simulation:
             radius = float((3 * len(idx) / (4 * math.pi)) ** (1 / 3))
             particles.append(Particle(pid, kind, zyx, radius, int(len(idx))))
             size_factors.append(shp.size_factor)
+            placed.append((shp, centre))
 
-    # dense matter dark: negate; blur + wedge the signal; band-limited, wedge-filtered noise
-    signal = apply_transfer(-density, transfer(shape, cfg.blur_sigma, cfg.tilt_range))
-    white = rng.standard_normal(size=shape, dtype=np.float32)
-    noise = apply_transfer(white, transfer(shape, cfg.noise_sigma, cfg.tilt_range))
+    zoom = float(cfg.zoom)
+    if zoom != 1.0:
+        # the same scene sampled finer: the draws above are unchanged, so are the noise draw
+        # (made and discarded, keeping the generator in step) and the prompts below
+        rng.standard_normal(size=shape, dtype=np.float32)
+        prompt_ids = _choose_prompts(particles, size_factors, membranes, shape, rng, 5)
+        clicks = _membrane_clicks(membranes, membrane, cfg.n_membrane_clicks, shape, rng)
+        return _render_fine(cfg, placed, particles, membranes, prompt_ids,
+                            (clicks + 0.5) * zoom - 0.5)
+
+    # dense matter dark; blurred, band-limited noise; both through the missing wedge
+    signal, volume = _form(density, cfg, rng, 1.0)
+
+    prompt_ids = _choose_prompts(particles, size_factors, membranes, shape, rng, 5)
+    clicks = _membrane_clicks(membranes, membrane, cfg.n_membrane_clicks, shape, rng)
+    if cfg.invert:
+        signal, volume = -signal, -volume
+    return Simulation(volume=volume.astype(np.float32), signal=signal, voxel_size=cfg.voxel_size,
+                      particles=tuple(particles), labels=labels, membrane=membrane,
+                      target_kind=TARGET_KIND, prompt_ids=prompt_ids, membrane_clicks=clicks,
+                      config=cfg)
+
+
+def _form(density: np.ndarray, cfg: SimulationConfig, noise_rng: np.random.Generator,
+          zoom: float) -> tuple[np.ndarray, np.ndarray]:
+    """(signal, volume) from a density: dark, blurred, band-limited noise at the set SNR."""
+    shape = density.shape
+    signal = apply_transfer(-density, transfer(shape, cfg.blur_sigma * zoom, cfg.tilt_range))
+    white = noise_rng.standard_normal(size=shape, dtype=np.float32)
+    noise = apply_transfer(white, transfer(shape, cfg.noise_sigma * zoom, cfg.tilt_range))
     signal -= signal.mean()
     noise -= noise.mean()
     var_s = float(np.var(signal, dtype=np.float64))
@@ -392,18 +270,53 @@ def simulate(config: SimulationConfig | None = None) -> Simulation:
     scale = np.float32(1.0 / math.sqrt(max(var_s * (1 + 1 / cfg.snr), 1e-12)))
     signal *= scale
     noise *= scale
-    volume = signal + noise
+    return signal, signal + noise
 
-    prompt_ids = _choose_prompts(particles, size_factors, membranes, shape, rng, 5)
-    clicks = _membrane_clicks(membranes, membrane, cfg.n_membrane_clicks, shape, rng)
-    return Simulation(volume=volume.astype(np.float32), signal=signal, voxel_size=cfg.voxel_size,
-                      particles=tuple(particles), labels=labels, membrane=membrane,
-                      target_kind=TARGET_KIND, prompt_ids=prompt_ids, membrane_clicks=clicks,
-                      config=cfg)
+
+def _render_fine(cfg: SimulationConfig, placed: list[tuple[Shape, np.ndarray]],
+                 coarse: list[Particle], membranes: list[Membrane],
+                 prompt_ids: tuple[int, ...], clicks: np.ndarray) -> Simulation:
+    """Draw the placed scene on a grid ``cfg.zoom`` times finer (fine voxel i sits at scene
+    coordinate (i + 0.5) / zoom - 0.5); truth and clicks are given in fine voxels."""
+    zoom = float(cfg.zoom)
+    fine = tuple(int(round(s * zoom)) for s in cfg.shape)
+    density = np.zeros(fine, dtype=np.float32)
+    labels = np.zeros(fine, dtype=np.int16)
+    membrane = np.zeros(fine, dtype=bool)
+    if membranes:
+        z, y, x = ((g.astype(np.float32) + 0.5) / zoom - 0.5 for g in np.ogrid[
+            : fine[0], : fine[1], : fine[2]])
+        for mem in membranes:
+            sd = mem.signed_distance(z, y, x)
+            membrane |= np.abs(sd) <= MEMBRANE_HALF_THICKNESS
+            near = np.abs(sd) <= 4.0
+            density[near] += bilayer(sd[near]).astype(np.float32)
+    particles = []
+    for (shp, centre), old in zip(placed, coarse, strict=True):
+        reach = shp.extent + 2.0
+        lo = np.maximum(np.floor((centre - reach + 0.5) * zoom).astype(int), 0)
+        hi = np.minimum(np.ceil((centre + reach + 0.5) * zoom).astype(int), np.asarray(fine))
+        sl = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
+        d = tuple((g.astype(np.float64) + 0.5) / zoom - 0.5 - c
+                  for g, c in zip(np.ogrid[sl], centre, strict=True))
+        mask = shp.inside(d)
+        labels[sl][mask] = old.id
+        density[sl][mask] += shp.texture(d)[mask].astype(np.float32)
+        idx = np.argwhere(mask)
+        zyx = tuple(float(v) for v in idx.mean(axis=0) + [s.start for s in sl])
+        radius = float((3 * len(idx) / (4 * math.pi)) ** (1 / 3))
+        particles.append(Particle(old.id, old.kind, zyx, radius, int(len(idx))))
+    signal, volume = _form(density, cfg, np.random.default_rng([cfg.seed, 1]), zoom)
+    if cfg.invert:
+        signal, volume = -signal, -volume
+    return Simulation(volume=volume.astype(np.float32), signal=signal,
+                      voxel_size=cfg.voxel_size / zoom, particles=tuple(particles),
+                      labels=labels, membrane=membrane, target_kind=TARGET_KIND,
+                      prompt_ids=prompt_ids, membrane_clicks=clicks, config=cfg)
 
 
 def _choose_prompts(particles: list[Particle], size_factors: list[float],
-                    membranes: list[_Membrane],
+                    membranes: list[Membrane],
                     shape: tuple[int, int, int], rng: np.random.Generator,
                     n: int) -> tuple[int, ...]:
     """Up to ``n`` target ids as a user would click them: clear, typical particles.
@@ -425,7 +338,7 @@ def _choose_prompts(particles: list[Particle], size_factors: list[float],
         gaps = np.linalg.norm(centres - c, axis=1) - radii - p.radius
         gaps[p.id - 1] = np.inf
         mem = min((float(abs(m.signed_distance(*c))) for m in membranes), default=np.inf)
-        mem -= _MEMBRANE_HALF_THICKNESS + p.radius
+        mem -= MEMBRANE_HALF_THICKNESS + p.radius
         return float(min(border, gaps.min(), mem))
 
     ok = [p for p in targets if clearance(p) >= 3.0]
@@ -439,7 +352,7 @@ def _choose_prompts(particles: list[Particle], size_factors: list[float],
     return tuple(chosen)
 
 
-def _membrane_clicks(membranes: list[_Membrane], mask: np.ndarray, n: int,
+def _membrane_clicks(membranes: list[Membrane], mask: np.ndarray, n: int,
                      shape: tuple[int, int, int], rng: np.random.Generator) -> np.ndarray:
     """``n`` clicks spread over the membranes (vesicle first), each on the membrane mask."""
     if not membranes or n <= 0:
