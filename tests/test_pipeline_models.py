@@ -34,6 +34,7 @@ def test_tiny_dinov2_and_sam_run_end_to_end(target: str, tiny_dinov2_model,
         matching=MatchingConfig(sim_threshold=-1.0, top_k=4),
         propagation=PropagationConfig(target=target, max_steps=3),
         min_size_ratio=0.0, max_size_ratio=1e9, max_elongation_ratio=1e9,
+        diameter=1e5, binning=1,  # random masks have any size: no size cap, no binning
     )
     points = sim.membrane_clicks[:2] if target == "membrane" else sim.prompt_points[:1]
     result = CryoSAM(cfg, encoder=encoder, segmenter=segmenter).segment(

@@ -138,6 +138,7 @@ class Backend:
     summary: str  # one line for --help and the README
     weights: Callable[[Any], None] | None = None  # raises MissingWeightsError when absent
     weight_free: bool = False  # a baseline that needs no download (the offline fallback)
+    wants_dark: bool = False  # sees particles dark: cryosam flips a bright tomogram for it
 
     def load(self) -> type:
         """Import and return the implementation class."""
@@ -151,12 +152,13 @@ REGISTRY: dict[str, Backend] = {b.name: b for b in (
             weights=_dinov2_weights),
     Backend("filterbank", "encoder", "cryosam.encoders.filterbank:FilterBankEncoder",
             FilterBankOptions, "weight-free multi-scale blob/line filter bank",
-            weight_free=True),
+            weight_free=True, wants_dark=True),
     Backend("sam", "segmenter", "cryosam.segmenters.sam:SamSegmenter", SamOptions,
             "Segment Anything (segment-anything); the paper's segmenter",
             weights=_sam_weights),
     Backend("threshold", "segmenter", "cryosam.segmenters.threshold:ThresholdSegmenter",
-            ThresholdOptions, "weight-free local-contrast threshold", weight_free=True),
+            ThresholdOptions, "weight-free local-contrast threshold", weight_free=True,
+            wants_dark=True),
 )}
 
 
@@ -176,6 +178,13 @@ def get(name: str, kind: Kind) -> Backend:
     if backend is None or backend.kind != kind:
         raise InputError(f"{kind} {name!r} is not one of {', '.join(names(kind))}")
     return backend
+
+
+def entry_of(backend: object) -> Backend | None:
+    """The registry entry of a built backend (by its class), None for an unregistered one."""
+    cls = type(backend)
+    target = f"{cls.__module__}:{cls.__qualname__}"
+    return next((b for b in REGISTRY.values() if b.implementation == target), None)
 
 
 def default_options(kind: Kind) -> dict[str, Any]:
@@ -252,6 +261,6 @@ def build_dataclass(cls: type, data: dict[str, Any], where: str) -> Any:
 
 __all__ = [
     "REGISTRY", "SAM_KINDS", "Backend", "Dinov2Options", "FilterBankOptions", "SamOptions",
-    "ThresholdOptions", "build_dataclass", "check_choice", "default_options", "get",
+    "ThresholdOptions", "build_dataclass", "check_choice", "default_options", "entry_of", "get",
     "missing_weights", "names", "options_from", "sam_kind_of", "weight_free",
 ]

@@ -23,6 +23,7 @@ from cryosam.errors import InputError
 
 Direction = Literal["+z", "-z", "+y", "-y", "+x", "-x"]
 MatchBackend = Literal["auto", "torch", "faiss"]
+PolarityChoice = Literal["auto", "dark", "bright"]
 DIRECTIONS: tuple[str, ...] = ("+z", "-z", "+y", "-y", "+x", "-x")
 TARGETS: tuple[str, ...] = ("particle", "membrane")
 MATCH_BACKENDS: tuple[str, ...] = ("auto", "torch", "faiss")
@@ -158,6 +159,10 @@ class CryosamConfig:
     matching: MatchingConfig = field(default_factory=MatchingConfig)
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
     seed: int = 0
+    threads: int | None = None  # CPU threads for torch; None = SLURM/OMP setting or affinity
+    polarity: PolarityChoice = "auto"  # particles "dark" or "bright"; auto = from the clicks
+    diameter: float | None = None  # particle diameter in Å; None = estimated from the clicks
+    binning: int | None = None  # work on a binned copy; None = from the particle's size
     min_size_ratio: float = 0.33  # drop matched particles smaller than this x the clicked ones
     max_size_ratio: float = 3.0  # ... or larger than this x the clicked ones
     max_elongation_ratio: float = 1.5  # ... or more elongated than this x the clicked ones
@@ -166,6 +171,13 @@ class CryosamConfig:
     def __post_init__(self) -> None:
         if not _DEVICE.match(str(self.device).strip().lower()):
             raise InputError(f"device {self.device!r} is not one of auto, cpu, cuda, cuda:N")
+        check_choice("polarity", self.polarity, ("auto", "dark", "bright"))
+        if self.threads is not None and self.threads < 1:
+            raise InputError(f"threads {self.threads}: must be at least 1")
+        if self.diameter is not None and not self.diameter > 0:
+            raise InputError(f"diameter {self.diameter}: give the particle diameter in Å (> 0)")
+        if self.binning is not None and not 1 <= self.binning <= 16:
+            raise InputError(f"binning {self.binning}: must be between 1 and 16")
         if not 0.0 <= self.min_size_ratio <= 1.0 <= self.max_size_ratio:
             raise InputError("min_size_ratio must be in [0, 1] and max_size_ratio >= 1")
 

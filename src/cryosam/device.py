@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 
 import torch
@@ -57,3 +58,27 @@ def peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
     return peak_rss_bytes()
+
+
+def resolve_threads(threads: int | None = None) -> int:
+    """CPU threads to use: ``threads`` if given, else what the job was granted
+    (``SLURM_CPUS_PER_TASK``, then ``OMP_NUM_THREADS``), else the CPUs this process may run on
+    (its affinity, not the whole node: cluster nodes are shared)."""
+    if threads:
+        return int(threads)
+    for var in ("SLURM_CPUS_PER_TASK", "OMP_NUM_THREADS"):
+        value = os.environ.get(var, "").strip()
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def set_threads(threads: int | None = None) -> int:
+    """Set torch's intra-op threads from :func:`resolve_threads`; return the number."""
+    n = resolve_threads(threads)
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    return n

@@ -136,7 +136,8 @@ def _write_all(
             scores=result.pick_scores,
         )
         written["picks_napari.csv"] = folder / "picks_napari.csv"
-        io.write_napari_csv(written["picks_napari.csv"], result.picks_zyx)
+        io.write_napari_csv(written["picks_napari.csv"], result.picks_zyx,
+                            {"score": result.pick_scores, "instance_id": result.pick_instance_ids})
     written["semantic.mrc"] = folder / "semantic.mrc"
     io.write_mrc(written["semantic.mrc"], result.semantic, tomo.voxel_size, tomo.origin)
     written["instances.mrc"] = folder / "instances.mrc"

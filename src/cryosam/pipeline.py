@@ -16,11 +16,12 @@ import numpy as np
 import cryosam
 from cryosam import backends, stages
 from cryosam.config import CryosamConfig
-from cryosam.device import resolve_device
+from cryosam.device import resolve_device, set_threads
 from cryosam.encoders.base import SliceEncoder
 from cryosam.errors import MissingWeightsError
 from cryosam.merge import merge_instances
 from cryosam.record import StageTimer, device_record, started_stamp, versions
+from cryosam.rescale import from_binned
 from cryosam.result import SegmentationResult
 from cryosam.segmenters.base import Segmenter
 
@@ -43,6 +44,7 @@ class CryoSAM:
     ) -> None:
         self.config = config or CryosamConfig()
         self.device = resolve_device(self.config.device)
+        self.threads = set_threads(self.config.threads)
         self._encoder = encoder
         self._segmenter = segmenter
 
@@ -64,6 +66,17 @@ class CryoSAM:
             self._segmenter = build_segmenter(self.config.segmenter, self.device,
                                               target=self.config.propagation.target)
         return self._segmenter
+
+    def _wants_dark(self, kind: backends.Kind) -> bool:
+        """Whether the ``kind`` backend in use sees particles dark (the weight-free ones)."""
+        built = self._encoder if kind == "encoder" else self._segmenter
+        entry = backends.entry_of(built) if built is not None else None
+        if entry is not None:
+            return entry.wants_dark
+        if built is not None:
+            return bool(getattr(built, "wants_dark", False))  # unregistered: as it declares
+        name = self.config.encoder.name if kind == "encoder" else self.config.segmenter.name
+        return backends.get(name, kind).wants_dark
 
     def check_weights(self, match: bool = True) -> None:
         """Raise one :class:`MissingWeightsError` naming every model whose weights are not on
@@ -90,12 +103,16 @@ class CryoSAM:
         voxel_size: float | None = None,
         points_unit: str = "voxel",
         tomo_name: str | None = None,
+        points_pixel_size: float | None = None,
+        points_bin: int | None = None,
     ) -> SegmentationResult:
         """Segment the clicked particles (or membranes) and, with ``match``, all similar ones.
 
         ``points`` are (z, y, x) voxels when given as an array, or a CSV/STAR file path.
         ``match`` defaults to True for particles and False for membranes (where the clicks
         usually name the membranes wanted; matching finds other sheet-like structures too).
+        ``points_pixel_size`` (Å): the clicks are pixels of that size, scaled to the tomogram's;
+        ``points_bin``: the clicks were made on a copy binned that many times.
         """
         cfg = self.config
         target = cfg.propagation.target
@@ -108,36 +125,48 @@ class CryoSAM:
             encoder = self.encoder if match else None
         with timer("load"):
             inputs = stages.load_inputs(tomogram, points, voxel_size=voxel_size,
-                                        points_unit=points_unit, tomo_name=tomo_name)
+                                        points_unit=points_unit, tomo_name=tomo_name,
+                                        points_pixel_size=points_pixel_size,
+                                        points_bin=points_bin)
         with timer("normalise"):
             volume = stages.normalise(inputs.tomogram, cfg.propagation)
+        with timer("probe"):
+            found = stages.probe(volume, inputs, cfg)
+            work = stages.prepare(
+                volume, inputs.tomogram.data, inputs, found, cfg,
+                encoder_dark=None if encoder is None else self._wants_dark("encoder"),
+                segmenter_dark=self._wants_dark("segmenter"))
+            del volume  # the work volumes are all that is needed from here
         prop_cfg = dataclasses.replace(cfg.propagation, normalise=False)
         with timer("segment_prompts"):
-            clicks = stages.segment_clicks(volume, inputs.prompts, segmenter, prop_cfg)
+            clicks = stages.segment_clicks(work, segmenter, prop_cfg, found)
 
         features = matches = proposals = None
         if match and encoder is not None and clicks.masks:
             with timer("features"):
-                features = stages.compute_features(volume, inputs.tomogram.data, encoder, cfg,
-                                                   self.device, cache_dir)
+                features = stages.compute_features(work, encoder, cfg, self.device, cache_dir)
             with timer("matching"):
                 query = stages.build_query(features, clicks, cfg)
                 matches = stages.match_query(features, query, clicks, cfg.matching,
                                              self.device)
             if matches.outside_clicks.any():
                 with timer("segment_proposals"):
-                    proposals = stages.segment_proposals(volume, matches, clicks, segmenter,
+                    proposals = stages.segment_proposals(work, matches, clicks, segmenter,
                                                          cfg, prop_cfg)
 
         with timer("merge"):
-            found = proposals.instances if proposals else []
-            instances, labels = merge_instances(clicks.instances + found, volume.shape,
-                                                cfg.merge_iou)
+            found_instances = proposals.instances if proposals else []
+            instances, labels = merge_instances(clicks.instances + found_instances,
+                                                work.segmenter_volume.shape, cfg.merge_iou)
+            instances, labels = stages.to_input_grid(instances, labels, work.factor,
+                                                     inputs.tomogram.shape)
+        proposals_zyx = (from_binned(matches.zyx, work.factor) if matches
+                         else np.zeros((0, 3)))
         result = SegmentationResult(
             tomogram=inputs.tomogram, tomo_name=inputs.name, target=target,
             prompt_zyx=inputs.prompts, instances=instances,
             semantic=(labels > 0).astype(np.int8), labels=labels,
-            proposals_zyx=matches.zyx if matches else np.zeros((0, 3)),
+            proposals_zyx=proposals_zyx,
             proposal_scores=matches.similarity if matches else np.zeros(0),
         )
         matching_record: dict[str, Any] = {"enabled": bool(match)}
@@ -156,7 +185,7 @@ class CryoSAM:
             "parameters": cfg.to_dict(),
             "models": {"encoder": features.encoder_id if features else None,
                        "segmenter": segmenter.id},
-            "scale": _scale(features_record, segmenter, inputs.tomogram.shape),
+            "scale": _scale(features_record, segmenter, work.segmenter_volume.shape),
             "device": device_record(self.device),
             "versions": versions(),
             "counts": {
@@ -167,6 +196,8 @@ class CryoSAM:
                 "encoder_calls": int(segmenter.encoder_calls),
                 "decoder_calls": int(segmenter.decoder_calls),
             },
+            "probe": found.report(),
+            "work": work.report(),
             "features": features_record,
             "matching": matching_record,
             "propagation": propagation_record,

@@ -39,6 +39,7 @@ from cryosam.segmenters.base import PromptBatch, Segmenter, to_slice
 from cryosam.utils import AXES
 
 FIRST_MASK_SPREAD = 4.0  # first masks more than this times the smallest are outliers (leaks)
+SIZE_CAP_FACTOR = 4.0  # with a known radius r, no 2-D mask may exceed this many times pi r^2
 
 
 @dataclass
@@ -244,13 +245,16 @@ def _check(volume: np.ndarray, points: np.ndarray) -> np.ndarray:
 
 
 def propagate(volume: np.ndarray, points: np.ndarray, segmenter: Segmenter,
-              config: PropagationConfig | None = None) -> PropagationResult:
+              config: PropagationConfig | None = None, *,
+              radius: float | None = None) -> PropagationResult:
     """Segment the particle under each (z, y, x) point in 3-D by cross-plane self-prompting.
 
     ``volume`` is the raw tomogram (normalised here, see the module docstring). Returns one
     sparse :class:`InstanceMask` per point, in order, a confidence per point (mean confidence
     of its accepted 2-D masks) and ``stats`` (encoder/decoder calls, slices visited, steps,
-    stop reasons, time) for the run record.
+    stop reasons, time) for the run record. ``radius`` (voxels), the particles' expected size,
+    caps every 2-D mask of a particle, the first three planes included, at
+    ``SIZE_CAP_FACTOR * pi * radius^2`` (a leaking first mask then bounds nothing else).
     """
     cfg = config or PropagationConfig()
     t0 = time.perf_counter()
@@ -261,7 +265,7 @@ def propagate(volume: np.ndarray, points: np.ndarray, segmenter: Segmenter,
         np.asarray(volume, np.float32)
     segmenter.set_volume(vol)
     before = (segmenter.encoder_calls, segmenter.decoder_calls, segmenter.slices_encoded)
-    engine = _Engine(vol.shape, segmenter, cfg)
+    engine = _Engine(vol.shape, segmenter, cfg, radius)
     if cfg.batched:
         engine.run(list(range(len(pts))), pts, max_prompts=segmenter.max_batch)
     else:
@@ -293,12 +297,17 @@ def propagate(volume: np.ndarray, points: np.ndarray, segmenter: Segmenter,
 class _Engine:
     """The step-synchronous propagation state shared by batched and one-at-a-time runs."""
 
-    def __init__(self, shape: tuple[int, ...], segmenter: Segmenter, cfg: PropagationConfig):
+    def __init__(self, shape: tuple[int, ...], segmenter: Segmenter, cfg: PropagationConfig,
+                 radius: float | None = None):
         self.shape = tuple(int(s) for s in shape)
         self.seg = segmenter
         self.cfg = cfg
         self.membrane = cfg.target == "membrane"
         self.tol = max(0, int(cfg.membrane_tolerance)) if self.membrane else 0
+        self.size_cap = (SIZE_CAP_FACTOR * np.pi * float(radius) ** 2
+                         if radius and not self.membrane else np.inf)
+        # particles: SAM keeps only candidates that overlap the previous slice's mask enough
+        self.min_iou = None if self.membrane else float(cfg.iou_threshold)
         self.axes = [a for a in AXES if any(d[1] == a for d in cfg.directions)]
         self.pieces: dict[int, list[_Piece]] = {}
         self.confs: dict[int, list[float]] = {}
@@ -307,6 +316,7 @@ class _Engine:
         self.steps = 0
         self.lengths: dict[str, int] = {}
         self.stops: dict[str, int] = {}
+        self.rejected: set[int] = set()  # prompts of the last call whose candidates all failed
 
     def _slice_shape(self, axis: str) -> tuple[int, int]:
         a = AXES.index(axis)
@@ -322,6 +332,7 @@ class _Engine:
         for i in order:
             groups.setdefault((prompts[i][0], prompts[i][1]), []).append(i)
         out: list = [None] * len(prompts)
+        self.rejected = set()
         pending: list[tuple[PromptBatch, list[int]]] = []
         count = 0
 
@@ -333,6 +344,8 @@ class _Engine:
             for (_, ids), res in zip(pending, results, strict=True):
                 for k, i in enumerate(ids):
                     logits = None if res.logits is None else res.logits[k]
+                    if res.rejected is not None and res.rejected[k]:
+                        self.rejected.add(i)
                     out[i] = (res.masks[k], float(res.confidence[k]), res.points[k], logits)
             pending, count = [], 0
 
@@ -350,7 +363,8 @@ class _Engine:
                 lg = [prompts[i][4] for i in part]
                 logits = np.stack(lg) if all(x is not None for x in lg) else None
                 caps = np.array([prompts[i][5] for i in part], dtype=np.float64)
-                pending.append((PromptBatch(axis, index, pts, masks, logits, caps), part))
+                pending.append((PromptBatch(axis, index, pts, masks, logits, caps,
+                                            self.min_iou if masks is not None else None), part))
                 count += len(part)
                 self.visited.add((axis, index))
             self.prompts += len(ids)
@@ -371,7 +385,7 @@ class _Engine:
             show: bool = True) -> None:
         """Propagate ``particles`` (indices into ``pts``) to completion."""
         cfg = self.cfg
-        fixed_cap = float(cfg.max_area) if cfg.max_area else np.inf
+        fixed_cap = min(float(cfg.max_area) if cfg.max_area else np.inf, self.size_cap)
         # step 0: the three planes through each point
         first: list = []
         for i in particles:
@@ -396,7 +410,7 @@ class _Engine:
             if not self.membrane and cfg.max_area is None and got:
                 areas = np.array([int(v[0].crop.sum()) for v in got.values()])
                 ref = areas[areas <= FIRST_MASK_SPREAD * areas.min()].max()
-                cap = float(cfg.area_factor) * float(ref)
+                cap = min(float(cfg.area_factor) * float(ref), self.size_cap)
             if self.membrane and cfg.max_area is None:
                 cap = np.inf
             for axis, (piece, point, logits, conf) in got.items():
@@ -431,10 +445,11 @@ class _Engine:
             results = self._call(prompts, max_prompts)
             self.steps += 1
             active = []
-            for ch, (mask, conf, point, logits) in zip(live, results, strict=True):
+            for j, (ch, (mask, conf, point, logits)) in enumerate(zip(live, results,
+                                                                       strict=True)):
                 crop = _crop2d(mask)
-                if crop is None:
-                    self._stop(ch, "empty")
+                if crop is None:  # no mask, or no candidate overlapped the previous one enough
+                    self._stop(ch, "iou" if j in self.rejected else "empty")
                     continue
                 piece = _Piece(ch.axis, ch.index + ch.sign, *crop)
                 if piece.crop.sum() > ch.cap:

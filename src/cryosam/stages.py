@@ -1,6 +1,7 @@
 """The pipeline's stages as small functions, each with a typed input and output:
 
-load → normalise → clicks → features → query → match → segment proposals → (merge).
+load → normalise → probe (polarity, size) → prepare (flip, bin) → clicks → features → query
+→ match → segment proposals → (merge, then back to the input's voxels).
 
 :class:`cryosam.pipeline.CryoSAM` calls them in order and times them; each output has a
 ``report()`` that becomes its part of the run record. Merging lives in :mod:`cryosam.merge`.
@@ -25,8 +26,17 @@ from cryosam.errors import CryosamWarning, InputError
 from cryosam.features import FeatureVolume, extract_features
 from cryosam.merge import Plausibility, outside_instances, plausible
 from cryosam.normalise import normalise_volume
+from cryosam.probe import ClickProbe, bin_factor
+from cryosam.probe import probe_clicks as probe_volume
 from cryosam.propagation import InstanceMask, propagate
 from cryosam.record import file_info
+from cryosam.rescale import (
+    bin_volume,
+    from_binned,
+    to_binned,
+    upsample_labels,
+    upsample_mask,
+)
 from cryosam.result import Instance
 from cryosam.segmenters.base import Segmenter
 from cryosam.utils import tomo_stem
@@ -63,12 +73,24 @@ class Inputs:
 
 
 def load_inputs(tomogram: TomogramLike, points: PointsLike, *, voxel_size: float | None = None,
-                points_unit: str = "voxel", tomo_name: str | None = None) -> Inputs:
-    """Read (or wrap) the tomogram and the clicks; clicks are checked against its shape."""
+                points_unit: str = "voxel", tomo_name: str | None = None,
+                points_pixel_size: float | None = None,
+                points_bin: int | None = None) -> Inputs:
+    """Read (or wrap) the tomogram and the clicks; clicks are checked against its shape.
+
+    ``points_pixel_size`` (Å): the clicks' coordinates are pixels of that size (made on a
+    differently binned copy) and are scaled to this tomogram's voxels; ``points_bin`` N says
+    the same for clicks made on a copy binned N times."""
     tomo = _as_tomogram(tomogram, voxel_size)
+    if points_bin is not None:
+        if tomo.mean_voxel_size is None:
+            raise InputError("--points-bin needs the tomogram's voxel size; the header has "
+                             "none, so pass --voxel-size")
+        points_pixel_size = float(points_bin) * tomo.mean_voxel_size
     if isinstance(points, str | os.PathLike):
         ps = io.read_points(points, shape=tomo.shape, voxel_size=tomo.voxel_size,
-                            unit=points_unit, tomo_name=tomo_name)
+                            unit=points_unit, tomo_name=tomo_name,
+                            pixel_size=points_pixel_size)
         prompts, source = np.asarray(ps.zyx, dtype=float).reshape(-1, 3), Path(points)
     else:
         prompts, source = np.asarray(points, dtype=float).reshape(-1, 3), None
@@ -100,6 +122,75 @@ def normalise(tomogram: io.Tomogram, cfg: PropagationConfig) -> np.ndarray:
     return normalise_volume(tomogram.data, cfg.clip_percentiles)
 
 
+# --------------------------------------------------------------------------- probe, prepare
+
+
+def probe(volume: np.ndarray, inputs: Inputs, cfg: CryosamConfig) -> ClickProbe:
+    """Polarity and particle size from the clicks (or from ``polarity``/``diameter``)."""
+    radius = None
+    if cfg.diameter is not None:
+        vs = inputs.tomogram.mean_voxel_size
+        if vs is None:
+            raise InputError("--diameter is in Å but the tomogram has no voxel size; pass "
+                             "--voxel-size")
+        radius = cfg.diameter / 2.0 / vs
+    return probe_volume(volume, inputs.prompts, polarity=cfg.polarity, radius=radius,
+                        estimate_size=cfg.propagation.target == "particle")
+
+
+@dataclass
+class Work:
+    """What the models see: the volumes after the polarity flip and the binning, the clicks
+    and the particle radius on that grid."""
+
+    segmenter_volume: np.ndarray
+    encoder_volume: np.ndarray | None  # None when matching is off
+    prompts: np.ndarray
+    factor: int  # binning: 1 = the input's voxels
+    radius: float | None  # particle radius in work voxels
+    flipped: dict[str, bool]
+
+    def report(self) -> dict[str, Any]:
+        return {"binning": self.factor, "shape_zyx": list(self.segmenter_volume.shape),
+                "radius_voxels": None if self.radius is None else round(self.radius, 3),
+                "flipped": self.flipped}
+
+
+def prepare(volume: np.ndarray, raw: np.ndarray, inputs: Inputs, found: ClickProbe,
+            cfg: CryosamConfig, *, encoder_dark: bool | None, segmenter_dark: bool) -> Work:
+    """Flip a bright tomogram for the backends that see particles dark, and bin it when the
+    particles are large in voxels. ``encoder_dark`` None: no encoder (no matching).
+
+    The normalised ``volume`` is this run's own copy: it is flipped in place when every model
+    wants the flip (no second full-size copy)."""
+    bright = found.polarity == "bright"
+    particle = cfg.propagation.target == "particle"
+    factor = cfg.binning or (bin_factor(found.radius) if particle else 1)
+    enc = cfg.encoder
+    shared = tuple(enc.clip_percentiles) == tuple(cfg.propagation.clip_percentiles)
+    seg_flip = bright and segmenter_dark
+    enc_flip = bright and bool(encoder_dark)
+    encoder_base = None
+    if encoder_dark is not None:
+        encoder_base = volume if shared else normalise_volume(raw, enc.clip_percentiles)
+    if seg_flip and (encoder_base is None or (enc_flip and encoder_base is volume)):
+        np.subtract(1.0, volume, out=volume)  # nobody needs the unflipped copy
+        seg_vol = volume
+        if encoder_base is not None and encoder_base is not volume:
+            encoder_base = 1.0 - encoder_base
+    else:
+        seg_vol = 1.0 - volume if seg_flip else volume
+        if encoder_base is not None and enc_flip:
+            encoder_base = 1.0 - encoder_base
+    seg_binned = bin_volume(seg_vol, factor)
+    enc_binned = None
+    if encoder_base is not None:
+        enc_binned = seg_binned if encoder_base is seg_vol else bin_volume(encoder_base, factor)
+    radius = None if found.radius is None else found.radius / factor
+    return Work(seg_binned, enc_binned, to_binned(inputs.prompts, factor), factor, radius,
+                {"segmenter": seg_flip, "encoder": enc_flip})
+
+
 # --------------------------------------------------------------------------- clicks
 
 
@@ -119,20 +210,38 @@ class Clicks:
         return dict(self.stats)
 
 
-def segment_clicks(volume: np.ndarray, prompts: np.ndarray, segmenter: Segmenter,
-                   cfg: PropagationConfig) -> Clicks:
-    """3-D masks of the clicked particles; clicks with an empty mask are kept and warned of."""
-    res = propagate(volume, prompts, segmenter, cfg)
+def segment_clicks(work: Work, segmenter: Segmenter, cfg: PropagationConfig,
+                   found: ClickProbe | None = None) -> Clicks:
+    """3-D masks of the clicked particles; clicks with an empty mask are kept and warned of,
+    and when every click comes out empty the run stops with one line saying why."""
+    prompts = work.prompts
+    res = propagate(work.segmenter_volume, prompts, segmenter, cfg, radius=work.radius)
     instances = [Instance(mask, np.asarray(p, float), 1.0, float(np.clip(c, 0.0, 1.0)), row)
                  for row, (mask, p, c) in enumerate(zip(res.instances, prompts, res.confidence,
                                                         strict=True))]
     empty = [i.click_row for i in instances if i.n_voxels == 0]
+    if instances and len(empty) == len(instances):
+        raise InputError(nothing_found_message(found))
     if empty:
         warnings.warn(
             f"{len(empty)} click(s) gave an empty mask (rows {empty}); they are kept as picks "
             "at the click, with score 0, but do not shape the query", CryosamWarning,
             stacklevel=3)
     return Clicks(instances, dict(res.stats))
+
+
+def nothing_found_message(found: ClickProbe | None) -> str:
+    """Why no click gave a mask, and what to try."""
+    head = "no particle found at any click"
+    if found is not None:
+        votes = found.votes
+        other = "bright" if found.polarity == "dark" else "dark"
+        if found.polarity_source == "given" and votes[other] > votes[found.polarity]:
+            return (f"{head}: the contrast at the clicks looks {other}, not "
+                    f"{found.polarity} — try --polarity {other} (or --polarity auto)")
+    return (f"{head}: the clicks look like background; check that they are x,y,z voxels of "
+            "this tomogram (axis order, --points-unit, --points-pixel-size) and sit on "
+            "particles")
 
 
 # --------------------------------------------------------------------------- features
@@ -157,20 +266,16 @@ class Features:
         }
 
 
-def compute_features(volume: np.ndarray, raw: np.ndarray, encoder: SliceEncoder,
-                     cfg: CryosamConfig, device: torch.device,
+def compute_features(work: Work, encoder: SliceEncoder, cfg: CryosamConfig,
+                     device: torch.device,
                      cache_dir: str | os.PathLike[str] | None = None) -> Features:
-    """Encode every slice along z, y, x (from the cache when it holds them).
-
-    The normalised ``volume`` is reused when the encoder normalises the same way; otherwise
-    the ``raw`` data is normalised with the encoder's own percentiles.
-    """
+    """Encode every slice along z, y, x of the prepared (normalised) volume, from the cache
+    when it holds them."""
     enc = cfg.encoder
-    shared = tuple(enc.clip_percentiles) == tuple(cfg.propagation.clip_percentiles)
+    assert work.encoder_volume is not None, "prepare() was told there is no encoder"
     fv = extract_features(
-        volume if shared else raw, encoder, stride=enc.slice_stride,
-        batch_size=enc.batch_size, device=device, cache_dir=cache_dir,
-        clip_percentiles=None if shared else enc.clip_percentiles, reduce_to=enc.reduce_to)
+        work.encoder_volume, encoder, stride=enc.slice_stride, batch_size=enc.batch_size,
+        device=device, cache_dir=cache_dir, clip_percentiles=None, reduce_to=enc.reduce_to)
     return Features(fv, encoder.id)
 
 
@@ -242,7 +347,7 @@ class ProposalMasks:
         return dict(self.stats)
 
 
-def segment_proposals(volume: np.ndarray, matches: Matches, clicks: Clicks,
+def segment_proposals(work: Work, matches: Matches, clicks: Clicks,
                       segmenter: Segmenter, cfg: CryosamConfig,
                       prop_cfg: PropagationConfig) -> ProposalMasks:
     """Segment every match outside the clicks in 3-D (batched), keep the plausible ones."""
@@ -250,9 +355,23 @@ def segment_proposals(volume: np.ndarray, matches: Matches, clicks: Clicks,
     sim = matches.similarity[matches.outside_clicks]
     if not len(zyx):
         return ProposalMasks([])
-    res = propagate(volume, zyx, segmenter, prop_cfg)
+    res = propagate(work.segmenter_volume, zyx, segmenter, prop_cfg, radius=work.radius)
     rule = Plausibility(cfg.min_size_ratio, cfg.max_size_ratio, cfg.max_elongation_ratio)
     kept, rejected = plausible(res.instances, zyx, clicks.masks, prop_cfg.target, rule)
     instances = [Instance(res.instances[i], zyx[i], float(sim[i]),
                           float(np.clip(res.confidence[i], 0.0, 1.0))) for i in kept]
     return ProposalMasks(instances, rejected, dict(res.stats))
+
+
+# --------------------------------------------------------------------------- back to the input
+
+
+def to_input_grid(instances: list[Instance], labels: np.ndarray, factor: int,
+                  shape: tuple[int, ...]) -> tuple[list[Instance], np.ndarray]:
+    """Instances and labels of a binned run on the input's voxel grid (each binned voxel a
+    block); seeds in input voxels. The identity when nothing was binned."""
+    if factor == 1:
+        return instances, labels
+    out = [Instance(upsample_mask(i.mask, factor, shape), from_binned(i.seed, factor),
+                    i.similarity, i.confidence, i.click_row) for i in instances]
+    return out, upsample_labels(labels, factor, shape)

@@ -62,6 +62,7 @@ def register(app: typer.Typer) -> None:
                 matching=MatchingConfig(sim_threshold=-1.0, top_k=top_k),
                 propagation=PropagationConfig(max_steps=max_steps),
                 min_size_ratio=0.0, max_size_ratio=1e9, max_elongation_ratio=1e9,
+                diameter=1e5, binning=1,  # random masks have any size: no size cap or binning
             )
             encoder = Dinov2Encoder(random_init_model("vitl14").to(dev), device=dev,
                                     name="dinov2-vitl14-reg:random-init")

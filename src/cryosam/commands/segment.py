@@ -38,12 +38,18 @@ OPTION_PATHS: dict[str, str] = {
     "patches": "encoder.backends.dinov2.patches_long_side",
     "slice_stride": "encoder.slice_stride",
     "seed": "seed",
+    "threads": "threads",
+    "polarity": "polarity",
+    "diameter": "diameter",
+    "binning": "binning",
 }
 
 EncoderChoice = StrEnum("EncoderChoice", {n: n for n in backends.names("encoder")})  # type: ignore[misc]
 SegmenterChoice = StrEnum("SegmenterChoice",  # type: ignore[misc]
                           {n: n for n in backends.names("segmenter")})
 TargetChoice = StrEnum("TargetChoice", {n: n for n in TARGETS})  # type: ignore[misc]
+PolarityChoice = StrEnum("PolarityChoice",  # type: ignore[misc]
+                         {n: n for n in ("auto", "dark", "bright")})
 
 
 class UnitChoice(StrEnum):
@@ -151,6 +157,24 @@ def register(app: typer.Typer) -> None:
                                               help="Keep features here; a second query on the "
                                               "same tomogram reuses them."),
         seed: int = typer.Option(default["seed"], "--seed"),
+        polarity: PolarityChoice = typer.Option(default["polarity"], "--polarity",
+                                                help="Particles darker or brighter than the "
+                                                "background; auto decides from the clicks."),
+        diameter: float | None = typer.Option(default["diameter"], "--diameter", min=0.0,
+                                              help="Particle diameter in Å (default: "
+                                              "estimated from the clicks)."),
+        binning: int | None = typer.Option(default["binning"], "--binning", min=1, max=16,
+                                           help="Work on a copy binned this many times "
+                                           "(default: from the particle's size; 1 = never)."),
+        threads: int | None = typer.Option(default["threads"], "--threads", min=1,
+                                           help="CPU threads (default: SLURM_CPUS_PER_TASK, "
+                                           "OMP_NUM_THREADS or the CPUs this job may use)."),
+        points_pixel_size: float | None = typer.Option(
+            None, "--points-pixel-size", min=0.0,
+            help="The clicks are pixels of this size (Å), e.g. picked on another binning."),
+        points_bin: int | None = typer.Option(
+            None, "--points-bin", min=1,
+            help="The clicks were picked on a copy binned N times relative to this tomogram."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or summary."),
         debug: bool = typer.Option(False, "--debug", help="Full tracebacks on errors."),
     ) -> None:
@@ -170,10 +194,13 @@ def register(app: typer.Typer) -> None:
         check_out_dir(out_dir, overwrite, inputs=(tomo, points))
         if cache_dir is not None:
             check_cache_dir(cache_dir)
+        if points_pixel_size is not None and points_bin is not None:
+            raise InputError("--points-pixel-size and --points-bin say the same thing; give one")
         runner = CryoSAM(cfg)
         result = runner.segment(tomo, points, match=match, cache_dir=cache_dir,
                                 voxel_size=voxel_size, points_unit=points_unit.value,
-                                tomo_name=tomo_name)
+                                tomo_name=tomo_name, points_pixel_size=points_pixel_size,
+                                points_bin=points_bin)
         written = write_outputs(result, out_dir, overwrite=overwrite, tomo_name=tomo_name)
         if not quiet:
             print_summary(result, written, out_dir)
@@ -222,4 +249,12 @@ def print_summary(result, written: dict[str, Path], out_dir: Path) -> None:  # n
         table.add_row(stage, f"{secs:.2f}", f"{peak:.0f}")
     table.add_row("total", f"{rec['total_seconds']:.2f}", "")
     console.print(table)
+    probe, work = rec.get("probe") or {}, rec.get("work") or {}
+    if probe:
+        size = probe.get("radius_voxels")
+        console.print(
+            f"particles {probe['polarity']} ({probe['polarity_source']}: "
+            f"{probe['votes']['dark']} dark / {probe['votes']['bright']} bright click(s))"
+            + (f", radius {size:.1f} voxels ({probe['radius_source']})" if size else "")
+            + (f", worked binned {work['binning']}x" if work.get("binning", 1) > 1 else ""))
     console.print(f"outputs in [bold]{escape(str(out_dir))}[/bold]: " + ", ".join(sorted(written)))

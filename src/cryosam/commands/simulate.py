@@ -24,6 +24,13 @@ def simulate_command(
     blur: float = typer.Option(1.0, "--blur", help="Gaussian blur of the signal, voxels."),
     membrane: bool = typer.Option(True, "--membrane/--no-membrane",
                                   help="Add a vesicle and a membrane sheet."),
+    invert: bool = typer.Option(False, "--invert",
+                                help="Dense matter bright (as in many processed tomograms)."),
+    zoom: float = typer.Option(1.0, "--zoom", help="Sample the same scene this many times "
+                               "finer (the shape grows, the voxel size shrinks)."),
+    target_radius: float = typer.Option(6.5, "--target-radius",
+                                        help="Outer radius of the target particles, voxels "
+                                        "(before --zoom)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing files."),
 ) -> None:
     """Simulate a tomogram with known particles and membranes; write it with its truth."""
@@ -41,12 +48,13 @@ def simulate_command(
     config = SimulationConfig(
         shape=parse_shape(shape), voxel_size=voxel_size, snr=snr, seed=seed,
         n_targets=n_targets, n_blobs=n_distractors, n_filaments=n_distractors,
-        tilt_range=tilt_range, blur_sigma=blur, membrane=membrane)
+        tilt_range=tilt_range, blur_sigma=blur, membrane=membrane, invert=invert, zoom=zoom,
+        target_radius=target_radius)
     sim = simulate(config)
     paths = write_simulation(sim, out_dir, overwrite=overwrite)
-    d, h, w = config.shape
+    d, h, w = sim.shape
     counts = ", ".join(f"{len(sim.ids(k))} {k}" for k in (TARGET_KIND, BLOB_KIND, FILAMENT_KIND))
-    typer.echo(f"simulated {d}x{h}x{w} voxels (z,y,x) at {voxel_size:g} Å, seed {seed}, "
+    typer.echo(f"simulated {d}x{h}x{w} voxels (z,y,x) at {sim.voxel_size:g} Å, seed {seed}, "
                f"SNR {measured_snr(sim):.3g}, missing wedge ±{tilt_range:g}°")
     typer.echo(f"particles: {counts}; target kind '{sim.target_kind}', "
                f"radius {sim.target_radius:.2f} voxels")

@@ -85,12 +85,14 @@ def read_points(
     tomo_name: str | None = None,
     check_bounds: bool = True,
     star_pixel_size: float | None = None,
+    pixel_size: float | None = None,
 ) -> PointSet:
     """Read points (prompts or picks) from CSV or STAR as (z, y, x) voxels.
 
     CSV: a header naming ``x,y,z`` (any case; extra columns kept), napari's
     ``axis-0,axis-1,axis-2`` (= z, y, x), or no header and exactly three columns x, y, z.
-    Comma-separated only (tab, '|' or ';' files are refused with a fix). TARDIS-style
+    Separated by commas, or by tabs/spaces (IMOD ``model2point``: 3 columns, or 4-5 with the
+    object and contour first); '|' or ';' files are refused with a fix. TARDIS-style
     ``X [A]`` headers are in Å and need ``unit="angstrom"``.
 
     STAR: ``rlnCoordinateX/Y/Z`` (pixels) or RELION-5 ``rlnCenteredCoordinateX/Y/ZAngst``
@@ -103,8 +105,11 @@ def read_points(
     (``rlnOriginX/Y/Z[Angst]``) are not applied.
 
     ``unit="angstrom"`` divides CSV coordinates by ``voxel_size`` (Å from voxel 0; the header
-    origin is not subtracted). With ``shape`` (D, H, W), points outside the volume (beyond the
-    outer voxel edges) are refused unless ``check_bounds`` is False.
+    origin is not subtracted). ``pixel_size`` (Å) says the coordinates are pixels of that size
+    (clicks made on a differently binned copy): they are scaled to ``voxel_size``, with a
+    warning; for STAR files it overrides the size the file states. With ``shape`` (D, H, W),
+    points outside the volume (beyond the outer voxel edges) are refused unless
+    ``check_bounds`` is False.
     """
     p = Path(path)
     if not p.exists():
@@ -125,9 +130,19 @@ def read_points(
     if _is_star(p, text):
         if unit != "voxel":
             warn(f"{p}: --points-unit is ignored for STAR files (their columns state units)")
-        zyx, columns, labels = read_star_points(p, shape, vs, tomo_name, star_pixel_size)
+        zyx, columns, labels = read_star_points(p, shape, vs, tomo_name,
+                                                star_pixel_size or pixel_size)
     else:
         zyx, columns, labels = _read_csv_points(p, text, unit, vs)
+        if pixel_size is not None:
+            if vs is None:
+                raise InputError(f"{p}: --points-pixel-size needs the tomogram's voxel size; "
+                                 "the header has none, so pass --voxel-size")
+            factor = float(pixel_size) / vs
+            zyx = zyx * factor
+            warn(f"{p}: coordinates in {float(pixel_size):g} Å pixels scaled by "
+                 f"{', '.join(f'{f:.4g}' for f in np.unique(np.round(factor, 6)))} to this "
+                 "tomogram's voxels")
     if shape is not None and check_bounds:
         _check_bounds(p, zyx, shape, labels)
     return PointSet(zyx=zyx, columns=columns, source=p)
@@ -348,8 +363,23 @@ def write_picks_csv(
     atomic_write_text(path, _csv_text(names, cols, digits))
 
 
-def write_napari_csv(path: str | os.PathLike[str], zyx: np.ndarray) -> None:
-    """Write points as napari's points CSV ``index,axis-0,axis-1,axis-2`` (= z, y, x)."""
+def write_napari_csv(
+    path: str | os.PathLike[str],
+    zyx: np.ndarray,
+    columns: Mapping[str, object] | None = None,
+) -> None:
+    """Write points as napari's points CSV ``index,axis-0,axis-1,axis-2`` (= z, y, x),
+    atomically; ``columns`` (e.g. ``score``, ``instance_id``) follow, in the order given, and
+    napari reads them as point properties."""
     pts = as_zyx(zyx)
-    cols = [np.arange(len(pts)), pts[:, 0], pts[:, 1], pts[:, 2]]
-    atomic_write_text(path, _csv_text(["index", "axis-0", "axis-1", "axis-2"], cols, [0, 3, 3, 3]))
+    n = len(pts)
+    names = ["index", "axis-0", "axis-1", "axis-2"]
+    cols = [np.arange(n), pts[:, 0], pts[:, 1], pts[:, 2]]
+    digits = [0, 3, 3, 3]
+    for name, values in (columns or {}).items():
+        if name.lower() in names:
+            raise ValueError(f"column name {name!r} clashes with napari's index/axis columns")
+        names.append(name)
+        cols.append(as_column(name, values, n))
+        digits.append(6)
+    atomic_write_text(path, _csv_text(names, cols, digits))

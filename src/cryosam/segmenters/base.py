@@ -75,12 +75,15 @@ class SegmentResult:
     confidence: np.ndarray
     points: np.ndarray
     logits: np.ndarray | None = None
+    rejected: np.ndarray | None = None  # (P,) bool: every candidate failed ``min_iou``
 
 
 @dataclass
 class PromptBatch:
     """Every prompt on one slice: points (P, 2) row/col, optional previous masks/logits and a
-    per-prompt area cap in slice pixels (``inf`` or None: no cap)."""
+    per-prompt area cap in slice pixels (``inf`` or None: no cap). ``min_iou``: a segmenter
+    that proposes several candidate masks keeps only those whose IoU with ``prev_masks`` is at
+    least this, and returns an empty mask when none is left (the chain then stops)."""
 
     axis: str
     index: int
@@ -88,6 +91,7 @@ class PromptBatch:
     prev_masks: np.ndarray | None = None
     prev_logits: np.ndarray | None = None
     max_area: np.ndarray | None = None
+    min_iou: float | None = None
 
     def __len__(self) -> int:
         return int(np.asarray(self.points).reshape(-1, 2).shape[0])

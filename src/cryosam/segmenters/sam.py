@@ -185,13 +185,14 @@ class SamSegmenter(SliceSegmenterBase):
     # -- prompt encoder + mask decoder, many slices in one pass ---------------------------
     @torch.inference_mode()
     def decode(self, embeddings: torch.Tensor, coords: torch.Tensor,
-               mask_inputs: torch.Tensor | None, has_mask: torch.Tensor | None
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+               mask_inputs: torch.Tensor | None, has_mask: torch.Tensor | None,
+               all_tokens: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """One mask-decoder pass for B prompts, each with its own slice embedding.
 
         ``embeddings`` (B, C, g, g); ``coords`` (B, 2) one positive point each, in input pixels
         (x, y); ``mask_inputs`` (B, 1, L, L) logits used where ``has_mask``. Returns low-res
-        logits (B, M, L, L) and predicted IoUs (B, M) (M = 3 with multimask, else 1). This is
+        logits (B, M, L, L) and predicted IoUs (B, M): M = 3 with multimask (SAM's tokens 1-3),
+        else 1 (token 0), or all 4 tokens with ``all_tokens``. This is
         ``MaskDecoder.predict_masks`` with the image embedding given per prompt instead of one
         embedding repeated for every prompt.
         """
@@ -221,7 +222,7 @@ class SamSegmenter(SliceSegmenterBase):
             bb, cc, hh, ww = up.shape
             masks = (hyper @ up.reshape(bb, cc, hh * ww)).reshape(bb, -1, hh, ww)
             iou = md.iou_prediction_head(iou_out)
-        sel = slice(1, None) if self.multimask else slice(0, 1)
+        sel = slice(0, None) if all_tokens else slice(1, None) if self.multimask else slice(0, 1)
         return masks[:, sel].float(), iou[:, sel].float()
 
     def segment_batch(self, batches: Sequence[PromptBatch]) -> list[SegmentResult]:
@@ -264,22 +265,36 @@ class SamSegmenter(SliceSegmenterBase):
         coord_t = torch.as_tensor(np.stack(coords), dtype=torch.float32, device=dev)
         mask_t = torch.stack(masks_in).float()
         has_t = torch.as_tensor(has, device=dev)
-        low, iou = self.decode(emb, coord_t, mask_t if bool(has_t.any()) else None, has_t)
+        low, iou = self.decode(emb, coord_t, mask_t if bool(has_t.any()) else None, has_t,
+                               all_tokens=True)
         self.decoder_calls += 1
+        # candidates: SAM's three ambiguity-aware masks for a lone point (its predictor's advice
+        # for one point), plus token 0, trained for several prompts, when a mask comes along
+        allowed = torch.ones_like(iou, dtype=torch.bool)
+        if self.multimask:
+            allowed[:, 0] = has_t
+        else:
+            allowed[:, 1:] = False
         # postprocess per slice shape (prompts of one axis share it)
         groups: dict[tuple[int, int], list[int]] = {}
         for j, (bi, _) in enumerate(chunk):
             b = batches[bi]
             groups.setdefault(self.image_shape(b.axis, b.index), []).append(j)
         for shape, js in groups.items():
-            self._select(shape, [chunk[j] for j in js], batches, low[js], iou[js], results,
-                         results_logits)
+            self._select(shape, [chunk[j] for j in js], batches, low[js], iou[js],
+                         allowed[js], results, results_logits)
 
     def _select(self, shape: tuple[int, int], items: list[tuple[int, int]],
                 batches: Sequence[PromptBatch], low: torch.Tensor, iou: torch.Tensor,
-                results: list[SegmentResult], results_logits: list[np.ndarray]) -> None:
-        """Pick, per prompt, the best acceptable candidate: non-empty, containing (or touching)
-        the point, within the area cap; highest predicted IoU among those."""
+                allowed: torch.Tensor, results: list[SegmentResult],
+                results_logits: list[np.ndarray]) -> None:
+        """Pick, per prompt, one of its ``allowed`` candidates.
+
+        With a previous mask and ``min_iou`` (propagation): only candidates whose IoU with the
+        previous mask reaches ``min_iou`` and that fit the area cap; the highest predicted IoU
+        among them; an empty mask when none is left (the chain stops there). Otherwise the
+        best acceptable candidate: non-empty, containing (or touching) the point, within the
+        area cap; highest predicted IoU among those."""
         geom = self.geometry(*shape)
         h, w = shape
         dev = low.device
@@ -303,11 +318,26 @@ class SamSegmenter(SliceSegmenterBase):
         nonempty = area > 0
         ok = nonempty & touch & (area <= caps_t)
         score = iou + 4.0 * ok.float() + 2.0 * (nonempty & touch).float() + nonempty.float()
+        # the reference rule: overlap with the previous slice first, then predicted IoU
+        strict = torch.zeros(n, dtype=torch.bool, device=dev)
+        for j, (bi, k) in enumerate(items):
+            b = batches[bi]
+            if b.min_iou is None or b.prev_masks is None:
+                continue
+            strict[j] = True
+            prev = torch.as_tensor(np.asarray(b.prev_masks[k], bool), device=dev)
+            inter = (binary[j] & prev).flatten(1).sum(-1).float()
+            union = area[j] + float(prev.sum()) - inter
+            overlap = torch.where(union > 0, inter / union.clamp(min=1.0), 0.0)
+            keep = nonempty[j] & (overlap >= b.min_iou) & (area[j] <= caps_t[j])
+            score[j] = torch.where(keep, iou[j] + 8.0, torch.full_like(iou[j], -1.0))
+        score = torch.where(allowed, score, torch.full_like(score, -torch.inf))
         best = score.argmax(1)
         ar = torch.arange(n, device=dev)
-        chosen = binary[ar, best]  # (n, h, w)
+        none_left = strict & (score[ar, best] < 0)
+        chosen = binary[ar, best] & ~none_left[:, None, None]  # (n, h, w)
         chosen_logits = full[ar, best]
-        conf = torch.where(area[ar, best] > 0, iou[ar, best].clamp(0.0, 1.0),
+        conf = torch.where(chosen.flatten(1).any(1), iou[ar, best].clamp(0.0, 1.0),
                            torch.zeros_like(iou[ar, best]))
         # most confident point: highest logit inside the mask (the prompt point if empty)
         flat = torch.where(chosen, chosen_logits, torch.full_like(chosen_logits, -torch.inf))
@@ -317,8 +347,12 @@ class SamSegmenter(SliceSegmenterBase):
         conf_np = conf.cpu().numpy().astype(np.float32)
         rc_np = best_rc.cpu().numpy()
         low_np = low[ar, best].cpu().numpy().astype(np.float32)
+        rejected_np = none_left.cpu().numpy()
         for j, (bi, k) in enumerate(items):
             res = results[bi]
+            if res.rejected is None:
+                res.rejected = np.zeros(len(res.confidence), dtype=bool)
+            res.rejected[k] = rejected_np[j]
             res.masks[k] = masks_np[j]
             res.confidence[k] = conf_np[j]
             res.points[k] = rc_np[j] if masks_np[j].any() else pts[j]

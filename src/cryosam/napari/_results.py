@@ -1,0 +1,95 @@
+"""What the widget does with a result, without Qt: the score filter, the filtered result that
+"Save" writes, and the conversion of napari layers into cryosam's inputs."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cryosam import io
+from cryosam.errors import InputError
+from cryosam.result import SegmentationResult
+
+
+def kept_picks(result: SegmentationResult, min_score: float) -> np.ndarray:
+    """Which picks (in ``result.picks_zyx`` order) pass the score filter; clicks always do."""
+    return (result.pick_scores >= min_score) | result.pick_is_prompt
+
+
+def hidden_labels(result: SegmentationResult, min_score: float) -> np.ndarray:
+    """The instance ids (labels) that the score filter hides."""
+    keep = kept_picks(result, min_score)
+    return result.pick_instance_ids[~keep]
+
+
+def filtered_result(result: SegmentationResult, min_score: float) -> SegmentationResult:
+    """``result`` without the instances below ``min_score`` (clicks are kept), relabelled
+    1..K in the same order; the run record notes the filter and the new counts."""
+    keep = [i for i, inst in enumerate(result.instances)
+            if inst.is_prompt or inst.score >= min_score]
+    if len(keep) == len(result.instances):
+        return result
+    lut = np.zeros(len(result.instances) + 1, dtype=result.labels.dtype)
+    lut[np.asarray(keep, dtype=int) + 1] = np.arange(1, len(keep) + 1)
+    labels = lut[result.labels]
+    record: dict[str, Any] = dict(result.record)
+    counts = dict(record.get("counts", {}))
+    counts.update(instances=len(keep), picks=len(keep) if result.target == "particle" else 0)
+    record["counts"] = counts
+    record["napari_filter"] = {"min_score": float(min_score), "kept": len(keep),
+                               "of": len(result.instances), "clicks_always_kept": True}
+    return dataclasses.replace(result, instances=[result.instances[i] for i in keep],
+                               labels=labels, semantic=(labels > 0).astype(np.int8),
+                               record=record)
+
+
+def tomogram_from_array(data: Any, scale: Any, metadata: dict[str, Any] | None
+                        ) -> io.Tomogram:
+    """A :class:`cryosam.io.Tomogram` from an image layer's data, scale and metadata.
+
+    The voxel size is the one the cryosam reader stored, else the layer's scale when it is
+    not all ones (a layer opened elsewhere), else unknown.
+    """
+    arr = np.asarray(data)
+    if arr.ndim != 3:
+        raise InputError(f"the image layer is {arr.ndim}-D {tuple(arr.shape)}; pick a 3-D "
+                         "(z, y, x) tomogram")
+    meta = (metadata or {}).get("cryosam", {})
+    vs = meta.get("voxel_size")
+    if vs is None:
+        sc = [float(s) for s in np.asarray(scale, dtype=float)[-3:]]
+        vs = sc if any(abs(s - 1.0) > 1e-9 for s in sc) else None
+    path = meta.get("path")
+    return io.Tomogram(
+        data=arr.astype(np.float32, copy=False),
+        voxel_size=tuple(float(v) for v in vs) if vs else None,  # type: ignore[arg-type]
+        origin=tuple(float(v) for v in meta.get("origin", (0.0, 0.0, 0.0))),  # type: ignore[arg-type]
+        path=Path(path) if path and Path(path).is_file() else None,
+    )
+
+
+def check_clicks(zyx: np.ndarray, shape: tuple[int, ...], layer_name: str) -> np.ndarray:
+    """Refuse an empty click list or clicks outside the (D, H, W) volume."""
+    pts = np.asarray(zyx, dtype=float).reshape(-1, 3)
+    if not len(pts):
+        raise InputError(f"the points layer {layer_name!r} has no points; click at least one "
+                         "particle (points layer in add mode)")
+    size = np.asarray(shape[-3:], dtype=float)
+    outside = np.any((pts < -0.5) | (pts > size - 0.5), axis=1)
+    if outside.any():
+        i = int(np.argmax(outside))
+        raise InputError(f"point {i} of {layer_name!r} (z, y, x = "
+                         f"{', '.join(f'{v:.1f}' for v in pts[i])} voxels) lies outside the "
+                         f"tomogram {tuple(int(s) for s in size)}; delete it or pick the "
+                         "matching image layer")
+    return pts
+
+
+def finite(tomo: io.Tomogram) -> io.Tomogram:
+    """Refuse NaN/inf voxels (the pipeline needs finite values)."""
+    if not np.isfinite(tomo.data).all():
+        raise InputError("the image layer holds NaN or inf values; clean the tomogram first")
+    return tomo

@@ -1,0 +1,431 @@
+"""The cryosam dock widget: clicks on a tomogram → 3-D masks → every similar particle.
+
+Pick the tomogram's image layer and a points layer of clicks, then "Segment clicks" (the
+clicked particles only, seconds) or "Find similar" (the whole pipeline). The result is a labels
+layer and a points layer whose ``score`` feature the slider filters live; "Save" writes the
+usual outputs (picks.csv/.star/_napari.csv, semantic.mrc, instances.mrc, preview.png,
+run.json) of what the slider keeps. Work runs in a napari worker thread; the models and an
+on-disk feature cache live as long as the widget, so a second press reuses them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+import time
+import weakref
+from pathlib import Path
+from typing import Any
+
+import napari
+import numpy as np
+from napari.layers import Image, Labels, Points
+from napari.qt.threading import create_worker
+from napari.utils.notifications import show_error, show_info
+from qtpy.QtCore import Qt, QTimer
+from qtpy.QtWidgets import (
+    QComboBox,
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QProgressBar,
+    QPushButton,
+    QSlider,
+    QVBoxLayout,
+    QWidget,
+)
+
+from cryosam import backends
+from cryosam.errors import CryosamError
+from cryosam.napari._reader import pick_size, points_kwargs
+from cryosam.napari._results import (
+    check_clicks,
+    filtered_result,
+    finite,
+    hidden_labels,
+    kept_picks,
+    tomogram_from_array,
+)
+from cryosam.result import SegmentationResult
+
+LABELS_NAME = "cryosam instances"
+PICKS_NAME = "cryosam picks"
+CLICKS_NAME = "clicks"
+SLIDER_STEPS = 100
+
+
+def default_backends() -> tuple[str, str, str]:
+    """(encoder, segmenter, why): DINOv2 + SAM when their weights are here, else the
+    weight-free backends (the same choice as ``cryosam demo``)."""
+    from cryosam.commands.demo import pick_backends
+
+    return pick_backends()
+
+
+def _segment_job(model: Any, tomo: Any, clicks: np.ndarray, match: bool, cache_dir: str,
+                 tomo_name: str) -> tuple[SegmentationResult, float]:
+    """Run in the worker thread: check the volume, segment, and time it."""
+    t0 = time.perf_counter()
+    result = model.segment(finite(tomo), clicks, match=match, cache_dir=cache_dir,
+                           tomo_name=tomo_name)
+    return result, time.perf_counter() - t0
+
+
+def _save_job(result: SegmentationResult, out_dir: str) -> Path:
+    from cryosam.export import write_outputs
+
+    write_outputs(result, out_dir, overwrite=True)
+    return Path(out_dir)
+
+
+class CryosamWidget(QWidget):
+    """Dock widget: segment clicked particles, find similar ones, filter by score, save."""
+
+    def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
+        super().__init__()
+        self.viewer = napari_viewer
+        self.result: SegmentationResult | None = None
+        self.worker: Any = None
+        self.labels_layer: Labels | None = None
+        self.picks_layer: Points | None = None
+        self._source: Image | None = None  # the image layer the result belongs to
+        self._clicks: Points | None = None  # and its clicks
+        self._full_labels: np.ndarray | None = None  # labels before the score filter
+        self._models: dict[tuple[str, str, str], Any] = {}
+        # the feature cache: kept while the widget lives, removed when it is collected
+        self.cache_dir = tempfile.mkdtemp(prefix="cryosam-napari-")
+        weakref.finalize(self, shutil.rmtree, self.cache_dir, ignore_errors=True)
+        self._started = 0.0
+        self._task = ""
+        self._build_ui()
+        self._refresh_layers()
+        events = self.viewer.layers.events
+        for event in (events.inserted, events.removed, events.reordered):
+            event.connect(self._refresh_layers)
+
+    # ------------------------------------------------------------------ interface
+
+    def _build_ui(self) -> None:
+        self.image_box = QComboBox()
+        self.points_box = QComboBox()
+        self.new_clicks_button = QPushButton("New clicks layer")
+        self.new_clicks_button.setToolTip("Add an empty points layer in add mode on the image")
+        self.new_clicks_button.clicked.connect(self.add_clicks_layer)
+        encoder, segmenter, why = default_backends()
+        self.encoder_box = QComboBox()
+        self.encoder_box.addItems(list(backends.names("encoder")))
+        self.encoder_box.setCurrentText(encoder)
+        self.segmenter_box = QComboBox()
+        self.segmenter_box.addItems(list(backends.names("segmenter")))
+        self.segmenter_box.setCurrentText(segmenter)
+        self.device_box = QComboBox()
+        self.device_box.addItems(["auto", "cpu", "cuda"])
+        for box, tip in ((self.encoder_box, "feature encoder (Find similar)"),
+                         (self.segmenter_box, "2-D promptable segmenter"),
+                         (self.device_box, "auto = CUDA when available")):
+            box.setToolTip(f"{tip}; default: {why}")
+
+        self.segment_button = QPushButton("Segment clicks")
+        self.segment_button.setToolTip("3-D masks of the clicked particles only (seconds)")
+        self.segment_button.clicked.connect(self.segment_clicks)
+        self.similar_button = QPushButton("Find similar")
+        self.similar_button.setToolTip("The whole pipeline: features, matching, masks of "
+                                       "every similar particle (features are cached)")
+        self.similar_button.clicked.connect(self.find_similar)
+        self.progress = QProgressBar()
+        self.progress.setRange(0, 0)  # busy indicator: the pipeline has no fixed step count
+        self.progress.setVisible(False)
+        self.status = QLabel(f"Backends: {why}.")
+        self.status.setWordWrap(True)
+
+        self.score_slider = QSlider(Qt.Orientation.Horizontal)
+        self.score_slider.setRange(0, SLIDER_STEPS)
+        self.score_slider.setEnabled(False)
+        self.score_slider.setToolTip("Hide picks whose score (similarity × confidence) is "
+                                     "below this; clicked particles always stay")
+        self.score_slider.valueChanged.connect(self._apply_filter)
+        self.score_label = QLabel("min score 0.00")
+        self.save_button = QPushButton("Save…")
+        self.save_button.setToolTip("Write picks, masks, preview and run.json of the picks "
+                                    "kept by the score filter")
+        self.save_button.setEnabled(False)
+        self.save_button.clicked.connect(lambda: self.save())
+        self._tick = QTimer(self)
+        self._tick.setInterval(500)
+        self._tick.timeout.connect(self._show_elapsed)
+        self._labels_timer = QTimer(self)
+        self._labels_timer.setSingleShot(True)
+        self._labels_timer.setInterval(150)
+        self._labels_timer.timeout.connect(self._filter_labels)
+
+        form = QFormLayout()
+        form.addRow("Tomogram", self.image_box)
+        form.addRow("Clicks", self.points_box)
+        form.addRow("", self.new_clicks_button)
+        form.addRow("Encoder", self.encoder_box)
+        form.addRow("Segmenter", self.segmenter_box)
+        form.addRow("Device", self.device_box)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.segment_button)
+        buttons.addWidget(self.similar_button)
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        layout.addLayout(buttons)
+        layout.addWidget(self.progress)
+        layout.addWidget(self.status)
+        layout.addWidget(QLabel("Score filter"))
+        layout.addWidget(self.score_slider)
+        layout.addWidget(self.score_label)
+        layout.addWidget(self.save_button)
+        layout.addStretch(1)
+
+    def _refresh_layers(self, *_: Any) -> None:
+        """Fill the layer choices, keeping the current ones; skip cryosam's own outputs."""
+        own = {id(self.labels_layer), id(self.picks_layer)}
+        images = [ly.name for ly in self.viewer.layers
+                  if isinstance(ly, Image) and ly.ndim >= 3 and not ly.rgb]
+        points = [ly.name for ly in self.viewer.layers
+                  if isinstance(ly, Points) and id(ly) not in own]
+        points.sort(key=lambda n: CLICKS_NAME not in n.lower())  # prefer a "clicks" layer
+        for box, names in ((self.image_box, images), (self.points_box, points)):
+            current = box.currentText()
+            box.blockSignals(True)
+            box.clear()
+            box.addItems(names)
+            if current in names:
+                box.setCurrentText(current)
+            box.blockSignals(False)
+
+    def _layer(self, box: QComboBox, kind: type, what: str) -> Any:
+        name = box.currentText()
+        if not name or name not in self.viewer.layers:
+            raise CryosamError(f"no {what} layer chosen; add one and pick it in the widget")
+        layer = self.viewer.layers[name]
+        if not isinstance(layer, kind):
+            raise CryosamError(f"layer {name!r} is not a {what} layer")
+        return layer
+
+    @property
+    def busy(self) -> bool:
+        """True while a worker runs."""
+        return self.worker is not None
+
+    @property
+    def min_score(self) -> float:
+        """The score filter's threshold."""
+        return self.score_slider.value() / SLIDER_STEPS
+
+    # ------------------------------------------------------------------ actions
+
+    def add_clicks_layer(self) -> Points | None:
+        """An empty points layer on the chosen image, in add mode, selected for clicks."""
+        try:
+            image = self._layer(self.image_box, Image, "tomogram (image)")
+        except CryosamError as exc:
+            show_error(str(exc))
+            return None
+        layer = self.viewer.add_points(np.zeros((0, 3)), ndim=3, name=CLICKS_NAME,
+                                       scale=image.scale[-3:], translate=image.translate[-3:],
+                                       size=5, face_color="red", border_color="red",
+                                       symbol="cross")
+        layer.mode = "add"
+        self.points_box.setCurrentText(layer.name)
+        return layer
+
+    def segment_clicks(self) -> None:
+        """Masks of the clicked particles only (no matching)."""
+        self._run(match=False)
+
+    def find_similar(self) -> None:
+        """The whole pipeline: the clicked particles and every similar one."""
+        self._run(match=True)
+
+    def _inputs(self) -> tuple[Image, Any, np.ndarray]:
+        """The image layer, its tomogram and the clicks in its voxels (z, y, x)."""
+        image = self._layer(self.image_box, Image, "tomogram (image)")
+        clicks_layer = self._layer(self.points_box, Points, "points (clicks)")
+        self._clicks = clicks_layer
+        data = image.data[0] if image.multiscale else image.data
+        tomo = tomogram_from_array(data, image.scale, image.metadata)
+        world = [clicks_layer.data_to_world(p) for p in np.asarray(clicks_layer.data)]
+        zyx = np.array([image.world_to_data(w)[-3:] for w in world], dtype=float)
+        return image, tomo, check_clicks(zyx, tomo.shape, clicks_layer.name)
+
+    def _model(self) -> Any:
+        from cryosam.config import CryosamConfig, EncoderConfig, SegmenterConfig
+        from cryosam.pipeline import CryoSAM
+
+        key = (self.encoder_box.currentText(), self.segmenter_box.currentText(),
+               self.device_box.currentText())
+        if key not in self._models:
+            cfg = CryosamConfig(encoder=EncoderConfig(name=key[0]),
+                                segmenter=SegmenterConfig(name=key[1]), device=key[2])
+            self._models[key] = CryoSAM(cfg)
+        return self._models[key]
+
+    def _run(self, match: bool) -> None:
+        if self.busy:
+            show_info("cryosam is still working; wait for it to finish")
+            return
+        try:
+            image, tomo, clicks = self._inputs()
+            model = self._model()
+        except CryosamError as exc:
+            self._fail(exc)
+            return
+        self._source = image
+        task = "Finding similar particles" if match else "Segmenting the clicks"
+        self._launch(_segment_job, (model, tomo, clicks, match, self.cache_dir, image.name),
+                     task, self._on_result)
+
+    def save(self, out_dir: str | Path | None = None) -> None:
+        """Write the outputs of the picks the score filter keeps into ``out_dir`` (asked for
+        when not given); an earlier cryosam folder there is replaced."""
+        if self.result is None:
+            show_info("nothing to save yet: segment the clicks or find similar first")
+            return
+        if self.busy:
+            show_info("cryosam is still working; wait for it to finish")
+            return
+        if out_dir is None:
+            start = self._default_out_dir()
+            chosen, _ = QFileDialog.getSaveFileName(
+                self, "Save cryosam outputs into folder", str(start), "",
+                options=QFileDialog.Option.DontConfirmOverwrite)
+            if not chosen:
+                return
+            out_dir = chosen
+        result = filtered_result(self.result, self.min_score)
+        self._launch(_save_job, (result, str(out_dir)), "Saving", self._on_saved)
+
+    def _default_out_dir(self) -> Path:
+        tomo = self.result.tomogram if self.result is not None else None
+        if tomo is not None and tomo.path is not None:
+            from cryosam.export import default_out_dir
+
+            return default_out_dir(tomo.path)
+        name = self.result.tomo_name if self.result is not None else "tomo"
+        return Path.cwd() / f"{name}_cryosam"
+
+    # ------------------------------------------------------------------ worker plumbing
+
+    def _launch(self, func: Any, args: tuple[Any, ...], task: str, on_done: Any) -> None:
+        # errors go to _fail (one line); _ignore_errors stops napari re-raising them as well
+        worker = create_worker(func, *args, _progress={"desc": f"cryosam: {task}"},
+                               _ignore_errors=True)
+        worker.returned.connect(on_done)
+        worker.errored.connect(self._fail)
+        worker.finished.connect(self._on_finished)
+        self.worker = worker
+        self._task = task
+        self._started = time.perf_counter()
+        self._set_busy(True)
+        self._show_elapsed()
+        worker.start()
+
+    def _set_busy(self, busy: bool) -> None:
+        for w in (self.segment_button, self.similar_button, self.save_button,
+                  self.encoder_box, self.segmenter_box, self.device_box):
+            w.setEnabled(not busy)
+        self.save_button.setEnabled(not busy and self.result is not None)
+        self.progress.setVisible(busy)
+        if busy:
+            self._tick.start()
+        else:
+            self._tick.stop()
+
+    def _show_elapsed(self) -> None:
+        self.status.setText(f"{self._task}… {time.perf_counter() - self._started:.0f} s")
+
+    def _on_finished(self) -> None:
+        self.worker = None
+        self._set_busy(False)
+
+    def _fail(self, exc: BaseException) -> None:
+        """One line for the user: cryosam's own message, or the exception's."""
+        if isinstance(exc, CryosamError):
+            message = str(exc)
+        else:
+            message = f"cryosam failed: {type(exc).__name__}: {exc}"
+        self.status.setText(f"Error: {message}")
+        show_error(message)
+
+    def _on_saved(self, folder: Path) -> None:
+        self.status.setText(f"Saved to {folder}")
+        show_info(f"cryosam: saved to {folder}")
+
+    # ------------------------------------------------------------------ results
+
+    def _on_result(self, out: tuple[SegmentationResult, float]) -> None:
+        result, seconds = out
+        self.result = result
+        image = self._source
+        scale = tuple(image.scale[-3:]) if image is not None else (1.0, 1.0, 1.0)
+        translate = tuple(image.translate[-3:]) if image is not None else (0.0, 0.0, 0.0)
+        self._show_labels(result, scale, translate)
+        self._show_picks(result, scale, translate)
+        self.score_slider.setEnabled(True)
+        self._apply_filter()
+        n = len(result.instances)
+        clicked = sum(i.is_prompt for i in result.instances)
+        self.status.setText(f"{n} found: {clicked} clicked + {n - clicked} similar, "
+                            f"{seconds:.1f} s")
+        if self._clicks is not None and self._clicks in self.viewer.layers:
+            self.viewer.layers.selection.active = self._clicks  # ready for more clicks
+
+    def _show_labels(self, result: SegmentationResult, scale: tuple, translate: tuple) -> None:
+        labels = np.asarray(result.labels)
+        layer = self.labels_layer
+        if layer is None or layer not in self.viewer.layers:
+            layer = self.viewer.add_labels(labels, name=LABELS_NAME, scale=scale,
+                                           translate=translate, opacity=0.5)
+            self.labels_layer = layer
+        else:
+            layer.scale, layer.translate = scale, translate
+            layer.data = labels
+        self._full_labels = labels
+
+    def _show_picks(self, result: SegmentationResult, scale: tuple, translate: tuple) -> None:
+        features = {"score": result.pick_scores, "instance_id": result.pick_instance_ids,
+                    "prompt": result.pick_is_prompt, "similarity": result.pick_similarity,
+                    "confidence": result.pick_confidence, "n_voxels": result.pick_n_voxels}
+        layer = self.picks_layer
+        if layer is not None and layer in self.viewer.layers:
+            self.viewer.layers.remove(layer)
+        kwargs = points_kwargs(PICKS_NAME, scale, features, pick_size(result.pick_n_voxels))
+        self.picks_layer = self.viewer.add_points(result.picks_zyx, ndim=3, translate=translate,
+                                                  **kwargs)
+        with contextlib.suppress(ValueError):  # napari >= 0.9: rings shrink off their centre
+            self.picks_layer.projection_mode = "rescale_spherical"
+        self._refresh_layers()
+
+    def _apply_filter(self, *_: Any) -> None:
+        """Show only the picks at or above the slider's score now, their labels shortly
+        after the slider stops (relabelling a large volume takes a moment)."""
+        threshold = self.min_score
+        result = self.result
+        if result is None:
+            self.score_label.setText(f"min score {threshold:.2f}")
+            return
+        keep = kept_picks(result, threshold)
+        if self.picks_layer is not None and self.picks_layer in self.viewer.layers:
+            self.picks_layer.shown = keep
+            self.picks_layer.refresh()
+        self.score_label.setText(f"min score {threshold:.2f}: {int(keep.sum())} of "
+                                 f"{len(keep)} picks shown")
+        self._labels_timer.start()
+
+    def _filter_labels(self) -> None:
+        """Blank the labels of the instances the score filter hides."""
+        layer, full, result = self.labels_layer, self._full_labels, self.result
+        if layer is None or full is None or result is None or layer not in self.viewer.layers:
+            return
+        hidden = hidden_labels(result, self.min_score)
+        if len(hidden):
+            lut = np.arange(len(result.instances) + 1, dtype=full.dtype)
+            lut[hidden] = 0
+            layer.data = lut[full]
+        elif layer.data is not full:
+            layer.data = full
