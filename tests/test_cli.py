@@ -234,3 +234,61 @@ def test_missing_weights_of_both_models_name_both_and_one_command(
     assert "sam_vit_h" in lines[0] and "dinov2-with-registers-large" in lines[0]
     assert lines[0].count("cryosam weights download") == 1
     assert not (tmp_path / "o").exists()
+
+
+# --------------------------------------------------------------------------- any tomogram
+
+
+def _error_lines(err: str) -> list[str]:
+    return [ln for ln in err.strip().splitlines() if ln.startswith("error:")]
+
+
+def test_clicks_on_background_exit_2_with_a_reason(tmp_path: Path, run_cli) -> None:
+    vol = np.random.default_rng(0).normal(size=(32, 48, 48)).astype(np.float32)
+    tomo = tmp_path / "noise.mrc"  # nothing but noise: nothing to segment
+    io.write_mrc(tomo, vol, voxel_size=(10.0, 10.0, 10.0))
+    clicks = tmp_path / "clicks.csv"
+    clicks.write_text("x,y,z\n10,20,16\n30,30,10\n")
+    out = tmp_path / "o"
+    code, _, err = run_cli("segment", tomo, "--points", clicks, "--out", out,
+                           "--encoder", "filterbank", "--segmenter", "threshold")
+    assert code == 2 and "Traceback" not in err
+    (line,) = _error_lines(err)
+    assert "no particle found at any click" in line and "background" in line
+    assert not out.exists()
+
+
+def test_wrong_polarity_is_named_in_the_error(small_sim, tmp_path: Path, run_cli) -> None:
+    _, files = small_sim
+    out = tmp_path / "o"
+    code, _, err = run_cli("segment", files["tomo.mrc"], "--points", files["prompt.csv"],
+                           "--out", out, "--encoder", "filterbank", "--segmenter", "threshold",
+                           "--polarity", "bright")
+    assert code == 2
+    (line,) = _error_lines(err)
+    assert "try --polarity dark" in line
+    assert not out.exists()
+
+
+def test_points_in_another_pixel_size_are_scaled(small_sim, tmp_path: Path, run_cli) -> None:
+    sim, files = small_sim
+    clicks = tmp_path / "bin2.txt"  # IMOD model2point style, picked on a 2x binned copy
+    x, y, z = sim.prompt_points[0][::-1] / 2
+    clicks.write_text(f"1 1 {x:.2f} {y:.2f} {z:.2f}\n")
+    outs = {}
+    for flag, value in (("--points-bin", "2"),
+                        ("--points-pixel-size", str(2 * sim.voxel_size))):
+        outs[flag] = tmp_path / flag.strip("-")
+        code, _, err = run_cli("segment", files["tomo.mrc"], "--points", clicks, "--out",
+                               outs[flag], "--no-match", "--segmenter", "threshold",
+                               "--threads", "1", flag, value)
+        assert code == 0, err
+        assert "scaled by 2" in err  # said, not silent
+    for out in outs.values():
+        rec = json.loads((out / "run.json").read_text())
+        np.testing.assert_allclose(rec["inputs"]["prompts_zyx"][0], sim.prompt_points[0],
+                                   atol=0.02)
+        assert rec["device"]["cpu_threads"] == 1 and rec["parameters"]["threads"] == 1
+    code, _, err = run_cli("segment", files["tomo.mrc"], "--points", clicks, "--out",
+                           tmp_path / "both", "--points-bin", "2", "--points-pixel-size", "20")
+    assert code == 2 and "give one" in err

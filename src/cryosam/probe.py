@@ -43,7 +43,7 @@ class ClickProbe:
         return {
             "polarity": self.polarity, "polarity_source": self.polarity_source,
             "votes": self.votes, "radius_voxels": self.radius, "radius_source": self.radius_source,
-            "click_radii": [round(r, 2) for r in self.radii],
+            "click_radii": [round(r, 2) if math.isfinite(r) else None for r in self.radii],
             "click_responses": [round(r, 4) for r in self.responses],
         }
 
@@ -101,7 +101,9 @@ def probe_clicks(volume: np.ndarray, prompts: np.ndarray, *, polarity: str = "au
         curve = scale_response(volume, p)
         best = int(np.argmax(np.abs(curve)))
         responses.append(float(curve[best]))
-        radii.append(float(_peak_sigma(np.abs(curve), best) * math.sqrt(3.0)))
+        # a peak at the largest scale is no particle (a gradient, a slab): size unknown
+        radii.append(float(_peak_sigma(np.abs(curve), best) * math.sqrt(3.0))
+                     if best < len(SIGMAS) - 1 else math.nan)
     if polarity in ("dark", "bright"):
         pol, pol_source = polarity, "given"
     else:
@@ -113,9 +115,9 @@ def probe_clicks(volume: np.ndarray, prompts: np.ndarray, *, polarity: str = "au
         r, r_source = float(radius), "diameter"
     elif estimate_size and radii:
         # clicks whose strongest answer has the decided polarity describe the particle
-        agree = [r for r, s in zip(radii, responses, strict=True)
-                 if (s > 0) == (pol == "dark")] or radii
-        r, r_source = float(np.median(agree)), "clicks"
+        sized = [(r, s) for r, s in zip(radii, responses, strict=True) if math.isfinite(r)]
+        agree = [r for r, s in sized if (s > 0) == (pol == "dark")] or [r for r, _ in sized]
+        r, r_source = (float(np.median(agree)), "clicks") if agree else (None, "none")
     else:
         r, r_source = None, "none"
     return ClickProbe(pol, pol_source, r, r_source, responses, radii)  # type: ignore[arg-type]
