@@ -13,7 +13,7 @@ import typer
 
 import cryosam
 from cryosam.commands import bench, demo, evaluate, info, segment, simulate, weights
-from cryosam.errors import CryosamError
+from cryosam.errors import CryosamError, Terminated
 
 COMMANDS = (segment, demo, simulate, evaluate, info, weights, bench)  # in --help order
 
@@ -71,15 +71,31 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):  #
     print(text, file=file or sys.stderr)
 
 
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+def install_signal_handlers() -> None:
+    """SIGTERM raises :class:`Terminated` (cleanup runs, exit 143); SIGINT stays Python's
+    KeyboardInterrupt (exit 130). Only possible in the main thread."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Console-script entry point; returns the exit code."""
+    """Console-script entry point; returns the exit code (2 bad input, 130 SIGINT, 143
+    SIGTERM), with one line on stderr for each failure."""
     global _DEBUG
     import warnings
 
     _DEBUG = "--debug" in (argv if argv is not None else sys.argv[1:])
     warnings.showwarning = _show_warning
+    install_signal_handlers()
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)
     except CryosamError as exc:
         if _DEBUG:
             raise
@@ -88,16 +104,23 @@ def main(argv: list[str] | None = None) -> int:
     except typer.Exit as exc:
         return int(exc.exit_code or 0)
     except typer.Abort:
-        typer.echo("aborted", err=True)
-        return 130
-    except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         return 130
+    except KeyboardInterrupt:
+        typer.echo("interrupted (Ctrl-C); nothing was written", err=True)
+        return 130
+    except Terminated:
+        typer.echo("terminated (SIGTERM); nothing was written", err=True)
+        return 143
     except Exception as exc:  # usage errors from click (or typer's own copy of it)
         if callable(getattr(exc, "show", None)) and hasattr(exc, "exit_code"):
             exc.show()
             return int(exc.exit_code or 2)
         raise
+    if isinstance(code, int) and code:  # typer turns Ctrl-C into a returned 130
+        if code == 130:
+            typer.echo("interrupted (Ctrl-C); nothing was written", err=True)
+        return code
     return 0
 
 

@@ -30,3 +30,8 @@ class CryosamWarning(UserWarning):
 
     The CLI prints these as one ``warning: ...`` line each.
     """
+
+
+class Terminated(BaseException):
+    """Raised in the main thread when the process gets SIGTERM (what SLURM sends at the time
+    limit), so that every ``finally`` and cleanup runs before the exit code 143."""

@@ -103,8 +103,10 @@ def merge_instances(
     """Paint instances into a label volume, best first (clicks before matches).
 
     An instance that overlaps an already painted one by ≥ ``merge_iou`` of its own voxels is
-    merged into it (union); otherwise it only takes the voxels still free. Returns the
-    surviving instances in label order (ids 1..N) and the label volume.
+    merged into it (union), a clicked one included (two clicks on one particle make one
+    instance); otherwise it only takes the voxels still free. Each surviving instance's mask
+    is then exactly its voxels in the label volume, so picks, their voxel counts and
+    ``instances.mrc`` agree. Returns the instances in label order (ids 1..N) and the labels.
     """
     n = len(instances)
     labels = np.zeros(shape, dtype=np.int16 if n < 32000 else np.int32)
@@ -123,7 +125,7 @@ def merge_instances(
         region = labels[z0:z0 + dz, y0:y0 + dy, x0:x0 + dx]
         under = region[inst.mask.mask]
         taken = under[under > 0]
-        if len(taken) and not inst.is_prompt:
+        if len(taken):
             ids, counts = np.unique(taken, return_counts=True)
             best = int(np.argmax(counts))
             if counts[best] >= merge_iou * inst.n_voxels:
@@ -135,4 +137,19 @@ def merge_instances(
                 continue
         kept.append(inst)
         region[inst.mask.mask & (region == 0)] = len(kept)
-    return kept, labels
+    return [_painted(inst, labels, k + 1) for k, inst in enumerate(kept)], labels
+
+
+def _painted(inst: Instance, labels: np.ndarray, label: int) -> Instance:
+    """``inst`` with its mask reduced to the voxels that carry ``label``."""
+    if inst.n_voxels == 0:
+        return inst
+    z0, y0, x0 = (int(v) for v in inst.mask.offset)
+    dz, dy, dx = inst.mask.mask.shape
+    own = inst.mask.mask & (labels[z0:z0 + dz, y0:y0 + dy, x0:x0 + dx] == label)
+    if own.sum() == inst.n_voxels:
+        return inst
+    cropped = InstanceMask.from_dense(own)
+    offset = tuple(int(a + b) for a, b in zip(cropped.offset, (z0, y0, x0), strict=True))
+    return Instance(InstanceMask(offset, cropped.mask), inst.seed, inst.similarity,  # type: ignore[arg-type]
+                    inst.confidence, inst.click_row)

@@ -214,20 +214,30 @@ def segment_clicks(work: Work, segmenter: Segmenter, cfg: PropagationConfig,
                    found: ClickProbe | None = None) -> Clicks:
     """3-D masks of the clicked particles; clicks with an empty mask are kept and warned of,
     and when every click comes out empty the run stops with one line saying why."""
-    prompts = work.prompts
+    # clicks on the same voxel are one click (the first row speaks for them)
+    _, first = np.unique(np.rint(work.prompts).astype(np.int64), axis=0, return_index=True)
+    rows = np.sort(first)
+    prompts = work.prompts[rows]
     res = propagate(work.segmenter_volume, prompts, segmenter, cfg, radius=work.radius)
-    instances = [Instance(mask, np.asarray(p, float), 1.0, float(np.clip(c, 0.0, 1.0)), row)
-                 for row, (mask, p, c) in enumerate(zip(res.instances, prompts, res.confidence,
-                                                        strict=True))]
+    instances = [Instance(mask, np.asarray(p, float), 1.0, float(np.clip(c, 0.0, 1.0)),
+                          int(row))
+                 for row, mask, p, c in zip(rows, res.instances, prompts, res.confidence,
+                                            strict=True)]
     empty = [i.click_row for i in instances if i.n_voxels == 0]
     if instances and len(empty) == len(instances):
         raise InputError(nothing_found_message(found))
     if empty:
+        listed = ", ".join(str(r) for r in empty[:10]) + (", ..." if len(empty) > 10 else "")
         warnings.warn(
-            f"{len(empty)} click(s) gave an empty mask (rows {empty}); they are kept as picks "
-            "at the click, with score 0, but do not shape the query", CryosamWarning,
+            f"{len(empty)} click(s) gave an empty mask (rows {listed}); they are kept as "
+            "picks at the click, with score 0, but do not shape the query", CryosamWarning,
             stacklevel=3)
-    return Clicks(instances, dict(res.stats))
+    stats = dict(res.stats)
+    stats["duplicate_clicks"] = int(len(work.prompts) - len(rows))
+    if stats["duplicate_clicks"]:
+        warnings.warn(f"{stats['duplicate_clicks']} click(s) repeat an earlier click's voxel "
+                      "and were merged with it", CryosamWarning, stacklevel=3)
+    return Clicks(instances, stats)
 
 
 def nothing_found_message(found: ClickProbe | None) -> str:

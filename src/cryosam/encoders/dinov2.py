@@ -120,9 +120,10 @@ class Dinov2Encoder:
         local = Path(locate_dinov2(model_id_or_dir, path))
         try:
             model = AutoModel.from_pretrained(str(local))
-        except (OSError, ValueError) as exc:
+        except Exception as exc:  # a corrupt or foreign weights file: one line, not a trace
             raise CryosamError(
-                f"DINOv2 weights in {local} could not be loaded ({exc}); "
+                f"DINOv2 weights in {local} could not be loaded ({type(exc).__name__}: "
+                f"{str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}); "
                 "re-download them with `cryosam weights`"
             ) from exc
         mean, std = read_image_stats(local)

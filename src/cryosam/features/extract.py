@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,9 +22,10 @@ import numpy as np
 import torch
 
 from cryosam import backends, progress
+from cryosam._atomic import sweep_stale
 from cryosam.config import EncoderConfig
 from cryosam.encoders.base import SliceEncoder
-from cryosam.errors import CryosamError, InputError
+from cryosam.errors import CryosamError, CryosamWarning, InputError
 from cryosam.features.volume import (
     FORMAT_VERSION,
     PLANE_DIMS,
@@ -186,15 +188,11 @@ def extract_features(
     key = cache_key(vol, encoder, stride=stride, clip_percentiles=clip_percentiles,
                     reduce_to=reduce_to, volume_digest=digest)
     path = cache_path(cache_dir, key) if cache_dir is not None else None
-    if path is not None and path.is_file():
-        try:
-            cached = FeatureVolume.load(path)
-            if cached.meta.get("cache_key") == key:
-                cached.from_cache = True
-                _announce(f"features: loaded from cache {path}")
-                return cached
-        except CryosamError as exc:
-            log.warning("ignoring feature cache %s: %s", path, exc)
+    if path is not None:
+        sweep_stale(path.parent)  # partial cache files of killed runs
+        cached = _load_cached(path, key)
+        if cached is not None:
+            return cached
 
     shapes = stack_shapes(vol.shape, encoder, stride=stride, reduce_to=reduce_to)
     total = sum(2 * math.prod(s) for s in shapes.values())
@@ -235,5 +233,48 @@ def extract_features(
         for a in AXES}
     features = FeatureVolume(stacks, vol.shape, positions, meta)
     if path is not None:
-        features.save(path)
+        _save_cached(features, path)
     return features
+
+
+# --------------------------------------------------------------------------- the cache is optional
+
+
+def _cache_warning(message: str) -> None:
+    warnings.warn(message, CryosamWarning, stacklevel=3)
+
+
+def _load_cached(path: Path, key: str) -> FeatureVolume | None:
+    """The cached features at ``path``, or None: a missing, unreadable or foreign file is one
+    warning at most, never an error (the features are simply computed)."""
+    if not path.exists():
+        return None
+    try:
+        with warnings.catch_warnings():  # torch's own multi-line warnings on odd files
+            warnings.simplefilter("ignore")
+            cached = FeatureVolume.load(path)
+    except (CryosamError, OSError) as exc:
+        _cache_warning(f"feature cache {path} is unreadable ({_short(exc)}); computing the "
+                       "features again")
+        return None
+    if cached.meta.get("cache_key") != key:
+        return None
+    cached.from_cache = True
+    _announce(f"features: loaded from cache {path}")
+    return cached
+
+
+def _save_cached(features: FeatureVolume, path: Path) -> None:
+    """Write the cache; any failure (full disk, permissions, a folder in the way) is one
+    warning, and the run goes on to write its results."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        features.save(path)
+    except (OSError, RuntimeError) as exc:  # torch reports a full disk as RuntimeError
+        _cache_warning(f"could not write the feature cache {path} ({_short(exc)}); the "
+                       "results are not affected, only the next run will recompute features")
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:160] if text else type(exc).__name__

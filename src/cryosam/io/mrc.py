@@ -317,6 +317,9 @@ def read_tomogram(
         raise InputError(f"{p}: file not found; check the path to the tomogram")
     if p.is_dir():
         raise InputError(f"{p}: is a folder; give the tomogram's MRC file")
+    if not p.is_file():
+        raise InputError(f"{p}: not a regular file (a pipe or a device?); give the tomogram's "
+                         "MRC file")
     if p.stat().st_size == 0:
         raise InputError(f"{p}: the file is empty; give a tomogram in MRC format")
     hdr = _read_header(p)
@@ -394,3 +397,7 @@ def write_mrc(
                 oz, oy, ox = (float(v) for v in origin)
                 mrc.header.origin = (ox, oy, oz)
             mrc.update_header_stats()
+            # mrcfile stamps the creation time into label 0: a fixed label keeps identical
+            # runs byte-identical (the time is in run.json)
+            mrc.header.label[0] = f"{'Created by cryosam':40s}{'':>39s} ".encode()
+            mrc.header.nlabl = 1

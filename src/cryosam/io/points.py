@@ -116,6 +116,9 @@ def read_points(
         raise InputError(f"{p}: file not found; check the path to the points file")
     if p.is_dir():
         raise InputError(f"{p}: is a folder; give a CSV or STAR points file")
+    if not p.is_file():  # a pipe would block forever, a device read without end
+        raise InputError(f"{p}: not a regular file (a pipe or a device?); give a CSV or STAR "
+                         "points file")
     unit = _normalise_unit(unit)
     vs = as_voxel_size(voxel_size)
     try:
@@ -217,7 +220,10 @@ def _header_axes(path: Path, first: list[str], names: list[str], unit: str) -> d
     header_unit: str | None = None
     for j, name in enumerate(names):
         m = _COORD_HEADER.match(name)
-        if m and m.group("axis").lower() not in axis_col:
+        if m and m.group("axis").lower() in axis_col:
+            raise InputError(f"{path}: the header names {m.group('axis')} twice (columns "
+                             f"{axis_col[m.group('axis').lower()] + 1} and {j + 1}); keep one")
+        if m:
             axis_col[m.group("axis").lower()] = j
             if m.group("unit"):
                 u = m.group("unit").strip().lower()

@@ -150,7 +150,7 @@ class SamSegmenter(SliceSegmenterBase):
         try:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
             sam.load_state_dict(state)
-        except (RuntimeError, OSError, KeyError) as exc:
+        except Exception as exc:  # not a checkpoint, a truncated one, another model's...
             raise CryosamError(
                 f"SAM checkpoint {path} could not be loaded as {kind} ({exc.__class__.__name__}); "
                 "pass the matching --sam-model (vit_h, vit_l, vit_b) or re-download the file"
