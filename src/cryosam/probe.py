@@ -4,7 +4,7 @@ A scale-normalised Laplacian of Gaussian, ``sigma^2 * LoG``, is evaluated at eac
 scales of 1 to 32 voxels. Its strongest extremum gives the size (a solid ball of radius ``r``
 answers most at ``sigma = r / sqrt(3)``) and its sign the polarity (positive at a dark blob,
 negative at a bright one). The clicks vote. Large scales are evaluated on a block-averaged
-crop, so each probe costs the same few thousand voxels whatever the particle's size.
+copy of the volume, so each probe costs the same few thousand voxels whatever the size.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from scipy import ndimage as ndi
 Polarity = Literal["dark", "bright"]
 SIGMAS = tuple(float(2.0 ** (k / 4)) for k in range(0, 21))  # 1 .. 32 voxels, quarter octaves
 MAX_PROBED = 16  # clicks probed at most (they vote; more adds time, not information)
-_CELLS = 3.0  # a scale is evaluated at >= this many (block-averaged) voxels per sigma
 
 
 @dataclass
@@ -48,33 +47,42 @@ class ClickProbe:
         }
 
 
-def _block_mean(crop: np.ndarray, f: int) -> np.ndarray:
-    """Average ``f``-voxel blocks (the crop is trimmed to a multiple of ``f``)."""
-    if f == 1:
-        return crop
-    d, h, w = (s // f * f for s in crop.shape)
-    c = crop[:d, :h, :w]
-    return c.reshape(d // f, f, h // f, f, w // f, f).mean(axis=(1, 3, 5))
+class _Pyramid:
+    """The volume block-averaged by 1, 2, 4, 8, ... (built once per probe, level by level)."""
+
+    def __init__(self, volume: np.ndarray) -> None:
+        self.levels: dict[int, np.ndarray] = {1: volume}
+
+    def level(self, f: int) -> np.ndarray:
+        if f not in self.levels:
+            from cryosam.rescale import bin_volume
+
+            self.levels[f] = bin_volume(self.level(f // 2), 2)
+        return self.levels[f]
 
 
-def scale_response(volume: np.ndarray, zyx: np.ndarray, sigmas: tuple[float, ...] = SIGMAS
-                   ) -> np.ndarray:
-    """``sigma^2 * LoG`` of ``volume`` at the point ``zyx`` for each sigma (voxels)."""
+def scale_response(volume: np.ndarray | _Pyramid, zyx: np.ndarray,
+                   sigmas: tuple[float, ...] = SIGMAS) -> np.ndarray:
+    """``sigma^2 * LoG`` of ``volume`` at the point ``zyx`` for each sigma (voxels).
+
+    A scale is evaluated on the volume block-averaged by a power of two ``f`` with
+    ``sigma / f`` of 2-4 cells, on a crop of +-4 sigma: the same small cost at every scale."""
+    pyramid = volume if isinstance(volume, _Pyramid) else _Pyramid(volume)
     centre = np.asarray(zyx, dtype=np.float64)
     out = np.zeros(len(sigmas))
     for k, sigma in enumerate(sigmas):
-        f = max(1, int(sigma / _CELLS))
-        half = int(math.ceil(4.0 * sigma / f)) * f + f  # voxels each side, a multiple of f
-        lo = np.rint(centre).astype(int) - half
-        idx = [np.clip(np.arange(a, a + 2 * half + f), 0, n - 1)  # edges repeated at borders
-               for a, n in zip(lo, volume.shape, strict=True)]
-        crop = np.asarray(volume[np.ix_(*idx)], dtype=np.float32)
-        small = _block_mean(crop, f)
-        log = ndi.gaussian_laplace(small, sigma / f, mode="nearest")
-        # the click, in the block-averaged crop's coordinates
-        pos = (centre - lo + 0.5) / f - 0.5
-        # scale-normalised in the crop's own units (a block is f voxels)
-        out[k] = (sigma / f) ** 2 * float(ndi.map_coordinates(log, pos[:, None], order=1)[0])
+        f = 1 << max(0, int(math.floor(math.log2(max(sigma / 2.0, 1.0)))))
+        grid = pyramid.level(f)
+        pos = (centre + 0.5) / f - 0.5  # the click on this level
+        s = sigma / f
+        half = int(math.ceil(4.0 * s)) + 1
+        lo = np.floor(pos).astype(int) - half
+        idx = [np.clip(np.arange(a, a + 2 * half + 2), 0, n - 1)  # edges repeated at borders
+               for a, n in zip(lo, grid.shape, strict=True)]
+        crop = np.asarray(grid[np.ix_(*idx)], dtype=np.float32)
+        log = ndi.gaussian_laplace(crop, s, mode="nearest")
+        # scale-normalised in the level's own units (a cell is f voxels)
+        out[k] = s**2 * float(ndi.map_coordinates(log, (pos - lo)[:, None], order=1)[0])
     return out
 
 
@@ -97,8 +105,9 @@ def probe_clicks(volume: np.ndarray, prompts: np.ndarray, *, polarity: str = "au
     if len(pts) > MAX_PROBED:  # spread over the whole list
         pts = pts[np.linspace(0, len(pts) - 1, MAX_PROBED).round().astype(int)]
     responses, radii = [], []
+    pyramid = _Pyramid(volume)
     for p in pts:
-        curve = scale_response(volume, p)
+        curve = scale_response(pyramid, p)
         best = int(np.argmax(np.abs(curve)))
         responses.append(float(curve[best]))
         # a peak at the largest scale is no particle (a gradient, a slab): size unknown
