@@ -10,15 +10,15 @@ import dataclasses
 import json
 import os
 import shutil
-import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from cryosam import io
-from cryosam._atomic import atomic_path
-from cryosam.errors import InputError
+from cryosam._atomic import atomic_path, output_lock, replace_dir, sweep_stale, temp_dir
+from cryosam.errors import CryosamWarning, InputError
 from cryosam.result import SegmentationResult
 from cryosam.utils import tomo_stem
 
@@ -26,6 +26,9 @@ OUTPUT_FILES = (
     "picks.csv",
     "picks.star",
     "picks_napari.csv",
+    "picks_relion5.star",  # io.STAR_FLAVOURS: one STAR file per tool
+    "picks_warp.star",
+    "picks_relion4.star",  # only with a tilt-series pixel size
     "semantic.mrc",
     "instances.mrc",
     "preview.png",
@@ -64,14 +67,20 @@ def check_out_dir(
         for item in inputs:
             if resolved in Path(item).resolve().parents:
                 raise InputError(f"{out}: holds the input {item}; choose another --out")
-    parent = out.resolve().parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        probe = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".probe", dir=parent))
-        probe.rmdir()
-    except OSError as exc:
-        raise InputError(f"{out}: cannot write there ({exc.strerror}); choose another --out") \
-            from None
+    resolved = out.resolve()
+    if resolved == Path.cwd().resolve() or resolved in Path.cwd().resolve().parents:
+        raise InputError(f"--out {out_dir}: is the current folder (or holds it); cryosam "
+                         "replaces --out as a whole, so name a new folder, e.g. --out picks/")
+    if out.is_dir() and os.path.ismount(out):
+        raise InputError(f"--out {out_dir}: is a mount point; cryosam replaces --out as a "
+                         "whole, so name a folder inside it")
+    # the nearest existing ancestor must let us create folders (nothing is created here)
+    parent = resolved.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"{out}: cannot write under {parent}; choose another --out")
+    sweep_stale(resolved.parent, out.name)  # what killed runs left beside it
     return out
 
 
@@ -82,34 +91,33 @@ def write_outputs(
     overwrite: bool = False,
     tomo_name: str | None = None,
     preview: bool = True,
+    star: io.StarOutputs | None = None,
 ) -> dict[str, Path]:
-    """Write every output of ``result`` into ``out_dir``; return {name: final path}."""
+    """Write every output of ``result`` into ``out_dir``; return {name: final path}.
+
+    ``star`` chooses the STAR flavours written beside ``picks.star`` and their tomogram name
+    (default: RELION-5 and Warp, named after the tomogram's file)."""
     out = check_out_dir(out_dir, overwrite)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes 0700; outputs are for the group too
-    try:
-        written = _write_all(result, staging, tomo_name=tomo_name, preview=preview)
-        if out.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-            os.replace(out, trash / out.name)
-            os.replace(staging, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(staging, out)
-    except OSError as exc:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise InputError(f"{out}: writing the outputs failed ({exc}); check the disk and "
-                         "--out") from exc
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    with output_lock(out):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = temp_dir(out, "partial")
+        try:
+            written = _write_all(result, staging, tomo_name=tomo_name, preview=preview,
+                                 star=star or io.StarOutputs())
+            replace_dir(staging, out)
+        except OSError as exc:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise InputError(f"{out}: writing the outputs failed ({exc}); check the disk and "
+                             "--out") from exc
+        except BaseException:  # a signal included: leave the old output, nothing hidden
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
     return {name: out / path.name for name, path in written.items()}
 
 
 def _write_all(
-    result: SegmentationResult, folder: Path, *, tomo_name: str | None, preview: bool
+    result: SegmentationResult, folder: Path, *, tomo_name: str | None, preview: bool,
+    star: io.StarOutputs,
 ) -> dict[str, Path]:
     tomo = result.tomogram
     name = tomo_name or result.tomo_name
@@ -135,6 +143,7 @@ def _write_all(
             shape=tomo.shape,
             scores=result.pick_scores,
         )
+        written.update(_write_star_flavours(result, folder, star))
         written["picks_napari.csv"] = folder / "picks_napari.csv"
         io.write_napari_csv(written["picks_napari.csv"], result.picks_zyx,
                             {"score": result.pick_scores, "instance_id": result.pick_instance_ids})
@@ -150,6 +159,30 @@ def _write_all(
     record["outputs"] = sorted(written)
     with atomic_path(written["run.json"]) as tmp:
         tmp.write_text(json.dumps(_jsonable(record), indent=2) + "\n", encoding="utf-8")
+    return written
+
+
+def _write_star_flavours(
+    result: SegmentationResult, folder: Path, star: io.StarOutputs
+) -> dict[str, Path]:
+    """The STAR flavours ``star`` selects (RELION-5, Warp, RELION-4), named after the tomogram's
+    file (not ``--tomo-name``, which selects input rows) unless ``star.tomo_name`` is set."""
+    tomo = result.tomogram
+    name = star.tomo_name or io.star_tomo_name(
+        str(tomo.path) if tomo.path is not None else result.tomo_name)
+    written: dict[str, Path] = {}
+    for flavour in star.selected():
+        file = io.STAR_FLAVOURS[flavour]
+        if tomo.voxel_size is None and flavour != "warp":
+            warnings.warn(f"{file} not written: {flavour} coordinates need the tomogram's voxel "
+                          "size and its header has none; pass --voxel-size", CryosamWarning,
+                          stacklevel=2)
+            continue
+        written[file] = folder / file
+        io.write_flavour_star(written[file], flavour, result.picks_zyx, tomo_name=name,
+                              voxel_size=tomo.voxel_size, shape=tomo.shape,
+                              scores=result.pick_scores,
+                              tilt_series_pixel_size=star.tilt_series_pixel_size)
     return written
 
 

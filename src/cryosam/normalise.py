@@ -16,7 +16,8 @@ def robust_range(volume: np.ndarray, clip_percentiles: Sequence[float]) -> tuple
     """The intensity percentiles used to clip ``volume`` (from a fixed subsample if large)."""
     flat = np.asarray(volume).reshape(-1)
     step = max(1, flat.size // 4_000_000)
-    lo, hi = np.percentile(flat[::step], [float(clip_percentiles[0]), float(clip_percentiles[1])])
+    sample = flat[::step].astype(np.float64)  # float64: values near float32's limit interpolate
+    lo, hi = np.percentile(sample, [float(clip_percentiles[0]), float(clip_percentiles[1])])
     return float(lo), float(hi)
 
 
@@ -39,6 +40,10 @@ def normalise_volume(volume: np.ndarray,
         out[...] = 0.0
         return out
     np.clip(out, vmin, vmax, out=out)
-    out -= vmin
-    out *= 1.0 / (vmax - vmin)
+    scale = max(abs(vmin), abs(vmax))
+    if scale > 1e30:  # keep the float32 arithmetic below float32's limit
+        out *= np.float32(1.0 / scale)
+        vmin, vmax = vmin / scale, vmax / scale
+    out -= np.float32(vmin)
+    out *= np.float32(1.0 / (vmax - vmin))
     return out

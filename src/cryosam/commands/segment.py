@@ -50,6 +50,9 @@ SegmenterChoice = StrEnum("SegmenterChoice",  # type: ignore[misc]
 TargetChoice = StrEnum("TargetChoice", {n: n for n in TARGETS})  # type: ignore[misc]
 PolarityChoice = StrEnum("PolarityChoice",  # type: ignore[misc]
                          {n: n for n in ("auto", "dark", "bright")})
+# io.STAR_FLAVOURS, spelled out so that `cryosam --help` does not import cryosam.io
+StarChoice = StrEnum("StarChoice",  # type: ignore[misc]
+                     {n: n for n in ("relion5", "warp", "relion4")})
 
 
 class UnitChoice(StrEnum):
@@ -99,14 +102,17 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def segment(
         ctx: typer.Context,
-        tomo: Path = typer.Argument(..., help="Tomogram (.mrc/.rec/.map, optionally .gz/.bz2)."),
-        points: Path = typer.Option(..., "--points", "-p",
-                                    help="Clicks: CSV (x,y,z or napari axis-0..2) or STAR."),
+        tomo: Path | None = typer.Argument(None, help="Tomogram (.mrc/.rec/.map, optionally "
+                                           ".gz/.bz2); not with --copick."),
+        points: Path | None = typer.Option(None, "--points", "-p",
+                                           help="Clicks: CSV (x,y,z or napari axis-0..2) or "
+                                           "STAR; not with --copick."),
         out: Path | None = typer.Option(None, "--out", "-o",
                                         help="Output folder (default: <stem>_cryosam/ beside "
-                                        "the tomogram)."),
+                                        "the tomogram; with --copick, <run>_cryosam/ here)."),
         overwrite: bool = typer.Option(False, "--overwrite",
-                                       help="Replace an earlier cryosam output in --out."),
+                                       help="Replace an earlier cryosam output in --out (and "
+                                       "the copick session named by --copick-session)."),
         config: Path | None = typer.Option(None, "--config",
                                            help="Start from an earlier run's parameters "
                                            "(its run.json); options given here override."),
@@ -151,8 +157,9 @@ def register(app: typer.Typer) -> None:
                                                 help="Å per voxel, overriding the header."),
         points_unit: UnitChoice = typer.Option(UnitChoice.voxel, "--points-unit"),
         tomo_name: str | None = typer.Option(None, "--tomo-name",
-                                             help="Which tomogram's rows of a STAR file; also "
-                                             "the name written into picks.star."),
+                                             help="Which tomogram's rows of a STAR clicks file; "
+                                             "also the name in picks.star (the per-tool STAR "
+                                             "files take --star-tomo-name)."),
         cache_dir: Path | None = typer.Option(None, "--cache-dir",
                                               help="Keep features here; a second query on the "
                                               "same tomogram reuses them."),
@@ -177,9 +184,40 @@ def register(app: typer.Typer) -> None:
             help="The clicks were picked on a copy binned N times relative to this tomogram."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or summary."),
         debug: bool = typer.Option(False, "--debug", help="Full tracebacks on errors."),
+        copick: Path | None = typer.Option(None, "--copick", help="A copick project's config "
+                                           "JSON: read the tomogram and clicks from it and "
+                                           "write picks and segmentation back."),
+        run: str | None = typer.Option(None, "--run", help="copick run to segment."),
+        object_name: str | None = typer.Option(None, "--object", help="copick pickable object: "
+                                               "its picks are the clicks, cryosam writes it."),
+        voxel_spacing: float | None = typer.Option(None, "--voxel-spacing", min=0.0,
+                                                   help="copick voxel spacing (Å) of the "
+                                                   "tomogram (default: the run's only one)."),
+        tomo_type: str | None = typer.Option(None, "--tomo-type", help="copick tomogram type, "
+                                             "e.g. wbp, denoised (default: the only one)."),
+        clicks_user: str | None = typer.Option(None, "--clicks-user", help="copick user_id of "
+                                               "the clicks (default: anyone but cryosam)."),
+        clicks_session: str | None = typer.Option(None, "--clicks-session",
+                                                  help="copick session_id of the clicks."),
+        copick_session: str | None = typer.Option(None, "--copick-session",
+                                                  help="session_id cryosam writes (default: "
+                                                  "the first free number; an existing one "
+                                                  "needs --overwrite)."),
+        star: list[StarChoice] | None = typer.Option(None, "--star", help="STAR flavours "
+                                                     "beside picks.star, repeatable (default: "
+                                                     "relion5 and warp, plus relion4 with "
+                                                     "--tilt-series-pixel-size)."),
+        star_tomo_name: str | None = typer.Option(None, "--star-tomo-name",
+                                                  help="Tomogram name in those files "
+                                                  "(default: the file name without rec_ and "
+                                                  "_<px>Apx, or the copick run)."),
+        tilt_series_pixel_size: float | None = typer.Option(
+            None, "--tilt-series-pixel-size", min=0.0,
+            help="Unbinned tilt-series pixel size (Å), for picks_relion4.star."),
     ) -> None:
         """Segment the clicked particles in 3-D and find every similar one in the tomogram."""
-        from cryosam import progress
+        from cryosam import io, progress
+        from cryosam._atomic import output_lock
         from cryosam.export import check_out_dir, default_out_dir, write_outputs
         from cryosam.pipeline import CryoSAM
 
@@ -190,20 +228,97 @@ def register(app: typer.Typer) -> None:
         base = (CryosamConfig.from_file(config) if config is not None
                 else configuration.default_config())
         cfg = config_from_cli(base, given)
-        out_dir = out or default_out_dir(tomo)
-        check_out_dir(out_dir, overwrite, inputs=(tomo, points))
+        check_input_mode(ctx, values)
+        star_out = io.StarOutputs(tuple(f.value for f in star) if star else None,
+                                  star_tomo_name, tilt_series_pixel_size)
+        source = None if copick is None else io.open_copick(
+            copick, run, object_name, voxel_spacing=voxel_spacing, tomo_type=tomo_type,
+            clicks_user=clicks_user, clicks_session=clicks_session,
+            session_id=copick_session, overwrite=overwrite)
+        if source is not None:
+            out_dir = out or Path(f"{source.run_name}_cryosam")
+            check_out_dir(out_dir, overwrite)
+        else:
+            out_dir = out or default_out_dir(tomo)
+            check_out_dir(out_dir, overwrite, inputs=(tomo, points))
         if cache_dir is not None:
-            check_cache_dir(cache_dir)
+            check_cache_dir(cache_dir, out_dir)
         if points_pixel_size is not None and points_bin is not None:
             raise InputError("--points-pixel-size and --points-bin say the same thing; give one")
-        runner = CryoSAM(cfg)
-        result = runner.segment(tomo, points, match=match, cache_dir=cache_dir,
-                                voxel_size=voxel_size, points_unit=points_unit.value,
-                                tomo_name=tomo_name, points_pixel_size=points_pixel_size,
-                                points_bin=points_bin)
-        written = write_outputs(result, out_dir, overwrite=overwrite, tomo_name=tomo_name)
-        if not quiet:
-            print_summary(result, written, out_dir)
+        with output_lock(out_dir):  # one run per --out, from here to the last file
+            runner = CryoSAM(cfg)
+            if source is not None:
+                tomo_in, points_in = source.load_tomogram(), source.clicks_zyx
+            else:
+                tomo_in, points_in = tomo, points
+            result = runner.segment(tomo_in, points_in, match=match, cache_dir=cache_dir,
+                                    voxel_size=voxel_size, points_unit=points_unit.value,
+                                    tomo_name=source.run_name if source else tomo_name,
+                                    points_pixel_size=points_pixel_size,
+                                    points_bin=points_bin)
+            if source is not None:
+                result.record["copick"] = source.report()
+            written = write_outputs(result, out_dir, overwrite=overwrite, tomo_name=tomo_name,
+                                    star=star_out)
+            copick_out = (None if source is None
+                          else write_copick_result(source, result, out_dir))
+            if not quiet:
+                print_summary(result, written, out_dir)
+                if copick_out is not None:
+                    typer.echo(f"copick: {copick_out}")
+
+
+# copick mode and file mode each have options the other cannot use
+_COPICK_ONLY = {"run": "--run", "object_name": "--object", "voxel_spacing": "--voxel-spacing",
+                "tomo_type": "--tomo-type", "clicks_user": "--clicks-user",
+                "clicks_session": "--clicks-session", "copick_session": "--copick-session"}
+_FILES_ONLY = {"voxel_size": "--voxel-size", "points_unit": "--points-unit",
+               "tomo_name": "--tomo-name", "points_pixel_size": "--points-pixel-size",
+               "points_bin": "--points-bin"}
+
+
+def check_input_mode(ctx: typer.Context, values: dict[str, Any]) -> None:
+    """Before any work: files mode needs TOMO and --points; --copick needs --run and --object
+    and reads both from the project. Options of the other mode are refused by name."""
+    if values["copick"] is None:
+        extra = [flag for p, flag in _COPICK_ONLY.items() if _given(ctx, p)]
+        if extra:
+            raise InputError(f"{extra[0]} selects inside a copick project; add --copick "
+                             "CONFIG.json, or drop it")
+        if values["tomo"] is None or values["points"] is None:
+            raise InputError("give the tomogram and its clicks: cryosam segment TOMO --points "
+                             "CLICKS (or --copick CONFIG.json --run RUN --object NAME)")
+        return
+    if values["tomo"] is not None or values["points"] is not None:
+        raise InputError("--copick reads the tomogram and the clicks from the project; drop "
+                         "the TOMO argument and --points")
+    missing = [flag for p, flag in (("run", "--run"), ("object_name", "--object"))
+               if not values[p]]
+    if missing:
+        raise InputError(f"--copick needs {' and '.join(missing)}: the run to segment and the "
+                         "pickable object whose picks are the clicks")
+    extra = [flag for p, flag in _FILES_ONLY.items() if _given(ctx, p)]
+    if extra:
+        raise InputError(f"{extra[0]} is for a tomogram file and a clicks file; with --copick "
+                         "choose with --voxel-spacing, --tomo-type, --clicks-user and "
+                         "--clicks-session")
+
+
+def write_copick_result(source, result, out_dir: Path) -> str:  # noqa: ANN001
+    """Write the picks (particles only) and the instance labels back; one summary line."""
+    from cryosam import io
+
+    particles = result.target == "particle"
+    try:
+        done = io.write_copick(source, result.labels,
+                               result.picks_zyx if particles else None,
+                               result.pick_scores if particles else None,
+                               result.pick_instance_ids if particles else None)
+    except InputError as exc:
+        raise InputError(f"{exc}; the local outputs are in {out_dir}") from None
+    picks = f"{done['picks']} picks and " if "picks" in done else ""
+    return (f"{picks}an instance segmentation of {source.object_name} in run "
+            f"{source.run_name}, user {done['user_id']}, session {done['session_id']}")
 
 
 def _given(ctx: typer.Context, param: str) -> bool:
@@ -212,16 +327,24 @@ def _given(ctx: typer.Context, param: str) -> bool:
     return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
 
 
-def check_cache_dir(cache_dir: Path) -> None:
-    """Make sure ``--cache-dir`` is (or can become) a writable folder, before any work."""
+def check_cache_dir(cache_dir: Path, out_dir: Path | None = None) -> None:
+    """Refuse, before any work, a ``--cache-dir`` that can never be used: a file, a folder
+    inside ``--out`` (replaced at the end of the run), or one that cannot be created. Nothing
+    is created here; a cache that fails later (a full disk) only costs a warning."""
     if cache_dir.exists() and not cache_dir.is_dir():
         raise InputError(f"--cache-dir {cache_dir}: exists and is not a folder")
-    try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InputError(f"--cache-dir {cache_dir}: cannot create it ({exc.strerror})") from None
-    if not os.access(cache_dir, os.W_OK):
-        raise InputError(f"--cache-dir {cache_dir}: not writable; choose another folder")
+    resolved = cache_dir.resolve()
+    if out_dir is not None:
+        out = out_dir.resolve()
+        if resolved == out or out in resolved.parents:
+            raise InputError(f"--cache-dir {cache_dir}: is inside --out {out_dir}, which the run "
+                             "replaces; keep the cache outside it")
+    existing = resolved
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"--cache-dir {cache_dir}: cannot write under {existing}; choose "
+                         "another folder")
 
 
 def print_summary(result, written: dict[str, Path], out_dir: Path) -> None:  # noqa: ANN001

@@ -8,26 +8,46 @@ recoverable oddities are reported with ``warnings.warn(..., CryosamWarning)``.
 - :mod:`cryosam.io.mrc`: :class:`Tomogram`, :func:`read_tomogram`, :func:`write_mrc`
 - :mod:`cryosam.io.points`: :class:`PointSet`, :func:`read_points` (CSV, napari CSV, and STAR
   through :mod:`cryosam.io.star`), :func:`write_picks_csv`, :func:`write_napari_csv`
-- :mod:`cryosam.io.star`: :func:`star_tomo_names`, :func:`write_picks_star`
+- :mod:`cryosam.io.star`: :func:`star_tomo_names`, :func:`write_picks_star`, and one file per
+  tool: :data:`STAR_FLAVOURS`, :class:`StarOutputs`, :func:`star_tomo_name`,
+  :func:`write_flavour_star`
+- :mod:`cryosam.io.copick`: :func:`open_copick` → :class:`CopickSource` (tomogram, clicks),
+  :func:`write_copick` (picks and instance segmentation back into the project)
 """
 
 from __future__ import annotations
 
 from cryosam.errors import CryosamWarning, InputError
 from cryosam.io._common import VoxelSize
+from cryosam.io.copick import COPICK_USER, CopickSource, open_copick, write_copick
 from cryosam.io.mrc import Tomogram, read_tomogram, write_mrc
 from cryosam.io.points import PointSet, read_points, write_napari_csv, write_picks_csv
-from cryosam.io.star import star_tomo_names, write_picks_star
+from cryosam.io.star import (
+    STAR_FLAVOURS,
+    StarOutputs,
+    star_tomo_name,
+    star_tomo_names,
+    write_flavour_star,
+    write_picks_star,
+)
 
 __all__ = [
+    "COPICK_USER",
+    "STAR_FLAVOURS",
+    "CopickSource",
     "CryosamWarning",
     "InputError",
     "PointSet",
+    "StarOutputs",
     "Tomogram",
     "VoxelSize",
+    "open_copick",
     "read_points",
     "read_tomogram",
+    "star_tomo_name",
     "star_tomo_names",
+    "write_copick",
+    "write_flavour_star",
     "write_mrc",
     "write_napari_csv",
     "write_picks_csv",

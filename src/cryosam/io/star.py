@@ -2,16 +2,24 @@
 
 Reading picks the particles block, selects one tomogram by name, scales pixel coordinates
 when the file states a pixel size different from the tomogram's, and converts RELION-5
-centred Å coordinates to voxels. Writing produces a ``data_particles`` block that RELION 3/4,
-Warp and RELION-5 readers all understand. pandas and starfile are imported when a STAR file
-is actually read or written, so that importing cryosam stays fast.
+centred Å coordinates to voxels. :func:`write_picks_star` writes one ``data_particles`` block
+with both column sets (``picks.star``); :func:`write_flavour_star` writes the exact flavour one
+tool reads (:data:`STAR_FLAVOURS`: RELION-5, Warp/M, RELION-4). pandas and starfile are
+imported when a STAR file is actually read or written, so that importing cryosam stays fast.
+
+Centre convention (RELION-5 ``rlnCenteredCoordinate*Angst``): cryosam uses RELION's own,
+centred Å = (voxel − size / 2) × voxel size with voxel centres at integers (0-based), which
+RELION undoes as voxel = Å / voxel size + size / 2. cylindra centres at size / 2 − 1 (pytom
+is reported to differ likewise), so the same particle reads one voxel apart between them.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,7 +39,8 @@ from cryosam.io._common import (
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["read_star_points", "star_tomo_names", "write_picks_star"]
+__all__ = ["STAR_FLAVOURS", "StarOutputs", "read_star_points", "star_tomo_name",
+           "star_tomo_names", "write_flavour_star", "write_picks_star"]
 
 _STAR_PIXEL = ("rlnCoordinateX", "rlnCoordinateY", "rlnCoordinateZ")
 _STAR_CENTERED = (
@@ -363,3 +372,128 @@ def write_picks_star(
     df = pd.DataFrame(table)
     with atomic_path(path, suffix=".star") as tmp, third_party_quiet():
         starfile.write({"particles": df}, tmp, float_format="%.6f")
+
+
+# ------------------------------------------------------------------ one flavour per tool
+
+# flavour -> file name, in the order they are written
+STAR_FLAVOURS = {"relion5": "picks_relion5.star", "warp": "picks_warp.star",
+                 "relion4": "picks_relion4.star"}
+_TOMO_SUFFIXES = re.compile(r"(\.(gz|bz2|mrc|rec|map|st|ali|tomostar|zarr))+$", re.IGNORECASE)
+_WARP_SUFFIX = re.compile(r"_\d+(?:\.\d+)?Apx(?:_[A-Za-z0-9]+)*$")  # TS_01_10.00Apx
+
+
+def star_tomo_name(name: str) -> str:
+    """The tomogram's name as RELION and Warp list it: no folder or extension, no RELION-5
+    ``rec_`` prefix, no Warp ``_<pixel size>Apx`` suffix (``rec_TS_01.mrc`` and
+    ``TS_01_10.00Apx.mrc`` → ``TS_01``)."""
+    base = name.strip().replace("\\", "/").rsplit("/", 1)[-1]
+    base = _TOMO_SUFFIXES.sub("", base) or base
+    base = base[4:] if base.startswith("rec_") and len(base) > 4 else base
+    return _WARP_SUFFIX.sub("", base) or base
+
+
+@dataclass(frozen=True)
+class StarOutputs:
+    """Which STAR flavours to write beside ``picks.star``, and the names in them.
+
+    ``flavours`` None means relion5 and warp, plus relion4 when ``tilt_series_pixel_size``
+    (Å) is given. ``tomo_name`` names the tomogram in every flavour (Warp adds ``.tomostar``);
+    by default it is :func:`star_tomo_name` of the tomogram's file name. Invalid choices raise
+    :class:`InputError` naming the CLI option, so a run fails before any work.
+    """
+
+    flavours: tuple[str, ...] | None = None
+    tomo_name: str | None = None
+    tilt_series_pixel_size: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.flavours is not None:
+            flavours = tuple(dict.fromkeys(str(f) for f in self.flavours))
+            unknown = [f for f in flavours if f not in STAR_FLAVOURS]
+            if unknown:
+                raise InputError(f"--star {unknown[0]!r}: not a STAR flavour; choose from "
+                                 f"{', '.join(STAR_FLAVOURS)}")
+            object.__setattr__(self, "flavours", flavours)
+        ts = self.tilt_series_pixel_size
+        if ts is not None and not (math.isfinite(ts) and ts > 0):
+            raise InputError(f"--tilt-series-pixel-size {ts}: give the tilt series' pixel size "
+                             "in Å, a positive number")
+        if "relion4" in self.selected() and ts is None:
+            raise InputError("--star relion4: RELION-4 coordinates are unbinned tilt-series "
+                             "pixels; give their size (--tilt-series-pixel-size Å) or drop it")
+        if self.tomo_name is not None and not self.tomo_name.strip():
+            raise InputError("--star-tomo-name is empty; give the tomogram's name, e.g. TS_01")
+
+    def selected(self) -> tuple[str, ...]:
+        """The flavours to write, in :data:`STAR_FLAVOURS` order for the default."""
+        if self.flavours is not None:
+            return self.flavours
+        if self.tilt_series_pixel_size is not None:
+            return tuple(STAR_FLAVOURS)
+        return ("relion5", "warp")
+
+
+def write_flavour_star(
+    path: str | os.PathLike[str],
+    flavour: str,
+    zyx: np.ndarray,
+    *,
+    tomo_name: str,
+    voxel_size: float | Sequence[float] | None = None,
+    shape: Sequence[int] | None = None,
+    scores: np.ndarray | Sequence[float] | None = None,
+    tilt_series_pixel_size: float | None = None,
+) -> None:
+    """Write picks as the STAR file one tool reads (``flavour`` in :data:`STAR_FLAVOURS`).
+
+    - ``relion5``: ``rlnTomoName``, ``rlnCenteredCoordinateX/Y/ZAngst`` (the module's centre
+      convention; needs ``voxel_size`` and ``shape``), ``rlnPixelSize`` (the tomogram's voxel
+      size, Å); no optics block: RELION-5 takes the optics from its tomograms.star.
+    - ``warp``: ``rlnMicrographName`` ``NAME.tomostar``, ``rlnCoordinateX/Y/Z`` in this
+      tomogram's pixels (0-based) and, when known, ``rlnPixelSize``.
+    - ``relion4``: ``data_optics`` (``rlnOpticsGroup``, ``rlnOpticsGroupName``,
+      ``rlnTomoTiltSeriesPixelSize``) and ``data_particles`` with ``rlnTomoName``,
+      ``rlnCoordinateX/Y/Z`` in unbinned tilt-series pixels (voxel × voxel size /
+      ``tilt_series_pixel_size``) and ``rlnOpticsGroup``.
+
+    Each adds ``rlnAutopickFigureOfMerit`` when ``scores`` are given; written atomically.
+    """
+    import pandas as pd
+    import starfile
+
+    pts = as_zyx(zyx)
+    n = len(pts)
+    vs = as_voxel_size(voxel_size)
+    name = str(tomo_name)
+    table: dict[str, object] = {}
+    blocks: dict[str, pd.DataFrame] = {}
+    if flavour == "relion5":
+        if vs is None or shape is None:
+            raise ValueError("the relion5 flavour needs voxel_size and shape")
+        coords, column = _voxels_to_centered(pts, shape, vs), "rlnCenteredCoordinate{}Angst"
+        table["rlnTomoName"] = [name] * n
+    elif flavour == "warp":
+        coords, column = pts, "rlnCoordinate{}"
+        table["rlnMicrographName"] = [name if name.endswith(".tomostar")
+                                      else f"{name}.tomostar"] * n
+    elif flavour == "relion4":
+        if vs is None or tilt_series_pixel_size is None:
+            raise ValueError("the relion4 flavour needs voxel_size and tilt_series_pixel_size")
+        coords, column = pts * vs[None, :] / float(tilt_series_pixel_size), "rlnCoordinate{}"
+        table["rlnTomoName"] = [name] * n
+        blocks["optics"] = pd.DataFrame({"rlnOpticsGroup": [1], "rlnOpticsGroupName": [
+            "opticsGroup1"], "rlnTomoTiltSeriesPixelSize": [float(tilt_series_pixel_size)]})
+    else:
+        raise ValueError(f"unknown STAR flavour {flavour!r}; choose from {list(STAR_FLAVOURS)}")
+    for k, axis in enumerate("XYZ"):
+        table[column.format(axis)] = coords[:, 2 - k]
+    if flavour == "relion4":
+        table["rlnOpticsGroup"] = np.ones(n, dtype=np.int64)
+    if scores is not None:
+        table["rlnAutopickFigureOfMerit"] = as_column("scores", scores, n).astype(float)
+    if vs is not None and flavour != "relion4":
+        table["rlnPixelSize"] = np.full(n, float(np.mean(vs)))
+    blocks["particles"] = pd.DataFrame(table)
+    with atomic_path(path, suffix=".star") as tmp, third_party_quiet():
+        starfile.write(blocks, tmp, float_format="%.6f")
