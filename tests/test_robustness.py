@@ -268,3 +268,45 @@ def test_identical_runs_give_identical_files(small_sim, tmp_path: Path, run_cli)
         assert a[key].equals(b[key])
     assert io.read_points(outs[0] / "picks.csv").zyx.shape == \
         io.read_points(outs[1] / "picks.csv").zyx.shape
+
+
+def test_malformed_dinov2_weights_are_one_line(small_sim, tmp_path: Path, run_cli,
+                                               tiny_dinov2_model) -> None:
+    _, files = small_sim
+    model = tmp_path / "dinov2-broken"
+    tiny_dinov2_model.config.save_pretrained(model)
+    (model / "pytorch_model.bin").write_bytes(np.random.default_rng(1).bytes(2048))
+    code, _, err = run_cli("segment", files["tomo.mrc"], "--points", files["prompt.csv"],
+                           "--out", tmp_path / "o", "--dinov2-model", model,
+                           "--segmenter", "threshold")
+    assert code == 2 and "Traceback" not in err
+    (line,) = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert "could not be loaded" in line
+
+
+def test_a_fifo_tomogram_is_refused(small_sim, tmp_path: Path, run_cli) -> None:
+    _, files = small_sim
+    fifo = tmp_path / "tomo.mrc"
+    os.mkfifo(fifo)
+    code, _, err = run_cli("segment", fifo, "--points", files["prompt.csv"],
+                           "--out", tmp_path / "o", *WF)
+    assert code == 2 and "not a regular file" in err
+
+
+def test_values_near_float32_limits_normalise_quietly() -> None:
+    import warnings
+
+    from cryosam.normalise import normalise_volume
+
+    vol = np.random.default_rng(0).uniform(-3.3e38, 3.3e38, (8, 8, 8)).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no bare numpy overflow warning
+        out = normalise_volume(vol)
+    assert np.isfinite(out).all() and out.min() >= -1e-6 and out.max() <= 1.0
+
+
+def test_a_header_naming_an_axis_twice_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "clicks.csv"
+    path.write_text("x,x,y,z\n1,2,3,4\n")
+    with pytest.raises(io.InputError, match="names x twice"):
+        io.read_points(path)
