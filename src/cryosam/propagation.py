@@ -36,7 +36,7 @@ from cryosam.errors import InputError
 from cryosam.normalise import normalise_volume
 from cryosam.progress import track
 from cryosam.segmenters.base import PromptBatch, Segmenter, to_slice
-from cryosam.utils import AXES
+from cryosam.utils import AXES, outside_volume
 
 FIRST_MASK_SPREAD = 4.0  # first masks more than this times the smallest are outliers (leaks)
 SIZE_CAP_FACTOR = 4.0  # with a known radius r, no 2-D mask may exceed this many times pi r^2
@@ -234,7 +234,7 @@ def _check(volume: np.ndarray, points: np.ndarray) -> np.ndarray:
         raise InputError(f"prompt points must be an (N, 3) z,y,x array, got shape {pts.shape}")
     if not np.all(np.isfinite(pts)):
         raise InputError("prompt points contain NaN or infinite coordinates; fix the point file")
-    bad = np.any((pts < -0.5) | (pts > np.asarray(volume.shape) - 0.5), axis=1)
+    bad = outside_volume(pts, volume.shape)
     if bad.any():
         z, y, x = pts[np.flatnonzero(bad)[0]]
         raise InputError(

@@ -14,6 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
+
 from cryosam.errors import InputError
 
 AXES = ("z", "y", "x")  # volume axes, in array order; slice stacks are named by these too
@@ -111,6 +113,14 @@ def parse_shape(text: str, option: str = "--shape") -> tuple[int, int, int]:
         raise InputError(f"{option} {text!r}: give three positive integers z,y,x, "
                          "e.g. 64,160,160")
     return parts  # type: ignore[return-value]
+
+
+def outside_volume(zyx: np.ndarray, shape: tuple[int, ...] | list[int]) -> np.ndarray:
+    """(N,) bool: which (z, y, x) points lie beyond the outer voxel edges (-0.5 ... size - 0.5)
+    of a volume of ``shape`` (its last three sizes)."""
+    pts = np.asarray(zyx, dtype=np.float64).reshape(-1, 3)
+    size = np.asarray([int(v) for v in list(shape)[-3:]], dtype=np.float64)
+    return np.any((pts < -0.5) | (pts > size - 0.5), axis=1)
 
 
 def tomo_stem(path: str | os.PathLike[str]) -> str:

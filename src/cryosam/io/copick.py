@@ -23,6 +23,7 @@ import numpy as np
 from cryosam.errors import InputError
 from cryosam.io._common import as_zyx, third_party_quiet
 from cryosam.io.mrc import Tomogram
+from cryosam.utils import outside_volume
 
 __all__ = ["COPICK_USER", "CopickSource", "open_copick", "write_copick"]
 
@@ -222,7 +223,7 @@ def open_copick(
     vs = float(spacing.voxel_size)
     xyz = np.asarray(positions, float).reshape(-1, 3) + np.asarray(transforms)[:, :3, 3]
     zyx = xyz[:, ::-1] / vs
-    outside = np.any((zyx < -0.5) | (zyx > np.asarray(shape) - 0.5), axis=1)
+    outside = outside_volume(zyx, shape)
     if outside.any():
         i = int(np.argmax(outside))
         raise InputError(f"{where}: pick {i + 1} of {object_name} by {picks.user_id}/"

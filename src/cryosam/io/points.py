@@ -22,6 +22,7 @@ from cryosam._atomic import atomic_write_text
 from cryosam.errors import InputError
 from cryosam.io._common import ParsedPoints, as_column, as_voxel_size, as_zyx, warn
 from cryosam.io.star import read_star_points
+from cryosam.utils import outside_volume
 
 __all__ = ["PointSet", "read_points", "write_napari_csv", "write_picks_csv"]
 
@@ -154,7 +155,7 @@ def read_points(
 def _check_bounds(path: Path, zyx: np.ndarray, shape: Sequence[int], labels: list[str]) -> None:
     """Refuse points beyond the outer voxel edges (−0.5 … size − 0.5) of a (D, H, W) volume."""
     size = np.asarray([int(s) for s in shape], dtype=float)
-    outside = np.any((zyx < -0.5) | (zyx > size - 0.5), axis=1)
+    outside = outside_volume(zyx, shape)
     if outside.any():
         i = int(np.argmax(outside))
         z, y, x = zyx[i]

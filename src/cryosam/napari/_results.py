@@ -12,6 +12,7 @@ import numpy as np
 from cryosam import io
 from cryosam.errors import InputError
 from cryosam.result import SegmentationResult
+from cryosam.utils import outside_volume
 
 
 def kept_picks(result: SegmentationResult, min_score: float) -> np.ndarray:
@@ -78,7 +79,7 @@ def check_clicks(zyx: np.ndarray, shape: tuple[int, ...], layer_name: str) -> np
         raise InputError(f"the points layer {layer_name!r} has no points; click at least one "
                          "particle (points layer in add mode)")
     size = np.asarray(shape[-3:], dtype=float)
-    outside = np.any((pts < -0.5) | (pts > size - 0.5), axis=1)
+    outside = outside_volume(pts, shape)
     if outside.any():
         i = int(np.argmax(outside))
         raise InputError(f"point {i} of {layer_name!r} (z, y, x = "
