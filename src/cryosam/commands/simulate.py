@@ -28,6 +28,12 @@ def simulate_command(
                                 help="Dense matter bright (as in many processed tomograms)."),
     zoom: float = typer.Option(1.0, "--zoom", help="Sample the same scene this many times "
                                "finer (the shape grows, the voxel size shrinks)."),
+    preset: str = typer.Option("default", "--preset",
+                               help="default, or crowded: 8 look-alike kinds packed densely "
+                               "with a CTF-like band pass (truth.csv names each kind)."),
+    per_kind: int | None = typer.Option(None, "--per-kind", min=1,
+                                        help="crowded: copies of each kind (default: 12 per "
+                                        "64x160x160, scaled)."),
     target_radius: float = typer.Option(6.5, "--target-radius",
                                         help="Outer radius of the target particles, voxels "
                                         "(before --zoom)."),
@@ -35,8 +41,6 @@ def simulate_command(
 ) -> None:
     """Simulate a tomogram with known particles and membranes; write it with its truth."""
     from cryosam.simulate import (
-        BLOB_KIND,
-        FILAMENT_KIND,
         TARGET_KIND,
         SimulationConfig,
         measured_snr,
@@ -49,11 +53,12 @@ def simulate_command(
         shape=parse_shape(shape), voxel_size=voxel_size, snr=snr, seed=seed,
         n_targets=n_targets, n_blobs=n_distractors, n_filaments=n_distractors,
         tilt_range=tilt_range, blur_sigma=blur, membrane=membrane, invert=invert, zoom=zoom,
-        target_radius=target_radius)
+        target_radius=target_radius, preset=preset, per_kind=per_kind)
     sim = simulate(config)
     paths = write_simulation(sim, out_dir, overwrite=overwrite)
     d, h, w = sim.shape
-    counts = ", ".join(f"{len(sim.ids(k))} {k}" for k in (TARGET_KIND, BLOB_KIND, FILAMENT_KIND))
+    kinds = dict.fromkeys(p.kind for p in sim.particles) or (TARGET_KIND,)
+    counts = ", ".join(f"{len(sim.ids(k))} {k}" for k in kinds)
     typer.echo(f"simulated {d}x{h}x{w} voxels (z,y,x) at {sim.voxel_size:g} Å, seed {seed}, "
                f"SNR {measured_snr(sim):.3g}, missing wedge ±{tilt_range:g}°")
     typer.echo(f"particles: {counts}; target kind '{sim.target_kind}', "

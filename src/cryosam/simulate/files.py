@@ -11,7 +11,7 @@ import numpy as np
 
 from cryosam._atomic import atomic_write_text
 from cryosam.errors import CryosamError
-from cryosam.simulate.scene import BLOB_KIND, FILAMENT_KIND, TARGET_KIND, Simulation
+from cryosam.simulate.scene import Simulation
 
 OUTPUT_NAMES = ("tomo.mrc", "truth.csv", "prompt.csv", "prompts5.csv", "membrane_clicks.csv",
                 "membrane.mrc", "labels.mrc", "simulation.json")
@@ -55,7 +55,7 @@ def write_simulation(sim: Simulation, out_dir: str | os.PathLike[str], *,
     atomic_write_text(paths["membrane_clicks.csv"], _xyz_csv(sim.membrane_clicks))
     summary = {
         "config": asdict(sim.config),
-        "counts": {k: len(sim.ids(k)) for k in (TARGET_KIND, BLOB_KIND, FILAMENT_KIND)},
+        "counts": {k: len(sim.ids(k)) for k in dict.fromkeys(p.kind for p in sim.particles)},
         "target_kind": sim.target_kind,
         "target_radius": sim.target_radius,
         "prompt_ids": list(sim.prompt_ids),

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from cryosam.errors import CryosamError, InputError
+from cryosam.simulate.crowded import CROWDED_KINDS, ctf_transfer, kind_clicks, place_crowded
 from cryosam.simulate.imaging import apply_transfer, transfer
 from cryosam.simulate.shapes import (
     MEMBRANE_HALF_THICKNESS,
@@ -76,6 +77,8 @@ class SimulationConfig:
     seed: int = 0
     zoom: float = 1.0  # sample the same scene this many times finer (voxel_size / zoom)
     invert: bool = False  # dense matter bright, as in many processed/denoised tomograms
+    preset: str = "default"  # "crowded": 8 look-alike kinds packed densely, CTF band pass
+    per_kind: int | None = None  # crowded: copies of each kind (default: scales with volume)
 
     def __post_init__(self) -> None:
         if len(self.shape) != 3 or any(int(s) < 16 for s in self.shape):
@@ -90,6 +93,10 @@ class SimulationConfig:
         if not 3.0 <= self.target_radius <= min(self.shape) / 3:
             raise InputError(f"target_radius {self.target_radius}: must be between 3 voxels "
                              "and a third of the smallest dimension")
+        if self.preset not in ("default", "crowded"):
+            raise InputError(f"--preset {self.preset!r} is not one of default, crowded")
+        if self.preset == "crowded" and self.zoom != 1.0:
+            raise InputError("--zoom is not available with --preset crowded")
         if not 1.0 <= self.zoom <= 8.0:
             raise InputError(f"--zoom {self.zoom}: must be between 1 and 8")
         for name in ("n_targets", "n_blobs", "n_filaments"):
@@ -180,6 +187,8 @@ def _offsets(centre: np.ndarray, extent: float, shape: tuple[int, int, int]):
 def simulate(config: SimulationConfig | None = None) -> Simulation:
     """Simulate a tomogram with known particles and membranes (see the module docstring)."""
     cfg = config or SimulationConfig()
+    if cfg.preset == "crowded":
+        return _simulate_crowded(cfg)
     rng = np.random.default_rng(cfg.seed)
     shape = cfg.shape
     dims = np.asarray(shape, dtype=np.float64)
@@ -367,3 +376,42 @@ def _membrane_clicks(membranes: list[Membrane], mask: np.ndarray, n: int,
     arr = np.asarray(pts, dtype=np.float64)
     idx = np.clip(np.rint(arr).astype(int), 0, np.asarray(shape) - 1)
     return arr[mask[idx[:, 0], idx[:, 1], idx[:, 2]]]
+
+
+def _simulate_crowded(cfg: SimulationConfig) -> Simulation:
+    """The crowded preset (see :mod:`cryosam.simulate.crowded`); ``target_kind`` is the
+    ribosome-like kind and the truth holds every kind."""
+    rng = np.random.default_rng(cfg.seed)
+    shape = cfg.shape
+    per = cfg.per_kind
+    if per is None:  # 12 of each kind in 64x160x160, scaled with the volume
+        per = max(1, round(12 * float(np.prod(shape)) / float(np.prod(_DEFAULT_SHAPE))))
+    density, labels, membrane, membranes, placed = place_crowded(
+        shape, dict.fromkeys(CROWDED_KINDS, int(per)), cfg.membrane, rng)
+    particles = []
+    for pid, (kind, _shp, _centre, sl, m) in enumerate(placed, start=1):
+        idx = np.argwhere(m)
+        zyx = tuple(float(v) for v in idx.mean(axis=0) + [q.start for q in sl])
+        radius = float((3 * len(idx) / (4 * math.pi)) ** (1 / 3))
+        particles.append(Particle(pid, kind, zyx, radius, int(len(idx))))
+    signal = apply_transfer(-density, ctf_transfer(shape, cfg.tilt_range))
+    white = rng.standard_normal(size=shape, dtype=np.float32)
+    noise = apply_transfer(white, transfer(shape, cfg.noise_sigma, cfg.tilt_range))
+    signal -= signal.mean()
+    noise -= noise.mean()
+    var_s, var_n = float(np.var(signal)), float(np.var(noise))
+    noise *= np.float32(math.sqrt(var_s / (cfg.snr * var_n)))
+    scale = np.float32(1.0 / math.sqrt(max(var_s * (1 + 1 / cfg.snr), 1e-12)))
+    signal *= scale
+    volume = signal + noise * scale
+    if cfg.invert:
+        signal, volume = -signal, -volume
+    clicks = _membrane_clicks(membranes, membrane, cfg.n_membrane_clicks, shape, rng)
+    sim = Simulation(volume=volume.astype(np.float32), signal=signal,
+                     voxel_size=cfg.voxel_size, particles=tuple(particles), labels=labels,
+                     membrane=membrane, target_kind="ribosome", prompt_ids=(),
+                     membrane_clicks=clicks, config=cfg)
+    ids = [next(p.id for p in particles if np.allclose(p.zyx, c))
+           for c in kind_clicks(sim, "ribosome", 5)]
+    sim.prompt_ids = tuple(ids)
+    return sim
