@@ -12,10 +12,11 @@ import sys
 import typer
 
 import cryosam
-from cryosam.commands import bench, demo, evaluate, info, segment, simulate, weights
+from cryosam.commands import batch, bench, demo, evaluate, info, query, segment, simulate, weights
 from cryosam.errors import CryosamError, Terminated
 
-COMMANDS = (segment, demo, simulate, evaluate, info, weights, bench)  # in --help order
+# in --help order
+COMMANDS = (segment, query, batch, demo, simulate, evaluate, info, weights, bench)
 
 _DEBUG = False
 

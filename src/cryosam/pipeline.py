@@ -15,12 +15,14 @@ import numpy as np
 
 import cryosam
 from cryosam import backends, stages
-from cryosam.config import CryosamConfig
+from cryosam.config import CryosamConfig, PropagationConfig
 from cryosam.device import resolve_device, set_threads
 from cryosam.encoders.base import SliceEncoder
-from cryosam.errors import MissingWeightsError
+from cryosam.errors import InputError, MissingWeightsError
 from cryosam.merge import merge_instances
-from cryosam.record import StageTimer, device_record, started_stamp, versions
+from cryosam.probe import ClickProbe
+from cryosam.query import SavedQuery, check_query_config
+from cryosam.record import StageTimer, device_record, file_info, started_stamp, versions
 from cryosam.rescale import from_binned
 from cryosam.result import SegmentationResult
 from cryosam.segmenters.base import Segmenter
@@ -96,8 +98,9 @@ class CryoSAM:
     def segment(
         self,
         tomogram: stages.TomogramLike,
-        points: stages.PointsLike,
+        points: stages.PointsLike | None = None,
         *,
+        query: SavedQuery | None = None,
         match: bool | None = None,
         cache_dir: str | os.PathLike[str] | None = None,
         voxel_size: float | None = None,
@@ -113,47 +116,152 @@ class CryoSAM:
         usually name the membranes wanted; matching finds other sheet-like structures too).
         ``points_pixel_size`` (Å): the clicks are pixels of that size, scaled to the tomogram's;
         ``points_bin``: the clicks were made on a copy binned that many times.
+        ``query`` (instead of ``points``): a :class:`~cryosam.query.SavedQuery` from another
+        tomogram; every similar particle is found here with no clicks.
         """
+        if query is not None:
+            if points is not None:
+                raise InputError("give clicks or a saved query, not both")
+            if match is False:
+                raise InputError("--no-match with --query: a saved query only matches")
+            return self._segment_query(tomogram, query, cache_dir=cache_dir,
+                                       voxel_size=voxel_size, tomo_name=tomo_name)
+        if points is None:
+            raise InputError("no points given; click at least one particle (or give a saved "
+                             "query)")
         cfg = self.config
-        target = cfg.propagation.target
         if match is None:
-            match = target == "particle"
+            match = cfg.propagation.target == "particle"
         timer = StageTimer(self.device)
         with timer("models"):  # load (and so check) the models before any work on the data
             self.check_weights(match)
             segmenter = self.segmenter
             encoder = self.encoder if match else None
+        inputs, found, work, clicks = self._clicks(
+            timer, tomogram, points, encoder is not None, voxel_size=voxel_size,
+            points_unit=points_unit, tomo_name=tomo_name,
+            points_pixel_size=points_pixel_size, points_bin=points_bin)
+        features = matches = proposals = None
+        if match and encoder is not None and clicks.masks:
+            with timer("features"):
+                features = stages.compute_features(work, encoder, cfg, self.device, cache_dir)
+            with timer("matching"):
+                query_ = stages.build_query(features, clicks, cfg)
+                matches = stages.match_query(features, query_, clicks, cfg.matching,
+                                             self.device)
+            if matches.outside_clicks.any():
+                with timer("segment_proposals"):
+                    proposals = stages.segment_proposals(work, matches, clicks, segmenter,
+                                                         cfg, _prop_cfg(cfg))
+        return self._result(timer, inputs, found, work, clicks, features, matches, proposals,
+                            bool(match))
+
+    def make_query(
+        self,
+        tomogram: stages.TomogramLike,
+        points: stages.PointsLike,
+        *,
+        cache_dir: str | os.PathLike[str] | None = None,
+        voxel_size: float | None = None,
+        points_unit: str = "voxel",
+        tomo_name: str | None = None,
+        points_pixel_size: float | None = None,
+        points_bin: int | None = None,
+    ) -> SavedQuery:
+        """Segment the clicks and pool their features into a query that
+        :meth:`segment` (``query=``) can use on other tomograms; see :mod:`cryosam.query`."""
+        cfg = self.config
+        check_query_config(cfg)  # before any work
+        timer = StageTimer(self.device)
+        with timer("models"):
+            self.check_weights(True)
+            segmenter = self.segmenter  # noqa: F841 - loaded (and checked) before any work
+            encoder = self.encoder
+        inputs, found, work, clicks = self._clicks(
+            timer, tomogram, points, True, voxel_size=voxel_size, points_unit=points_unit,
+            tomo_name=tomo_name, points_pixel_size=points_pixel_size, points_bin=points_bin)
+        with timer("features"):
+            features = stages.compute_features(work, encoder, cfg, self.device, cache_dir)
+        with timer("matching"):
+            built = stages.build_query(features, clicks, cfg)
+        tomo = inputs.tomogram
+        source = {"tomogram": inputs.report()["tomogram"], "name": inputs.name,
+                  "shape_zyx": list(tomo.shape), "voxel_size": tomo.mean_voxel_size,
+                  "clicks": len(inputs.prompts),
+                  "points": file_info(inputs.points_source) if inputs.points_source else None}
+        return SavedQuery.build(
+            vectors=built.vectors, masks=clicks.masks, encoder_id=features.encoder_id,
+            config=cfg, polarity=found.polarity, radius=found.radius, binning=work.factor,
+            nms_radius=built.nms_radius, particle_radius=built.particle_radius, source=source)
+
+    def _clicks(self, timer: StageTimer, tomogram: stages.TomogramLike,
+                points: stages.PointsLike, with_encoder: bool, **load: Any
+                ) -> tuple[stages.Inputs, ClickProbe, stages.Work, stages.Clicks]:
+        """Load, normalise, probe, prepare and segment the clicks (the shared first half)."""
+        cfg = self.config
         with timer("load"):
-            inputs = stages.load_inputs(tomogram, points, voxel_size=voxel_size,
-                                        points_unit=points_unit, tomo_name=tomo_name,
-                                        points_pixel_size=points_pixel_size,
-                                        points_bin=points_bin)
+            inputs = stages.load_inputs(tomogram, points, **load)
         with timer("normalise"):
             volume = stages.normalise(inputs.tomogram, cfg.propagation)
         with timer("probe"):
             found = stages.probe(volume, inputs, cfg)
             work = stages.prepare(
                 volume, inputs.tomogram.data, inputs, found, cfg,
-                encoder_dark=None if encoder is None else self._wants_dark("encoder"),
+                encoder_dark=self._wants_dark("encoder") if with_encoder else None,
                 segmenter_dark=self._wants_dark("segmenter"))
             del volume  # the work volumes are all that is needed from here
-        prop_cfg = dataclasses.replace(cfg.propagation, normalise=False)
         with timer("segment_prompts"):
-            clicks = stages.segment_clicks(work, segmenter, prop_cfg, found)
+            clicks = stages.segment_clicks(work, self.segmenter, _prop_cfg(cfg), found)
+        return inputs, found, work, clicks
 
-        features = matches = proposals = None
-        if match and encoder is not None and clicks.masks:
-            with timer("features"):
-                features = stages.compute_features(work, encoder, cfg, self.device, cache_dir)
-            with timer("matching"):
-                query = stages.build_query(features, clicks, cfg)
-                matches = stages.match_query(features, query, clicks, cfg.matching,
-                                             self.device)
-            if matches.outside_clicks.any():
-                with timer("segment_proposals"):
-                    proposals = stages.segment_proposals(work, matches, clicks, segmenter,
-                                                         cfg, prop_cfg)
+    def _segment_query(self, tomogram: stages.TomogramLike, saved: SavedQuery, *,
+                       cache_dir: str | os.PathLike[str] | None, voxel_size: float | None,
+                       tomo_name: str | None) -> SegmentationResult:
+        """Every particle like the saved query's in a tomogram without clicks."""
+        cfg = self.config
+        saved.check_config(cfg)  # before any work: features must be comparable
+        timer = StageTimer(self.device)
+        with timer("models"):
+            self.check_weights(True)
+            segmenter = self.segmenter
+            encoder = self.encoder
+            saved.check_encoder(encoder.id)
+        with timer("load"):
+            inputs = stages.load_tomogram(tomogram, voxel_size=voxel_size, tomo_name=tomo_name)
+        with timer("normalise"):
+            volume = stages.normalise(inputs.tomogram, cfg.propagation)
+        with timer("probe"):
+            found = stages.probe_from_query(saved, inputs, cfg)
+            work = stages.prepare(volume, inputs.tomogram.data, inputs, found,
+                                  dataclasses.replace(cfg, binning=saved.binning),
+                                  encoder_dark=self._wants_dark("encoder"),
+                                  segmenter_dark=self._wants_dark("segmenter"))
+            del volume
+        clicks = stages.Clicks([], {})
+        with timer("features"):
+            features = stages.compute_features(work, encoder, cfg, self.device, cache_dir)
+        with timer("matching"):
+            query_ = stages.query_from_saved(saved, features, cfg)
+            matches = stages.match_query(features, query_, clicks, cfg.matching, self.device)
+        proposals = None
+        if len(matches.zyx):
+            with timer("segment_proposals"):
+                proposals = stages.segment_proposals(work, matches, clicks, segmenter, cfg,
+                                                     _prop_cfg(cfg),
+                                                     references=saved.reference_masks())
+        result = self._result(timer, inputs, found, work, clicks, features, matches, proposals,
+                              True)
+        result.record["inputs"]["points"] = None
+        result.record["query"] = saved.report()
+        return result
 
+    def _result(self, timer: StageTimer, inputs: stages.Inputs, found: ClickProbe,
+                work: stages.Work, clicks: stages.Clicks, features: stages.Features | None,
+                matches: stages.Matches | None, proposals: stages.ProposalMasks | None,
+                match: bool) -> SegmentationResult:
+        """Merge, map back to the input's voxels, and assemble the result and its record."""
+        cfg = self.config
+        segmenter = self.segmenter
         with timer("merge"):
             found_instances = proposals.instances if proposals else []
             instances, labels = merge_instances(clicks.instances + found_instances,
@@ -163,13 +271,13 @@ class CryoSAM:
         proposals_zyx = (from_binned(matches.zyx, work.factor) if matches
                          else np.zeros((0, 3)))
         result = SegmentationResult(
-            tomogram=inputs.tomogram, tomo_name=inputs.name, target=target,
+            tomogram=inputs.tomogram, tomo_name=inputs.name, target=cfg.propagation.target,
             prompt_zyx=inputs.prompts, instances=instances,
             semantic=(labels > 0).astype(np.int8), labels=labels,
             proposals_zyx=proposals_zyx,
             proposal_scores=matches.similarity if matches else np.zeros(0),
         )
-        matching_record: dict[str, Any] = {"enabled": bool(match)}
+        matching_record: dict[str, Any] = {"enabled": match}
         if matches is not None:
             matching_record = matches.report()
             if proposals is not None:
@@ -205,6 +313,11 @@ class CryoSAM:
             **timer.report(),
         }
         return result
+
+
+def _prop_cfg(cfg: CryosamConfig) -> PropagationConfig:
+    """Propagation on the prepared volumes (already normalised)."""
+    return dataclasses.replace(cfg.propagation, normalise=False)
 
 
 def segment(

@@ -29,6 +29,7 @@ from cryosam.normalise import normalise_volume
 from cryosam.probe import ClickProbe, bin_factor
 from cryosam.probe import probe_clicks as probe_volume
 from cryosam.propagation import InstanceMask, propagate
+from cryosam.query import SavedQuery
 from cryosam.record import file_info
 from cryosam.rescale import (
     bin_volume,
@@ -100,6 +101,14 @@ def load_inputs(tomogram: TomogramLike, points: PointsLike, *, voxel_size: float
     return Inputs(tomo, prompts, source, points_unit, name)
 
 
+def load_tomogram(tomogram: TomogramLike, *, voxel_size: float | None = None,
+                  tomo_name: str | None = None) -> Inputs:
+    """Read (or wrap) a tomogram that has no clicks (a saved query supplies them)."""
+    tomo = _as_tomogram(tomogram, voxel_size)
+    name = tomo_name or (tomo_stem(tomo.path) if tomo.path else "tomo")
+    return Inputs(tomo, np.zeros((0, 3)), None, "voxel", name)
+
+
 def _as_tomogram(tomogram: TomogramLike, voxel_size: float | None) -> io.Tomogram:
     if isinstance(tomogram, io.Tomogram):
         if voxel_size is not None:
@@ -136,6 +145,23 @@ def probe(volume: np.ndarray, inputs: Inputs, cfg: CryosamConfig) -> ClickProbe:
         radius = cfg.diameter / 2.0 / vs
     return probe_volume(volume, inputs.prompts, polarity=cfg.polarity, radius=radius,
                         estimate_size=cfg.propagation.target == "particle")
+
+
+def probe_from_query(saved: SavedQuery, inputs: Inputs, cfg: CryosamConfig) -> ClickProbe:
+    """Polarity and size for a tomogram without clicks: the saved query's (``polarity`` and
+    ``diameter`` still override them), with a warning when this tomogram's voxel size or
+    the polarity differ from the query's source."""
+    polarity = cfg.polarity if cfg.polarity != "auto" else saved.polarity
+    saved.warn_data(inputs.tomogram.mean_voxel_size, polarity)
+    radius, source = saved.radius, "query"
+    if cfg.diameter is not None:
+        vs = inputs.tomogram.mean_voxel_size
+        if vs is None:
+            raise InputError("--diameter is in Å but the tomogram has no voxel size; pass "
+                             "--voxel-size")
+        radius, source = cfg.diameter / 2.0 / vs, "diameter"
+    return ClickProbe(polarity, "given" if cfg.polarity != "auto" else "query",  # type: ignore[arg-type]
+                      radius, source)
 
 
 @dataclass
@@ -310,6 +336,15 @@ def build_query(features: Features, clicks: Clicks, cfg: CryosamConfig) -> Query
     return Query(vectors, float(radius), matching.particle_radius_from_masks(coords))
 
 
+def query_from_saved(saved: SavedQuery, features: Features, cfg: CryosamConfig) -> Query:
+    """The saved query's vectors and radii (``matching.nms_radius`` still overrides)."""
+    saved.check_dim(int(features.volume.dim))
+    radius = (cfg.matching.nms_radius if cfg.matching.nms_radius is not None
+              else saved.nms_radius)
+    return Query(torch.from_numpy(np.array(saved.vectors, dtype=np.float32)), float(radius),
+                 float(saved.particle_radius))
+
+
 @dataclass
 class Matches:
     """Proposals from matching, and those worth segmenting (outside the clicked masks)."""
@@ -359,15 +394,20 @@ class ProposalMasks:
 
 def segment_proposals(work: Work, matches: Matches, clicks: Clicks,
                       segmenter: Segmenter, cfg: CryosamConfig,
-                      prop_cfg: PropagationConfig) -> ProposalMasks:
-    """Segment every match outside the clicks in 3-D (batched), keep the plausible ones."""
+                      prop_cfg: PropagationConfig,
+                      references: list[InstanceMask] | None = None) -> ProposalMasks:
+    """Segment every match outside the clicks in 3-D (batched), keep the plausible ones.
+
+    ``references``: the masks the plausibility filter compares with (default: the click
+    masks; a saved query brings its own)."""
     zyx = matches.zyx[matches.outside_clicks]
     sim = matches.similarity[matches.outside_clicks]
     if not len(zyx):
         return ProposalMasks([])
     res = propagate(work.segmenter_volume, zyx, segmenter, prop_cfg, radius=work.radius)
     rule = Plausibility(cfg.min_size_ratio, cfg.max_size_ratio, cfg.max_elongation_ratio)
-    kept, rejected = plausible(res.instances, zyx, clicks.masks, prop_cfg.target, rule)
+    refs = clicks.masks if references is None else references
+    kept, rejected = plausible(res.instances, zyx, refs, prop_cfg.target, rule)
     instances = [Instance(res.instances[i], zyx[i], float(sim[i]),
                           float(np.clip(res.confidence[i], 0.0, 1.0))) for i in kept]
     return ProposalMasks(instances, rejected, dict(res.stats))

@@ -107,6 +107,9 @@ def register(app: typer.Typer) -> None:
         points: Path | None = typer.Option(None, "--points", "-p",
                                            help="Clicks: CSV (x,y,z or napari axis-0..2) or "
                                            "STAR; not with --copick."),
+        query: Path | None = typer.Option(None, "--query", help="A saved query (`cryosam "
+                                          "query`) instead of clicks: find its particles here; "
+                                          "its parameters are the defaults."),
         out: Path | None = typer.Option(None, "--out", "-o",
                                         help="Output folder (default: <stem>_cryosam/ beside "
                                         "the tomogram; with --copick, <run>_cryosam/ here)."),
@@ -225,10 +228,17 @@ def register(app: typer.Typer) -> None:
             progress.set_quiet(True)
         values = locals()
         given = {p: values[p] for p in OPTION_PATHS if _given(ctx, p)}
+        saved = None
+        if query is not None:
+            from cryosam.query import SavedQuery
+
+            saved = SavedQuery.load(query)
         base = (CryosamConfig.from_file(config) if config is not None
-                else configuration.default_config())
+                else saved.config() if saved is not None else configuration.default_config())
         cfg = config_from_cli(base, given)
         check_input_mode(ctx, values)
+        if saved is not None:
+            saved.check_config(cfg)
         star_out = io.StarOutputs(tuple(f.value for f in star) if star else None,
                                   star_tomo_name, tilt_series_pixel_size)
         source = None if copick is None else io.open_copick(
@@ -240,7 +250,8 @@ def register(app: typer.Typer) -> None:
             check_out_dir(out_dir, overwrite)
         else:
             out_dir = out or default_out_dir(tomo)
-            check_out_dir(out_dir, overwrite, inputs=(tomo, points))
+            check_out_dir(out_dir, overwrite,
+                          inputs=tuple(p for p in (tomo, points, query) if p is not None))
         if cache_dir is not None:
             check_cache_dir(cache_dir, out_dir)
         if points_pixel_size is not None and points_bin is not None:
@@ -251,7 +262,8 @@ def register(app: typer.Typer) -> None:
                 tomo_in, points_in = source.load_tomogram(), source.clicks_zyx
             else:
                 tomo_in, points_in = tomo, points
-            result = runner.segment(tomo_in, points_in, match=match, cache_dir=cache_dir,
+            result = runner.segment(tomo_in, points_in, query=saved, match=match,
+                                    cache_dir=cache_dir,
                                     voxel_size=voxel_size, points_unit=points_unit.value,
                                     tomo_name=source.run_name if source else tomo_name,
                                     points_pixel_size=points_pixel_size,
@@ -280,12 +292,18 @@ _FILES_ONLY = {"voxel_size": "--voxel-size", "points_unit": "--points-unit",
 def check_input_mode(ctx: typer.Context, values: dict[str, Any]) -> None:
     """Before any work: files mode needs TOMO and --points; --copick needs --run and --object
     and reads both from the project. Options of the other mode are refused by name."""
+    if values.get("query") is not None:
+        if values["copick"] is not None or values["points"] is not None:
+            raise InputError("--query replaces the clicks: drop --points and --copick (for a "
+                             "copick project use `cryosam batch CONFIG.json --query Q`)")
+        if values["tomo"] is None:
+            raise InputError("give the tomogram: cryosam segment TOMO --query QUERY")
     if values["copick"] is None:
         extra = [flag for p, flag in _COPICK_ONLY.items() if _given(ctx, p)]
         if extra:
             raise InputError(f"{extra[0]} selects inside a copick project; add --copick "
                              "CONFIG.json, or drop it")
-        if values["tomo"] is None or values["points"] is None:
+        if values["tomo"] is None or (values["points"] is None and values.get("query") is None):
             raise InputError("give the tomogram and its clicks: cryosam segment TOMO --points "
                              "CLICKS (or --copick CONFIG.json --run RUN --object NAME)")
         return

@@ -1,0 +1,246 @@
+"""Whole datasets: which tomograms, with which clicks, and where their outputs go.
+
+A dataset is a folder of tomograms, a text file listing them, or a copick project (all runs).
+Each becomes a :class:`Task` (plain data, sent to workers); :mod:`cryosam.batch_ray` runs them
+and reports each as an :class:`Outcome` (a row of ``batch.csv``). Clicks come from one STAR/CSV
+with a tomogram-name column, a folder of per-tomogram files, the copick project, or nowhere
+(a saved query); a tomogram without clicks is listed as ``no-clicks`` and not run.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io as _stringio
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cryosam import io
+from cryosam._atomic import atomic_write_text
+from cryosam.errors import InputError
+from cryosam.utils import tomo_stem
+
+TOMO_SUFFIXES = (".mrc", ".rec", ".map")
+CLICK_SUFFIXES = (".csv", ".star", ".txt", ".tsv")
+CSV_NAME_COLUMNS = ("rlntomoname", "rlnmicrographname", "tomo_name", "tomogram", "tomo")
+STATUSES = ("done", "skipped", "failed", "no-clicks", "pending")
+COLUMNS = ("tomogram", "status", "picks", "seconds", "error", "reason")  # batch.csv
+
+
+@dataclass(frozen=True)
+class Task:
+    """One tomogram of the dataset: where it is, its clicks, where its outputs go."""
+
+    name: str  # output folder name (tomogram stem or copick run)
+    out: str  # absolute output folder
+    tomogram: str | None = None  # absolute path (None for copick)
+    points: str | None = None  # clicks file (None with a query or copick)
+    points_name: str | None = None  # this tomogram's name in a combined clicks file
+    copick: dict[str, Any] | None = None  # config, object and selectors for a copick run
+    missing: str | None = None  # why it has no clicks (then it is not run)
+
+
+@dataclass(frozen=True)
+class Options:
+    """What every task is run with besides the configuration (part of the resume rule)."""
+
+    match: bool | None = None
+    voxel_size: float | None = None
+    points_unit: str = "voxel"
+    points_pixel_size: float | None = None
+    points_bin: int | None = None
+    star: tuple[str, ...] | None = None
+    tilt_series_pixel_size: float | None = None
+    cache_dir: str | None = None  # not part of the rule: the cache never changes results
+    force: bool = False
+
+    def record(self) -> dict[str, Any]:
+        """The options that change results, as plain JSON."""
+        skip = ("cache_dir", "force")
+        return json.loads(json.dumps({k: v for k, v in dataclasses.asdict(self).items()
+                                      if k not in skip}))
+
+
+@dataclass
+class Outcome:
+    """How one task went (a row of ``batch.csv``)."""
+
+    tomogram: str
+    status: str  # one of STATUSES
+    picks: int | None = None
+    seconds: float = 0.0
+    error: str = ""
+    reason: str = ""  # why it was run or skipped
+    warnings: list[str] = field(default_factory=list)
+    detail: str = ""  # the traceback of an unexpected failure (shown with --debug)
+
+    def row(self) -> dict[str, Any]:
+        return {"tomogram": self.tomogram, "status": self.status,
+                "picks": "" if self.picks is None else self.picks,
+                "seconds": f"{self.seconds:.2f}", "error": self.error, "reason": self.reason}
+
+
+# --------------------------------------------------------------------------- the dataset
+
+
+def is_copick_config(path: Path) -> bool:
+    """A JSON file: a copick project's config (anything else is a list of tomograms)."""
+    return path.is_file() and path.suffix.lower() == ".json"
+
+
+def _is_tomogram_file(path: Path) -> bool:
+    name = path.name.lower()
+    for ext in (".gz", ".bz2"):
+        name = name.removesuffix(ext)
+    return path.is_file() and not path.name.startswith(".") and name.endswith(TOMO_SUFFIXES)
+
+
+def dataset_tomograms(dataset: str | Path) -> list[Path]:
+    """The tomogram files of a folder (sorted) or of a text list (one path a line, relative
+    to the list's folder; blank lines and ``#`` comments ignored), as absolute paths."""
+    path = Path(dataset)
+    if path.is_dir():
+        found = sorted(p.resolve() for p in path.iterdir() if _is_tomogram_file(p))
+        if not found:
+            raise InputError(f"{path}: no tomograms (.mrc/.rec/.map, optionally .gz/.bz2) in "
+                             "this folder; give a folder of tomograms, a text file listing "
+                             "them or a copick config")
+        return found
+    if not path.is_file():
+        raise InputError(f"{path}: not found; give a folder of tomograms, a text file listing "
+                         "them or a copick config JSON")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: cannot read it as a list of tomograms ({exc}); give one "
+                         "path per line") from None
+    entries = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+    if not entries:
+        raise InputError(f"{path}: lists no tomograms; give one path per line")
+    return [(path.parent / e).resolve() if not Path(e).is_absolute() else Path(e)
+            for e in entries]
+
+
+def tasks_from_files(dataset: str | Path, out: Path, points: Path | None) -> list[Task]:
+    """One task per tomogram file, with its clicks from ``points`` (a combined STAR/CSV with
+    a tomogram-name column, or a folder of per-tomogram files) or none (a saved query)."""
+    tomos = dataset_tomograms(dataset)
+    names: dict[str, Path] = {}
+    for t in tomos:
+        name = tomo_stem(t)
+        if name in names:
+            raise InputError(f"{dataset}: two tomograms are named {name} ({names[name]} and "
+                             f"{t}); their outputs would share {out / name}; rename one")
+        names[name] = t
+    clicks = assign_clicks(points, list(names)) if points is not None else {}
+    tasks = []
+    for name, t in names.items():
+        file, row_name, missing = clicks.get(name, (None, None, None))
+        tasks.append(Task(name, str((out / name).resolve()), str(t),
+                          None if file is None else str(Path(file).resolve()), row_name,
+                          missing=missing))
+    return tasks
+
+
+def _key(name: str) -> str:
+    """A tomogram name without folders, ``:suffix`` and extensions (as STAR matching does)."""
+    base = name.strip().replace("\\", "/").rsplit("/", 1)[-1].split(":", 1)[0]
+    return base.split(".", 1)[0]
+
+
+def assign_clicks(points: Path, names: list[str]
+                  ) -> dict[str, tuple[Path | None, str | None, str | None]]:
+    """{tomogram: (clicks file, its name in that file, why it has none)}."""
+    out: dict[str, tuple[Path | None, str | None, str | None]] = {}
+    if points.is_dir():
+        files: dict[str, Path] = {}
+        for f in sorted(points.iterdir()):
+            if f.is_file() and f.suffix.lower() in CLICK_SUFFIXES:
+                if f.stem in files:
+                    raise InputError(f"--points {points}: {files[f.stem].name} and {f.name} both "
+                                     f"hold clicks for {f.stem}; keep one")
+                files[f.stem] = f
+        for n in names:
+            out[n] = ((files[n], None, None) if n in files
+                      else (None, None, f"no clicks file {n}.csv/.star in {points}"))
+        return out
+    if not points.is_file():
+        raise InputError(f"--points {points}: not found; give a STAR/CSV with a tomogram-name "
+                         "column or a folder of per-tomogram click files")
+    in_file = _names_in(points)
+    if in_file is None:  # no name column: only a single tomogram can use it
+        if len(names) != 1:
+            raise InputError(f"--points {points}: has no tomogram-name column (rlnTomoName, "
+                             "rlnMicrographName or tomo_name) and the dataset has "
+                             f"{len(names)} tomograms; add one or give a folder of click files")
+        return {names[0]: (points, None, None)}
+    keys = {_key(v): v for v in in_file}
+    for n in names:
+        value = n if n in in_file else keys.get(_key(n))
+        out[n] = ((points, value, None) if value is not None
+                  else (None, None, f"no clicks for {n} in {points.name}"))
+    return out
+
+
+def _names_in(points: Path) -> list[str] | None:
+    """Tomogram names of a combined clicks file (None: it has no name column)."""
+    text = points.read_text(encoding="utf-8-sig", errors="replace")
+    if points.suffix.lower() == ".star" or "data_" in text[:4096]:
+        return io.star_tomo_names(points) or None
+    ps = io.read_points(points, check_bounds=False)
+    column = next((c for c in CSV_NAME_COLUMNS if c in ps.columns), None)
+    return None if column is None else list(dict.fromkeys(str(v) for v in ps.columns[column]))
+
+
+def tasks_from_copick(config: Path, out: Path, selectors: dict[str, Any],
+                      with_clicks: bool) -> list[Task]:
+    """One task per run of a copick project; with clicks, runs without a pick set of the
+    object (by anyone but cryosam, or ``clicks_user``) are listed as having none."""
+    from cryosam.io.copick import COPICK_USER, _open_root
+
+    root = _open_root(config)
+    obj = selectors["object"]
+    if root.get_object(obj) is None:
+        raise InputError(f"--object {obj!r}: not a pickable object of {config}; it has "
+                         f"{', '.join(sorted(o.name for o in root.pickable_objects))}")
+    tasks = []
+    for run in sorted(root.runs, key=lambda r: r.name):
+        missing = None
+        if with_clicks:
+            user = selectors.get("clicks_user")
+            sets = [p for p in run.get_picks(object_name=obj)
+                    if (p.user_id == user if user else p.user_id != COPICK_USER)]
+            if not any(len(p.points) for p in sets):
+                missing = f"no pick set of {obj} with points in run {run.name}"
+        tasks.append(Task(run.name, str((out / run.name).resolve()),
+                          copick={"config": str(config.resolve()), **selectors},
+                          missing=missing))
+    if not tasks:
+        raise InputError(f"{config}: the project has no runs")
+    return tasks
+
+
+def shard(tasks: list[Task], spec: str | None) -> list[Task]:
+    """The tasks of shard ``i/n`` (0 <= i < n, round robin over the sorted dataset)."""
+    if spec is None:
+        return tasks
+    try:
+        i, n = (int(v) for v in spec.split("/"))
+    except ValueError:
+        raise InputError(f"--shard {spec!r}: give i/n, e.g. 0/4 (i from 0 to n-1)") from None
+    if n < 1 or not 0 <= i < n:
+        raise InputError(f"--shard {spec}: need 0 <= i < n, e.g. $SLURM_ARRAY_TASK_ID/4 with "
+                         "--array=0-3")
+    return tasks[i::n]
+
+
+def write_table(path: Path, rows: dict[str, Outcome]) -> None:
+    """``batch.csv``: one row per tomogram (tomogram, status, picks, seconds, error, reason)."""
+    buffer = _stringio.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for outcome in rows.values():
+        writer.writerow(outcome.row())
+    atomic_write_text(path, buffer.getvalue())

@@ -1,0 +1,400 @@
+"""Running a batch: one tomogram's job (with resume), the engines, ``batch.csv`` and ETA.
+
+A :class:`Worker` holds one :class:`~cryosam.pipeline.CryoSAM` (models loaded once) and runs
+tasks, writing ``OUT/<name>/`` with :func:`cryosam.export.write_outputs` (atomic, as for
+``segment``); any failure becomes a ``failed`` outcome, never an exception.
+
+**Resume rule.** A task is skipped when ``OUT/<name>/run.json`` exists, every output it lists
+is there, and its record says the same inputs and parameters: the tomogram's SHA-256 (copick:
+its data's), the clicks as voxels (or the saved query's SHA-256), every parameter but the
+machine's (``device``, ``threads``) and the batch options. Anything else (no output, a failed
+or changed tomogram) is run again; ``force`` runs everything.
+
+Two engines hand tasks to workers and yield their outcomes:
+
+- :class:`InProcess` (``--workers 0`` / ``--no-ray``): one worker in this process, one task
+  after another; what a SLURM array task (``--shard i/n``) or a debugging session wants.
+- :class:`RayEngine`: Ray actors, each a worker that loads the models once and keeps them.
+  By default Ray runs embedded (started here, stopped at the end): one worker per GPU, or
+  ``workers`` on CPU with the CPUs shared out (threads = CPUs / workers, set through the
+  configuration's ``threads``). With ``address`` it joins an existing cluster
+  (``ray start --head`` on SLURM, Kubernetes, a workstation pool). Ray places the actors;
+  this module only keeps each one busy (``ray.wait``) and replaces one that dies.
+
+Ray is imported only here, inside :class:`RayEngine`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import time
+import traceback
+import warnings
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cryosam import io, progress
+from cryosam.batch import CSV_NAME_COLUMNS, Options, Outcome, Task, write_table
+from cryosam.config import CryosamConfig
+from cryosam.device import resolve_threads
+from cryosam.errors import CryosamError, CryosamWarning, InputError
+from cryosam.query import MACHINE_PARAMETERS, SavedQuery
+from cryosam.utils import outside_volume, sha256_file
+
+CPU_THREADS_PER_WORKER = 8  # default CPU workers: one per this many CPUs (at least one)
+
+
+class Worker:
+    """Holds one CryoSAM (models loaded once) and runs tasks; a Ray actor wraps it as is."""
+
+    def __init__(self, config: dict[str, Any], options: Options,
+                 query: SavedQuery | None = None) -> None:
+        from cryosam.pipeline import CryoSAM
+
+        self.config = CryosamConfig.from_dict(config)
+        self.options = options
+        self.query = query
+        self.runner = CryoSAM(self.config)
+        match = query is not None or (options.match if options.match is not None
+                                      else self.config.propagation.target == "particle")
+        self.runner.check_weights(match)
+        _ = self.runner.segmenter, (self.runner.encoder if match else None)  # load once, here
+
+    def ping(self) -> int:
+        """For the engine: the worker is up (returns its threads)."""
+        return int(self.runner.threads)
+
+    def run(self, task: Task) -> Outcome:
+        """Run (or skip) one task; any failure becomes a failed :class:`Outcome`."""
+        start = time.perf_counter()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", CryosamWarning)
+            try:
+                outcome = self._run(task)
+            except CryosamError as exc:
+                outcome = Outcome(task.name, "failed", error=str(exc))
+            except Exception as exc:  # noqa: BLE001 - one tomogram never stops the others
+                line = str(exc).splitlines()[0] if str(exc) else ""
+                outcome = Outcome(task.name, "failed", error=f"{type(exc).__name__}: {line}",
+                                  detail=traceback.format_exc())
+        outcome.seconds = round(time.perf_counter() - start, 3)
+        seen = dict.fromkeys(str(w.message) for w in caught
+                             if issubclass(w.category, CryosamWarning))
+        outcome.warnings = list(seen)
+        return outcome
+
+    def _run(self, task: Task) -> Outcome:
+        from cryosam import stages
+        from cryosam.export import write_outputs
+
+        if task.missing:
+            return Outcome(task.name, "no-clicks", reason=task.missing)
+        opts = self.options
+        source = self._copick_source(task) if task.copick else None
+        tomo = (source.load_tomogram() if source is not None
+                else io.read_tomogram(task.tomogram, voxel_size=opts.voxel_size))
+        points: Any = None
+        if self.query is None:
+            points = self._clicks(task, tomo, source)
+            prompts = stages.load_inputs(tomo, points, **self._load_options(task)).prompts
+        else:
+            prompts = np.zeros((0, 3))
+        digest = (sha256_file(tomo.path) if tomo.path is not None
+                  else hashlib.sha256(np.ascontiguousarray(tomo.data).tobytes()).hexdigest())
+        state = {"tomogram_sha256": digest, "prompts_zyx": np.round(prompts, 4).tolist(),
+                 "query_sha256": self.query.meta.get("sha256") if self.query else None,
+                 "options": opts.record(), "parameters": _result_parameters(self.config)}
+        reason = "--force" if opts.force else changed(Path(task.out), state)
+        if reason is None:
+            record = json.loads((Path(task.out) / "run.json").read_text(encoding="utf-8"))
+            return Outcome(task.name, "skipped", picks=int(record["counts"]["picks"]),
+                           reason="same inputs and parameters")
+        result = self.runner.segment(
+            tomo, points, query=self.query, match=opts.match, cache_dir=opts.cache_dir,
+            tomo_name=task.name if task.points_name is None else task.points_name,
+            **({} if self.query is not None or isinstance(points, np.ndarray)
+               else {k: v for k, v in self._load_options(task).items() if k != "tomo_name"}))
+        result.record["batch"] = {"tomogram": task.name, **state}
+        if source is not None:
+            result.record["copick"] = source.report()
+            particles = result.target == "particle"
+            io.write_copick(source, result.labels, result.picks_zyx if particles else None,
+                            result.pick_scores if particles else None,
+                            result.pick_instance_ids if particles else None)
+        write_outputs(result, task.out, overwrite=True, tomo_name=task.name,
+                      star=io.StarOutputs(opts.star, None, opts.tilt_series_pixel_size))
+        return Outcome(task.name, "done", picks=int(len(result.picks_zyx)), reason=reason)
+
+    def _load_options(self, task: Task) -> dict[str, Any]:
+        o = self.options
+        return {"points_unit": o.points_unit, "tomo_name": task.points_name,
+                "points_pixel_size": o.points_pixel_size, "points_bin": o.points_bin}
+
+    def _clicks(self, task: Task, tomo: io.Tomogram, source: Any) -> Any:
+        """The clicks as a file path, or as (z, y, x) voxels (copick, CSV with names)."""
+        if source is not None:
+            return source.clicks_zyx
+        if task.points is None:
+            raise InputError(f"{task.name}: no clicks")
+        if task.points_name is None or Path(task.points).suffix.lower() == ".star":
+            return task.points
+        o = self.options
+        pixel = o.points_pixel_size
+        if o.points_bin is not None and tomo.mean_voxel_size is not None:
+            pixel = o.points_bin * tomo.mean_voxel_size
+        ps = io.read_points(task.points, voxel_size=tomo.voxel_size, unit=o.points_unit,
+                            check_bounds=False, pixel_size=pixel)
+        column = next(c for c in CSV_NAME_COLUMNS if c in ps.columns)
+        zyx = ps.zyx[np.asarray([str(v) == task.points_name for v in ps.columns[column]])]
+        if outside_volume(zyx, tomo.shape).any():
+            raise InputError(f"{task.points}: clicks of {task.points_name} lie outside its "
+                             f"tomogram (x, y, z size {list(tomo.shape[::-1])} voxels); check "
+                             "the coordinates and --points-unit")
+        return zyx
+
+    def _copick_source(self, task: Task) -> Any:
+        c = dict(task.copick or {})
+        sel = {k: c.get(k) for k in ("voxel_spacing", "tomo_type")}
+        if self.query is None:
+            return io.open_copick(c["config"], task.name, c["object"], **sel,
+                                  clicks_user=c.get("clicks_user"),
+                                  clicks_session=c.get("clicks_session"))
+        return copick_source_without_clicks(Path(c["config"]), task.name, c["object"], **sel)
+
+
+def copick_source_without_clicks(config: Path, run: str, object_name: str, *,
+                                 voxel_spacing: float | None,
+                                 tomo_type: str | None) -> io.CopickSource:
+    """A run's tomogram and cryosam's output session, for a saved query (no clicks)."""
+    import zarr
+
+    from cryosam.io.copick import (
+        _open_root,
+        _output_session,
+        _pick_tomogram,
+        _pick_voxel_spacing,
+    )
+
+    root = _open_root(config)
+    found = root.get_run(run)
+    if found is None:
+        raise InputError(f"{config}: run {run} is gone from the project")
+    where = f"{config}: run {run}"
+    spacing = _pick_voxel_spacing(where, found, voxel_spacing)
+    tomogram = _pick_tomogram(where, spacing, tomo_type)
+    shape = tuple(int(s) for s in zarr.open(tomogram.zarr(), mode="r")["0"].shape)
+    session = _output_session(where, found, object_name, None, False)
+    return io.CopickSource(config=config, run_name=found.name, object_name=object_name,
+                           voxel_spacing=float(spacing.voxel_size),
+                           tomo_type=tomogram.tomo_type, shape=shape,  # type: ignore[arg-type]
+                           clicks_zyx=np.zeros((0, 3)), clicks_user="", clicks_session="",
+                           session_id=session, _run=found, _tomogram=tomogram)
+
+
+def _result_parameters(cfg: CryosamConfig) -> dict[str, Any]:
+    """The parameters that change results, as plain JSON (the machine's left out)."""
+    params = json.loads(json.dumps(cfg.to_dict(), default=list))
+    return {k: v for k, v in params.items() if k not in MACHINE_PARAMETERS}
+
+
+def changed(out: Path, state: dict[str, Any]) -> str | None:
+    """Why ``out`` must be (re)made for ``state``, or None when it is complete and the same."""
+    record_path = out / "run.json"
+    if not record_path.is_file():
+        return "new"
+    try:
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+        before = record["batch"]
+        outputs = list(record["outputs"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return "earlier output unreadable or not from cryosam batch"
+    missing = [n for n in outputs if not (out / n).is_file()]
+    if missing:
+        return f"outputs incomplete ({missing[0]} missing)"
+    labels = {"tomogram_sha256": "tomogram changed", "prompts_zyx": "clicks changed",
+              "query_sha256": "query changed", "options": "options changed",
+              "parameters": "parameters changed"}
+    for key, label in labels.items():
+        if before.get(key) != state[key]:
+            return label
+    return None
+
+
+class InProcess:
+    """One worker in this process, tasks one after another."""
+
+    def __init__(self, config: CryosamConfig, options: Options,
+                 query: SavedQuery | None = None) -> None:
+        started = time.perf_counter()
+        self.worker = Worker(config.to_dict(), options, query)
+        self.workers, self.threads = 1, self.worker.ping()
+        self.startup_seconds = time.perf_counter() - started
+        self.description = f"in this process, {self.threads} thread(s)"
+
+    def outcomes(self, tasks: list[Task]) -> Iterator[Outcome]:
+        for task in tasks:
+            yield self.worker.run(task)
+
+    def close(self) -> None:
+        """Nothing to stop."""
+
+
+def import_ray() -> Any:
+    """``ray``, or one :class:`CryosamError` line saying how to get it (or go without)."""
+    try:
+        import ray
+    except ImportError:
+        raise CryosamError("cryosam batch runs on Ray, which is not installed here: pip install "
+                           "'ray>=2.9' (or run without it: --no-ray)") from None
+    return ray
+
+
+class RayEngine:
+    """Ray actors that each hold a :class:`Worker`; embedded Ray unless ``address``."""
+
+    def __init__(self, config: CryosamConfig, options: Options, query: SavedQuery | None = None,
+                 *, workers: int | None = None, address: str | None = None) -> None:
+        import logging
+
+        ray = self.ray = import_ray()
+        started = time.perf_counter()
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        gpu_wanted = config.device != "cpu"
+        handler = signal.getsignal(signal.SIGTERM)  # ray.init replaces it; ours cleans up
+        quiet = {"include_dashboard": False, "logging_level": logging.ERROR,
+                 "log_to_driver": False}
+        if address:
+            try:
+                ray.init(address=address, **quiet)
+            except Exception as exc:  # a cluster that cannot be reached: one line
+                raise CryosamError(f"--ray-address {address}: cannot connect ({exc}); start "
+                                   "the cluster with `ray start --head` or drop --ray-address"
+                                   ) from None
+            finally:
+                _restore(handler)
+            nodes = [n for n in ray.nodes() if n.get("Alive")]
+            node_cpus = max(int(n["Resources"].get("CPU", 1)) for n in nodes)
+            total = int(ray.cluster_resources().get("CPU", 1))
+            gpus = int(ray.cluster_resources().get("GPU", 0)) if gpu_wanted else 0
+        else:
+            import torch
+
+            total = node_cpus = resolve_threads(None)
+            gpus = torch.cuda.device_count() if gpu_wanted else 0
+        n = workers or (gpus or max(1, total // CPU_THREADS_PER_WORKER))
+        threads = config.threads or max(1, min(node_cpus, total // n))
+        gpu_share = min(1.0, gpus / n) if gpus else 0.0
+        if not address:
+            try:
+                ray.init(address="local", num_cpus=max(total, n * threads), num_gpus=gpus,
+                         object_store_memory=256 * 2**20, **quiet)
+            except Exception as exc:  # no shared memory, no ports, a sandbox: one line
+                line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                raise CryosamError(f"cannot start Ray on this machine ({type(exc).__name__}: "
+                                   f"{line[:200]}); run without it: --no-ray") from None
+            finally:
+                _restore(handler)
+        remote = ray.remote(Worker)
+        self._new = lambda: remote.options(num_cpus=threads, num_gpus=gpu_share).remote(
+            replace(config, threads=threads).to_dict(), options, query)
+        try:
+            self.actors = [self._new() for _ in range(n)]
+            ray.get([a.ping.remote() for a in self.actors])  # every worker has its models
+        except Exception as exc:  # e.g. weights missing on a cluster node: one line
+            ray.shutdown()
+            text = str(exc).strip().splitlines()
+            raise CryosamError(f"a Ray worker could not start ({type(exc).__name__}: "
+                               f"{text[-1][:300] if text else ''})") from None
+        self.workers, self.threads = n, threads
+        self.startup_seconds = time.perf_counter() - started
+        where = f"Ray cluster {address}" if address else "embedded Ray"
+        self.description = (f"{where}, {n} worker(s) x {threads} thread(s)"
+                            + (f", {gpu_share:g} GPU each" if gpus else ", CPU"))
+
+    def outcomes(self, tasks: list[Task]) -> Iterator[Outcome]:
+        """Keep every actor busy until all tasks are done; yield outcomes as they come."""
+        ray = self.ray
+        queue, idle = deque(tasks), list(self.actors)
+        running: dict[Any, tuple[Any, Task]] = {}
+        while queue or running:
+            while queue and idle:
+                actor, task = idle.pop(), queue.popleft()
+                running[actor.run.remote(task)] = (actor, task)
+            done, _ = ray.wait(list(running), num_returns=1)
+            actor, task = running.pop(done[0])
+            try:
+                outcome = ray.get(done[0])
+            except Exception as exc:  # the worker process died (out of memory, a crash)
+                line = str(exc).strip().splitlines()[-1] if str(exc).strip() else ""
+                outcome = Outcome(task.name, "failed",
+                                  error=f"worker died ({type(exc).__name__}: {line[:200]})")
+                ray.kill(actor)
+                self.actors.remove(actor)
+                actor = self._new()
+                self.actors.append(actor)
+            idle.append(actor)
+            yield outcome
+
+    def close(self) -> None:
+        """Stop the actors (and embedded Ray); a cluster keeps running."""
+        self.ray.shutdown()
+
+
+def _restore(handler: Any) -> None:
+    """Put back the SIGTERM handler ``ray.init`` replaced (main thread only)."""
+    import threading
+
+    if threading.current_thread() is threading.main_thread() and handler is not None:
+        signal.signal(signal.SIGTERM, handler)
+
+
+def run_batch(tasks: list[Task], engine: InProcess | RayEngine, table: Path, *,
+              say: Callable[[str], None] | None = None) -> list[Outcome]:
+    """Run ``tasks`` on ``engine``, rewriting ``table`` after each; ``say`` gets one line per
+    tomogram with an ETA. Returns the outcomes in task order."""
+    rows = {t.name: Outcome(t.name, "pending") for t in tasks}
+    write_table(table, rows)
+    started, finished, heavy = time.perf_counter(), 0, 0
+    bar = progress.enabled()
+
+    def inner() -> Iterator[Outcome]:
+        if bar:  # under the batch bar, the stages of each tomogram stay silent
+            progress.set_quiet(True)
+        try:
+            yield from engine.outcomes(tasks)
+        finally:
+            if bar:
+                progress.set_quiet(False)
+
+    for outcome in progress.track(inner(), "tomograms", total=len(tasks)):
+        rows[outcome.tomogram] = outcome
+        write_table(table, rows)
+        finished += 1
+        heavy += outcome.status in ("done", "failed")
+        if say is None:
+            continue
+        elapsed = time.perf_counter() - started
+        left = len(tasks) - finished
+        eta = f", ETA {_clock(elapsed / heavy * left)}" if left and heavy else ""
+        picks = "" if outcome.picks is None else f", {outcome.picks} picks"
+        why = f": {outcome.error}" if outcome.error else (
+            f" ({outcome.reason})" if outcome.status in ("skipped", "no-clicks") else "")
+        say(f"[{finished}/{len(tasks)}] {outcome.tomogram}: {outcome.status}{picks}, "
+            f"{outcome.seconds:.1f} s{why}{eta}")
+        for line in outcome.warnings:
+            say(f"  warning: {line}")
+    return [rows[t.name] for t in tasks]
+
+
+def _clock(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else \
+        f"{s // 60}:{s % 60:02d}"

@@ -1,0 +1,209 @@
+"""``cryosam batch``: three small simulated tomograms with their clicks in one STAR file.
+
+On a local Ray with two CPU workers all three finish; killed after the first tomogram, a
+rerun skips that one (batch.csv and its untouched run.json show it) and completes the
+others; an unreadable tomogram fails alone; changed clicks and fixed files are redone.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+FAST = ("--encoder", "filterbank", "--segmenter", "threshold", "--device", "cpu", "-q")
+NAMES = ("TS_01", "TS_02", "TS_03")
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``tomos/TS_0{1,2,3}.mrc`` (40x96x112, seeds 3, 4, 5) and ``clicks.star`` with one
+    click per tomogram, named by rlnTomoName."""
+    import pandas as pd
+    import starfile
+
+    from cryosam.io import write_mrc
+    from cryosam.simulate import SimulationConfig, simulate
+
+    root = tmp_path_factory.mktemp("dataset")
+    (root / "tomos").mkdir()
+    rows = []
+    for name, seed in zip(NAMES, (3, 4, 5), strict=True):
+        sim = simulate(SimulationConfig(shape=(40, 96, 112), seed=seed))
+        write_mrc(root / "tomos" / f"{name}.mrc", sim.volume, voxel_size=sim.voxel_size,
+                  origin=(0.0, 0.0, 0.0))
+        z, y, x = sim.prompt_points[0]
+        rows.append({"rlnTomoName": name, "rlnCoordinateX": x, "rlnCoordinateY": y,
+                     "rlnCoordinateZ": z})
+    starfile.write({"particles": pd.DataFrame(rows)}, root / "clicks.star")
+    return root
+
+
+def _table(out: Path, name: str = "batch.csv") -> dict[str, dict[str, str]]:
+    with open(out / name, newline="", encoding="utf-8") as fh:
+        return {row["tomogram"]: row for row in csv.DictReader(fh)}
+
+
+def _complete(folder: Path) -> bool:
+    record = folder / "run.json"
+    if not record.is_file():
+        return False
+    outputs = json.loads(record.read_text())["outputs"]
+    return all((folder / n).is_file() for n in outputs)
+
+
+def _cli_process(*args: object) -> list[str]:
+    return [sys.executable, "-m", "cryosam._entry", *(str(a) for a in args)]
+
+
+def test_ray_two_cpu_workers_finish_all_three(dataset: Path, tmp_path: Path) -> None:
+    pytest.importorskip("ray", reason="Ray is not installed (pip install 'ray>=2.9')")
+    out = tmp_path / "out"
+    proc = subprocess.run(_cli_process("batch", dataset / "tomos", "--out", out, "--points",
+                                       dataset / "clicks.star", "--workers", "2", *FAST[:-1]),
+                          capture_output=True, text=True, timeout=300)
+    if proc.returncode == 2 and "cannot start Ray" in proc.stderr:
+        pytest.skip(f"Ray cannot start here: {proc.stderr.strip()}")
+    assert proc.returncode == 0, proc.stderr
+    assert "embedded Ray, 2 worker(s) x 1 thread(s)" in proc.stdout
+    rows = _table(out)
+    assert sorted(rows) == list(NAMES)
+    assert {r["status"] for r in rows.values()} == {"done"}
+    for name in NAMES:
+        assert _complete(out / name)
+        record = json.loads((out / name / "run.json").read_text())
+        assert record["device"]["cpu_threads"] == 1  # CPUs / workers
+        assert int(rows[name]["picks"]) == record["counts"]["picks"] >= 1
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_killed_after_the_first_tomogram_resumes(dataset: Path, tmp_path: Path,
+                                                  run_cli) -> None:
+    out = tmp_path / "out"
+    args = ("batch", dataset / "tomos", "--out", out, "--points", dataset / "clicks.star",
+            "--no-ray", *FAST)
+    proc = subprocess.Popen(_cli_process(*args), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 240
+    while not any(_complete(out / n) for n in NAMES):
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)  # no cleanup at all: the worst case
+    proc.wait()
+    if proc.stderr:
+        proc.stderr.close()
+    finished = [n for n in NAMES if _complete(out / n)]
+    assert 1 <= len(finished) < len(NAMES), "killed too late to test resuming"
+    before = {n: ((out / n / "run.json").read_bytes(), (out / n / "run.json").stat().st_mtime_ns)
+              for n in finished}
+    assert {r["status"] for n, r in _table(out).items() if n not in finished} == {"pending"}
+
+    code, _, err = run_cli(*args)
+    assert code == 0, err
+    rows = _table(out)
+    for name in NAMES:
+        assert _complete(out / name)
+        if name in finished:
+            assert rows[name]["status"] == "skipped"
+            assert rows[name]["reason"] == "same inputs and parameters"
+            record = out / name / "run.json"
+            assert (record.read_bytes(), record.stat().st_mtime_ns) == before[name]
+        else:
+            assert rows[name]["status"] == "done", rows[name]
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # leftovers swept
+
+
+def test_unreadable_tomogram_fails_alone_then_fixed_and_changed_are_redone(
+        dataset: Path, tmp_path: Path, run_cli) -> None:
+    tomos = tmp_path / "tomos"
+    shutil.copytree(dataset / "tomos", tomos)
+    (tomos / "TS_02.mrc").write_bytes(os.urandom(4096))  # unreadable as MRC
+    clicks = tmp_path / "clicks.star"
+    shutil.copy(dataset / "clicks.star", clicks)
+    out = tmp_path / "out"
+    args = ("batch", tomos, "--out", out, "--points", clicks, "--no-ray", *FAST)
+    code, _, _ = run_cli(*args)
+    assert code == 1  # some tomogram failed
+    rows = _table(out)
+    assert rows["TS_02"]["status"] == "failed" and "TS_02.mrc" in rows["TS_02"]["error"]
+    assert rows["TS_01"]["status"] == rows["TS_03"]["status"] == "done"
+    assert not (out / "TS_02").exists()
+
+    shutil.copy(dataset / "tomos" / "TS_02.mrc", tomos / "TS_02.mrc")  # fixed
+    import starfile
+
+    df = starfile.read(clicks)
+    df.loc[df["rlnTomoName"] == "TS_03", "rlnCoordinateX"] += 1.0  # a changed click
+    starfile.write({"particles": df}, clicks, overwrite=True)
+    code, _, err = run_cli(*args)
+    assert code == 0, err
+    rows = _table(out)
+    assert [rows[n]["status"] for n in NAMES] == ["skipped", "done", "done"]
+    assert rows["TS_03"]["reason"] == "clicks changed"
+    code, _, _ = run_cli(*args, "--top-k", "3")  # another parameter: everything again
+    assert {r["reason"] for r in _table(out).values()} == {"parameters changed"}
+
+
+def test_query_over_the_dataset_and_a_shard(dataset: Path, tmp_path: Path, run_cli) -> None:
+    query = tmp_path / "rib.cryosam-query"
+    code, _, err = run_cli("query", dataset / "tomos" / "TS_01.mrc", "--points",
+                           dataset / "clicks.star", "--tomo-name", "TS_01", "--out", query,
+                           *FAST)
+    assert code == 0, err
+    out = tmp_path / "out"
+    code, _, err = run_cli("batch", dataset / "tomos", "--out", out, "--query", query,
+                           "--no-ray", "--shard", "1/3", "-q")
+    assert code == 0, err
+    rows = _table(out, "batch-1-of-3.csv")
+    assert list(rows) == ["TS_02"] and rows["TS_02"]["status"] == "done"
+    record = json.loads((out / "TS_02" / "run.json").read_text())
+    assert record["query"]["path"] == str(query.resolve())
+    assert record["batch"]["prompts_zyx"] == [] and record["inputs"]["points"] is None
+
+
+def test_folder_of_click_files_leaves_out_tomograms_without(dataset: Path, tmp_path: Path,
+                                                            run_cli) -> None:
+    import starfile
+
+    clicks = tmp_path / "clicks"
+    clicks.mkdir()
+    row = starfile.read(dataset / "clicks.star").iloc[2]  # TS_03's click, as a CSV
+    (clicks / "TS_03.csv").write_text(
+        f"x,y,z\n{row.rlnCoordinateX},{row.rlnCoordinateY},{row.rlnCoordinateZ}\n")
+    out = tmp_path / "out"
+    code, _, err = run_cli("batch", dataset / "tomos", "--out", out, "--points", clicks,
+                           "--no-ray", "--no-match", "--encoder", "filterbank", "--segmenter",
+                           "threshold", "--device", "cpu")
+    assert code == 0, err
+    assert "left out: TS_01, TS_02" in err
+    rows = _table(out)
+    assert [rows[n]["status"] for n in NAMES] == ["no-clicks", "no-clicks", "done"]
+    pick = np.loadtxt(out / "TS_03" / "picks.csv", delimiter=",", skiprows=1, ndmin=2)
+    assert len(pick) == 1  # only the click: --no-match
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--points", "P", "--query", "Q"), "give one"),
+    ((), "--points CLICKS"),
+    (("--points", "P", "--shard", "3/3"), "--shard 3/3"),
+    (("--points", "P", "--no-ray", "--ray-address", "auto"), "--ray-address"),
+    (("--points", "P", "--object", "ribosome"), "--object"),
+])
+def test_bad_arguments_are_one_line_before_any_work(dataset: Path, tmp_path: Path, run_cli,
+                                                    args: tuple[str, ...], message: str
+                                                    ) -> None:
+    fixed = [str(dataset / "clicks.star") if a == "P" else a for a in args]
+    code, _, err = run_cli("batch", dataset / "tomos", "--out", tmp_path / "out", *fixed,
+                           *FAST)
+    assert code == 2 and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,148 @@
+"""Saved queries: made from the clicks on one tomogram, they pick in another with no clicks;
+the file round-trips, and a run whose features could not be compared is refused."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cryosam.errors import CryosamWarning, InputError
+from cryosam.metrics import evaluate_picks
+from cryosam.pipeline import CryoSAM
+from cryosam.query import FORMAT_VERSION, SavedQuery
+from cryosam.utils import sha256_file
+
+FAST = ("--encoder", "filterbank", "--segmenter", "threshold", "--device", "cpu")
+
+
+@pytest.fixture(scope="module")
+def other_sim(tmp_path_factory: pytest.TempPathFactory):
+    """Tomogram B: another 40x96x112 simulation (seed 5) with its own click and truth."""
+    from cryosam.simulate import SimulationConfig, simulate, write_simulation
+
+    sim = simulate(SimulationConfig(shape=(40, 96, 112), seed=5))
+    return sim, write_simulation(sim, tmp_path_factory.mktemp("simB"))
+
+
+@pytest.fixture(scope="module")
+def saved(small_sim, weight_free, tmp_path_factory: pytest.TempPathFactory):
+    """A query saved from tomogram A's one click (the small simulation, seed 3)."""
+    _, files = small_sim
+    query = CryoSAM(weight_free).make_query(files["tomo.mrc"], files["prompt.csv"])
+    path = query.save(tmp_path_factory.mktemp("query") / "ribosome.cryosam-query")
+    return path, SavedQuery.load(path)
+
+
+def test_query_file_holds_what_matching_needs(saved, small_sim) -> None:
+    path, q = saved
+    _, files = small_sim
+    meta = q.summary()
+    assert meta["version"] == FORMAT_VERSION and q.meta["sha256"] == sha256_file(path)
+    assert q.encoder_id.startswith("filterbank:")
+    assert np.allclose(np.linalg.norm(q.vectors, axis=1), 1.0, atol=1e-4)
+    assert q.polarity == "dark" and q.binning == 1 and q.nms_radius > 1.0
+    assert meta["mask_voxels"] and meta["mask_voxels"][0] == int(q.masks[0].sum()) > 0
+    assert meta["mask_elongation"][0] >= 1.0
+    assert q.source["tomogram"]["sha256"] == sha256_file(files["tomo.mrc"])
+    assert q.source["voxel_size"] == pytest.approx(10.0)
+    assert q.config().encoder.name == "filterbank" and q.config().device == "auto"
+
+
+def test_query_from_a_picks_in_b_like_bs_own_click(saved, other_sim, weight_free) -> None:
+    _, q = saved
+    sim, files = other_sim
+    model = CryoSAM(weight_free)
+    truth = sim.points(sim.target_kind)
+    own = model.segment(files["tomo.mrc"], files["prompt.csv"])
+    found = model.segment(files["tomo.mrc"], query=q)
+    f1_own = evaluate_picks(own.picks_zyx, truth, sim.target_radius).f1
+    f1_query = evaluate_picks(found.picks_zyx, truth, sim.target_radius).f1
+    assert f1_own >= 0.5  # a meaningful comparison
+    assert abs(f1_query - f1_own) <= 0.1, (f1_query, f1_own)
+    assert found.record["query"]["sha256"] == q.meta["sha256"]
+    assert found.record["counts"]["prompts"] == 0 and not found.pick_is_prompt.any()
+
+
+def test_cli_query_then_segment_with_it(run_cli, small_sim, other_sim, tmp_path: Path) -> None:
+    _, a = small_sim
+    _, b = other_sim
+    qfile = tmp_path / "rib.cryosam-query"
+    code, out, err = run_cli("query", a["tomo.mrc"], "--points", a["prompt.csv"], "--out",
+                             qfile, *FAST)
+    assert code == 0, err
+    assert "query saved" in out
+    code, _, err = run_cli("query", a["tomo.mrc"], "--points", a["prompt.csv"], "--out",
+                           qfile, *FAST)
+    assert code == 2 and "--overwrite" in err
+    code, _, err = run_cli("segment", b["tomo.mrc"], "--query", qfile, "--out",
+                           tmp_path / "B", "-q")  # the query's own encoder is the default
+    assert code == 0, err
+    record = json.loads((tmp_path / "B" / "run.json").read_text())
+    assert record["query"]["path"] == str(qfile.resolve())
+    assert record["parameters"]["encoder"]["name"] == "filterbank"
+    assert (tmp_path / "B" / "picks.csv").is_file()
+
+
+@pytest.mark.parametrize("option", [("--encoder", "dinov2"), ("--slice-stride", "2"),
+                                    ("--binning", "2")])
+def test_other_features_are_refused_with_one_line(run_cli, saved, other_sim, tmp_path: Path,
+                                                  option: tuple[str, str]) -> None:
+    path, _ = saved
+    _, b = other_sim
+    code, out, err = run_cli("segment", b["tomo.mrc"], "--query", path, *option, "--out",
+                             tmp_path / "x")
+    assert code == 2
+    assert err.count("\n") == 1 and option[0] in err and "cryosam query" in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_other_encoder_id_and_width_are_refused(saved) -> None:
+    _, q = saved
+    with pytest.raises(InputError, match="other weights or version"):
+        q.check_encoder("filterbank:v0:other")
+    with pytest.raises(InputError, match="channels"):
+        q.check_dim(q.vectors.shape[1] + 1)
+
+
+def test_other_voxel_size_or_polarity_warns(saved, other_sim, weight_free) -> None:
+    _, q = saved
+    sim, _ = other_sim
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lines = q.warn_data(20.0, "bright")
+    assert len(lines) == 2 and "20 Å" in lines[0] and "--polarity bright" in lines[1]
+    assert all(issubclass(w.category, CryosamWarning) for w in caught)
+    with pytest.warns(CryosamWarning, match="voxel"):
+        CryoSAM(weight_free).segment(sim.volume, query=q, voxel_size=15.0)
+    assert q.warn_data(10.2, "dark") == []  # within 5 %, same contrast
+
+
+def test_damaged_or_newer_files_are_one_line(saved, tmp_path: Path) -> None:
+    path, _ = saved
+    junk = tmp_path / "junk.cryosam-query"
+    junk.write_bytes(b"not a zip")
+    with pytest.raises(InputError, match="not a cryosam query file"):
+        SavedQuery.load(junk)
+    with pytest.raises(InputError, match="file not found"):
+        SavedQuery.load(tmp_path / "missing.cryosam-query")
+    with np.load(path) as data:
+        arrays = {k: data[k] for k in data.files}
+    meta = json.loads(str(arrays["meta"]))
+    meta["version"] = FORMAT_VERSION + 1
+    arrays["meta"] = np.asarray(json.dumps(meta))
+    newer = tmp_path / "newer.cryosam-query"
+    with open(newer, "wb") as fh:
+        np.savez(fh, **arrays)
+    with pytest.raises(InputError, match="upgrade cryosam"):
+        SavedQuery.load(newer)
+
+
+def test_points_and_query_together_are_refused(saved, other_sim, weight_free) -> None:
+    _, q = saved
+    _, files = other_sim
+    with pytest.raises(InputError, match="not both"):
+        CryoSAM(weight_free).segment(files["tomo.mrc"], files["prompt.csv"], query=q)
