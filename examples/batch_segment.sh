@@ -1,16 +1,13 @@
 #!/usr/bin/env bash
-# Segment every tomogram in a folder with the same clicks file per tomogram, sharing one
-# feature cache, then list the pick counts. Usage:
-#   bash examples/batch_segment.sh TOMO_DIR [extra cryosam segment options]
-# Each tomogram NAME.mrc needs its clicks in NAME.csv (x,y,z voxels) beside it.
+# Pick in every tomogram of a folder with `cryosam batch`: clicks made once on one tomogram
+# become a saved query, which then runs over the whole folder (resumable: run it again after
+# a crash or a time limit and finished tomograms are skipped). Usage:
+#   bash examples/batch_segment.sh TOMO_DIR CLICKED_TOMO CLICKS [extra cryosam options]
 set -euo pipefail
-dir="${1:?usage: batch_segment.sh TOMO_DIR [options]}"; shift || true
-cache="$dir/.cryosam_cache"
-for tomo in "$dir"/*.mrc; do
-  name="$(basename "$tomo" .mrc)"
-  clicks="$dir/$name.csv"
-  [ -f "$clicks" ] || { echo "skip $name: no $clicks" >&2; continue; }
-  cryosam segment "$tomo" --points "$clicks" --tomo-name "$name" \
-    --cache-dir "$cache" --out "$dir/${name}_cryosam" --overwrite --quiet "$@"
-  echo "$name: $(($(wc -l < "$dir/${name}_cryosam/picks.csv") - 1)) picks"
-done
+dir="${1:?usage: batch_segment.sh TOMO_DIR CLICKED_TOMO CLICKS [options]}"
+tomo="${2:?the tomogram the clicks were made on}"
+clicks="${3:?the clicks file (CSV x,y,z voxels, STAR, or IMOD model2point)}"
+shift 3
+cryosam query "$tomo" --points "$clicks" --out "$dir/particle.cryosam-query" --overwrite "$@"
+cryosam batch "$dir" --out "$dir/picks" --query "$dir/particle.cryosam-query" "$@"
+column -s, -t < "$dir/picks/batch.csv"
