@@ -16,6 +16,7 @@ from cryosam.features import (
     PLANE_DIMS,
     SLICE_DIM,
     FeatureVolume,
+    SparseStack,
     cache_path,
     estimate_nbytes,
     extract_features,
@@ -166,7 +167,7 @@ def tomogram() -> np.ndarray:
 
 
 def test_extraction_matches_estimate_and_strided_slices(tomogram: np.ndarray) -> None:
-    enc = FilterBankEncoder(patch_size=2, sigmas=(1.0, 2.0))
+    enc = DenseEncoder(FilterBankEncoder(patch_size=2, sigmas=(1.0, 2.0)))
     full = extract_features(tomogram, enc, batch_size=5)
     assert full.nbytes == estimate_nbytes(tomogram.shape, enc)
     options = FilterBankOptions(patch=2, sigmas=(1.0, 2.0))
@@ -177,6 +178,10 @@ def test_extraction_matches_estimate_and_strided_slices(tomogram: np.ndarray) ->
     assert strided.positions["y"].tolist() == [0, 3, 6, 9, 12, 15, 18, 21, 24, 25]
     assert strided.nbytes == estimate_nbytes(tomogram.shape, enc, stride=3)
     assert strided.nbytes < full.nbytes
+    # the filter bank's own (sparse) stacks: within the estimate, and the same features
+    sparse = extract_features(tomogram, enc.inner, batch_size=5)
+    assert isinstance(sparse.stacks["z"], SparseStack)
+    assert sparse.nbytes <= estimate_nbytes(tomogram.shape, enc)
     # at an encoded slice the strided features are the full ones; between, their average
     at = np.array([[6.0, 9.0, 3.0]])
     torch.testing.assert_close(strided.sample(at), full.sample(at))
@@ -186,12 +191,49 @@ def test_extraction_matches_estimate_and_strided_slices(tomogram: np.ndarray) ->
     torch.testing.assert_close(mid, avg, atol=2e-3, rtol=1e-3)
 
 
+class DenseEncoder:
+    """An encoder with ``encode`` only: the extraction stores its maps dense."""
+
+    def __init__(self, inner: FilterBankEncoder) -> None:
+        self.inner = inner
+        self.id, self.patch_size, self.channels = inner.id, inner.patch_size, inner.channels
+        self.grid_shape = inner.grid_shape
+
+    def encode(self, slices: np.ndarray) -> torch.Tensor:
+        return self.inner.encode(slices)
+
+
+@pytest.mark.parametrize("reduce_to", [None, 6])
+def test_sparse_stacks_hold_the_dense_features(tmp_path, tomogram: np.ndarray,
+                                               reduce_to: int | None) -> None:
+    """The filter bank's sparse stacks read back bit for bit as the dense ones: sampling,
+    cell-averaged copies, the cache file; and in a fraction of the memory."""
+    enc = FilterBankEncoder(patch_size=2, sigmas=(1.0, 2.0, 4.0))
+    sparse = extract_features(tomogram, enc, batch_size=5, reduce_to=reduce_to)
+    dense = extract_features(tomogram, DenseEncoder(enc), batch_size=5, reduce_to=reduce_to)
+    for a in AXES:
+        stack = sparse.stacks[a]
+        assert isinstance(stack, SparseStack) and stack.shape == dense.stacks[a].shape
+        assert torch.equal(stack.dense(0, stack.shape[0]), dense.stacks[a])
+        assert torch.equal(stack.dense(2, 5), dense.stacks[a][2:5])
+    assert sparse.nbytes < dense.nbytes
+    pts = np.random.default_rng(5).uniform(0, np.array(tomogram.shape) - 1, size=(500, 3))
+    assert torch.equal(sparse.sample(pts), dense.sample(pts))
+    for ratio in (2, 4):
+        for a in AXES:
+            assert torch.equal(sparse.pooled(ratio).stacks[a], dense.pooled(ratio).stacks[a])
+    sparse.save(tmp_path / "f.pt")
+    back = FeatureVolume.load(tmp_path / "f.pt")
+    assert isinstance(back.stacks["y"], SparseStack) and back.nbytes == sparse.nbytes
+    assert torch.equal(back.sample(pts), dense.sample(pts))
+
+
 def test_pca_reduction_keeps_cosines(tomogram: np.ndarray) -> None:
     enc = FilterBankEncoder(patch_size=2, sigmas=(1.0, 2.0, 4.0))
     full = extract_features(tomogram, enc)
     reduced = extract_features(tomogram, enc, reduce_to=8)
     assert reduced.channels == 8 and reduced.dim == 24
-    assert reduced.nbytes == estimate_nbytes(tomogram.shape, enc, reduce_to=8)
+    assert reduced.nbytes <= estimate_nbytes(tomogram.shape, enc, reduce_to=8)  # sparse
     projection = torch.tensor(reduced.meta["projection"])
     torch.testing.assert_close(projection.T @ projection, torch.eye(8), atol=1e-4, rtol=0)
     pts = np.random.default_rng(4).uniform(0, np.array(tomogram.shape) - 1, size=(300, 3))

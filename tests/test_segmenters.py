@@ -228,3 +228,60 @@ def test_threshold_previous_mask_keeps_touching_neighbour_out():
     g = guided.masks[0]
     assert g.sum() <= free.masks[0].sum()
     assert (g & a).sum() / (g | a).sum() > 0.7
+
+
+def test_threshold_morphology_matches_scipy():
+    """The shifted-copy dilation/erosion and the labelling hole fill are ndimage's."""
+    from scipy import ndimage
+
+    from cryosam.segmenters.threshold import _bbox, _dilate, _erode, _fill_holes
+
+    rng = np.random.default_rng(0)
+    for _ in range(400):
+        h, w = rng.integers(1, 24, 2)
+        m = rng.random((h, w)) < rng.random()
+        k = int(rng.integers(1, 4))
+        assert np.array_equal(_dilate(m, k), ndimage.binary_dilation(m, iterations=k))
+        assert np.array_equal(_erode(m), ndimage.binary_erosion(m))
+        assert np.array_equal(_fill_holes(m), ndimage.binary_fill_holes(m))
+        box = _bbox(m)
+        if m.any():
+            rows, cols = np.nonzero(m)
+            assert box == ((rows.min(), rows.max()), (cols.min(), cols.max()))
+        else:
+            assert box is None
+
+
+def test_segmenter_keeps_its_encodings_for_the_same_voxels():
+    vol = np.random.default_rng(1).random((6, 16, 16)).astype(np.float32)
+    seg = ThresholdSegmenter(SegmenterConfig(name="threshold"))
+    seg.set_volume(vol)
+    seg.prepare([("z", 2), ("y", 3)])
+    assert seg.slices_encoded == 2
+    for same in (vol, vol.copy()):  # the same array, or the same voxels in another
+        seg.set_volume(same)
+        seg.prepare([("z", 2), ("y", 3)])
+        assert seg.slices_encoded == 2
+    changed = vol.copy()
+    changed[0, 0, 0] += 1.0
+    seg.set_volume(changed)
+    seg.prepare([("z", 2)])
+    assert seg.slices_encoded == 3
+
+
+def test_sam_attention_through_sdpa_gives_the_same_masks():
+    """SAM with its attention routed through F.scaled_dot_product_attention (the default)
+    segments as segment-anything's own attention does."""
+    from cryosam.testing import tiny_sam
+
+    img = np.clip(0.7 - 0.4 * _disk(40, 56, 20, 28, 6), 0, 1).astype(np.float32)
+    results = []
+    for sdpa in (False, True):
+        seg = SamSegmenter(tiny_sam(img_size=256, seed=1), "cpu", SegmenterConfig(), sdpa=sdpa)
+        seg.set_slice("z", 0, img)
+        results.append(seg.segment("z", 0, np.array([[20.0, 28.0], [5.0, 5.0]])))
+    plain, fused = results
+    assert np.abs(plain.logits - fused.logits).max() < 1e-3
+    np.testing.assert_allclose(plain.confidence, fused.confidence, atol=1e-4)
+    agree = (plain.masks == fused.masks).mean()
+    assert agree > 0.999, agree

@@ -10,6 +10,7 @@ from cryosam.features.extract import (
     stack_shapes,
     volume_hash,
 )
+from cryosam.features.sparse import SparseStack
 from cryosam.features.volume import (
     FORMAT,
     FORMAT_VERSION,
@@ -21,6 +22,7 @@ from cryosam.features.volume import (
 
 __all__ = [
     "FORMAT", "FORMAT_VERSION", "PCA_MAX_TOKENS", "PLANE_DIMS", "SLICE_DIM", "FeatureVolume",
+    "SparseStack",
     "cache_key", "cache_path", "estimate_nbytes", "extract_features", "fit_projection",
     "slice_positions", "stack_shapes", "volume_hash",
 ]

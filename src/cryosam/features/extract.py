@@ -26,11 +26,13 @@ from cryosam._atomic import sweep_stale
 from cryosam.config import EncoderConfig
 from cryosam.encoders.base import SliceEncoder
 from cryosam.errors import CryosamError, CryosamWarning, InputError
+from cryosam.features.sparse import SparseStackBuilder
 from cryosam.features.volume import (
     FORMAT_VERSION,
     PLANE_DIMS,
     SLICE_DIM,
     FeatureVolume,
+    Stack,
     slice_positions,
 )
 from cryosam.normalise import normalise_volume, robust_range
@@ -153,6 +155,51 @@ def fit_projection(volume: np.ndarray, encoder: SliceEncoder, channels: int, *,
     return (vecs * signs).to(torch.float32)
 
 
+def _encode_stacks(vol: np.ndarray, encoder: SliceEncoder, positions: dict[str, np.ndarray],
+                   shapes: dict[str, tuple[int, int, int, int]], batch_size: int,
+                   projection: torch.Tensor | None) -> dict[str, Stack]:
+    """Encode the slices at ``positions`` of each axis into fp16 stacks, batch by batch.
+
+    An encoder with ``encode_sparse`` (the filter bank) gives each slice's maps as one
+    background vector plus the cells that differ, and the stacks keep them so
+    (:class:`SparseStack`: the same values in a fraction of the memory); other encoders' maps
+    are stored dense."""
+    sparse = getattr(encoder, "encode_sparse", None)
+    sparse = sparse if callable(sparse) else None
+
+    def project(x: torch.Tensor) -> torch.Tensor:
+        if projection is None:
+            return x
+        return (x.to(projection.device, torch.float32) @ projection).to(torch.float16)
+
+    # on a GPU, maps go back into pinned memory asynchronously, overlapping the next batch
+    pinned = not sparse and getattr(encoder, "device", torch.device("cpu")).type == "cuda"
+    dense = {} if sparse else {a: torch.empty(shapes[a], dtype=torch.float16, pin_memory=pinned)
+                               for a in AXES}
+    builders = {a: SparseStackBuilder(shapes[a]) for a in AXES} if sparse else {}
+    tasks = [(a, start) for a in AXES for start in range(0, len(positions[a]), batch_size)]
+    for a, start in progress.track(tasks, "encoding slices"):
+        index = positions[a][start:start + batch_size].astype(np.int64)
+        batch = _slices(vol, a, index)
+        if sparse is not None:
+            background, coded, rows = sparse(batch)
+            background, rows = project(background), project(rows)
+            got = (*coded.shape[1:], background.shape[1])
+        else:
+            maps = project(encoder.encode(batch))
+            got = tuple(maps.shape[1:])
+        if tuple(got) != shapes[a][1:]:
+            raise RuntimeError(f"encoder returned maps of shape {tuple(got)} for axis {a}, "
+                               f"expected {shapes[a][1:]}")
+        if sparse is not None:
+            builders[a].add(start, background, coded, rows)
+        else:
+            dense[a][start:start + len(index)].copy_(maps.to(torch.float16), non_blocking=pinned)
+    if pinned:
+        torch.cuda.synchronize()
+    return {a: builders[a].build() for a in AXES} if sparse else dense
+
+
 def _announce(message: str) -> None:
     log.info(message)
     if progress.enabled():
@@ -196,8 +243,9 @@ def extract_features(
 
     shapes = stack_shapes(vol.shape, encoder, stride=stride, reduce_to=reduce_to)
     total = sum(2 * math.prod(s) for s in shapes.values())
+    bound = "at most " if callable(getattr(encoder, "encode_sparse", None)) else ""
     _announce(f"features: {vol.shape[0]}x{vol.shape[1]}x{vol.shape[2]} tomogram -> "
-              f"{format_bytes(total)} fp16 ({encoder.id}, stride {stride})")
+              f"{bound}{format_bytes(total)} fp16 ({encoder.id}, stride {stride})")
 
     meta: dict[str, Any] = {"encoder": encoder.id, "stride": int(stride),
                             "clip_percentiles": None, "intensity_range": None,
@@ -216,17 +264,7 @@ def extract_features(
         meta["projection"] = projection.cpu().tolist()
 
     positions = {a: slice_positions(vol.shape[SLICE_DIM[a]], stride) for a in AXES}
-    stacks = {a: torch.empty(shapes[a], dtype=torch.float16) for a in AXES}
-    tasks = [(a, start) for a in AXES for start in range(0, len(positions[a]), batch_size)]
-    for a, start in progress.track(tasks, "encoding slices"):
-        index = positions[a][start:start + batch_size].astype(np.int64)
-        maps = encoder.encode(_slices(vol, a, index))
-        if projection is not None:
-            maps = (maps.to(projection.device, torch.float32) @ projection).to(torch.float16)
-        if tuple(maps.shape[1:]) != shapes[a][1:]:
-            raise RuntimeError(f"encoder returned maps of shape {tuple(maps.shape[1:])} for "
-                               f"axis {a}, expected {shapes[a][1:]}")
-        stacks[a][start:start + len(index)] = maps.to("cpu", torch.float16)
+    stacks = _encode_stacks(vol, encoder, positions, shapes, batch_size, projection)
     meta["grids"] = {a: list(shapes[a][1:3]) for a in AXES}
     meta["voxels_per_patch"] = {
         a: [vol.shape[PLANE_DIMS[a][0]] / shapes[a][1], vol.shape[PLANE_DIMS[a][1]] / shapes[a][2]]

@@ -20,12 +20,16 @@ import torch
 
 from cryosam._atomic import atomic_path
 from cryosam.errors import CryosamError
+from cryosam.features.sparse import SparseStack, dense_slices, stack_nbytes, take_rows
 from cryosam.utils import AXES
+
+Stack = torch.Tensor | SparseStack
 
 SLICE_DIM = {"z": 0, "y": 1, "x": 2}  # the volume dimension each stack is sliced along
 PLANE_DIMS = {"z": (1, 2), "y": (0, 2), "x": (0, 1)}  # the volume dimensions of its maps
 FORMAT = "cryosam-features"
 FORMAT_VERSION = 1
+POOLED_KEEP_BYTES = 64 << 20  # cell-averaged copies up to this size are kept for reuse
 
 
 def slice_positions(extent: int, stride: int) -> np.ndarray:
@@ -66,18 +70,33 @@ def _odd(width: float) -> int:
     return max(1, 2 * int(round((width - 1) / 2)) + 1)
 
 
+def _group_sums(stack: Stack, starts: np.ndarray, ends: np.ndarray) -> torch.Tensor:
+    """(G, h, w, C) fp32 sums of the slices ``starts[g]:ends[g]`` of a stack, each added in
+    slice order (a sparse stack gives the dense stack's sums bit for bit)."""
+    if isinstance(stack, SparseStack):
+        return stack.group_sums(starts, ends)
+    _, gh, gw, ch = stack.shape
+    block = dense_slices(stack, int(starts[0]), int(ends[-1])).float()
+    sizes = torch.as_tensor(ends - starts, device=block.device)
+    ids = torch.repeat_interleave(torch.arange(len(starts), device=block.device), sizes)
+    out = torch.zeros((len(starts), gh, gw, ch), dtype=torch.float32, device=block.device)
+    return out.index_add_(0, ids, block)
+
+
 class FeatureVolume:
     """Three stacks of patch-grid maps of one tomogram of shape (D, H, W).
 
     ``stacks``: ``z`` (D', h, w, C), ``y`` (H', d, w', C), ``x`` (W', d', h', C) tensors (fp16
-    normally, on any device); ``positions``: the voxel position of each stacked slice along its
-    axis (all slices ``0..n-1`` when omitted; fewer with a slice stride). Each stack has its own
-    patch grid. ``meta`` records how the features were made (encoder id, normalisation, ...).
+    normally, on any device), or :class:`~cryosam.features.sparse.SparseStack` (the filter
+    bank's: one background vector per slice plus the cells that differ); ``positions``: the
+    voxel position of each stacked slice along its axis (all slices ``0..n-1`` when omitted;
+    fewer with a slice stride). Each stack has its own patch grid. ``meta`` records how the
+    features were made (encoder id, normalisation, ...).
     """
 
     def __init__(
         self,
-        stacks: Mapping[str, torch.Tensor],
+        stacks: Mapping[str, Stack],
         shape: Sequence[int],
         positions: Mapping[str, np.ndarray] | None = None,
         meta: Mapping[str, Any] | None = None,
@@ -126,7 +145,7 @@ class FeatureVolume:
     @property
     def nbytes(self) -> int:
         """Bytes held by the three stacks."""
-        return sum(s.element_size() * s.nelement() for s in self.stacks.values())
+        return sum(stack_nbytes(s) for s in self.stacks.values())
 
     def to(self, device: torch.device | str) -> FeatureVolume:
         """A FeatureVolume with the stacks on ``device`` (e.g. the GPU for matching)."""
@@ -149,13 +168,13 @@ class FeatureVolume:
         i0, i1, t = _interval(self._positions_tensor(axis), pts[:, SLICE_DIM[axis]])
         u0, u1, fu = _cells(pts[:, p], self.shape[p], gh)
         v0, v1, fv = _cells(pts[:, q], self.shape[q], gw)
-        flat = stack.reshape(-1, channels)
         out = torch.zeros((pts.shape[0], channels), dtype=torch.float32, device=stack.device)
         for ii, wi in ((i0, 1.0 - t), (i1, t)):
             for uu, wu in ((u0, 1.0 - fu), (u1, fu)):
                 for vv, wv in ((v0, 1.0 - fv), (v1, fv)):
                     weight = (wi * wu * wv).to(torch.float32)[:, None]
-                    out.addcmul_(flat[(ii * gh + uu) * gw + vv].to(torch.float32), weight)
+                    rows = take_rows(stack, (ii * gh + uu) * gw + vv)
+                    out.addcmul_(rows.to(torch.float32), weight)
         return out
 
     def sample(self, zyx: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -207,7 +226,7 @@ class FeatureVolume:
 
     # ---- cell-averaged copies (coarse matching levels)
 
-    def pooled(self, ratio: int, *, max_bytes: int = 256 << 20) -> FeatureVolume:
+    def pooled(self, ratio: int, *, max_bytes: int = 64 << 20) -> FeatureVolume:
         """A FeatureVolume whose stacks are averaged over ``ratio``-voxel windows.
 
         Sampling it at the centre of a cell of the ratio-``ratio`` grid gives (about) the mean
@@ -217,7 +236,10 @@ class FeatureVolume:
         becomes the new slice position), maps with a box of about ``ratio`` voxels (an odd number
         of map cells, stride 1, so the map geometry is unchanged; maps already coarser than a
         cell are left as they are). Works in fp32 on groups of slices of at most ``max_bytes``.
-        Kept on this FeatureVolume, so further queries on the same tomogram reuse it.
+        Kept on this FeatureVolume when it holds at most ``POOLED_KEEP_BYTES``, so further
+        queries on the same tomogram reuse it; a bigger one (the filter bank's fine grids:
+        hundreds of MB) is computed again, in well under a second from sparse stacks, rather
+        than held through the rest of the run.
         """
         r = int(ratio)
         cache = self._pooled
@@ -238,11 +260,8 @@ class FeatureVolume:
             out = []
             for g0 in range(0, len(starts), per_group):
                 g1 = min(g0 + per_group, len(starts))
-                block = stack[starts[g0] : ends[g1 - 1]].float()
-                sizes = torch.as_tensor(ends[g0:g1] - starts[g0:g1], device=block.device)
-                ids = torch.repeat_interleave(torch.arange(g1 - g0, device=block.device), sizes)
-                mean = torch.zeros((g1 - g0, gh, gw, ch), dtype=torch.float32, device=block.device)
-                mean.index_add_(0, ids, block)
+                mean = _group_sums(stack, starts[g0:g1], ends[g0:g1])
+                sizes = torch.as_tensor(ends[g0:g1] - starts[g0:g1], device=mean.device)
                 mean /= sizes.to(torch.float32)[:, None, None, None]
                 if max(kernel) > 1:  # separable box: rows, then columns (same valid-area mean)
                     x = mean.permute(0, 3, 1, 2)
@@ -256,8 +275,10 @@ class FeatureVolume:
             stacks[axis] = torch.cat(out).contiguous()
             positions[axis] = np.asarray([pos[a:b].mean()
                                           for a, b in zip(starts, ends, strict=True)])
-        cache[r] = FeatureVolume(stacks, self.shape, positions)
-        return cache[r]
+        pooled = FeatureVolume(stacks, self.shape, positions)
+        if pooled.nbytes <= POOLED_KEEP_BYTES:
+            cache[r] = pooled
+        return pooled
 
     # ---- persistence
 
@@ -267,7 +288,8 @@ class FeatureVolume:
             "format": FORMAT,
             "version": FORMAT_VERSION,
             "shape": list(self.shape),
-            "stacks": {a: s.detach().to("cpu").contiguous() for a, s in self.stacks.items()},
+            "stacks": {a: s.to_payload() if isinstance(s, SparseStack)
+                       else s.detach().to("cpu").contiguous() for a, s in self.stacks.items()},
             "positions": {a: torch.from_numpy(p.copy()) for a, p in self.positions.items()},
             "meta": json.dumps(self.meta, sort_keys=True, default=str),
         }
@@ -283,7 +305,9 @@ class FeatureVolume:
             if payload.get("format") != FORMAT or payload.get("version") != FORMAT_VERSION:
                 raise ValueError("not a cryosam feature file of this version")
             positions = {a: p.numpy() for a, p in payload["positions"].items()}
-            return cls(payload["stacks"], payload["shape"], positions, json.loads(payload["meta"]))
+            stacks = {a: SparseStack.from_payload(s) if isinstance(s, dict) else s
+                      for a, s in payload["stacks"].items()}
+            return cls(stacks, payload["shape"], positions, json.loads(payload["meta"]))
         except Exception as exc:  # any unreadable file: torch, pickle, zip or format errors
             raise CryosamError(f"{path}: unreadable feature file ({exc}); delete it and "
                                "re-run to recompute the features") from exc

@@ -196,17 +196,32 @@ class SliceSegmenterBase:
         self.decoder_calls = 0
         self.slices_encoded = 0
         self._volume: np.ndarray | None = None
+        self._digest: bytes | None = None  # content hash of _volume, once needed
         self._images: dict[tuple[str, int], np.ndarray] = {}
         self._cache = ByteLRU(int(cache_mb) * 2**20)
 
     # -- slices ---------------------------------------------------------------------------
     def set_volume(self, volume: np.ndarray) -> None:
+        """Segment slices of ``volume`` from now on (it must not change while in use). The
+        cached encodings are kept when it is the current volume or holds the same voxels (the
+        clicks and then the proposals of one query, or a second query on the same tomogram;
+        compared by hash), and dropped otherwise."""
         volume = np.asarray(volume)
         if volume.ndim != 3:
             raise InputError(f"segmenter volume must be 3-D (z, y, x), got shape {volume.shape}")
-        self._volume = volume
-        self._images.clear()
-        self._cache.clear()
+        same, digest = False, None
+        if self._volume is not None and volume is self._volume:
+            same, digest = True, self._digest
+        elif (self._volume is not None and volume.shape == self._volume.shape
+              and volume.dtype == self._volume.dtype):
+            if self._digest is None:
+                self._digest = _digest(self._volume)
+            digest = _digest(volume)
+            same = digest == self._digest
+        self._volume, self._digest = volume, digest
+        if not same:
+            self._images.clear()
+            self._cache.clear()
 
     def set_slice(self, axis: str, index: int, image: np.ndarray) -> None:
         image = np.asarray(image, dtype=np.float32)
@@ -290,6 +305,15 @@ class SliceSegmenterBase:
         """Counters for the run record."""
         return {"encoder_calls": self.encoder_calls, "decoder_calls": self.decoder_calls,
                 "slices_encoded": self.slices_encoded, "cache_evictions": self._cache.evictions}
+
+
+def _digest(volume: np.ndarray) -> bytes:
+    """Content hash of a volume (about 0.2 s for a 200x512x512 float32 tomogram)."""
+    import hashlib
+
+    digest = hashlib.blake2b(digest_size=32)
+    digest.update(memoryview(np.ascontiguousarray(volume)).cast("B"))
+    return digest.digest()
 
 
 def caps_of(batch: PromptBatch) -> np.ndarray:

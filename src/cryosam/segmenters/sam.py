@@ -108,15 +108,68 @@ class SamGeometry:
         return (prob * 2.0 - 1.0) * MASK_PROMPT_LOGIT
 
 
+def use_sdpa(sam: Any) -> int:
+    """Route every attention of a segment-anything ``Sam`` through
+    ``F.scaled_dot_product_attention`` (fused kernels on the GPU: less memory, faster), with
+    the image encoder's decomposed relative positions as the additive mask. The same maths as
+    segment-anything's own attention (equal to rounding). Returns the modules changed."""
+    from segment_anything.modeling import image_encoder, transformer
+
+    changed = 0
+    for module in sam.modules():
+        if isinstance(module, image_encoder.Attention):
+            module.forward = _image_attention.__get__(module)
+            changed += 1
+        elif isinstance(module, transformer.Attention):
+            module.forward = _decoder_attention.__get__(module)
+            changed += 1
+    return changed
+
+
+def _image_attention(self: Any, x: torch.Tensor) -> torch.Tensor:
+    """``segment_anything.modeling.image_encoder.Attention.forward`` through SDPA."""
+    b, h, w, _ = x.shape
+    qkv = self.qkv(x).reshape(b, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.reshape(3, b * self.num_heads, h * w, -1).unbind(0)
+    bias = None
+    if self.use_rel_pos:
+        from segment_anything.modeling.image_encoder import get_rel_pos
+
+        rh = get_rel_pos(h, h, self.rel_pos_h)
+        rw = get_rel_pos(w, w, self.rel_pos_w)
+        r_q = q.reshape(q.shape[0], h, w, q.shape[-1])
+        rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, rh.to(r_q.dtype))
+        rel_w = torch.einsum("bhwc,wkc->bhwk", r_q, rw.to(r_q.dtype))
+        bias = (rel_h[:, :, :, :, None] + rel_w[:, :, :, None, :]).reshape(q.shape[0], h * w,
+                                                                           h * w)
+        bias = bias.to(q.dtype)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
+    out = out.view(b, self.num_heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1)
+    return self.proj(out)
+
+
+def _decoder_attention(self: Any, q: torch.Tensor, k: torch.Tensor,
+                       v: torch.Tensor) -> torch.Tensor:
+    """``segment_anything.modeling.transformer.Attention.forward`` through SDPA."""
+    q = self._separate_heads(self.q_proj(q), self.num_heads)
+    k = self._separate_heads(self.k_proj(k), self.num_heads)
+    v = self._separate_heads(self.v_proj(v), self.num_heads)
+    out = F.scaled_dot_product_attention(q, k, v)
+    return self.out_proj(self._recombine_heads(out))
+
+
 class SamSegmenter(SliceSegmenterBase):
     """Batched SAM slice segmenter over a built ``segment_anything`` ``Sam`` model."""
 
     def __init__(self, sam: Any, device: torch.device | str = "cpu",
-                 config: SegmenterConfig | None = None, model_id: str = "sam") -> None:
+                 config: SegmenterConfig | None = None, model_id: str = "sam", *,
+                 sdpa: bool = True) -> None:
         cfg = config or SegmenterConfig()
         super().__init__(cfg.embedding_cache_mb)
         self.device = resolve_device(device)
         self.model = sam.to(self.device).eval()
+        if sdpa:
+            use_sdpa(self.model)
         self.img_size = int(sam.image_encoder.img_size)
         self.lowres = int(sam.prompt_encoder.mask_input_size[0])
         self.multimask = bool(cfg.backends["sam"].multimask)
@@ -320,17 +373,20 @@ class SamSegmenter(SliceSegmenterBase):
         score = iou + 4.0 * ok.float() + 2.0 * (nonempty & touch).float() + nonempty.float()
         # the reference rule: overlap with the previous slice first, then predicted IoU
         strict = torch.zeros(n, dtype=torch.bool, device=dev)
-        for j, (bi, k) in enumerate(items):
-            b = batches[bi]
-            if b.min_iou is None or b.prev_masks is None:
-                continue
-            strict[j] = True
-            prev = torch.as_tensor(np.asarray(b.prev_masks[k], bool), device=dev)
-            inter = (binary[j] & prev).flatten(1).sum(-1).float()
-            union = area[j] + float(prev.sum()) - inter
+        js = [j for j, (bi, _) in enumerate(items)
+              if batches[bi].min_iou is not None and batches[bi].prev_masks is not None]
+        if js:  # all prompts with a previous mask at once (one copy to the device)
+            prev = torch.as_tensor(np.stack([np.asarray(batches[items[j][0]].prev_masks[
+                items[j][1]], bool) for j in js]), device=dev)
+            min_iou = torch.as_tensor([float(batches[items[j][0]].min_iou) for j in js],
+                                      dtype=torch.float32, device=dev)[:, None]
+            jt = torch.as_tensor(js, device=dev)
+            strict[jt] = True
+            inter = (binary[jt] & prev[:, None]).flatten(2).sum(-1).float()  # (S, M)
+            union = area[jt] + prev.flatten(1).sum(-1).float()[:, None] - inter
             overlap = torch.where(union > 0, inter / union.clamp(min=1.0), 0.0)
-            keep = nonempty[j] & (overlap >= b.min_iou) & (area[j] <= caps_t[j])
-            score[j] = torch.where(keep, iou[j] + 8.0, torch.full_like(iou[j], -1.0))
+            keep = nonempty[jt] & (overlap >= min_iou) & (area[jt] <= caps_t[jt])
+            score[jt] = torch.where(keep, iou[jt] + 8.0, torch.full_like(iou[jt], -1.0))
         score = torch.where(allowed, score, torch.full_like(score, -torch.inf))
         best = score.argmax(1)
         ar = torch.arange(n, device=dev)

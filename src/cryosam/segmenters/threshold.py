@@ -21,9 +21,10 @@ The confidence is the contrast-to-noise ratio squashed to [0, 1]: ``cnr / (cnr +
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import torch
 from scipy import ndimage as ndi
 
 from cryosam.backends import ThresholdOptions
@@ -37,9 +38,7 @@ from cryosam.segmenters.base import (
     slice_of,
 )
 
-if TYPE_CHECKING:
-    import torch
-
+_CROSS = ndi.generate_binary_structure(2, 1)  # 4-connectivity, ndimage's 2-D default
 LEAK_FACTOR = 1.5  # a guided mask may grow to this many times the previous area unclipped
 START_HALF_WINDOW = 24  # pixels each side of the point, doubled while the mask touches it
 
@@ -72,24 +71,29 @@ class ThresholdSegmenter(SliceSegmenterBase):
         return cls(cfg, target=target)
 
     def _encode(self, axis: str, indices: list[int]) -> list[tuple[np.ndarray, float]]:
-        out = []
-        for index in indices:
-            key = (axis, int(index))
-            if key in self._images or self._volume is None or self.slab == 0:
-                img = self.image(axis, index)
-            else:
-                n = self._volume.shape["zyx".index(axis)]
-                lo, hi = max(0, index - self.slab), min(n, index + self.slab + 1)
-                img = np.mean([np.asarray(slice_of(self._volume, axis, i), np.float32)
-                               for i in range(lo, hi)], axis=0)
-            sig = self.sign * np.asarray(img, np.float32)
-            if self.sigma > 0:
-                sig = ndi.gaussian_filter(sig, self.sigma, mode="nearest")
-            # noise: robust spread of the fine detail left after a second smoothing
-            detail = sig - ndi.gaussian_filter(sig, 2.0 * max(self.sigma, 1.0), mode="nearest")
-            noise = 1.4826 * float(np.median(np.abs(detail - np.median(detail))))
-            out.append((sig.astype(np.float32), max(noise, 1e-6)))
-        return out
+        workers = min(torch.get_num_threads(), len(indices))
+        if workers < 2:
+            return [self._encode_one(axis, int(i)) for i in indices]
+        # scipy's filters and numpy's partition release the GIL: slices in parallel
+        with ThreadPoolExecutor(workers) as pool:
+            return list(pool.map(lambda i: self._encode_one(axis, int(i)), indices))
+
+    def _encode_one(self, axis: str, index: int) -> tuple[np.ndarray, float]:
+        key = (axis, int(index))
+        if key in self._images or self._volume is None or self.slab == 0:
+            img = self.image(axis, index)
+        else:
+            n = self._volume.shape["zyx".index(axis)]
+            lo, hi = max(0, index - self.slab), min(n, index + self.slab + 1)
+            img = np.mean([np.asarray(slice_of(self._volume, axis, i), np.float32)
+                           for i in range(lo, hi)], axis=0)
+        sig = self.sign * np.asarray(img, np.float32)
+        if self.sigma > 0:
+            sig = ndi.gaussian_filter(sig, self.sigma, mode="nearest")
+        # noise: robust spread of the fine detail left after a second smoothing
+        detail = sig - ndi.gaussian_filter(sig, 2.0 * max(self.sigma, 1.0), mode="nearest")
+        noise = 1.4826 * float(np.median(np.abs(detail - np.median(detail))))
+        return sig.astype(np.float32), max(noise, 1e-6)
 
     def _nbytes(self, encoding: tuple[np.ndarray, float]) -> int:
         return int(encoding[0].nbytes)
@@ -97,42 +101,45 @@ class ThresholdSegmenter(SliceSegmenterBase):
     # -- prompts --------------------------------------------------------------------------
     def segment_batch(self, batches: Sequence[PromptBatch]) -> list[SegmentResult]:
         self.prepare([(b.axis, b.index) for b in batches])
-        results = []
-        for b in batches:
-            sig, noise = self.encoding(b.axis, b.index)
-            res = empty_result(len(b), sig.shape)
-            pts = np.asarray(b.points, np.float64).reshape(-1, 2)
-            caps = caps_of(b)
-            carry = np.full((len(b), 1), np.nan, np.float32)
-            for k in range(len(b)):
-                prev = None if b.prev_masks is None else np.asarray(b.prev_masks[k], bool)
-                ref = None
-                if b.prev_logits is not None and np.isfinite(b.prev_logits[k]).all():
-                    ref = float(np.asarray(b.prev_logits[k]).reshape(-1)[0])
-                mask, conf, point, carry[k, 0] = self._one(sig, noise, pts[k], prev, caps[k], ref)
-                res.masks[k] = mask
-                res.confidence[k] = conf
-                res.points[k] = point
-            res.logits = carry
-            self.decoder_calls += 1
-            results.append(res)
-        return results
+        return [self._segment_slice(b, self.encoding(b.axis, b.index)) for b in batches]
+
+    def _segment_slice(self, b: PromptBatch, encoding: tuple[np.ndarray, float]
+                       ) -> SegmentResult:
+        """Every prompt of one slice."""
+        sig, noise = encoding
+        res = empty_result(len(b), sig.shape)
+        pts = np.asarray(b.points, np.float64).reshape(-1, 2)
+        caps = caps_of(b)
+        carry = np.full((len(b), 1), np.nan, np.float32)
+        for k in range(len(b)):
+            prev = None if b.prev_masks is None else np.asarray(b.prev_masks[k], bool)
+            ref = None
+            if b.prev_logits is not None and np.isfinite(b.prev_logits[k]).all():
+                ref = float(np.asarray(b.prev_logits[k]).reshape(-1)[0])
+            conf, point, carry[k, 0] = self._one(sig, noise, pts[k], prev, caps[k], ref,
+                                                 res.masks[k])
+            res.confidence[k] = conf
+            res.points[k] = point
+        res.logits = carry
+        self.decoder_calls += 1
+        return res
 
     def _one(self, sig: np.ndarray, noise: float, point: np.ndarray, prev: np.ndarray | None,
-             cap: float, ref: float | None) -> tuple[np.ndarray, float, np.ndarray, float]:
+             cap: float, ref: float | None, full: np.ndarray
+             ) -> tuple[float, np.ndarray, float]:
+        """Segment one prompt into ``full`` (an all-False slice-sized mask); returns the
+        confidence, the most confident point and the contrast to carry to the next slice."""
         h, w = sig.shape
         r = int(np.clip(np.rint(point[0]), 0, h - 1))
         c = int(np.clip(np.rint(point[1]), 0, w - 1))
-        full = np.zeros((h, w), bool)
-        if prev is not None and not prev.any():
+        box = None if prev is None else _bbox(prev)
+        if box is None:
             prev = None
-        if prev is not None:
-            rows, cols = np.nonzero(prev)
-            ext = max(rows.max() - rows.min(), cols.max() - cols.min()) + 1
-            half = max(START_HALF_WINDOW, int(ext))
-            centre = ((rows.min() + rows.max()) // 2, (cols.min() + cols.max()) // 2)
-        else:
             half, centre = START_HALF_WINDOW, (r, c)
+        else:
+            (rmin, rmax), (cmin, cmax) = box
+            half = max(START_HALF_WINDOW, int(max(rmax - rmin, cmax - cmin) + 1))
+            centre = ((rmin + rmax) // 2, (cmin + cmax) // 2)
         while True:
             r0, r1 = max(0, centre[0] - half), min(h, centre[0] + half + 1)
             c0, c1 = max(0, centre[1] - half), min(w, centre[1] + half + 1)
@@ -145,15 +152,19 @@ class ThresholdSegmenter(SliceSegmenterBase):
             if not touches or half >= max(h, w):
                 break
             half *= 2
-        if not mask.any():
-            return full, 0.0, np.asarray(point, np.float32), np.nan
+        box = _bbox(mask)
+        if box is None:
+            return 0.0, np.asarray(point, np.float32), np.nan
         full[r0:r1, c0:c1] = mask
-        # most confident point: deepest inside the mask (ties: strongest signal)
-        depth = ndi.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
-        score = depth + 1e-3 * (win - win.min()) / (np.ptp(win) + 1e-9)
-        br, bc = np.unravel_index(np.argmax(np.where(mask, score, -np.inf)), mask.shape)
+        # most confident point: deepest inside the mask (ties: strongest signal); the
+        # distances inside the mask are those of its bounding box padded by one pixel
+        (br0, br1), (bc0, bc1) = box
+        sub = mask[br0:br1 + 1, bc0:bc1 + 1]
+        depth = ndi.distance_transform_edt(np.pad(sub, 1))[1:-1, 1:-1]
+        score = depth + 1e-3 * (win[br0:br1 + 1, bc0:bc1 + 1] - win.min()) / (np.ptp(win) + 1e-9)
+        br, bc = np.unravel_index(np.argmax(np.where(sub, score, -np.inf)), sub.shape)
         conf = float(cnr / (cnr + 4.0))
-        return full, conf, np.array([br + r0, bc + c0], np.float32), contrast
+        return conf, np.array([br + br0 + r0, bc + bc0 + c0], np.float32), contrast
 
     def _grow(self, win: np.ndarray, noise: float, rc: tuple[int, int],
               prev: np.ndarray | None, cap: float, ref: float | None
@@ -167,10 +178,10 @@ class ThresholdSegmenter(SliceSegmenterBase):
         r = int(np.clip(rc[0], 0, win.shape[0] - 1))
         c = int(np.clip(rc[1], 0, win.shape[1] - 1))
         if prev is not None and prev.any():
-            core = ndi.binary_erosion(prev) if prev.sum() > 8 else prev
+            core = _erode(prev) if prev.sum() > 8 else prev
             core = core if core.any() else prev
             v = float(np.percentile(win[core], 75))
-            outside = ~ndi.binary_dilation(prev, iterations=2)
+            outside = ~_dilate(prev, 2)
         else:
             r0, r1 = max(0, r - 1), r + 2
             c0, c1 = max(0, c - 1), c + 2
@@ -188,7 +199,7 @@ class ThresholdSegmenter(SliceSegmenterBase):
             mask = self._component(win > b + level * c0, (r, c), prev)
             if prev is not None and prev.any() and mask.sum() > LEAK_FACTOR * prev.sum():
                 grow = max(2, int(round(0.25 * np.sqrt(prev.sum() / np.pi))))
-                mask &= ndi.binary_dilation(prev, iterations=grow)
+                mask &= _dilate(prev, grow)
                 mask = self._component(mask, (r, c), prev)
             if mask.sum() <= cap:
                 break
@@ -197,8 +208,8 @@ class ThresholdSegmenter(SliceSegmenterBase):
     @staticmethod
     def _component(binary: np.ndarray, rc: tuple[int, int], prev: np.ndarray | None
                    ) -> np.ndarray:
-        binary = ndi.binary_fill_holes(binary)
-        labels, n = ndi.label(binary)
+        binary = _fill_holes(binary)
+        labels, n = ndi.label(binary, _CROSS)
         if n == 0:
             return np.zeros(binary.shape, bool)
         r, c = rc
@@ -212,3 +223,48 @@ class ThresholdSegmenter(SliceSegmenterBase):
             found = near[near > 0]
             lab = int(np.bincount(found).argmax()) if found.size else 0
         return labels == lab if lab else np.zeros(binary.shape, bool)
+
+
+def _dilate(mask: np.ndarray, iterations: int) -> np.ndarray:
+    """``ndi.binary_dilation(mask, iterations=iterations)`` (4-neighbours, nothing beyond
+    the border), by shifted copies: much cheaper on the small windows used here."""
+    out = mask.copy()
+    for _ in range(iterations):
+        grown = out.copy()
+        grown[1:] |= out[:-1]
+        grown[:-1] |= out[1:]
+        grown[:, 1:] |= out[:, :-1]
+        grown[:, :-1] |= out[:, 1:]
+        out = grown
+    return out
+
+
+def _erode(mask: np.ndarray) -> np.ndarray:
+    """``ndi.binary_erosion(mask)``: pixels whose 4-neighbours all lie in the mask (the
+    border counts as outside)."""
+    out = np.zeros_like(mask)
+    out[1:-1, 1:-1] = (mask[1:-1, 1:-1] & mask[:-2, 1:-1] & mask[2:, 1:-1]
+                       & mask[1:-1, :-2] & mask[1:-1, 2:])
+    return out
+
+
+def _bbox(mask: np.ndarray) -> tuple[tuple[int, int], tuple[int, int]] | None:
+    """((first row, last row), (first col, last col)) of a 2-D mask; None when empty."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    if not len(rows):
+        return None
+    cols = np.flatnonzero(mask.any(axis=0))
+    return (int(rows[0]), int(rows[-1])), (int(cols[0]), int(cols[-1]))
+
+
+def _fill_holes(binary: np.ndarray) -> np.ndarray:
+    """``ndi.binary_fill_holes(binary)``: the background not 4-connected to the image border
+    becomes foreground (one labelling instead of an iterated dilation)."""
+    background, n = ndi.label(~binary, _CROSS)
+    if n == 0:
+        return binary.copy()
+    edge = np.zeros(n + 1, bool)
+    for side in (background[0], background[-1], background[:, 0], background[:, -1]):
+        edge[side] = True
+    edge[0] = True  # the foreground itself
+    return ~edge[background] | binary
