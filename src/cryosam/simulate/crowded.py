@@ -18,10 +18,10 @@ import scipy.fft as sfft
 
 from cryosam.errors import CryosamError
 from cryosam.simulate.shapes import (
-    MEMBRANE_HALF_THICKNESS,
     Shape,
-    bilayer,
     make_membranes,
+    offsets,
+    render_membranes,
     ribosome_shape,
 )
 
@@ -110,16 +110,9 @@ def place_crowded(shape: tuple[int, int, int], counts: dict[str, int], membrane:
     density = np.zeros(shape, dtype=np.float32)
     labels = np.zeros(shape, dtype=np.int16)
     occupied = np.zeros(shape, dtype=bool)
-    mask_m = np.zeros(shape, dtype=bool)
     membranes = make_membranes(shape, rng) if membrane else []
-    if membranes:
-        z, y, x = (g.astype(np.float32) for g in np.ogrid[: shape[0], : shape[1], : shape[2]])
-        for mem in membranes:
-            sd = mem.signed_distance(z, y, x)
-            mask_m |= np.abs(sd) <= MEMBRANE_HALF_THICKNESS
-            near = np.abs(sd) <= 4.0
-            density[near] += bilayer(sd[near]).astype(np.float32)
-        occupied |= mask_m
+    mask_m = render_membranes(shape, membranes, density)
+    occupied |= mask_m
     dims = np.asarray(shape, dtype=np.float64)
     order = [k for k in CROWDED_KINDS for _ in range(counts.get(k, 0))]
     rng.shuffle(order)
@@ -129,7 +122,7 @@ def place_crowded(shape: tuple[int, int, int], counts: dict[str, int], membrane:
         lo, hi = shp.extent + 1.0, dims - shp.extent - 2.0
         for _attempt in range(400):
             centre = rng.uniform(lo, hi)
-            sl, d = _offsets(centre, shp.extent + _GAP, shape)
+            sl, d = offsets(centre, shp.extent + _GAP, shape)
             if not (occupied[sl] & shp.inside(d, pad=_GAP)).any():
                 break
         else:
@@ -140,14 +133,6 @@ def place_crowded(shape: tuple[int, int, int], counts: dict[str, int], membrane:
         density[sl][m] += shp.texture(d)[m].astype(np.float32)
         placed.append((kind, shp, centre, sl, m))
     return density, labels, mask_m, membranes, placed
-
-
-def _offsets(centre: np.ndarray, extent: float, shape: tuple[int, int, int]):
-    lo = np.maximum(np.floor(centre - extent - 1).astype(int), 0)
-    hi = np.minimum(np.ceil(centre + extent + 2).astype(int), np.asarray(shape))
-    sl = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
-    d = tuple(g.astype(np.float64) - c for g, c in zip(np.ogrid[sl], centre, strict=True))
-    return sl, d
 
 
 def kind_clicks(sim, kind: str, n: int = 1) -> np.ndarray:  # noqa: ANN001 - a Simulation

@@ -37,6 +37,8 @@ from cryosam.simulate.shapes import (
     blob_shape,
     filament_shape,
     make_membranes,
+    offsets,
+    render_membranes,
     ribosome_shape,
 )
 
@@ -174,16 +176,6 @@ class Simulation:
 # simulation
 
 
-def _offsets(centre: np.ndarray, extent: float, shape: tuple[int, int, int]):
-    """Bounding-box slices around ``centre`` and the voxel offsets from it (open grids)."""
-    lo = np.maximum(np.floor(centre - extent - 1).astype(int), 0)
-    hi = np.minimum(np.ceil(centre + extent + 2).astype(int), np.asarray(shape))
-    sl = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
-    grids = np.ogrid[sl]
-    d = tuple(g.astype(np.float64) - c for g, c in zip(grids, centre, strict=True))
-    return sl, d
-
-
 def simulate(config: SimulationConfig | None = None) -> Simulation:
     """Simulate a tomogram with known particles and membranes (see the module docstring)."""
     cfg = config or SimulationConfig()
@@ -197,15 +189,8 @@ def simulate(config: SimulationConfig | None = None) -> Simulation:
     labels = np.zeros(shape, dtype=np.int16)
 
     membranes = make_membranes(shape, rng) if cfg.membrane else []
-    membrane = np.zeros(shape, dtype=bool)
-    if membranes:
-        z, y, x = (g.astype(np.float32) for g in np.ogrid[: shape[0], : shape[1], : shape[2]])
-        for mem in membranes:
-            sd = mem.signed_distance(z, y, x)
-            membrane |= np.abs(sd) <= MEMBRANE_HALF_THICKNESS
-            near = np.abs(sd) <= 4.0
-            density[near] += bilayer(sd[near]).astype(np.float32)
-        occupied |= membrane
+    membrane = render_membranes(shape, membranes, density)
+    occupied |= membrane
 
     counts = cfg.counts()
     makers = [(TARGET_KIND, lambda: ribosome_shape(rng, cfg.target_radius)),
@@ -221,7 +206,7 @@ def simulate(config: SimulationConfig | None = None) -> Simulation:
                 raise InputError(f"--shape {shape}: too small for a {kind} particle")
             for _attempt in range(300):
                 centre = rng.uniform(lo, hi)
-                sl, d = _offsets(centre, shp.extent + _GAP, shape)
+                sl, d = offsets(centre, shp.extent + _GAP, shape)
                 if not (occupied[sl] & shp.inside(d, pad=_GAP)).any():
                     break
             else:

@@ -177,3 +177,26 @@ def make_membranes(shape: tuple[int, int, int], rng: np.random.Generator) -> lis
         out.append(Membrane("vesicle", {"cz": float(cz), "cy": float(cy), "cx": float(cx),
                                          "r": float(r)}))
     return out
+
+
+def offsets(centre: np.ndarray, extent: float, shape: tuple[int, int, int]):  # noqa: ANN201
+    """Bounding-box slices around ``centre`` and the voxel offsets from it (open grids)."""
+    lo = np.maximum(np.floor(centre - extent - 1).astype(int), 0)
+    hi = np.minimum(np.ceil(centre + extent + 2).astype(int), np.asarray(shape))
+    sl = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi, strict=True))
+    d = tuple(g.astype(np.float64) - c for g, c in zip(np.ogrid[sl], centre, strict=True))
+    return sl, d
+
+
+def render_membranes(shape: tuple[int, int, int], membranes: list[Membrane],
+                     density: np.ndarray) -> np.ndarray:
+    """Add the membranes' bilayers to ``density`` (in place); return their mask."""
+    mask = np.zeros(shape, dtype=bool)
+    if membranes:
+        z, y, x = (g.astype(np.float32) for g in np.ogrid[: shape[0], : shape[1], : shape[2]])
+        for mem in membranes:
+            sd = mem.signed_distance(z, y, x)
+            mask |= np.abs(sd) <= MEMBRANE_HALF_THICKNESS
+            near = np.abs(sd) <= 4.0
+            density[near] += bilayer(sd[near]).astype(np.float32)
+    return mask
