@@ -124,17 +124,33 @@ def test_pool_query_is_the_normalised_mask_mean(volume: FeatureVolume) -> None:
     assert torch.isclose(q.norm(), torch.tensor(1.0))
 
 
+def test_pool_query_mean_weighs_every_masked_voxel(volume: FeatureVolume) -> None:
+    """The paper's query (Eq. 4): one vector, the mean over all masked voxels of all clicks,
+    so a click with a bigger mask weighs more (not the mean of per-click means)."""
+    small, big = ball(TARGETS[0], 3), ball(OTHERS[0], 6)
+    q = pool_query(volume, [small, big])
+    assert q.shape == (1, volume.dim)
+    both = np.concatenate([small, big]).astype(np.float32)
+    expected = volume.sample(both).mean(0)
+    assert torch.allclose(q[0], expected / expected.norm(), atol=1e-4)
+    per_click = torch.stack([volume.sample(m.astype(np.float32)).mean(0) for m in (small, big)])
+    unweighted = per_click.mean(0)
+    assert not torch.allclose(q[0], unweighted / unweighted.norm(), atol=1e-3)
+    with pytest.raises(InputError, match="query mode"):
+        pool_query(volume, [small], mode="median")
+
+
 def test_pool_query_several_prompts_and_subsampling(volume: FeatureVolume, kinds) -> None:
     masks = [ball(TARGETS[0], 4), ball(OTHERS[0], 6)]
-    q = pool_query(volume, masks, max_voxels=100, seed=3)
+    q = pool_query(volume, masks, max_voxels=100, seed=3, mode="max")
     assert q.shape == (3, volume.dim)
     assert torch.allclose(q.norm(dim=1), torch.ones(3), atol=1e-5)
     mean = q[:2].mean(0)
     assert torch.allclose(q[2], mean / mean.norm(), atol=1e-5)
     # deterministic for a seed, different subsample for another one, close to the full mean
-    assert torch.equal(q, pool_query(volume, masks, max_voxels=100, seed=3))
-    assert not torch.equal(q, pool_query(volume, masks, max_voxels=100, seed=4))
-    full = pool_query(volume, masks)
+    assert torch.equal(q, pool_query(volume, masks, max_voxels=100, seed=3, mode="max"))
+    assert not torch.equal(q, pool_query(volume, masks, max_voxels=100, seed=4, mode="max"))
+    full = pool_query(volume, masks, mode="max")
     assert float((q[:2] * full[:2]).sum(1).min()) > 0.99
     # each query points at its own kind
     k = torch.from_numpy(kinds / np.linalg.norm(kinds, axis=1, keepdims=True))
@@ -225,13 +241,13 @@ def test_several_queries_take_the_max(volume, kinds) -> None:
     assert {tuple(p): s for p, s in zip(both.zyx, both.scores, strict=True)} == pytest.approx(
         single, abs=1e-5)
     # pool_query with the two prompts (each query + their mean) finds both kinds too
-    two = pool_query(volume, [ball(TARGETS[0], 4), ball(OTHERS[0], 4)])
+    two = pool_query(volume, [ball(TARGETS[0], 4), ball(OTHERS[0], 4)], mode="max")
     assert len(match(volume, two, CONFIG, nms_radius=RADIUS)) == len(TARGETS) + len(OTHERS)
 
 
 @pytest.mark.parametrize(("grow", "dilation"), [(True, 0), (False, 1), (False, 0)])
 def test_hierarchical_agrees_with_naive(volume, grow: bool, dilation: int) -> None:
-    q = pool_query(volume, [ball(TARGETS[2], 4), ball(OTHERS[1], 4)])
+    q = pool_query(volume, [ball(TARGETS[2], 4), ball(OTHERS[1], 4)], mode="max")
     cfg = dataclasses.replace(CONFIG, grow=grow, dilation=dilation)
     hier = match(volume, q, cfg, nms_radius=RADIUS)
     naive = match(volume, q, dataclasses.replace(cfg, naive=True), nms_radius=RADIUS)

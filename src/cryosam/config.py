@@ -23,6 +23,7 @@ from cryosam.errors import InputError
 
 Direction = Literal["+z", "-z", "+y", "-y", "+x", "-x"]
 MatchBackend = Literal["auto", "torch", "faiss"]
+QueryMode = Literal["mean", "max"]
 PolarityChoice = Literal["auto", "dark", "bright"]
 DIRECTIONS: tuple[str, ...] = ("+z", "-z", "+y", "-y", "+x", "-x")
 TARGETS: tuple[str, ...] = ("particle", "membrane")
@@ -129,9 +130,12 @@ class MatchingConfig:
     coarse_pooling: bool = True  # score coarse levels on cell-averaged features (not a point)
     adapt_ratios: bool = True  # skip ratios coarser than the prompted particle's diameter
     backend: MatchBackend = "auto"  # "auto" (= torch matmul) | "torch" | "faiss" (GPU index)
+    query: QueryMode = "mean"  # "mean": one voxel-weighted mean over all clicks (paper Eq. 4);
+    # "max": also each click's own query, a match scores its best (0.1/0.2 behaviour)
 
     def __post_init__(self) -> None:
         check_choice("matching.backend", self.backend, MATCH_BACKENDS)
+        check_choice("matching.query", self.query, ("mean", "max"))
         ratios = tuple(int(r) for r in self.ratios)
         if not ratios or min(ratios) < 1 or list(ratios) != sorted(ratios, reverse=True):
             raise InputError(f"matching.ratios {tuple(self.ratios)}: give decreasing positive "

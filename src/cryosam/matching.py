@@ -1,7 +1,7 @@
 """Find every particle like the prompted ones: query pooling, coarse-to-fine matching, NMS, top-K.
 
-The query is the masked average of the FeatureVolume over each prompt's instance mask. Matching
-scores cells of r-times coarser voxel grids by cosine similarity with the queries (max over the
+The query is the masked average of the FeatureVolume over the prompts' instance masks (the
+paper's Eq. 4; ``query="max"`` keeps one query per prompt as well). Matching scores cells of r-times coarser voxel grids by cosine similarity with the queries (max over the
 queries): first every cell at the coarsest ratio, then only the children of the cells that
 reached ``sim_threshold - coarse_margin``. Coarse levels are scored on features averaged
 over each cell (``FeatureVolume.pooled``), not at one point that may miss a small particle.
@@ -104,33 +104,47 @@ class Proposals:
 # --------------------------------------------------------------------------------------- query
 
 
+QUERY_MODES = ("mean", "max")
+
+
 def pool_query(
     fv: FeatureSource,
     masks: Sequence[np.ndarray],
     *,
     max_voxels: int = 4096,
     seed: int = 0,
+    mode: str = "mean",
 ) -> torch.Tensor:
-    """Masked average of the features over each prompt's mask, L2-normalised, as (Q, dim).
+    """The query: masked average of the features over the prompts' masks, L2-normalised.
 
     ``masks`` holds each prompt's instance mask as (n_i, 3) voxel coordinates (z, y, x) (a
-    boolean volume of ``fv.shape`` is accepted too). Masks larger than ``max_voxels`` are
-    subsampled with a generator seeded by ``seed`` and the prompt's index, so the query is
-    reproducible. With several prompts the result holds each prompt's query followed by their
-    normalised mean, so a match may resemble any one prompt or the consensus.
+    boolean volume of ``fv.shape`` is accepted too). ``mode="mean"`` (the paper's Eq. 4)
+    gives one vector, (1, dim): the average over every masked voxel of every prompt, so a
+    big particle weighs by its voxels and one leaky click cannot dominate. ``mode="max"``
+    gives each prompt's own query followed by their normalised mean, (Q + 1, dim); matching
+    takes the best of them, so a match may resemble any one prompt. Masks larger than
+    ``max_voxels`` are subsampled with a generator seeded by ``seed`` and the prompt's index
+    (each subsample's mean still weighs by the full mask), so the query is reproducible.
     """
+    if mode not in QUERY_MODES:
+        raise InputError(f"query mode {mode!r} is not one of {', '.join(QUERY_MODES)}")
     if len(masks) == 0:
         raise InputError("no prompt masks to build a query from; give at least one prompt point")
-    queries = []
+    means, counts = [], []
     for i, mask in enumerate(masks):
         coords = _mask_coords(mask, fv.shape, i)
+        counts.append(len(coords))
         if max_voxels > 0 and len(coords) > max_voxels:
             rng = np.random.default_rng([seed, i])
             coords = coords[np.sort(rng.choice(len(coords), size=max_voxels, replace=False))]
         feats = fv.sample(coords.astype(np.float32)).float()
-        queries.append(feats.mean(0))
-    q = _normalise(torch.stack(queries))
-    if len(queries) > 1:
+        means.append(feats.mean(0))
+    stacked = torch.stack(means)
+    if mode == "mean":
+        w = torch.tensor(counts, dtype=stacked.dtype, device=stacked.device)[:, None]
+        return _normalise((stacked * w).sum(0, keepdim=True) / w.sum()).cpu()
+    q = _normalise(stacked)
+    if len(means) > 1:
         q = torch.cat([q, _normalise(q.mean(0, keepdim=True))])
     return q.cpu()
 

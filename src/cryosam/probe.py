@@ -1,7 +1,8 @@
 """What the clicks say before any model runs: the particles' contrast polarity and size.
 
 A scale-normalised Laplacian of Gaussian, ``sigma^2 * LoG``, is evaluated at each click over
-scales of 1 to 32 voxels. Its strongest extremum gives the size (a solid ball of radius ``r``
+scales of 1 to 32 voxels. Its extremum at the particle's scale (see
+:func:`particle_extremum`) gives the size (a solid ball of radius ``r``
 answers most at ``sigma = r / sqrt(3)``) and its sign the polarity (positive at a dark blob,
 negative at a bright one). The clicks vote. Large scales are evaluated on a block-averaged
 copy of the volume, so each probe costs the same few thousand voxels whatever the size.
@@ -86,6 +87,27 @@ def scale_response(volume: np.ndarray | _Pyramid, zyx: np.ndarray,
     return out
 
 
+OPPOSITE_SHARE = 0.3  # a larger-scale extremum this strong (vs the strongest) is the particle
+
+
+def particle_extremum(curve: np.ndarray) -> int:
+    """Index of the scale at which ``curve`` (``scale_response``) describes the particle.
+
+    Usually the strongest extremum. But the centre of a hollow particle (a ring, a barrel
+    seen end-on) answers most at a small scale with the opposite sign (its lumen is brighter
+    than its wall), while the particle itself answers at its own, larger scale. So among the
+    local extrema at least ``OPPOSITE_SHARE`` as strong as the strongest, the one at the
+    largest scale wins: background at still larger scales answers far more weakly."""
+    mag = np.abs(curve)
+    strongest = float(mag.max()) if len(mag) else 0.0
+    best = int(np.argmax(mag))
+    for k in range(len(curve) - 2, best, -1):  # from the largest scale down
+        local = mag[k] >= mag[k - 1] and mag[k] >= mag[k + 1]
+        if local and mag[k] >= OPPOSITE_SHARE * strongest:
+            return k
+    return best
+
+
 def _peak_sigma(curve: np.ndarray, best: int) -> float:
     """The scale of the peak at index ``best``, refined by a parabola in log-scale."""
     if 0 < best < len(curve) - 1:
@@ -108,7 +130,7 @@ def probe_clicks(volume: np.ndarray, prompts: np.ndarray, *, polarity: str = "au
     pyramid = _Pyramid(volume)
     for p in pts:
         curve = scale_response(pyramid, p)
-        best = int(np.argmax(np.abs(curve)))
+        best = particle_extremum(curve)
         responses.append(float(curve[best]))
         # a peak at the largest scale is no particle (a gradient, a slab): size unknown
         radii.append(float(_peak_sigma(np.abs(curve), best) * math.sqrt(3.0))

@@ -304,8 +304,9 @@ class _Engine:
         self.cfg = cfg
         self.membrane = cfg.target == "membrane"
         self.tol = max(0, int(cfg.membrane_tolerance)) if self.membrane else 0
-        self.size_cap = (SIZE_CAP_FACTOR * np.pi * float(radius) ** 2
-                         if radius and not self.membrane else np.inf)
+        self.radius = float(radius) if radius and not self.membrane else None
+        self.size_cap = (SIZE_CAP_FACTOR * np.pi * self.radius ** 2
+                         if self.radius else np.inf)
         # particles: SAM keeps only candidates that overlap the previous slice's mask enough
         self.min_iou = None if self.membrane else float(cfg.iou_threshold)
         self.axes = [a for a in AXES if any(d[1] == a for d in cfg.directions)]
@@ -364,7 +365,8 @@ class _Engine:
                 logits = np.stack(lg) if all(x is not None for x in lg) else None
                 caps = np.array([prompts[i][5] for i in part], dtype=np.float64)
                 pending.append((PromptBatch(axis, index, pts, masks, logits, caps,
-                                            self.min_iou if masks is not None else None), part))
+                                            self.min_iou if masks is not None else None,
+                                            self.radius), part))
                 count += len(part)
                 self.visited.add((axis, index))
             self.prompts += len(ids)

@@ -330,7 +330,8 @@ class Query:
 def build_query(features: Features, clicks: Clicks, cfg: CryosamConfig) -> Query:
     """Masked average of the features over the click masks; radii from the masks' sizes."""
     coords = [m.coords() for m in clicks.masks]
-    vectors = matching.pool_query(features.volume, coords, seed=cfg.seed)
+    vectors = matching.pool_query(features.volume, coords, seed=cfg.seed,
+                                 mode=cfg.matching.query)
     radius = (cfg.matching.nms_radius if cfg.matching.nms_radius is not None
               else matching.nms_radius_from_masks(coords))
     return Query(vectors, float(radius), matching.particle_radius_from_masks(coords))

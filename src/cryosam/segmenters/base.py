@@ -83,7 +83,9 @@ class PromptBatch:
     """Every prompt on one slice: points (P, 2) row/col, optional previous masks/logits and a
     per-prompt area cap in slice pixels (``inf`` or None: no cap). ``min_iou``: a segmenter
     that proposes several candidate masks keeps only those whose IoU with ``prev_masks`` is at
-    least this, and returns an empty mask when none is left (the chain then stops)."""
+    least this, and returns an empty mask when none is left (the chain then stops). ``radius``:
+the particle's expected radius (from the clicks' probe), a hint a segmenter may use to find
+the particle around a point that falls in its hollow centre."""
 
     axis: str
     index: int
@@ -92,6 +94,7 @@ class PromptBatch:
     prev_logits: np.ndarray | None = None
     max_area: np.ndarray | None = None
     min_iou: float | None = None
+    radius: float | None = None  # the particle's expected radius in pixels (None: unknown)
 
     def __len__(self) -> int:
         return int(np.asarray(self.points).reshape(-1, 2).shape[0])

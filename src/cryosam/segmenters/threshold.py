@@ -41,6 +41,7 @@ from cryosam.segmenters.base import (
 _CROSS = ndi.generate_binary_structure(2, 1)  # 4-connectivity, ndimage's 2-D default
 LEAK_FACTOR = 1.5  # a guided mask may grow to this many times the previous area unclipped
 START_HALF_WINDOW = 24  # pixels each side of the point, doubled while the mask touches it
+HOLLOW_SHARE = 0.7  # a click's wall is looked for within this share of the particle radius
 
 
 class ThresholdSegmenter(SliceSegmenterBase):
@@ -117,7 +118,7 @@ class ThresholdSegmenter(SliceSegmenterBase):
             if b.prev_logits is not None and np.isfinite(b.prev_logits[k]).all():
                 ref = float(np.asarray(b.prev_logits[k]).reshape(-1)[0])
             conf, point, carry[k, 0] = self._one(sig, noise, pts[k], prev, caps[k], ref,
-                                                 res.masks[k])
+                                                 res.masks[k], b.radius)
             res.confidence[k] = conf
             res.points[k] = point
         res.logits = carry
@@ -125,7 +126,7 @@ class ThresholdSegmenter(SliceSegmenterBase):
         return res
 
     def _one(self, sig: np.ndarray, noise: float, point: np.ndarray, prev: np.ndarray | None,
-             cap: float, ref: float | None, full: np.ndarray
+             cap: float, ref: float | None, full: np.ndarray, radius: float | None = None
              ) -> tuple[float, np.ndarray, float]:
         """Segment one prompt into ``full`` (an all-False slice-sized mask); returns the
         confidence, the most confident point and the contrast to carry to the next slice."""
@@ -145,7 +146,8 @@ class ThresholdSegmenter(SliceSegmenterBase):
             c0, c1 = max(0, centre[1] - half), min(w, centre[1] + half + 1)
             win = sig[r0:r1, c0:c1]
             pw = None if prev is None else prev[r0:r1, c0:c1]
-            mask, cnr, contrast = self._grow(win, noise, (r - r0, c - c0), pw, cap, ref)
+            mask, cnr, contrast = self._grow(win, noise, (r - r0, c - c0), pw, cap, ref,
+                                             radius)
             touches = mask.any() and (
                 (mask[0].any() and r0 > 0) or (mask[-1].any() and r1 < h)
                 or (mask[:, 0].any() and c0 > 0) or (mask[:, -1].any() and c1 < w))
@@ -167,13 +169,16 @@ class ThresholdSegmenter(SliceSegmenterBase):
         return conf, np.array([br + br0 + r0, bc + bc0 + c0], np.float32), contrast
 
     def _grow(self, win: np.ndarray, noise: float, rc: tuple[int, int],
-              prev: np.ndarray | None, cap: float, ref: float | None
-              ) -> tuple[np.ndarray, float, float]:
+              prev: np.ndarray | None, cap: float, ref: float | None,
+              radius: float | None = None) -> tuple[np.ndarray, float, float]:
         """The component of the window around ``rc`` above the half-maximum cut.
 
         ``ref`` is the particle's contrast on its first slice: following slices are cut at
         the same absolute level above their local background (a 3-D half maximum), and are
-        empty once their own core falls below it. Returns (mask, cnr, reference contrast).
+        empty once their own core falls below it. With the particle's ``radius`` and no
+        previous mask, a point in a hollow centre (weaker than half the strongest signal
+        within ``HOLLOW_SHARE x radius``) takes its level from that wall instead, and the
+        wall's component (holes filled) is the mask. Returns (mask, cnr, reference contrast).
         """
         r = int(np.clip(rc[0], 0, win.shape[0] - 1))
         c = int(np.clip(rc[1], 0, win.shape[1] - 1))
@@ -187,8 +192,19 @@ class ThresholdSegmenter(SliceSegmenterBase):
             c0, c1 = max(0, c - 1), c + 2
             v = float(win[r0:r1, c0:c1].mean())
             yy, xx = np.ogrid[: win.shape[0], : win.shape[1]]
-            outside = (yy - r) ** 2 + (xx - c) ** 2 > 9
+            dist2 = (yy - r) ** 2 + (xx - c) ** 2
+            outside = dist2 > 9
         b = float(np.median(win[outside])) if outside.any() else float(np.median(win))
+        disk = None
+        if prev is None and radius:
+            near = dist2 <= max(2.0, HOLLOW_SHARE * radius) ** 2
+            wall = float(win[near].max())
+            if v - b < self.level * (wall - b):  # the point may sit in a lumen
+                if not _surrounds(win > b + self.level * (wall - b), near, (r, c)):
+                    return np.zeros(win.shape, bool), 0.0, np.nan  # background, not a lumen
+                v, disk = wall, near
+                outside = ~_dilate(near, 2)
+                b = float(np.median(win[outside])) if outside.any() else b
         contrast = v - b
         cnr = contrast / noise
         c0 = contrast if ref is None else ref
@@ -196,7 +212,7 @@ class ThresholdSegmenter(SliceSegmenterBase):
             return np.zeros(win.shape, bool), 0.0, c0
         mask = np.zeros(win.shape, bool)
         for level in (self.level, self.level + 0.15, self.level + 0.3):
-            mask = self._component(win > b + level * c0, (r, c), prev)
+            mask = self._component(win > b + level * c0, (r, c), prev, disk)
             if prev is not None and prev.any() and mask.sum() > LEAK_FACTOR * prev.sum():
                 grow = max(2, int(round(0.25 * np.sqrt(prev.sum() / np.pi))))
                 mask &= _dilate(prev, grow)
@@ -206,16 +222,17 @@ class ThresholdSegmenter(SliceSegmenterBase):
         return mask, cnr, c0
 
     @staticmethod
-    def _component(binary: np.ndarray, rc: tuple[int, int], prev: np.ndarray | None
-                   ) -> np.ndarray:
+    def _component(binary: np.ndarray, rc: tuple[int, int], prev: np.ndarray | None,
+                   disk: np.ndarray | None = None) -> np.ndarray:
         binary = _fill_holes(binary)
         labels, n = ndi.label(binary, _CROSS)
         if n == 0:
             return np.zeros(binary.shape, bool)
         r, c = rc
         lab = labels[r, c]
-        if lab == 0 and prev is not None and prev.any():
-            counts = np.bincount(labels[prev], minlength=n + 1)
+        ref = prev if prev is not None and prev.any() else disk
+        if lab == 0 and ref is not None:
+            counts = np.bincount(labels[ref], minlength=n + 1)
             counts[0] = 0
             lab = int(counts.argmax()) if counts.max() > 0 else 0
         if lab == 0:
@@ -223,6 +240,21 @@ class ThresholdSegmenter(SliceSegmenterBase):
             found = near[near > 0]
             lab = int(np.bincount(found).argmax()) if found.size else 0
         return labels == lab if lab else np.zeros(binary.shape, bool)
+
+
+SECTORS = 8  # a lumen's wall must show in this many directions around the point ...
+SECTORS_NEEDED = 6  # ... at least this many of them
+
+
+def _surrounds(above: np.ndarray, disk: np.ndarray, rc: tuple[int, int]) -> bool:
+    """Whether the pixels of ``above`` within ``disk`` surround the point ``rc`` (a wall
+    around a lumen, not a blob to one side)."""
+    rows, cols = np.nonzero(above & disk)
+    if not len(rows):
+        return False
+    angle = np.arctan2(rows - rc[0], cols - rc[1])
+    sector = np.floor((angle + np.pi) / (2 * np.pi) * SECTORS).astype(int) % SECTORS
+    return len(np.unique(sector)) >= SECTORS_NEEDED
 
 
 def _dilate(mask: np.ndarray, iterations: int) -> np.ndarray:
