@@ -1,7 +1,8 @@
 """Find every particle like the prompted ones: query pooling, coarse-to-fine matching, NMS, top-K.
 
 The query is the masked average of the FeatureVolume over the prompts' instance masks (the
-paper's Eq. 4; ``query="max"`` keeps one query per prompt as well). Matching scores cells of r-times coarser voxel grids by cosine similarity with the queries (max over the
+paper's Eq. 4; ``query="max"`` keeps one query per prompt as well). Matching scores cells
+of r-times coarser voxel grids by cosine similarity with the queries (max over the
 queries): first every cell at the coarsest ratio, then only the children of the cells that
 reached ``sim_threshold - coarse_margin``. Coarse levels are scored on features averaged
 over each cell (``FeatureVolume.pooled``), not at one point that may miss a small particle.
