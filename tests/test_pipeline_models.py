@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from cryosam.config import CryosamConfig, MatchingConfig, PropagationConfig
+from cryosam.config import CryosamConfig, MatchingConfig, PropagationConfig, ScoreConfig
 from cryosam.encoders.dinov2 import Dinov2Encoder
 from cryosam.export import OUTPUT_FILES, write_outputs
 from cryosam.pipeline import CryoSAM
@@ -33,7 +33,7 @@ def test_tiny_dinov2_and_sam_run_end_to_end(target: str, tiny_dinov2_model,
         # random weights: accept any similarity so that proposals reach SAM, and keep chains short
         matching=MatchingConfig(sim_threshold=-1.0, top_k=4),
         propagation=PropagationConfig(target=target, max_steps=3),
-        min_size_ratio=0.0, max_size_ratio=1e9, max_elongation_ratio=1e9,
+        score=ScoreConfig(min_score=0.0),  # random models: keep every pick
         diameter=1e5, binning=1,  # random masks have any size: no size cap, no binning
     )
     points = sim.membrane_clicks[:2] if target == "membrane" else sim.prompt_points[:1]

@@ -13,13 +13,14 @@ import dataclasses
 import json
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from cryosam import backends
 from cryosam.backends import Target, build_dataclass, check_choice
-from cryosam.errors import InputError
+from cryosam.errors import CryosamWarning, InputError
 
 Direction = Literal["+z", "-z", "+y", "-y", "+x", "-x"]
 MatchBackend = Literal["auto", "torch", "faiss"]
@@ -149,8 +150,35 @@ class MatchingConfig:
             raise InputError(f"matching.nms_radius {self.nms_radius}: must be >= 0")
 
 
+@dataclass(frozen=True)
+class ScoreConfig:
+    """The pick score and the cut that decides what is written (see :mod:`cryosam.score`).
+
+    The score is similarity x segmenter confidence x agreement with the clicked particles
+    (size, shape, density). ``min_score`` None: the cut is chosen from the tomogram's own
+    score distribution (:mod:`cryosam.cut`); a number overrides it (0 keeps every pick)."""
+
+    size_tolerance: float = 0.35  # std of log(size / clicked size) accepted (~1.4x either way)
+    shape_tolerance: float = 0.35  # std of the log principal-axis ratios' difference
+    density_weight: float = 1.0  # exponent of the density agreement (0 = size and shape only)
+    min_score: float | None = None  # write picks scoring >= this; None = automatic cut
+
+    def __post_init__(self) -> None:
+        if not self.size_tolerance > 0 or not self.shape_tolerance > 0:
+            raise InputError("score.size_tolerance and score.shape_tolerance must be > 0")
+        if self.density_weight < 0:
+            raise InputError(f"score.density_weight {self.density_weight}: must be >= 0")
+        if self.min_score is not None and not 0.0 <= self.min_score <= 1.0:
+            raise InputError(f"score.min_score {self.min_score}: must be in [0, 1] (scores "
+                             "are), or leave it unset for the automatic cut")
+
+
 _BLOCKS: dict[str, type] = {"encoder": EncoderConfig, "segmenter": SegmenterConfig,
-                            "propagation": PropagationConfig, "matching": MatchingConfig}
+                            "propagation": PropagationConfig, "matching": MatchingConfig,
+                            "score": ScoreConfig}
+# parameters of earlier versions that are gone: read and dropped, with what replaced them
+_RETIRED = {"min_size_ratio": "score.size_tolerance", "max_size_ratio": "score.size_tolerance",
+            "max_elongation_ratio": "score.shape_tolerance"}
 
 
 @dataclass(frozen=True)
@@ -161,15 +189,13 @@ class CryosamConfig:
     segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
     propagation: PropagationConfig = field(default_factory=PropagationConfig)
     matching: MatchingConfig = field(default_factory=MatchingConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
     seed: int = 0
     threads: int | None = None  # CPU threads for torch; None = SLURM/OMP setting or affinity
     polarity: PolarityChoice = "auto"  # particles "dark" or "bright"; auto = from the clicks
     diameter: float | None = None  # particle diameter in Å; None = estimated from the clicks
     binning: int | None = None  # work on a binned copy; None = from the particle's size
-    min_size_ratio: float = 0.33  # drop matched particles smaller than this x the clicked ones
-    max_size_ratio: float = 3.0  # ... or larger than this x the clicked ones
-    max_elongation_ratio: float = 1.5  # ... or more elongated than this x the clicked ones
     merge_iou: float = 0.5  # merge an instance into one that already holds this share of it
 
     def __post_init__(self) -> None:
@@ -182,8 +208,6 @@ class CryosamConfig:
             raise InputError(f"diameter {self.diameter}: give the particle diameter in Å (> 0)")
         if self.binning is not None and not 1 <= self.binning <= 16:
             raise InputError(f"binning {self.binning}: must be between 1 and 16")
-        if not 0.0 <= self.min_size_ratio <= 1.0 <= self.max_size_ratio:
-            raise InputError("min_size_ratio must be in [0, 1] and max_size_ratio >= 1")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON form for the run record."""
@@ -195,7 +219,13 @@ class CryosamConfig:
         errors naming them, missing ones take today's defaults."""
         if not isinstance(data, dict):
             raise InputError("configuration: expected a mapping of parameters")
-        top = {k: v for k, v in data.items() if k not in _BLOCKS}
+        retired = sorted(k for k in data if k in _RETIRED)
+        if retired:
+            warnings.warn(f"configuration: {', '.join(retired)} no longer exist (the fixed "
+                          "size and shape ratios became the agreement learned from the clicks, "
+                          f"{', '.join(sorted({_RETIRED[k] for k in retired}))}); ignored",
+                          CryosamWarning, stacklevel=2)
+        top = {k: v for k, v in data.items() if k not in _BLOCKS and k not in _RETIRED}
         blocks = {}
         for name, block_cls in _BLOCKS.items():
             blocks[name] = build_dataclass(block_cls, dict(data.get(name) or {}), name)

@@ -24,6 +24,7 @@ from cryosam.utils import tomo_stem
 
 OUTPUT_FILES = (
     "picks.csv",
+    "picks_below_cut.csv",  # matches under the score cut, for thresholding by hand
     "picks.star",
     "picks_napari.csv",
     "picks_relion5.star",  # io.STAR_FLAVOURS: one STAR file per tool
@@ -129,6 +130,7 @@ def _write_all(
             "n_voxels": result.pick_n_voxels,
             "similarity": result.pick_similarity,
             "confidence": result.pick_confidence,
+            "agreement": result.pick_agreement,
             "prompt": result.pick_is_prompt.astype(np.int8),
             "click_row": result.pick_click_row,
         }
@@ -147,6 +149,16 @@ def _write_all(
         written["picks_napari.csv"] = folder / "picks_napari.csv"
         io.write_napari_csv(written["picks_napari.csv"], result.picks_zyx,
                             {"score": result.pick_scores, "instance_id": result.pick_instance_ids})
+        if result.below_cut:
+            below = result.below_cut
+            written["picks_below_cut.csv"] = folder / "picks_below_cut.csv"
+            io.write_picks_csv(written["picks_below_cut.csv"], result.below_cut_zyx, {
+                "score": np.array([i.score for i in below]),
+                "n_voxels": np.array([i.n_voxels for i in below], dtype=np.int64),
+                "similarity": np.array([i.similarity for i in below]),
+                "confidence": np.array([i.confidence for i in below]),
+                "agreement": np.array([i.agreement for i in below]),
+            })
     written["semantic.mrc"] = folder / "semantic.mrc"
     io.write_mrc(written["semantic.mrc"], result.semantic, tomo.voxel_size, tomo.origin)
     written["instances.mrc"] = folder / "instances.mrc"

@@ -150,6 +150,18 @@ def pool_query(
     return q.cpu()
 
 
+def similarity(fv: FeatureSource, zyx: np.ndarray, queries: torch.Tensor) -> np.ndarray:
+    """(N,) the best cosine similarity of the features at the points ``zyx`` (voxels) with
+    ``queries`` (Q, dim): how much each point looks like any of them."""
+    pts = np.asarray(zyx, dtype=np.float32).reshape(-1, 3)
+    if not len(pts):
+        return np.zeros(0)
+    feats = fv.sample(pts).float().cpu()
+    feats = _normalise(feats)
+    q = _normalise(torch.as_tensor(queries).float().cpu().reshape(-1, feats.shape[1]))
+    return (feats @ q.T).amax(1).numpy().astype(np.float64)
+
+
 def _mask_coords(mask: np.ndarray, shape: Sequence[int], index: int) -> np.ndarray:
     arr = np.asarray(mask)
     if arr.dtype == bool and arr.ndim == 3 and tuple(arr.shape) == tuple(shape):

@@ -1,15 +1,14 @@
-"""From masks of proposals to the final instances: drop implausible ones, merge duplicates,
-paint the label volume.
+"""From masks of proposals to the final instances: merge duplicates, paint the label volume
+(and the two checks on single masks that the proposal stage uses).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
-from cryosam.backends import Target
 from cryosam.propagation import InstanceMask
 from cryosam.result import Instance
 
@@ -44,57 +43,11 @@ def elongation(mask: InstanceMask) -> float:
     return float(np.sqrt(ev[-1] / max(ev[0], 1e-6)))
 
 
-@dataclass(frozen=True)
-class Plausibility:
-    """How far a match may differ from the clicked particles (ratios to theirs)."""
-
-    min_size_ratio: float
-    max_size_ratio: float
-    max_elongation_ratio: float
-
-
-def plausible(
-    masks: Sequence[InstanceMask],
-    seeds: np.ndarray,
-    references: Sequence[InstanceMask],
-    target: Target,
-    rule: Plausibility,
-) -> tuple[list[int], dict[str, int]]:
-    """Indices of proposal masks worth keeping, and counts of why others were dropped.
-
-    A particle proposal must give a non-empty mask centred near its seed, whose volume is
-    within [min, max] size ratio × the clicked particles' median volume and whose elongation
-    is at most the elongation ratio × theirs: the clicks say what the particle looks like, and
-    matches of another size or shape are other things. Membrane proposals need only reach
-    the minimum size.
-    """
-    kept: list[int] = []
-    rejected = {"empty": 0, "size": 0, "shape": 0, "off_point": 0}
-    refs = [r for r in references if r.n_voxels > 0]
-    ref_size = float(np.median([r.n_voxels for r in refs])) if refs else 0.0
-    ref_elong = max((elongation(r) for r in refs), default=0.0)
-    lo, hi = rule.min_size_ratio * ref_size, rule.max_size_ratio * ref_size
-    for i, mask in enumerate(masks):
-        n = mask.n_voxels
-        if n == 0:
-            rejected["empty"] += 1
-        elif not refs:
-            kept.append(i)
-        elif target != "particle":
-            # membranes: any sheet the size of the clicked ones, however shaped or large
-            if n >= lo:
-                kept.append(i)
-            else:
-                rejected["size"] += 1
-        elif not lo <= n <= hi:
-            rejected["size"] += 1
-        elif elongation(mask) > rule.max_elongation_ratio * ref_elong:
-            rejected["shape"] += 1
-        elif np.linalg.norm(mask.centroid() - seeds[i]) > max(2.0, 0.5 * max(mask.mask.shape)):
-            rejected["off_point"] += 1
-        else:
-            kept.append(i)
-    return kept, rejected
+def off_point(mask: InstanceMask, seed: np.ndarray) -> bool:
+    """True when a proposal's mask is not centred near its seed: the segmenter grabbed a
+    neighbour, not the matched particle."""
+    limit = max(2.0, 0.5 * max(mask.mask.shape))
+    return bool(np.linalg.norm(mask.centroid() - np.asarray(seed, float)) > limit)
 
 
 def merge_instances(
@@ -132,8 +85,7 @@ def merge_instances(
                 owner = int(ids[best])
                 region[inst.mask.mask & (region == 0)] = owner
                 host = kept[owner - 1]
-                kept[owner - 1] = Instance(host.mask.union(inst.mask), host.seed,
-                                           host.similarity, host.confidence, host.click_row)
+                kept[owner - 1] = dataclasses.replace(host, mask=host.mask.union(inst.mask))
                 continue
         kept.append(inst)
         region[inst.mask.mask & (region == 0)] = len(kept)
@@ -151,5 +103,20 @@ def _painted(inst: Instance, labels: np.ndarray, label: int) -> Instance:
         return inst
     cropped = InstanceMask.from_dense(own)
     offset = tuple(int(a + b) for a, b in zip(cropped.offset, (z0, y0, x0), strict=True))
-    return Instance(InstanceMask(offset, cropped.mask), inst.seed, inst.similarity,  # type: ignore[arg-type]
-                    inst.confidence, inst.click_row)
+    return dataclasses.replace(inst, mask=InstanceMask(offset, cropped.mask))  # type: ignore[arg-type]
+
+
+def split_at_cut(instances: Sequence[Instance], labels: np.ndarray, threshold: float
+                 ) -> tuple[list[Instance], list[Instance], np.ndarray]:
+    """Keep the clicks and the matches scoring at least ``threshold``; the others leave the
+    label volume (their ids are freed and the kept ones renumbered 1..K in the same order).
+    Returns (kept, below the cut, labels)."""
+    keep = [i.is_prompt or i.score >= threshold for i in instances]
+    if all(keep):
+        return list(instances), [], labels
+    mapping = np.zeros(len(instances) + 1, dtype=labels.dtype)
+    mapping[1:][np.asarray(keep)] = np.arange(1, int(sum(keep)) + 1, dtype=labels.dtype)
+    kept = [i for i, k in zip(instances, keep, strict=True) if k]
+    below = sorted((i for i, k in zip(instances, keep, strict=True) if not k),
+                   key=lambda i: -i.score)
+    return kept, below, mapping[labels]

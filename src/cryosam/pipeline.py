@@ -16,18 +16,20 @@ import numpy as np
 import cryosam
 from cryosam import backends, stages
 from cryosam.config import CryosamConfig, PropagationConfig
+from cryosam.cut import automatic_cut, given_cut
 from cryosam.device import resolve_device, set_threads
 from cryosam.encoders.base import SliceEncoder
 from cryosam.errors import InputError, MissingWeightsError
-from cryosam.merge import merge_instances
+from cryosam.merge import merge_instances, split_at_cut
 from cryosam.probe import ClickProbe
 from cryosam.query import SavedQuery, check_query_config
 from cryosam.record import StageTimer, device_record, file_info, started_stamp, versions
-from cryosam.rescale import from_binned
-from cryosam.result import SegmentationResult
+from cryosam.rescale import from_binned, upsample_mask
+from cryosam.result import Instance, SegmentationResult
 from cryosam.segmenters.base import Segmenter
 
-SCORE_RULE = "similarity x segmenter confidence (clicks: similarity 1)"
+SCORE_RULE = ("similarity x segmenter confidence x agreement with the clicked particles' size, "
+              "shape and density (clicks: similarity and agreement 1)")
 
 
 class CryoSAM:
@@ -108,6 +110,7 @@ class CryoSAM:
         tomo_name: str | None = None,
         points_pixel_size: float | None = None,
         points_bin: int | None = None,
+        negative_points: stages.PointsLike | None = None,
     ) -> SegmentationResult:
         """Segment the clicked particles (or membranes) and, with ``match``, all similar ones.
 
@@ -117,11 +120,14 @@ class CryoSAM:
         ``points_pixel_size`` (Å): the clicks are pixels of that size, scaled to the tomogram's;
         ``points_bin``: the clicks were made on a copy binned that many times.
         ``query`` (instead of ``points``): a :class:`~cryosam.query.SavedQuery` from another
-        tomogram; every similar particle is found here with no clicks.
+        tomogram; every similar particle is found here with no clicks. ``negative_points``:
+        clicks on structures that must not be picked (also rows flagged negative in
+        ``points``).
         """
         if query is not None:
-            if points is not None:
-                raise InputError("give clicks or a saved query, not both")
+            if points is not None or negative_points is not None:
+                raise InputError("give clicks or a saved query, not both (a query keeps the "
+                                 "negative clicks it was made with)")
             if match is False:
                 raise InputError("--no-match with --query: a saved query only matches")
             return self._segment_query(tomogram, query, cache_dir=cache_dir,
@@ -140,21 +146,29 @@ class CryoSAM:
         inputs, found, work, clicks = self._clicks(
             timer, tomogram, points, encoder is not None, voxel_size=voxel_size,
             points_unit=points_unit, tomo_name=tomo_name,
-            points_pixel_size=points_pixel_size, points_bin=points_bin)
-        features = matches = proposals = None
+            points_pixel_size=points_pixel_size, points_bin=points_bin,
+            negative_points=negative_points)
+        features = matches = proposals = negatives = None
         if match and encoder is not None and clicks.masks:
+            if len(work.negatives):
+                with timer("segment_prompts"):
+                    negatives = stages.segment_negatives(work, segmenter, _prop_cfg(cfg))
             with timer("features"):
                 features = stages.compute_features(work, encoder, cfg, self.device, cache_dir)
             with timer("matching"):
-                query_ = stages.build_query(features, clicks, cfg)
+                query_ = stages.build_query(features, clicks, cfg, negatives)
                 matches = stages.match_query(features, query_, clicks, cfg.matching,
-                                             self.device)
+                                             self.device, negatives)
             if matches.outside_clicks.any():
                 with timer("segment_proposals"):
                     proposals = stages.segment_proposals(work, matches, clicks, segmenter,
-                                                         cfg, _prop_cfg(cfg))
-        return self._result(timer, inputs, found, work, clicks, features, matches, proposals,
-                            bool(match))
+                                                         cfg, _prop_cfg(cfg),
+                                                         negatives=negatives)
+        result = self._result(timer, inputs, found, work, clicks, features, matches,
+                              proposals, bool(match))
+        if negatives is not None:
+            result.record["negatives"] = negatives.report()
+        return result
 
     def make_query(
         self,
@@ -167,6 +181,7 @@ class CryoSAM:
         tomo_name: str | None = None,
         points_pixel_size: float | None = None,
         points_bin: int | None = None,
+        negative_points: stages.PointsLike | None = None,
     ) -> SavedQuery:
         """Segment the clicks and pool their features into a query that
         :meth:`segment` (``query=``) can use on other tomograms; see :mod:`cryosam.query`."""
@@ -179,11 +194,15 @@ class CryoSAM:
             encoder = self.encoder
         inputs, found, work, clicks = self._clicks(
             timer, tomogram, points, True, voxel_size=voxel_size, points_unit=points_unit,
-            tomo_name=tomo_name, points_pixel_size=points_pixel_size, points_bin=points_bin)
+            tomo_name=tomo_name, points_pixel_size=points_pixel_size, points_bin=points_bin,
+            negative_points=negative_points)
+        negatives = stages.segment_negatives(work, self.segmenter, _prop_cfg(cfg))
         with timer("features"):
             features = stages.compute_features(work, encoder, cfg, self.device, cache_dir)
         with timer("matching"):
-            built = stages.build_query(features, clicks, cfg)
+            built = stages.build_query(features, clicks, cfg, negatives)
+            refs = stages.references_of(work, clicks.masks, cfg)
+            neg_refs = stages.references_of(work, negatives.masks, cfg)
         tomo = inputs.tomogram
         source = {"tomogram": inputs.report()["tomogram"], "name": inputs.name,
                   "shape_zyx": list(tomo.shape), "voxel_size": tomo.mean_voxel_size,
@@ -192,7 +211,9 @@ class CryoSAM:
         return SavedQuery.build(
             vectors=built.vectors, masks=clicks.masks, encoder_id=features.encoder_id,
             config=cfg, polarity=found.polarity, radius=found.radius, binning=work.factor,
-            nms_radius=built.nms_radius, particle_radius=built.particle_radius, source=source)
+            nms_radius=built.nms_radius, particle_radius=built.particle_radius, source=source,
+            negatives=built.negatives, negative_masks=negatives.masks, references=refs,
+            negative_references=neg_refs)
 
     def _clicks(self, timer: StageTimer, tomogram: stages.TomogramLike,
                 points: stages.PointsLike, with_encoder: bool, **load: Any
@@ -240,19 +261,24 @@ class CryoSAM:
         clicks = stages.Clicks([], {})
         with timer("features"):
             features = stages.compute_features(work, encoder, cfg, self.device, cache_dir)
+        negatives = stages.Negatives(saved.negative_masks(), len(saved.negative_masks()))
         with timer("matching"):
             query_ = stages.query_from_saved(saved, features, cfg)
-            matches = stages.match_query(features, query_, clicks, cfg.matching, self.device)
+            matches = stages.match_query(features, query_, clicks, cfg.matching, self.device,
+                                         negatives if negatives.clicks else None)
         proposals = None
         if len(matches.zyx):
             with timer("segment_proposals"):
-                proposals = stages.segment_proposals(work, matches, clicks, segmenter, cfg,
-                                                     _prop_cfg(cfg),
-                                                     references=saved.reference_masks())
+                proposals = stages.segment_proposals(
+                    work, matches, clicks, segmenter, cfg, _prop_cfg(cfg),
+                    references=saved.references(cfg.score), negatives=negatives,
+                    negative_references=saved.negative_references(cfg.score))
         result = self._result(timer, inputs, found, work, clicks, features, matches, proposals,
                               True)
         result.record["inputs"]["points"] = None
         result.record["query"] = saved.report()
+        if negatives.clicks:
+            result.record["negatives"] = negatives.report()
         return result
 
     def _result(self, timer: StageTimer, inputs: stages.Inputs, found: ClickProbe,
@@ -266,8 +292,20 @@ class CryoSAM:
             found_instances = proposals.instances if proposals else []
             instances, labels = merge_instances(clicks.instances + found_instances,
                                                 work.segmenter_volume.shape, cfg.merge_iou)
+            cut = None
+            below: list[Instance] = []
+            if match and cfg.propagation.target == "particle":
+                scores = np.array([i.score for i in instances if not i.is_prompt])
+                cut = (given_cut(cfg.score.min_score) if cfg.score.min_score is not None
+                       else automatic_cut(scores))
+                instances, below, labels = split_at_cut(instances, labels, cut.threshold)
             instances, labels = stages.to_input_grid(instances, labels, work.factor,
                                                      inputs.tomogram.shape)
+            if below and work.factor > 1:
+                below = [dataclasses.replace(i, mask=upsample_mask(i.mask, work.factor,
+                                                                   inputs.tomogram.shape),
+                                             seed=from_binned(i.seed, work.factor))
+                         for i in below]
         proposals_zyx = (from_binned(matches.zyx, work.factor) if matches
                          else np.zeros((0, 3)))
         result = SegmentationResult(
@@ -276,6 +314,7 @@ class CryoSAM:
             semantic=(labels > 0).astype(np.int8), labels=labels,
             proposals_zyx=proposals_zyx,
             proposal_scores=matches.similarity if matches else np.zeros(0),
+            below_cut=below,
         )
         matching_record: dict[str, Any] = {"enabled": match}
         if matches is not None:
@@ -309,7 +348,11 @@ class CryoSAM:
             "features": features_record,
             "matching": matching_record,
             "propagation": propagation_record,
-            "score": SCORE_RULE,
+            "score": {"rule": SCORE_RULE,
+                      "cut": cut.report() if cut is not None else None,
+                      "above_cut": int(sum(not i.is_prompt for i in instances)),
+                      "below_cut": len(below),
+                      "references": proposals.references if proposals is not None else {}},
             **timer.report(),
         }
         return result

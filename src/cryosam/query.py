@@ -6,7 +6,10 @@ features and saves one file (a NumPy ``.npz`` archive, whatever its name) holdin
 - ``vectors``: the query feature(s), (Q, dim) float32, L2-normalised (one per click plus their
   mean when there are several), exactly what :func:`cryosam.matching.match` scores with;
 - ``mask_shapes`` / ``mask_bits``: the clicked particles' masks on the work grid (bool crops,
-  bit-packed), which the plausibility filter compares matches with (size and elongation);
+  bit-packed), which matches' size and shape are compared with (:mod:`cryosam.score`);
+- ``densities``: the clicks' density descriptions, made on the query's tomogram;
+- ``negatives``, ``neg_mask_shapes`` / ``neg_mask_bits``, ``negative_densities``: the same
+  for negative clicks, when there were any (format version 2; version 1 files still load);
 - ``meta``: JSON with the format version, the encoder id, every parameter of the run (the
   defaults of a later ``segment --query``), the polarity, the particle radius and binning,
   the NMS and particle radii, the masks' voxel counts and elongations, and the source
@@ -32,13 +35,14 @@ from typing import Any
 import numpy as np
 
 from cryosam._atomic import atomic_path
-from cryosam.config import CryosamConfig
+from cryosam.config import CryosamConfig, ScoreConfig
 from cryosam.errors import CryosamWarning, InputError
 from cryosam.merge import elongation
 from cryosam.propagation import InstanceMask
+from cryosam.score import References, learn_references
 
 FORMAT = "cryosam-query"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: negative clicks and the clicks' density descriptions
 SUFFIX = ".cryosam-query"
 MACHINE_PARAMETERS = ("device", "threads")  # where a run happens, not what it computes
 VOXEL_SIZE_TOLERANCE = 0.05  # relative difference that earns a warning
@@ -46,7 +50,7 @@ VOXEL_SIZE_TOLERANCE = 0.05  # relative difference that earns a warning
 
 @dataclass
 class SavedQuery:
-    """Query vectors plus what the score, NMS and plausibility filter need, and provenance."""
+    """Query vectors plus what the score, NMS and negatives need, and provenance."""
 
     vectors: np.ndarray  # (Q, dim) float32, L2-normalised
     masks: list[np.ndarray]  # the clicked particles' masks on the work grid (bool crops)
@@ -59,6 +63,12 @@ class SavedQuery:
     particle_radius: float  # work voxels (equivalent sphere of the median click mask)
     source: dict[str, Any] = field(default_factory=dict)  # tomogram, clicks, voxel size
     meta: dict[str, Any] = field(default_factory=dict)  # version, created, path, sha256
+    negatives: np.ndarray | None = None  # (M, dim) one vector per negative click
+    negative_crops: list[np.ndarray] = field(default_factory=list)  # their masks (bool crops)
+    densities: np.ndarray | None = None  # (R, n) the clicks' density descriptions
+    negative_densities: np.ndarray | None = None  # (M', n) the negatives'
+    reach: float | None = None  # work voxels: the descriptions' outer shell
+    negative_reach: float | None = None
 
     # ------------------------------------------------------------------ build, save, load
 
@@ -66,20 +76,46 @@ class SavedQuery:
     def build(cls, *, vectors: Any, masks: list[InstanceMask], encoder_id: str,
               config: CryosamConfig, polarity: str, radius: float | None, binning: int,
               nms_radius: float, particle_radius: float,
-              source: dict[str, Any]) -> SavedQuery:
+              source: dict[str, Any], negatives: Any = None,
+              negative_masks: list[InstanceMask] | None = None,
+              references: References | None = None,
+              negative_references: References | None = None) -> SavedQuery:
         """A query from one run's stage outputs (``vectors`` as a tensor or an array)."""
         check_query_config(config)
-        arr = np.asarray(vectors.detach().cpu().numpy() if hasattr(vectors, "detach")
-                         else vectors, dtype=np.float32)
+        arr = _array(vectors)
         crops = [np.asarray(m.mask, dtype=bool) for m in masks if m.n_voxels > 0]
         if not crops:
             raise InputError("no click gave a mask; a query needs at least one segmented click")
+        neg = None if negatives is None else _array(negatives)
+        neg_crops = [np.asarray(m.mask, dtype=bool) for m in negative_masks or []
+                     if m.n_voxels > 0]
         return cls(arr.reshape(len(arr), -1), crops, encoder_id, config.to_dict(), polarity,
-                   radius, int(binning), float(nms_radius), float(particle_radius), source)
+                   radius, int(binning), float(nms_radius), float(particle_radius), source,
+                   negatives=neg, negative_crops=neg_crops,
+                   densities=_densities(references), reach=_reach(references),
+                   negative_densities=_densities(negative_references),
+                   negative_reach=_reach(negative_references))
 
     def reference_masks(self) -> list[InstanceMask]:
-        """The clicked particles' masks (at the origin) for :func:`cryosam.merge.plausible`."""
+        """The clicked particles' masks (at the origin)."""
         return [InstanceMask((0, 0, 0), m) for m in self.masks]
+
+    def negative_masks(self) -> list[InstanceMask]:
+        """The negative clicks' masks (at the origin)."""
+        return [InstanceMask((0, 0, 0), m) for m in self.negative_crops]
+
+    def references(self, cfg: ScoreConfig) -> References | None:
+        """What matches are compared with: the clicks' masks and their density descriptions
+        made on the query's own tomogram (a version-1 query has none: size and shape only)."""
+        return learn_references(self.reference_masks(), None, cfg, densities=self.densities,
+                                reach=self.reach)
+
+    def negative_references(self, cfg: ScoreConfig) -> References | None:
+        """The same for the negative clicks (None without any)."""
+        if not self.negative_crops:
+            return None
+        return learn_references(self.negative_masks(), None, cfg,
+                                densities=self.negative_densities, reach=self.negative_reach)
 
     def summary(self) -> dict[str, Any]:
         """Everything but the arrays, as plain JSON (the ``meta`` entry of the file)."""
@@ -92,6 +128,8 @@ class SavedQuery:
             "nms_radius": self.nms_radius, "particle_radius": self.particle_radius,
             "mask_voxels": [int(m.n_voxels) for m in refs],
             "mask_elongation": [round(elongation(m), 4) for m in refs],
+            "negatives": 0 if self.negatives is None else int(len(self.negatives)),
+            "reach": self.reach, "negative_reach": self.negative_reach,
             "source": self.source, "parameters": self.parameters,
         }
 
@@ -100,11 +138,19 @@ class SavedQuery:
         out = Path(path)
         meta = self.summary()
         meta["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        shapes = np.asarray([m.shape for m in self.masks], dtype=np.int64).reshape(-1, 3)
-        bits = np.packbits(np.concatenate([m.ravel() for m in self.masks]))
+        shapes, bits = _pack(self.masks)
+        extra: dict[str, np.ndarray] = {}
+        if self.negatives is not None and len(self.negatives):
+            extra["negatives"] = self.negatives
+        if self.negative_crops:
+            extra["neg_mask_shapes"], extra["neg_mask_bits"] = _pack(self.negative_crops)
+        if self.densities is not None:
+            extra["densities"] = self.densities
+        if self.negative_densities is not None:
+            extra["negative_densities"] = self.negative_densities
         with atomic_path(out, suffix=".npz") as tmp, open(tmp, "wb") as fh:
             np.savez_compressed(fh, vectors=self.vectors, mask_shapes=shapes, mask_bits=bits,
-                                meta=np.asarray(json.dumps(meta)))
+                                meta=np.asarray(json.dumps(meta)), **extra)
         return out
 
     @classmethod
@@ -120,6 +166,7 @@ class SavedQuery:
         try:
             with np.load(p, allow_pickle=False) as data:
                 arrays = {k: data[k] for k in ("vectors", "mask_shapes", "mask_bits", "meta")}
+                arrays.update({k: data[k] for k in _OPTIONAL if k in data.files})
         except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as exc:
             raise InputError(f"{where}: not a cryosam query file ({type(exc).__name__}); save "
                              "one with `cryosam query`") from None
@@ -135,24 +182,24 @@ class SavedQuery:
         if not isinstance(version, int) or version > FORMAT_VERSION:
             raise InputError(f"{where}: format version {version} is newer than this cryosam "
                              f"reads ({FORMAT_VERSION}); upgrade cryosam")
-        shapes = np.asarray(arrays["mask_shapes"], dtype=np.int64).reshape(-1, 3)
-        flat = np.unpackbits(arrays["mask_bits"])[: int(shapes.prod(axis=1).sum())].astype(bool)
-        if flat.size != int(shapes.prod(axis=1).sum()):
-            raise InputError(f"{where}: its masks are damaged; save the query again")
-        masks, start = [], 0
-        for shape in shapes:
-            n = int(np.prod(shape))
-            masks.append(flat[start:start + n].reshape(tuple(int(s) for s in shape)))
-            start += n
+        masks = _unpack(arrays["mask_shapes"], arrays["mask_bits"], where)
+        neg_crops = (_unpack(arrays["neg_mask_shapes"], arrays["neg_mask_bits"], where)
+                     if "neg_mask_shapes" in arrays else [])
         vectors = np.asarray(arrays["vectors"], dtype=np.float32)
         if vectors.ndim != 2 or not len(vectors) or not np.isfinite(vectors).all():
             raise InputError(f"{where}: its query vectors are damaged; save the query again")
         info = {k: meta.get(k) for k in ("version", "created", "cryosam_version")}
         info.update(path=str(p.resolve()), sha256=sha256_file(p))
+        def optional(key: str) -> np.ndarray | None:
+            return np.asarray(arrays[key], dtype=np.float32) if key in arrays else None
+
         return cls(vectors, masks, str(meta["encoder_id"]), dict(meta["parameters"]),
                    str(meta["polarity"]), meta.get("radius_voxels"), int(meta["binning"]),
                    float(meta["nms_radius"]), float(meta["particle_radius"]),
-                   dict(meta.get("source") or {}), info)
+                   dict(meta.get("source") or {}), info, negatives=optional("negatives"),
+                   negative_crops=neg_crops, densities=optional("densities"),
+                   negative_densities=optional("negative_densities"),
+                   reach=meta.get("reach"), negative_reach=meta.get("negative_reach"))
 
     # ------------------------------------------------------------------ compatibility
 
@@ -233,6 +280,49 @@ class SavedQuery:
                 "queries": int(self.vectors.shape[0]), "polarity": self.polarity,
                 "binning": self.binning, "nms_radius": self.nms_radius,
                 "source": self.source}
+
+
+_OPTIONAL = ("negatives", "neg_mask_shapes", "neg_mask_bits", "densities",
+             "negative_densities")
+
+
+def _array(values: Any) -> np.ndarray:
+    """A tensor or array as a float32 array."""
+    return np.asarray(values.detach().cpu().numpy() if hasattr(values, "detach") else values,
+                      dtype=np.float32)
+
+
+def _densities(refs: References | None) -> np.ndarray | None:
+    """The references' density descriptions as (R, n), or None."""
+    if refs is None or any(d.density is None for d in refs.items):
+        return None
+    return np.stack([np.asarray(d.density, np.float32) for d in refs.items])
+
+
+def _reach(refs: References | None) -> float | None:
+    return None if refs is None else float(refs.reach)
+
+
+def _pack(crops: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Bool crops as (shapes, packed bits)."""
+    shapes = np.asarray([m.shape for m in crops], dtype=np.int64).reshape(-1, 3)
+    flat = np.concatenate([m.ravel() for m in crops]) if crops else np.zeros(0, bool)
+    return shapes, np.packbits(flat)
+
+
+def _unpack(shapes: np.ndarray, bits: np.ndarray, where: str) -> list[np.ndarray]:
+    """The inverse of :func:`_pack`; a damaged file is one clear line."""
+    shapes = np.asarray(shapes, dtype=np.int64).reshape(-1, 3)
+    total = int(shapes.prod(axis=1).sum())
+    flat = np.unpackbits(bits)[:total].astype(bool)
+    if flat.size != total:
+        raise InputError(f"{where}: its masks are damaged; save the query again")
+    out, start = [], 0
+    for shape in shapes:
+        n = int(np.prod(shape))
+        out.append(flat[start:start + n].reshape(tuple(int(s) for s in shape)))
+        start += n
+    return out
 
 
 def _plain(obj: Any) -> Any:

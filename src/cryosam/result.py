@@ -24,6 +24,7 @@ class Instance:
     similarity: float  # matching similarity with the query (1 for clicks)
     confidence: float  # segmenter confidence, clipped to [0, 1]
     click_row: int = -1  # row of its click in the points file; -1 for a match
+    agreement: float = 1.0  # with the clicked particles' size, shape, density (1 for clicks)
 
     @property
     def is_prompt(self) -> bool:
@@ -32,8 +33,9 @@ class Instance:
 
     @property
     def score(self) -> float:
-        """Matching similarity x segmenter confidence: how sure the pick is."""
-        return self.similarity * self.confidence
+        """Similarity x segmenter confidence x agreement with the clicked particles: how sure
+        the pick is (see :mod:`cryosam.score`)."""
+        return self.similarity * self.confidence * self.agreement
 
     @property
     def n_voxels(self) -> int:
@@ -62,6 +64,12 @@ class SegmentationResult:
     proposals_zyx: np.ndarray = field(default_factory=lambda: np.zeros((0, 3)))
     proposal_scores: np.ndarray = field(default_factory=lambda: np.zeros(0))
     record: dict[str, Any] = field(default_factory=dict)
+    below_cut: list[Instance] = field(default_factory=list)  # matches under the score cut
+
+    @cached_property
+    def below_cut_zyx(self) -> np.ndarray:
+        """(M, 3) positions of the matches below the score cut, best score first."""
+        return np.array([i.position() for i in self.below_cut], dtype=float).reshape(-1, 3)
 
     # per instance, in label order
     @property
@@ -98,6 +106,10 @@ class SegmentationResult:
     @property
     def pick_confidence(self) -> np.ndarray:
         return self._picked("confidence", float)
+
+    @property
+    def pick_agreement(self) -> np.ndarray:
+        return self._picked("agreement", float)
 
     @property
     def pick_is_prompt(self) -> np.ndarray:

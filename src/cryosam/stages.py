@@ -4,7 +4,9 @@ load → normalise → probe (polarity, size) → prepare (flip, bin) → clicks
 → match → segment proposals → (merge, then back to the input's voxels).
 
 :class:`cryosam.pipeline.CryoSAM` calls them in order and times them; each output has a
-``report()`` that becomes its part of the run record. Merging lives in :mod:`cryosam.merge`.
+``report()`` that becomes its part of the run record. The first stages (load to prepare)
+live in :mod:`cryosam.inputs`, the agreement with the clicks in :mod:`cryosam.score`, the
+score cut in :mod:`cryosam.cut` and merging in :mod:`cryosam.merge`.
 """
 
 from __future__ import annotations
@@ -13,209 +15,39 @@ import dataclasses
 import os
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from cryosam import io, matching
+from cryosam import matching, score
 from cryosam.config import CryosamConfig, MatchingConfig, PropagationConfig
 from cryosam.encoders.base import SliceEncoder
 from cryosam.errors import CryosamWarning, InputError
 from cryosam.features import FeatureVolume, extract_features
-from cryosam.merge import Plausibility, outside_instances, plausible
-from cryosam.normalise import normalise_volume
-from cryosam.probe import ClickProbe, bin_factor
-from cryosam.probe import probe_clicks as probe_volume
+from cryosam.inputs import (  # noqa: F401 - the first stages, re-exported
+    Inputs,
+    PointsLike,
+    TomogramLike,
+    Work,
+    load_inputs,
+    load_tomogram,
+    normalise,
+    prepare,
+    probe,
+    probe_from_query,
+)
+from cryosam.merge import off_point, outside_instances
+from cryosam.probe import ClickProbe
 from cryosam.propagation import InstanceMask, propagate
 from cryosam.query import SavedQuery
-from cryosam.record import file_info
 from cryosam.rescale import (
-    bin_volume,
     from_binned,
-    to_binned,
     upsample_labels,
     upsample_mask,
 )
 from cryosam.result import Instance
 from cryosam.segmenters.base import Segmenter
-from cryosam.utils import tomo_stem
-
-TomogramLike = io.Tomogram | str | os.PathLike[str] | np.ndarray
-PointsLike = np.ndarray | str | os.PathLike[str] | list[list[float]]
-
-
-# --------------------------------------------------------------------------- load
-
-
-@dataclass
-class Inputs:
-    """The tomogram and the clicks, in voxels (z, y, x)."""
-
-    tomogram: io.Tomogram
-    prompts: np.ndarray  # (P, 3)
-    points_source: Path | None  # the points file, None for an array
-    points_unit: str
-    name: str  # the tomogram's name in STAR outputs
-
-    def report(self) -> dict[str, Any]:
-        tomo = self.tomogram
-        return {
-            "tomogram": file_info(tomo.path),
-            "shape_zyx": list(tomo.shape),
-            "voxel_size_zyx": list(tomo.voxel_size) if tomo.voxel_size else None,
-            "origin_zyx": list(tomo.origin),
-            "points": file_info(self.points_source) if self.points_source else "array",
-            "points_unit": self.points_unit,
-            "tomo_name": self.name,
-            "prompts_zyx": self.prompts.tolist(),
-        }
-
-
-def load_inputs(tomogram: TomogramLike, points: PointsLike, *, voxel_size: float | None = None,
-                points_unit: str = "voxel", tomo_name: str | None = None,
-                points_pixel_size: float | None = None,
-                points_bin: int | None = None) -> Inputs:
-    """Read (or wrap) the tomogram and the clicks; clicks are checked against its shape.
-
-    ``points_pixel_size`` (Å): the clicks' coordinates are pixels of that size (made on a
-    differently binned copy) and are scaled to this tomogram's voxels; ``points_bin`` N says
-    the same for clicks made on a copy binned N times."""
-    tomo = _as_tomogram(tomogram, voxel_size)
-    if points_bin is not None:
-        if tomo.mean_voxel_size is None:
-            raise InputError("--points-bin needs the tomogram's voxel size; the header has "
-                             "none, so pass --voxel-size")
-        points_pixel_size = float(points_bin) * tomo.mean_voxel_size
-    if isinstance(points, str | os.PathLike):
-        ps = io.read_points(points, shape=tomo.shape, voxel_size=tomo.voxel_size,
-                            unit=points_unit, tomo_name=tomo_name,
-                            pixel_size=points_pixel_size)
-        prompts, source = np.asarray(ps.zyx, dtype=float).reshape(-1, 3), Path(points)
-    else:
-        prompts, source = np.asarray(points, dtype=float).reshape(-1, 3), None
-        if not len(prompts):
-            raise InputError("no points given; click at least one particle")
-    name = tomo_name or (tomo_stem(tomo.path) if tomo.path else "tomo")
-    return Inputs(tomo, prompts, source, points_unit, name)
-
-
-def load_tomogram(tomogram: TomogramLike, *, voxel_size: float | None = None,
-                  tomo_name: str | None = None) -> Inputs:
-    """Read (or wrap) a tomogram that has no clicks (a saved query supplies them)."""
-    tomo = _as_tomogram(tomogram, voxel_size)
-    name = tomo_name or (tomo_stem(tomo.path) if tomo.path else "tomo")
-    return Inputs(tomo, np.zeros((0, 3)), None, "voxel", name)
-
-
-def _as_tomogram(tomogram: TomogramLike, voxel_size: float | None) -> io.Tomogram:
-    if isinstance(tomogram, io.Tomogram):
-        if voxel_size is not None:
-            return dataclasses.replace(tomogram, voxel_size=(float(voxel_size),) * 3)
-        return tomogram
-    if isinstance(tomogram, np.ndarray):
-        if tomogram.ndim != 3:
-            raise InputError(f"tomogram array has shape {tomogram.shape}; need a 3-D (z, y, x) "
-                             "volume")
-        data = np.asarray(tomogram, dtype=np.float32)
-        if not np.isfinite(data).all():
-            raise InputError("tomogram array holds NaN or inf values; clean it first")
-        vs = (float(voxel_size),) * 3 if voxel_size else None
-        return io.Tomogram(data=data, voxel_size=vs, origin=(0.0, 0.0, 0.0), path=None)
-    return io.read_tomogram(tomogram, voxel_size=voxel_size)
-
-
-def normalise(tomogram: io.Tomogram, cfg: PropagationConfig) -> np.ndarray:
-    """One normalised [0, 1] copy that serves both models (the raw data may be mapped)."""
-    return normalise_volume(tomogram.data, cfg.clip_percentiles)
-
-
-# --------------------------------------------------------------------------- probe, prepare
-
-
-def probe(volume: np.ndarray, inputs: Inputs, cfg: CryosamConfig) -> ClickProbe:
-    """Polarity and particle size from the clicks (or from ``polarity``/``diameter``)."""
-    radius = None
-    if cfg.diameter is not None:
-        vs = inputs.tomogram.mean_voxel_size
-        if vs is None:
-            raise InputError("--diameter is in Å but the tomogram has no voxel size; pass "
-                             "--voxel-size")
-        radius = cfg.diameter / 2.0 / vs
-    return probe_volume(volume, inputs.prompts, polarity=cfg.polarity, radius=radius,
-                        estimate_size=cfg.propagation.target == "particle")
-
-
-def probe_from_query(saved: SavedQuery, inputs: Inputs, cfg: CryosamConfig) -> ClickProbe:
-    """Polarity and size for a tomogram without clicks: the saved query's (``polarity`` and
-    ``diameter`` still override them), with a warning when this tomogram's voxel size or
-    the polarity differ from the query's source."""
-    polarity = cfg.polarity if cfg.polarity != "auto" else saved.polarity
-    saved.warn_data(inputs.tomogram.mean_voxel_size, polarity)
-    radius, source = saved.radius, "query"
-    if cfg.diameter is not None:
-        vs = inputs.tomogram.mean_voxel_size
-        if vs is None:
-            raise InputError("--diameter is in Å but the tomogram has no voxel size; pass "
-                             "--voxel-size")
-        radius, source = cfg.diameter / 2.0 / vs, "diameter"
-    return ClickProbe(polarity, "given" if cfg.polarity != "auto" else "query",  # type: ignore[arg-type]
-                      radius, source)
-
-
-@dataclass
-class Work:
-    """What the models see: the volumes after the polarity flip and the binning, the clicks
-    and the particle radius on that grid."""
-
-    segmenter_volume: np.ndarray
-    encoder_volume: np.ndarray | None  # None when matching is off
-    prompts: np.ndarray
-    factor: int  # binning: 1 = the input's voxels
-    radius: float | None  # particle radius in work voxels
-    flipped: dict[str, bool]
-
-    def report(self) -> dict[str, Any]:
-        return {"binning": self.factor, "shape_zyx": list(self.segmenter_volume.shape),
-                "radius_voxels": None if self.radius is None else round(self.radius, 3),
-                "flipped": self.flipped}
-
-
-def prepare(volume: np.ndarray, raw: np.ndarray, inputs: Inputs, found: ClickProbe,
-            cfg: CryosamConfig, *, encoder_dark: bool | None, segmenter_dark: bool) -> Work:
-    """Flip a bright tomogram for the backends that see particles dark, and bin it when the
-    particles are large in voxels. ``encoder_dark`` None: no encoder (no matching).
-
-    The normalised ``volume`` is this run's own copy: it is flipped in place when every model
-    wants the flip (no second full-size copy)."""
-    bright = found.polarity == "bright"
-    particle = cfg.propagation.target == "particle"
-    factor = cfg.binning or (bin_factor(found.radius) if particle else 1)
-    enc = cfg.encoder
-    shared = tuple(enc.clip_percentiles) == tuple(cfg.propagation.clip_percentiles)
-    seg_flip = bright and segmenter_dark
-    enc_flip = bright and bool(encoder_dark)
-    encoder_base = None
-    if encoder_dark is not None:
-        encoder_base = volume if shared else normalise_volume(raw, enc.clip_percentiles)
-    if seg_flip and (encoder_base is None or (enc_flip and encoder_base is volume)):
-        np.subtract(1.0, volume, out=volume)  # nobody needs the unflipped copy
-        seg_vol = volume
-        if encoder_base is not None and encoder_base is not volume:
-            encoder_base = 1.0 - encoder_base
-    else:
-        seg_vol = 1.0 - volume if seg_flip else volume
-        if encoder_base is not None and enc_flip:
-            encoder_base = 1.0 - encoder_base
-    seg_binned = bin_volume(seg_vol, factor)
-    enc_binned = None
-    if encoder_base is not None:
-        enc_binned = seg_binned if encoder_base is seg_vol else bin_volume(encoder_base, factor)
-    radius = None if found.radius is None else found.radius / factor
-    return Work(seg_binned, enc_binned, to_binned(inputs.prompts, factor), factor, radius,
-                {"segmenter": seg_flip, "encoder": enc_flip})
-
 
 # --------------------------------------------------------------------------- clicks
 
@@ -264,6 +96,32 @@ def segment_clicks(work: Work, segmenter: Segmenter, cfg: PropagationConfig,
         warnings.warn(f"{stats['duplicate_clicks']} click(s) repeat an earlier click's voxel "
                       "and were merged with it", CryosamWarning, stacklevel=3)
     return Clicks(instances, stats)
+
+
+@dataclass
+class Negatives:
+    """The negative clicks' masks (structures that must not be picked) and what they did."""
+
+    masks: list[InstanceMask]
+    clicks: int
+    dropped: dict[str, int] = field(default_factory=lambda: {"inside": 0, "similarity": 0,
+                                                              "agreement": 0})
+
+    def report(self) -> dict[str, Any]:
+        return {"clicks": self.clicks, "masks": len(self.masks), "dropped": dict(self.dropped)}
+
+
+def segment_negatives(work: Work, segmenter: Segmenter, cfg: PropagationConfig) -> Negatives:
+    """3-D masks of the negative clicks (an empty one is warned of and left out)."""
+    if not len(work.negatives):
+        return Negatives([], 0)
+    res = propagate(work.segmenter_volume, work.negatives, segmenter, cfg, radius=work.radius)
+    masks = [m for m in res.instances if m.n_voxels > 0]
+    if len(masks) < len(work.negatives):
+        warnings.warn(f"{len(work.negatives) - len(masks)} negative click(s) gave an empty mask "
+                      "and exclude nothing; put them on the structure not to pick",
+                      CryosamWarning, stacklevel=3)
+    return Negatives(masks, int(len(work.negatives)))
 
 
 def nothing_found_message(found: ClickProbe | None) -> str:
@@ -325,16 +183,24 @@ class Query:
     vectors: torch.Tensor  # (Q, dim), L2-normalised
     nms_radius: float  # voxels
     particle_radius: float  # voxels, equivalent sphere of the median click mask
+    negatives: torch.Tensor | None = None  # (M, dim): one per negative click, L2-normalised
 
 
-def build_query(features: Features, clicks: Clicks, cfg: CryosamConfig) -> Query:
-    """Masked average of the features over the click masks; radii from the masks' sizes."""
+def build_query(features: Features, clicks: Clicks, cfg: CryosamConfig,
+                negatives: Negatives | None = None) -> Query:
+    """Masked average of the features over the click masks; radii from the masks' sizes;
+    one vector per negative click's mask."""
     coords = [m.coords() for m in clicks.masks]
     vectors = matching.pool_query(features.volume, coords, seed=cfg.seed,
                                  mode=cfg.matching.query)
     radius = (cfg.matching.nms_radius if cfg.matching.nms_radius is not None
               else matching.nms_radius_from_masks(coords))
-    return Query(vectors, float(radius), matching.particle_radius_from_masks(coords))
+    neg = None
+    if negatives is not None and negatives.masks:
+        neg_coords = [m.coords() for m in negatives.masks]
+        neg = matching.pool_query(features.volume, neg_coords, seed=cfg.seed, mode="max")
+        neg = neg[: len(neg_coords)]
+    return Query(vectors, float(radius), matching.particle_radius_from_masks(coords), neg)
 
 
 def query_from_saved(saved: SavedQuery, features: Features, cfg: CryosamConfig) -> Query:
@@ -342,8 +208,10 @@ def query_from_saved(saved: SavedQuery, features: Features, cfg: CryosamConfig) 
     saved.check_dim(int(features.volume.dim))
     radius = (cfg.matching.nms_radius if cfg.matching.nms_radius is not None
               else saved.nms_radius)
+    neg = (torch.from_numpy(np.array(saved.negatives, dtype=np.float32))
+           if saved.negatives is not None and len(saved.negatives) else None)
     return Query(torch.from_numpy(np.array(saved.vectors, dtype=np.float32)), float(radius),
-                 float(saved.particle_radius))
+                 float(saved.particle_radius), neg)
 
 
 @dataclass
@@ -368,13 +236,25 @@ class Matches:
 
 
 def match_query(features: Features, query: Query, clicks: Clicks, cfg: MatchingConfig,
-                device: torch.device) -> Matches:
-    """Hierarchical matching of the query over the tomogram, NMS and top-K."""
+                device: torch.device, negatives: Negatives | None = None) -> Matches:
+    """Hierarchical matching of the query over the tomogram, NMS and top-K.
+
+    With negative clicks, a proposal inside a negative mask, or more similar to a negative
+    click's query than to the positive query, is not segmented (counted in ``negatives``)."""
     found = matching.match(features.volume, query.vectors, cfg, nms_radius=query.nms_radius,
                            particle_radius=query.particle_radius, device=device)
     zyx = np.asarray(found.zyx, dtype=float).reshape(-1, 3)
     sim = np.asarray(found.scores, dtype=float).reshape(-1)
     outside = outside_instances(zyx, clicks.masks, features.volume.shape)
+    if negatives is not None and len(zyx):
+        free = outside_instances(zyx, negatives.masks, features.volume.shape)
+        negatives.dropped["inside"] += int((outside & ~free).sum())
+        outside &= free
+        if query.negatives is not None and outside.any():
+            neg_sim = matching.similarity(features.volume, zyx, query.negatives)
+            closer = outside & (neg_sim > sim)
+            negatives.dropped["similarity"] += int(closer.sum())
+            outside &= ~closer
     return Matches(zyx, sim, outside, found.stats, query)
 
 
@@ -383,35 +263,71 @@ def match_query(features: Features, query: Query, clicks: Clicks, cfg: MatchingC
 
 @dataclass
 class ProposalMasks:
-    """Masks of the matches that look like the clicked particles, and why others went."""
+    """Masks of the matches, scored against the clicked particles, and why others went."""
 
     instances: list[Instance]
     rejected: dict[str, int] = field(default_factory=dict)
     stats: dict[str, Any] = field(default_factory=dict)
+    references: dict[str, Any] = field(default_factory=dict)
 
     def report(self) -> dict[str, Any]:
         return dict(self.stats)
 
 
+def references_of(work: Work, masks: list[InstanceMask], cfg: CryosamConfig
+                  ) -> score.References | None:
+    """What the proposals are compared with: the clicked masks' size, shape and density."""
+    if cfg.propagation.target != "particle":
+        return None
+    return score.learn_references(masks, work.segmenter_volume, cfg.score)
+
+
 def segment_proposals(work: Work, matches: Matches, clicks: Clicks,
                       segmenter: Segmenter, cfg: CryosamConfig,
                       prop_cfg: PropagationConfig,
-                      references: list[InstanceMask] | None = None) -> ProposalMasks:
-    """Segment every match outside the clicks in 3-D (batched), keep the plausible ones.
+                      references: score.References | None = None,
+                      negatives: Negatives | None = None,
+                      negative_references: score.References | None = None) -> ProposalMasks:
+    """Segment every match outside the clicks in 3-D (batched) and score each mask's
+    agreement with the clicked particles (:mod:`cryosam.score`).
 
-    ``references``: the masks the plausibility filter compares with (default: the click
-    masks; a saved query brings its own)."""
+    Empty masks and masks not centred on their match are dropped; with negative clicks, so
+    is a mask that agrees better with the negatives than with the clicked particles.
+    ``references``: what the masks are compared with (default: the click masks; a saved
+    query brings its own)."""
     zyx = matches.zyx[matches.outside_clicks]
     sim = matches.similarity[matches.outside_clicks]
     if not len(zyx):
         return ProposalMasks([])
     res = propagate(work.segmenter_volume, zyx, segmenter, prop_cfg, radius=work.radius)
-    rule = Plausibility(cfg.min_size_ratio, cfg.max_size_ratio, cfg.max_elongation_ratio)
-    refs = clicks.masks if references is None else references
-    kept, rejected = plausible(res.instances, zyx, refs, prop_cfg.target, rule)
-    instances = [Instance(res.instances[i], zyx[i], float(sim[i]),
-                          float(np.clip(res.confidence[i], 0.0, 1.0))) for i in kept]
-    return ProposalMasks(instances, rejected, dict(res.stats))
+    refs = references if references is not None else references_of(work, clicks.masks, cfg)
+    neg_refs = negative_references
+    if neg_refs is None and negatives is not None and negatives.masks:
+        neg_refs = references_of(work, negatives.masks, cfg)
+    rejected = {"empty": 0, "off_point": 0}
+    instances = []
+    for i, mask in enumerate(res.instances):
+        if mask.n_voxels == 0:
+            rejected["empty"] += 1
+            continue
+        if prop_cfg.target == "particle" and off_point(mask, zyx[i]):
+            rejected["off_point"] += 1
+            continue
+        agreement = 1.0
+        if refs is not None:
+            desc = score.describe(mask, work.segmenter_volume, refs.reach)
+            agreement, _ = refs.agreement(desc)
+            if neg_refs is not None and negatives is not None:
+                against, _ = neg_refs.agreement(
+                    score.describe(mask, work.segmenter_volume, neg_refs.reach))
+                if against > agreement:
+                    negatives.dropped["agreement"] += 1
+                    continue
+        instances.append(Instance(mask, zyx[i], float(sim[i]),
+                                  float(np.clip(res.confidence[i], 0.0, 1.0)),
+                                  agreement=float(agreement)))
+    return ProposalMasks(instances, rejected, dict(res.stats),
+                         refs.stats if refs is not None else {})
 
 
 # --------------------------------------------------------------------------- back to the input
@@ -423,6 +339,6 @@ def to_input_grid(instances: list[Instance], labels: np.ndarray, factor: int,
     block); seeds in input voxels. The identity when nothing was binned."""
     if factor == 1:
         return instances, labels
-    out = [Instance(upsample_mask(i.mask, factor, shape), from_binned(i.seed, factor),
-                    i.similarity, i.confidence, i.click_row) for i in instances]
+    out = [dataclasses.replace(i, mask=upsample_mask(i.mask, factor, shape),
+                               seed=from_binned(i.seed, factor)) for i in instances]
     return out, upsample_labels(labels, factor, shape)

@@ -90,6 +90,7 @@ def _run(models: str, shape: tuple[int, int, int], dev: Any, top_k: int, max_ste
         EncoderConfig,
         MatchingConfig,
         PropagationConfig,
+        ScoreConfig,
         SegmenterConfig,
     )
     from cryosam.errors import InputError
@@ -114,7 +115,7 @@ def _run(models: str, shape: tuple[int, int, int], dev: Any, top_k: int, max_ste
             device=str(dev),
             matching=MatchingConfig(sim_threshold=-1.0, top_k=top_k),
             propagation=PropagationConfig(max_steps=max_steps),
-            min_size_ratio=0.0, max_size_ratio=1e9, max_elongation_ratio=1e9,
+            score=ScoreConfig(min_score=0.0),  # random models: keep every pick
             diameter=1e5, binning=1,  # random masks have any size: no size cap or binning
         )
         encoder = Dinov2Encoder(random_init_model("vitl14").to(dev), device=dev,

@@ -42,6 +42,11 @@ OPTION_PATHS: dict[str, str] = {
     "polarity": "polarity",
     "diameter": "diameter",
     "binning": "binning",
+    "query_mode": "matching.query",
+    "min_score": "score.min_score",
+    "size_tolerance": "score.size_tolerance",
+    "shape_tolerance": "score.shape_tolerance",
+    "density_weight": "score.density_weight",
 }
 
 EncoderChoice = StrEnum("EncoderChoice", {n: n for n in backends.names("encoder")})  # type: ignore[misc]
@@ -53,6 +58,10 @@ PolarityChoice = StrEnum("PolarityChoice",  # type: ignore[misc]
 # io.STAR_FLAVOURS, spelled out so that `cryosam --help` does not import cryosam.io
 StarChoice = StrEnum("StarChoice",  # type: ignore[misc]
                      {n: n for n in ("relion5", "warp", "relion4")})
+
+
+QueryModeChoice = StrEnum("QueryModeChoice",  # type: ignore[misc]
+                          {n: n for n in ("mean", "max")})
 
 
 class UnitChoice(StrEnum):
@@ -107,6 +116,10 @@ def register(app: typer.Typer) -> None:
         points: Path | None = typer.Option(None, "--points", "-p",
                                            help="Clicks: CSV (x,y,z or napari axis-0..2) or "
                                            "STAR; not with --copick."),
+        negative_points: Path | None = typer.Option(
+            None, "--negative-points", help="Clicks on structures NOT to pick (look-alikes, "
+            "gold, ice); CSV or STAR. Rows of --points with negative=1 (or label=negative) "
+            "count too."),
         query: Path | None = typer.Option(None, "--query", help="A saved query (`cryosam "
                                           "query`) instead of clicks: find its particles here; "
                                           "its parameters are the defaults."),
@@ -145,6 +158,24 @@ def register(app: typer.Typer) -> None:
                                             "drops below this."),
         ratios: str = typer.Option(default["ratios"], "--ratios",
                                    help="Coarse-to-fine grid ratios."),
+        query_mode: QueryModeChoice = typer.Option(
+            default["query_mode"], "--query-mode",
+            help="mean: one query averaged over every clicked voxel (the paper's); max: also "
+            "each click's own, a match scores its best."),
+        min_score: float | None = typer.Option(
+            default["min_score"], "--min-score", min=0.0, max=1.0,
+            help="Write picks scoring at least this (default: an automatic cut from this "
+            "tomogram's scores); the rest go to picks_below_cut.csv."),
+        size_tolerance: float = typer.Option(
+            default["size_tolerance"], "--size-tolerance", min=0.01,
+            help="How far a match's size may stray from the clicked ones' (std of the log "
+            "ratio; several clicks widen it to their own spread)."),
+        shape_tolerance: float = typer.Option(
+            default["shape_tolerance"], "--shape-tolerance", min=0.01,
+            help="How far a match's shape (principal-axis ratios, log) may stray."),
+        density_weight: float = typer.Option(
+            default["density_weight"], "--density-weight", min=0.0,
+            help="Weight of the density agreement in the score (0 = size and shape only)."),
         nms_radius: float | None = typer.Option(default["nms_radius"], "--nms-radius", min=0.0,
                                                 help="Voxels (default: from the clicked "
                                                 "particles' size)."),
@@ -251,7 +282,8 @@ def register(app: typer.Typer) -> None:
         else:
             out_dir = out or default_out_dir(tomo)
             check_out_dir(out_dir, overwrite,
-                          inputs=tuple(p for p in (tomo, points, query) if p is not None))
+                          inputs=tuple(p for p in (tomo, points, query, negative_points)
+                                       if p is not None))
         if cache_dir is not None:
             check_cache_dir(cache_dir, out_dir)
         if points_pixel_size is not None and points_bin is not None:
@@ -263,7 +295,7 @@ def register(app: typer.Typer) -> None:
             else:
                 tomo_in, points_in = tomo, points
             result = runner.segment(tomo_in, points_in, query=saved, match=match,
-                                    cache_dir=cache_dir,
+                                    cache_dir=cache_dir, negative_points=negative_points,
                                     voxel_size=voxel_size, points_unit=points_unit.value,
                                     tomo_name=source.run_name if source else tomo_name,
                                     points_pixel_size=points_pixel_size,
@@ -293,6 +325,9 @@ def check_input_mode(ctx: typer.Context, values: dict[str, Any]) -> None:
     """Before any work: files mode needs TOMO and --points; --copick needs --run and --object
     and reads both from the project. Options of the other mode are refused by name."""
     if values.get("query") is not None:
+        if values.get("negative_points") is not None:
+            raise InputError("--negative-points with --query: a saved query keeps the negative "
+                             "clicks it was made with (`cryosam query ... --negative-points`)")
         if values["copick"] is not None or values["points"] is not None:
             raise InputError("--query replaces the clicks: drop --points and --copick (for a "
                              "copick project use `cryosam batch CONFIG.json --query Q`)")
@@ -381,6 +416,16 @@ def print_summary(result, written: dict[str, Path], out_dir: Path) -> None:  # n
         f"{counts['proposals']} proposal(s) → {counts['instances']} instance(s), "
         f"{counts['picks']} pick(s)  " + escape(f"[{models}]")
     )
+    cut = (rec.get("score") or {}).get("cut")
+    if cut:
+        negatives = rec.get("negatives")
+        neg = ""
+        if negatives:
+            neg = (f"; {negatives['clicks']} negative click(s) removed "
+                   f"{sum(negatives['dropped'].values())} match(es)")
+        console.print(f"score cut {cut['threshold']:.4g} ({cut['method']}): "
+                      f"{rec['score']['above_cut']} match(es) written, "
+                      f"{rec['score']['below_cut']} below it in picks_below_cut.csv{neg}")
     table = Table(show_header=True, header_style="bold", box=None)
     table.add_column("stage")
     table.add_column("seconds", justify="right")

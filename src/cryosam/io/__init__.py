@@ -21,7 +21,13 @@ from cryosam.errors import CryosamWarning, InputError
 from cryosam.io._common import VoxelSize
 from cryosam.io.copick import COPICK_USER, CopickSource, open_copick, write_copick
 from cryosam.io.mrc import Tomogram, read_tomogram, write_mrc
-from cryosam.io.points import PointSet, read_points, write_napari_csv, write_picks_csv
+from cryosam.io.points import (
+    PointSet,
+    negative_rows,
+    read_points,
+    write_napari_csv,
+    write_picks_csv,
+)
 from cryosam.io.star import (
     STAR_FLAVOURS,
     StarOutputs,
@@ -41,6 +47,7 @@ __all__ = [
     "StarOutputs",
     "Tomogram",
     "VoxelSize",
+    "negative_rows",
     "open_copick",
     "read_points",
     "read_tomogram",

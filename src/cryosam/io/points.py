@@ -59,6 +59,33 @@ class PointSet:
         return self.zyx[:, ::-1]
 
 
+_YES = {"1", "1.0", "true", "yes", "y", "t"}
+_NO = {"0", "0.0", "false", "no", "n", "f", ""}
+_NEGATIVE_LABELS = {"negative", "neg", "-", "-1", "-1.0", "background", "exclude"}
+_POSITIVE_LABELS = {"positive", "pos", "+", "1", "1.0", "particle", "include"}
+
+
+def negative_rows(points: PointSet) -> np.ndarray:
+    """(N,) bool: the rows marked as negative clicks (structures not to pick), by a
+    ``negative`` column (1/0, true/false, yes/no) or a ``label`` column (negative/positive).
+    A value that is neither is refused with the row named."""
+    out = np.zeros(len(points), dtype=bool)
+    for name, truthy, falsy in (("negative", _YES, _NO), ("label", _NEGATIVE_LABELS,
+                                                            _POSITIVE_LABELS)):
+        if name not in points.columns:
+            continue
+        for i, value in enumerate(points.columns[name]):
+            text = str(value).strip().lower()
+            if text in truthy:
+                out[i] = True
+            elif text not in falsy:
+                where = f"{points.source}: " if points.source else ""
+                allowed = "1/0, true/false, yes/no" if name == "negative" else \
+                    "negative or positive"
+                raise InputError(f"{where}row {i + 1} has {name} {value!r}; use {allowed}")
+    return out
+
+
 def _normalise_unit(unit: str) -> str:
     key = str(unit).strip().lower()
     if key not in _UNIT_ALIASES:

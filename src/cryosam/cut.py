@@ -1,0 +1,100 @@
+"""The automatic score cut: which matches are written as picks.
+
+Among the matches of one tomogram, the particles of the clicked kind and the look-alikes
+form two groups of scores. Their boundary is found from the tomogram's own scores: a
+two-component Gaussian mixture on the log-scores (started from Otsu's split, fitted by EM),
+cut where a score becomes more likely to belong to the upper component than to the lower
+one. The mixture is trusted only when its two components are apart (their means separated
+by more than ``MIN_SEPARATION`` pooled standard deviations); otherwise the scores form one
+group and every match at or above ``FLOOR`` is kept. ``--min-score`` replaces all of this.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+FLOOR = 1e-3  # a match scoring below this is never written by the automatic cut
+MIN_SEPARATION = 1.5  # pooled standard deviations between the two groups' means
+MIN_MATCHES = 4  # fewer matches than this: no distribution to cut, the floor decides
+EM_STEPS = 100
+
+
+@dataclass(frozen=True)
+class Cut:
+    """The score threshold and how it was chosen."""
+
+    threshold: float
+    method: str  # "mixture", "one group", "few matches", "given"
+    separation: float | None = None  # the mixture's separation in pooled stds
+
+    def report(self) -> dict[str, object]:
+        return {"threshold": round(self.threshold, 6), "method": self.method,
+                "separation": None if self.separation is None else round(self.separation, 3)}
+
+
+def otsu(values: np.ndarray) -> float:
+    """Otsu's threshold of 1-D ``values``: the split maximising the between-group variance."""
+    v = np.sort(np.asarray(values, dtype=np.float64))
+    n = len(v)
+    if n < 2 or v[0] == v[-1]:
+        return float(v[0]) if n else 0.0
+    csum = np.cumsum(v)
+    k = np.arange(1, n)
+    mean_lo = csum[:-1] / k
+    mean_hi = (csum[-1] - csum[:-1]) / (n - k)
+    between = k * (n - k) * (mean_hi - mean_lo) ** 2
+    best = int(np.argmax(between))
+    return float(0.5 * (v[best] + v[best + 1]))
+
+
+def _mixture(x: np.ndarray, split: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """EM fit of two Gaussians to ``x`` started from the groups either side of ``split``:
+    weights, means, standard deviations (lower component first)."""
+    lo, hi = x[x <= split], x[x > split]
+    w = np.array([len(lo), len(hi)], dtype=np.float64) / len(x)
+    mu = np.array([lo.mean(), hi.mean()])
+    floor = 0.05 * float(x.std()) + 1e-6
+    sd = np.array([max(float(lo.std()), floor), max(float(hi.std()), floor)])
+    for _ in range(EM_STEPS):
+        dens = w / sd * np.exp(-0.5 * ((x[:, None] - mu) / sd) ** 2)
+        resp = dens / np.maximum(dens.sum(1, keepdims=True), 1e-300)
+        nk = resp.sum(0) + 1e-9
+        new_mu = (resp * x[:, None]).sum(0) / nk
+        sd = np.maximum(np.sqrt((resp * (x[:, None] - new_mu) ** 2).sum(0) / nk), floor)
+        w = nk / nk.sum()
+        done = np.allclose(new_mu, mu, atol=1e-7)
+        mu = new_mu
+        if done:
+            break
+    order = np.argsort(mu)
+    return w[order], mu[order], sd[order]
+
+
+def automatic_cut(scores: np.ndarray) -> Cut:
+    """The threshold that separates the matches' two score groups (see the module)."""
+    s = np.asarray(scores, dtype=np.float64)
+    s = s[np.isfinite(s)]
+    if len(s) < MIN_MATCHES:
+        return Cut(FLOOR, "few matches")
+    x = np.log(np.maximum(s, 0.1 * FLOOR))
+    if float(x.max() - x.min()) < 1e-9:
+        return Cut(FLOOR, "one group")
+    w, mu, sd = _mixture(x, otsu(x))
+    pooled = math.sqrt(0.5 * (sd[0] ** 2 + sd[1] ** 2))
+    separation = float((mu[1] - mu[0]) / pooled)
+    if separation < MIN_SEPARATION:
+        return Cut(FLOOR, "one group", separation)
+    # where the upper component's weighted density overtakes the lower's, between the means
+    grid = np.linspace(mu[0], mu[1], 512)
+    dens = w / sd * np.exp(-0.5 * ((grid[:, None] - mu) / sd) ** 2)
+    above = np.nonzero(dens[:, 1] >= dens[:, 0])[0]
+    cut = grid[above[0]] if len(above) else 0.5 * (mu[0] + mu[1])
+    return Cut(float(max(math.exp(cut), FLOOR)), "mixture", separation)
+
+
+def given_cut(min_score: float) -> Cut:
+    """The user's ``--min-score``."""
+    return Cut(float(min_score), "given")

@@ -1,0 +1,225 @@
+"""The first stages: load the tomogram and the clicks, normalise, probe the clicks (polarity,
+size) and prepare what the models see (flip, bin). See :mod:`cryosam.stages` for the rest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cryosam import io
+from cryosam.config import CryosamConfig, PropagationConfig
+from cryosam.errors import InputError
+from cryosam.normalise import normalise_volume
+from cryosam.probe import ClickProbe, bin_factor
+from cryosam.probe import probe_clicks as probe_volume
+from cryosam.query import SavedQuery
+from cryosam.record import file_info
+from cryosam.rescale import bin_volume, to_binned
+from cryosam.utils import tomo_stem
+
+TomogramLike = io.Tomogram | str | os.PathLike[str] | np.ndarray
+PointsLike = np.ndarray | str | os.PathLike[str] | list[list[float]]
+
+
+# --------------------------------------------------------------------------- load
+
+
+@dataclass
+class Inputs:
+    """The tomogram and the clicks, in voxels (z, y, x)."""
+
+    tomogram: io.Tomogram
+    prompts: np.ndarray  # (P, 3)
+    points_source: Path | None  # the points file, None for an array
+    points_unit: str
+    name: str  # the tomogram's name in STAR outputs
+    negatives: np.ndarray = field(default_factory=lambda: np.zeros((0, 3)))  # (M, 3)
+    negatives_source: Path | None = None
+
+    def report(self) -> dict[str, Any]:
+        tomo = self.tomogram
+        return {
+            "negative_points": (file_info(self.negatives_source) if self.negatives_source
+                                else None),
+            "negatives_zyx": self.negatives.tolist(),
+            "tomogram": file_info(tomo.path),
+            "shape_zyx": list(tomo.shape),
+            "voxel_size_zyx": list(tomo.voxel_size) if tomo.voxel_size else None,
+            "origin_zyx": list(tomo.origin),
+            "points": file_info(self.points_source) if self.points_source else "array",
+            "points_unit": self.points_unit,
+            "tomo_name": self.name,
+            "prompts_zyx": self.prompts.tolist(),
+        }
+
+
+def load_inputs(tomogram: TomogramLike, points: PointsLike, *, voxel_size: float | None = None,
+                points_unit: str = "voxel", tomo_name: str | None = None,
+                points_pixel_size: float | None = None,
+                points_bin: int | None = None,
+                negative_points: PointsLike | None = None) -> Inputs:
+    """Read (or wrap) the tomogram and the clicks; clicks are checked against its shape.
+
+    ``points_pixel_size`` (Å): the clicks' coordinates are pixels of that size (made on a
+    differently binned copy) and are scaled to this tomogram's voxels; ``points_bin`` N says
+    the same for clicks made on a copy binned N times. Negative clicks (structures that must
+    not be picked) come from ``negative_points`` and from rows of the points file whose
+    ``negative`` column is 1/true/yes or whose ``label`` column says negative."""
+    tomo = _as_tomogram(tomogram, voxel_size)
+    if points_bin is not None:
+        if tomo.mean_voxel_size is None:
+            raise InputError("--points-bin needs the tomogram's voxel size; the header has "
+                             "none, so pass --voxel-size")
+        points_pixel_size = float(points_bin) * tomo.mean_voxel_size
+    if isinstance(points, str | os.PathLike):
+        ps = io.read_points(points, shape=tomo.shape, voxel_size=tomo.voxel_size,
+                            unit=points_unit, tomo_name=tomo_name,
+                            pixel_size=points_pixel_size)
+        prompts, source = np.asarray(ps.zyx, dtype=float).reshape(-1, 3), Path(points)
+        flagged = io.negative_rows(ps)
+        negatives = prompts[flagged]
+        prompts = prompts[~flagged]
+        if not len(prompts):
+            raise InputError(f"{points}: every row is a negative click; click at least one "
+                             "particle to find (a row without the negative flag)")
+    else:
+        prompts, source = np.asarray(points, dtype=float).reshape(-1, 3), None
+        negatives = np.zeros((0, 3))
+        if not len(prompts):
+            raise InputError("no points given; click at least one particle")
+    neg_source = None
+    if negative_points is not None:
+        if isinstance(negative_points, str | os.PathLike):
+            ns = io.read_points(negative_points, shape=tomo.shape, voxel_size=tomo.voxel_size,
+                                unit=points_unit, tomo_name=tomo_name,
+                                pixel_size=points_pixel_size)
+            more, neg_source = np.asarray(ns.zyx, float), Path(negative_points)
+        else:
+            more = np.asarray(negative_points, dtype=float)
+        negatives = np.vstack([negatives, more.reshape(-1, 3)])
+    name = tomo_name or (tomo_stem(tomo.path) if tomo.path else "tomo")
+    return Inputs(tomo, prompts, source, points_unit, name, negatives, neg_source)
+
+
+def load_tomogram(tomogram: TomogramLike, *, voxel_size: float | None = None,
+                  tomo_name: str | None = None) -> Inputs:
+    """Read (or wrap) a tomogram that has no clicks (a saved query supplies them)."""
+    tomo = _as_tomogram(tomogram, voxel_size)
+    name = tomo_name or (tomo_stem(tomo.path) if tomo.path else "tomo")
+    return Inputs(tomo, np.zeros((0, 3)), None, "voxel", name)
+
+
+def _as_tomogram(tomogram: TomogramLike, voxel_size: float | None) -> io.Tomogram:
+    if isinstance(tomogram, io.Tomogram):
+        if voxel_size is not None:
+            return dataclasses.replace(tomogram, voxel_size=(float(voxel_size),) * 3)
+        return tomogram
+    if isinstance(tomogram, np.ndarray):
+        if tomogram.ndim != 3:
+            raise InputError(f"tomogram array has shape {tomogram.shape}; need a 3-D (z, y, x) "
+                             "volume")
+        data = np.asarray(tomogram, dtype=np.float32)
+        if not np.isfinite(data).all():
+            raise InputError("tomogram array holds NaN or inf values; clean it first")
+        vs = (float(voxel_size),) * 3 if voxel_size else None
+        return io.Tomogram(data=data, voxel_size=vs, origin=(0.0, 0.0, 0.0), path=None)
+    return io.read_tomogram(tomogram, voxel_size=voxel_size)
+
+
+def normalise(tomogram: io.Tomogram, cfg: PropagationConfig) -> np.ndarray:
+    """One normalised [0, 1] copy that serves both models (the raw data may be mapped)."""
+    return normalise_volume(tomogram.data, cfg.clip_percentiles)
+
+
+# --------------------------------------------------------------------------- probe, prepare
+
+
+def probe(volume: np.ndarray, inputs: Inputs, cfg: CryosamConfig) -> ClickProbe:
+    """Polarity and particle size from the clicks (or from ``polarity``/``diameter``)."""
+    radius = None
+    if cfg.diameter is not None:
+        vs = inputs.tomogram.mean_voxel_size
+        if vs is None:
+            raise InputError("--diameter is in Å but the tomogram has no voxel size; pass "
+                             "--voxel-size")
+        radius = cfg.diameter / 2.0 / vs
+    return probe_volume(volume, inputs.prompts, polarity=cfg.polarity, radius=radius,
+                        estimate_size=cfg.propagation.target == "particle")
+
+
+def probe_from_query(saved: SavedQuery, inputs: Inputs, cfg: CryosamConfig) -> ClickProbe:
+    """Polarity and size for a tomogram without clicks: the saved query's (``polarity`` and
+    ``diameter`` still override them), with a warning when this tomogram's voxel size or
+    the polarity differ from the query's source."""
+    polarity = cfg.polarity if cfg.polarity != "auto" else saved.polarity
+    saved.warn_data(inputs.tomogram.mean_voxel_size, polarity)
+    radius, source = saved.radius, "query"
+    if cfg.diameter is not None:
+        vs = inputs.tomogram.mean_voxel_size
+        if vs is None:
+            raise InputError("--diameter is in Å but the tomogram has no voxel size; pass "
+                             "--voxel-size")
+        radius, source = cfg.diameter / 2.0 / vs, "diameter"
+    return ClickProbe(polarity, "given" if cfg.polarity != "auto" else "query",  # type: ignore[arg-type]
+                      radius, source)
+
+
+@dataclass
+class Work:
+    """What the models see: the volumes after the polarity flip and the binning, the clicks
+    and the particle radius on that grid."""
+
+    segmenter_volume: np.ndarray
+    encoder_volume: np.ndarray | None  # None when matching is off
+    prompts: np.ndarray
+    factor: int  # binning: 1 = the input's voxels
+    radius: float | None  # particle radius in work voxels
+    flipped: dict[str, bool]
+    negatives: np.ndarray = field(default_factory=lambda: np.zeros((0, 3)))  # work voxels
+
+    def report(self) -> dict[str, Any]:
+        return {"binning": self.factor, "shape_zyx": list(self.segmenter_volume.shape),
+                "radius_voxels": None if self.radius is None else round(self.radius, 3),
+                "flipped": self.flipped}
+
+
+def prepare(volume: np.ndarray, raw: np.ndarray, inputs: Inputs, found: ClickProbe,
+            cfg: CryosamConfig, *, encoder_dark: bool | None, segmenter_dark: bool) -> Work:
+    """Flip a bright tomogram for the backends that see particles dark, and bin it when the
+    particles are large in voxels. ``encoder_dark`` None: no encoder (no matching).
+
+    The normalised ``volume`` is this run's own copy: it is flipped in place when every model
+    wants the flip (no second full-size copy)."""
+    bright = found.polarity == "bright"
+    particle = cfg.propagation.target == "particle"
+    factor = cfg.binning or (bin_factor(found.radius) if particle else 1)
+    enc = cfg.encoder
+    shared = tuple(enc.clip_percentiles) == tuple(cfg.propagation.clip_percentiles)
+    seg_flip = bright and segmenter_dark
+    enc_flip = bright and bool(encoder_dark)
+    encoder_base = None
+    if encoder_dark is not None:
+        encoder_base = volume if shared else normalise_volume(raw, enc.clip_percentiles)
+    if seg_flip and (encoder_base is None or (enc_flip and encoder_base is volume)):
+        np.subtract(1.0, volume, out=volume)  # nobody needs the unflipped copy
+        seg_vol = volume
+        if encoder_base is not None and encoder_base is not volume:
+            encoder_base = 1.0 - encoder_base
+    else:
+        seg_vol = 1.0 - volume if seg_flip else volume
+        if encoder_base is not None and enc_flip:
+            encoder_base = 1.0 - encoder_base
+    seg_binned = bin_volume(seg_vol, factor)
+    enc_binned = None
+    if encoder_base is not None:
+        enc_binned = seg_binned if encoder_base is seg_vol else bin_volume(encoder_base, factor)
+    radius = None if found.radius is None else found.radius / factor
+    return Work(seg_binned, enc_binned, to_binned(inputs.prompts, factor), factor, radius,
+                {"segmenter": seg_flip, "encoder": enc_flip},
+                to_binned(inputs.negatives, factor))
