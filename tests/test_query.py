@@ -146,3 +146,36 @@ def test_points_and_query_together_are_refused(saved, other_sim, weight_free) ->
     _, files = other_sim
     with pytest.raises(InputError, match="not both"):
         CryoSAM(weight_free).segment(files["tomo.mrc"], files["prompt.csv"], query=q)
+
+
+def test_query_keeps_negatives_and_densities(small_sim, other_sim, weight_free,
+                                             tmp_path: Path) -> None:
+    """Format 2: the negative clicks' vectors and masks and the clicks' density descriptions
+    travel with the query and act in the other tomogram; a format-1 file still loads."""
+    sim, files = small_sim
+    blob = next(p for p in sim.particles if p.kind != sim.target_kind)
+    model = CryoSAM(weight_free)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CryosamWarning)
+        q = model.make_query(files["tomo.mrc"], files["prompt.csv"],
+                             negative_points=np.asarray([blob.zyx]))
+    path = q.save(tmp_path / "neg.cryosam-query")
+    back = SavedQuery.load(path)
+    assert back.negatives is not None and back.negatives.shape == (1, q.vectors.shape[1])
+    assert len(back.negative_crops) == 1 and back.densities is not None
+    assert back.reach == pytest.approx(q.reach)
+    refs = back.references(weight_free.score)
+    assert refs is not None and refs.density is not None
+    other, other_files = other_sim
+    res = model.segment(other_files["tomo.mrc"], query=back)
+    assert res.record["negatives"]["clicks"] == 1
+    # a version-1 file: no negatives, no densities; size and shape still score
+    v1 = SavedQuery(back.vectors, back.masks, back.encoder_id, back.parameters, back.polarity,
+                    back.radius, back.binning, back.nms_radius, back.particle_radius,
+                    back.source)
+    old = v1.save(tmp_path / "v1.cryosam-query")
+    loaded = SavedQuery.load(old)
+    assert loaded.negatives is None and loaded.densities is None
+    refs = loaded.references(weight_free.score)
+    assert refs is not None and refs.density is None
+    assert len(model.segment(other_files["tomo.mrc"], query=loaded).picks_zyx) > 0

@@ -23,10 +23,16 @@ def register(app: typer.Typer) -> None:
                                    help="default, or crowded: one and five clicks per kind "
                                    "among 8 look-alike kinds, P/R/F1/best F1/AP per kind."),
         snr: float = typer.Option(0.5, "--snr", help="crowded: signal-to-noise ratio."),
+        query_mode: str = typer.Option("both", "--query-mode",
+                                       help="crowded: mean, max or both (each is reported)."),
+        negatives: bool = typer.Option(True, "--negatives/--no-negatives",
+                                       help="crowded: also rerun each kind with one negative "
+                                       "click on the kind it confuses most."),
     ) -> None:
-        """One-click and five-click F1, distractors picked, membrane Dice, per seed."""
+        """Picks as written (precision, recall, F1) and ranked, per seed or per kind."""
         if preset == "crowded":
-            _crowded(seeds, shape, device, snr)
+            modes = ("mean", "max") if query_mode == "both" else (query_mode,)
+            _crowded(seeds, shape, device, snr, modes, negatives)
             return
         import dataclasses
 
@@ -46,7 +52,8 @@ def register(app: typer.Typer) -> None:
             cfg, propagation=dataclasses.replace(cfg.propagation, target="membrane"))
         model, membrane_model = CryoSAM(cfg), CryoSAM(membrane_cfg)
         dims = parse_shape(shape)
-        typer.echo("seed  F1 1 click  distractors  F1 5 clicks  membrane Dice (5 clicks)")
+        typer.echo("seed  1 click: P     R     F1  distractors  5 clicks: P     R     F1  "
+                   "membrane Dice (5 clicks)")
         rows = []
         for seed in (int(s) for s in seeds.split(",") if s.strip()):
             sim = simulate(SimulationConfig(shape=dims, seed=seed))
@@ -55,7 +62,8 @@ def register(app: typer.Typer) -> None:
             row = []
             for k in (1, 5):
                 res = model.segment(sim.volume, sim.prompt_points[:k], voxel_size=sim.voxel_size)
-                row.append(evaluate_picks(res.picks_zyx, truth, sim.target_radius).f1)
+                ev = evaluate_picks(res.picks_zyx, truth, sim.target_radius)
+                row += [ev.precision, ev.recall, ev.f1]
                 if k == 1:
                     row.append(fraction_picked(others, res.picks_zyx, sim.target_radius))
             dice = float("nan")
@@ -65,56 +73,113 @@ def register(app: typer.Typer) -> None:
                 dice = mask_metrics(res.semantic > 0, sim.membrane).dice
             row.append(dice)
             rows.append(row)
-            typer.echo(f"{seed:4d}  {row[0]:11.3f}  {100 * row[1]:10.0f} %  {row[2]:11.3f}  "
-                       f"{row[3]:.3f}")
-        mean = np.nanmean(np.array(rows, dtype=float), axis=0)
-        typer.echo(f"mean  {mean[0]:11.3f}  {100 * mean[1]:10.0f} %  {mean[2]:11.3f}  "
-                   f"{mean[3]:.3f}")
+            typer.echo(_default_row(f"{seed:4d}", row))
+        typer.echo(_default_row("mean", list(np.nanmean(np.array(rows, dtype=float), axis=0))))
 
 
-def _crowded(seeds: str, shape: str, device: str, snr: float) -> None:
-    """Per kind of the crowded preset: one and five clicks, picks as written and ranked."""
+def _default_row(head: str, row: list[float]) -> str:
+    """precision, recall, F1 (1 click), distractors, the same for 5 clicks, membrane Dice."""
+    return (f"{head:4s}  {row[0]:13.3f} {row[1]:5.3f} {row[2]:5.3f}  {100 * row[3]:9.0f} %  "
+            f"{row[4]:14.3f} {row[5]:5.3f} {row[6]:5.3f}  {row[7]:.3f}")
+
+
+def _crowded(seeds: str, shape: str, device: str, snr: float, modes: tuple[str, ...],
+             negatives: bool) -> None:
+    """Per kind of the crowded preset: one and five clicks, picks as written and ranked, for
+    each query mode; then one negative click on the most confused kind."""
     import numpy as np
 
     from cryosam import backends
-    from cryosam.config import CryosamConfig, EncoderConfig, SegmenterConfig
-    from cryosam.errors import InputError
-    from cryosam.metrics import evaluate_picks
+    from cryosam.config import CryosamConfig, EncoderConfig, MatchingConfig, SegmenterConfig
     from cryosam.pipeline import CryoSAM
     from cryosam.simulate import SimulationConfig, simulate
-    from cryosam.simulate.crowded import CROWDED_KINDS, kind_clicks
+    from cryosam.simulate.crowded import CROWDED_KINDS
     from cryosam.utils import parse_shape
 
-    model = CryoSAM(CryosamConfig(
+    models = {mode: CryoSAM(CryosamConfig(
         encoder=EncoderConfig(name=backends.weight_free("encoder")),
-        segmenter=SegmenterConfig(name=backends.weight_free("segmenter")), device=device))
-    rows: dict[tuple[str, int], list[list[float]]] = {}
+        segmenter=SegmenterConfig(name=backends.weight_free("segmenter")), device=device,
+        matching=MatchingConfig(query=mode))) for mode in modes}  # type: ignore[arg-type]
+    rows: dict[tuple[str, int, str], list[list[float]]] = {}
+    neg_rows: dict[str, list[list[float]]] = {}
     for seed in (int(v) for v in seeds.split(",") if v.strip()):
         sim = simulate(SimulationConfig(shape=parse_shape(shape), seed=seed, snr=snr,
                                         preset="crowded"))
         for kind in CROWDED_KINDS:
-            truth = sim.points(kind)
-            radius = float(np.median([p.radius for p in sim.particles if p.kind == kind]))
-            for k in (1, 5):
-                try:
-                    res = model.segment(sim.volume, kind_clicks(sim, kind, k),
-                                        voxel_size=sim.voxel_size)
-                except InputError:  # every click empty: nothing picked
-                    rows.setdefault((kind, k), []).append([0.0, 0.0, 0.0, 0.0, 0.0])
-                    continue
-                ev = evaluate_picks(res.picks_zyx, truth, radius, scores=res.pick_scores)
-                ranked = ev.ranked
-                rows.setdefault((kind, k), []).append([
-                    ev.precision, ev.recall, ev.f1, ranked.best_f1 if ranked else ev.f1,
-                    ranked.average_precision if ranked else 0.0])
-    typer.echo(f"{'kind':12s} clicks  precision  recall     F1  best F1     AP")
-    for k in (1, 5):
-        means = []
-        for kind in CROWDED_KINDS:
-            m = np.mean(rows[(kind, k)], axis=0)
-            means.append(m)
-            typer.echo(f"{kind:12s} {k:6d}  {m[0]:9.3f}  {m[1]:6.3f}  {m[2]:5.3f}  {m[3]:7.3f}  "
-                       f"{m[4]:5.3f}")
-        m = np.mean(means, axis=0)
-        typer.echo(f"{'mean':12s} {k:6d}  {m[0]:9.3f}  {m[1]:6.3f}  {m[2]:5.3f}  {m[3]:7.3f}  "
-                   f"{m[4]:5.3f}")
+            for mode, model in models.items():
+                for k in (1, 5):
+                    row, kinds = _crowded_run(model, sim, kind, k)
+                    rows.setdefault((kind, k, mode), []).append(row)
+                    wrong = [x for x in kinds if x not in (kind, None)]
+                    if negatives and k == 1 and mode == modes[0] and wrong:
+                        other = max(sorted(set(wrong)), key=wrong.count)
+                        after, kinds_after = _crowded_run(model, sim, kind, 1, negative=other)
+                        neg_rows.setdefault(kind, []).append(
+                            [row[0], after[0], _share(kinds, other), _share(kinds_after, other)])
+    typer.echo(f"{'kind':12s} query clicks  precision  recall     F1  best F1     AP")
+    for mode in modes:
+        for k in (1, 5):
+            means = []
+            for kind in CROWDED_KINDS:
+                m = np.mean(rows[(kind, k, mode)], axis=0)
+                means.append(m)
+                typer.echo(f"{kind:12s} {mode:5s} {k:6d}  {m[0]:9.3f}  {m[1]:6.3f}  {m[2]:5.3f}  "
+                           f"{m[3]:7.3f}  {m[4]:5.3f}")
+            m = np.mean(means, axis=0)
+            typer.echo(f"{'mean':12s} {mode:5s} {k:6d}  {m[0]:9.3f}  {m[1]:6.3f}  {m[2]:5.3f}  "
+                       f"{m[3]:7.3f}  {m[4]:5.3f}")
+    if neg_rows:
+        typer.echo("one negative click on the kind picked most wrongly (1 click, "
+                   f"{modes[0]} query):")
+        typer.echo(f"{'kind':12s} precision before  after   share of that kind before  after")
+        for kind, vals in neg_rows.items():
+            m = np.mean(vals, axis=0)
+            typer.echo(f"{kind:12s} {m[0]:16.3f}  {m[1]:5.3f}  {m[2]:25.3f}  {m[3]:5.3f}")
+
+
+def _share(kinds: list[str | None], other: str) -> float:
+    """Share of the picks that landed on ``other`` particles."""
+    return sum(x == other for x in kinds) / max(len(kinds), 1)
+
+
+def _crowded_run(model, sim, kind: str, k: int, negative: str | None = None  # noqa: ANN001
+                 ) -> tuple[list[float], list[str | None]]:
+    """One run: [precision, recall, F1 as written, best F1 over cuts, AP] and the kind each
+    written pick landed on (None: background). ``negative``: one negative click on that
+    kind."""
+    import numpy as np
+
+    from cryosam.errors import InputError
+    from cryosam.metrics import evaluate_picks
+    from cryosam.simulate.crowded import kind_clicks
+
+    truth = sim.points(kind)
+    radius = float(np.median([p.radius for p in sim.particles if p.kind == kind]))
+    neg = None if negative is None else kind_clicks(sim, negative, 1)
+    try:
+        res = model.segment(sim.volume, kind_clicks(sim, kind, k), voxel_size=sim.voxel_size,
+                            negative_points=neg)
+    except InputError:  # every click empty: nothing picked
+        return [0.0, 0.0, 0.0, 0.0, 0.0], []
+    ev = evaluate_picks(res.picks_zyx, truth, radius)
+    # every pick the run scored, written or below the cut; clicks first
+    every = np.vstack([res.picks_zyx, res.below_cut_zyx])
+    scores = np.concatenate([res.pick_scores + 2.0 * res.pick_is_prompt,
+                             [i.score for i in res.below_cut]])
+    ranked = evaluate_picks(every, truth, radius, scores=scores).ranked
+    return ([ev.precision, ev.recall, ev.f1, ranked.best_f1 if ranked else ev.f1,
+             ranked.average_precision if ranked else 0.0], _kinds_of(sim, res.picks_zyx))
+
+
+def _kinds_of(sim, picks) -> list[str | None]:  # noqa: ANN001
+    """The kind of the particle each pick lands on (within its radius), None for none."""
+    import numpy as np
+
+    centres = np.asarray([p.zyx for p in sim.particles])
+    radii = np.asarray([p.radius for p in sim.particles])
+    out: list[str | None] = []
+    for p in np.asarray(picks).reshape(-1, 3):
+        d = np.linalg.norm(centres - p, axis=1)
+        i = int(np.argmin(d))
+        out.append(sim.particles[i].kind if d[i] <= radii[i] else None)
+    return out

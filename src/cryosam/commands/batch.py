@@ -19,7 +19,7 @@ from cryosam.errors import InputError, Terminated
 
 # segment options that name one tomogram, or that batch defines itself
 BATCH_EXCLUDED = frozenset({"tomo", "points", "query", "out", "overwrite", "copick", "run",
-                            "copick_session", "tomo_name", "star_tomo_name"})
+                            "copick_session", "tomo_name", "star_tomo_name", "negative_points"})
 COPICK_SELECTORS = {"object_name": "object", "voxel_spacing": "voxel_spacing",
                     "tomo_type": "tomo_type", "clicks_user": "clicks_user",
                     "clicks_session": "clicks_session"}

@@ -118,7 +118,8 @@ def register(app: typer.Typer) -> None:
             tomo, Path(values["points"]), cache_dir=cache_dir,
             voxel_size=values.get("voxel_size"), points_unit=getattr(unit, "value", unit),
             tomo_name=values.get("tomo_name"), points_pixel_size=values.get("points_pixel_size"),
-            points_bin=values.get("points_bin"))
+            points_bin=values.get("points_bin"),
+            negative_points=values.get("negative_points"))
         saved.save(out)
         if not values.get("quiet"):
             s = saved.summary()

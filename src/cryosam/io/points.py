@@ -82,7 +82,7 @@ def negative_rows(points: PointSet) -> np.ndarray:
                 where = f"{points.source}: " if points.source else ""
                 allowed = "1/0, true/false, yes/no" if name == "negative" else \
                     "negative or positive"
-                raise InputError(f"{where}row {i + 1} has {name} {value!r}; use {allowed}")
+                raise InputError(f"{where}row {i + 1} has {name} {str(value)!r}; use {allowed}")
     return out
 
 

@@ -1,0 +1,233 @@
+"""The pick score (agreement with the clicked particles), the automatic cut, what is written
+above and below it, and negative clicks."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cryosam.config import CryosamConfig, ScoreConfig
+from cryosam.cut import FLOOR, automatic_cut, otsu
+from cryosam.errors import CryosamWarning, InputError
+from cryosam.export import write_outputs
+from cryosam.io import PointSet, negative_rows
+from cryosam.pipeline import CryoSAM
+from cryosam.propagation import InstanceMask
+from cryosam.score import describe, learn_references, principal_log_axes
+
+FAST = ("--encoder", "filterbank", "--segmenter", "threshold", "--device", "cpu")
+
+
+def _ellipsoid(radii: tuple[float, float, float], size: int = 31) -> np.ndarray:
+    g = np.indices((size,) * 3) - size // 2
+    return sum((g[i] / radii[i]) ** 2 for i in range(3)) <= 1.0
+
+
+def _mask(dense: np.ndarray, offset=(0, 0, 0)) -> InstanceMask:
+    m = InstanceMask.from_dense(dense)
+    return InstanceMask(tuple(int(a + b) for a, b in zip(m.offset, offset, strict=True)),
+                        m.mask)
+
+
+# ------------------------------------------------------------------------- agreement
+
+
+def test_shape_description_tells_round_from_elongated() -> None:
+    ball = principal_log_axes(_mask(_ellipsoid((6, 6, 6))))
+    rod = principal_log_axes(_mask(_ellipsoid((12, 4, 4))))
+    assert np.allclose(ball, 0.0, atol=0.05)
+    assert rod[0] < math.log(0.5) and rod[1] < math.log(0.5)
+
+
+def _scene() -> tuple[np.ndarray, dict[str, list[tuple[int, int, int]]]]:
+    """Dark balls, dark hollow shells and dark dumbbells of one size on noise."""
+    rng = np.random.default_rng(0)
+    vol = rng.normal(0, 0.3, (48, 96, 96)).astype(np.float32)
+    g = np.indices((17, 17, 17)) - 8
+    r = np.sqrt((g**2).sum(0))
+    shapes = {"ball": r <= 6, "shell": (r <= 6.5) & (r >= 4.5),
+              "dumbbell": (np.sqrt(((g - [[[[0]]], [[[0]]], [[[3]]]]) ** 2).sum(0)) <= 4)
+              | (np.sqrt(((g + [[[[0]]], [[[0]]], [[[3]]]]) ** 2).sum(0)) <= 4)}
+    centres: dict[str, list[tuple[int, int, int]]] = {k: [] for k in shapes}
+    for i, (z, y) in enumerate([(12, 12), (12, 36), (12, 60), (12, 84), (36, 12), (36, 36),
+                                (36, 60), (36, 84), (24, 48)]):
+        kind = list(shapes)[i % 3]
+        x = 20 + 28 * (i % 3)
+        vol[z - 8:z + 9, y - 8:y + 9, x - 8:x + 9][shapes[kind]] -= 1.0
+        centres[kind].append((z, y, x))
+    return vol, centres
+
+
+def test_density_agreement_ranks_the_clicked_kind_first() -> None:
+    """One click on a ball: other balls agree better than shells or dumbbells of its size."""
+    vol, centres = _scene()
+    g = np.indices((17, 17, 17)) - 8
+    ball = np.sqrt((g**2).sum(0)) <= 6
+
+    def mask_at(c):  # noqa: ANN001
+        return InstanceMask(tuple(int(v) - 8 for v in c), ball)  # same mask for all kinds
+
+    refs = learn_references([mask_at(centres["ball"][0])], vol, ScoreConfig())
+    assert refs is not None
+    agree = {kind: [refs.agreement(describe(mask_at(c), vol, refs.reach))[1]["density"]
+                    for c in cs[1:] if True] for kind, cs in centres.items()}
+    # size and shape are identical here: only the density can tell them apart
+    assert min(agree["ball"]) > max(agree["shell"] + agree["dumbbell"]), agree
+
+
+def test_size_tolerance_is_learned_from_several_clicks() -> None:
+    small, big = _mask(_ellipsoid((4, 4, 4))), _mask(_ellipsoid((7, 7, 7)))
+    cfg = ScoreConfig(size_tolerance=0.1)
+    one = learn_references([small], None, cfg)
+    three = learn_references([small, big, _mask(_ellipsoid((5.5, 5.5, 5.5)))], None, cfg)
+    assert one is not None and three is not None
+    assert one.size_sigma == pytest.approx(0.1)
+    assert three.size_sigma > 0.5  # their own spread, wider than the configured floor
+    mid = describe(_mask(_ellipsoid((5, 5, 5))), None, 1.0)
+    assert three.agreement(mid)[1]["size"] > one.agreement(mid)[1]["size"]
+    assert learn_references([InstanceMask((0, 0, 0), np.zeros((2, 2, 2), bool))], None,
+                            cfg) is None
+
+
+# ------------------------------------------------------------------------- the cut
+
+
+def test_automatic_cut_separates_two_groups() -> None:
+    rng = np.random.default_rng(1)
+    good = np.exp(rng.normal(math.log(0.3), 0.5, 20))
+    junk = np.exp(rng.normal(math.log(0.003), 0.6, 60))
+    cut = automatic_cut(np.concatenate([good, junk]))
+    assert cut.method == "mixture" and cut.separation > 3
+    assert (good >= cut.threshold).mean() >= 0.95
+    assert (junk >= cut.threshold).mean() <= 0.05
+
+
+def test_one_group_or_few_matches_keep_all_above_the_floor() -> None:
+    rng = np.random.default_rng(2)
+    one = np.exp(rng.normal(math.log(0.3), 0.3, 40))
+    assert automatic_cut(one).method == "one group"
+    assert automatic_cut(one).threshold == FLOOR
+    assert automatic_cut(np.array([0.5, 0.2])).method == "few matches"
+    assert otsu(np.array([1.0, 1.1, 5.0, 5.2])) == pytest.approx(3.05)
+
+
+# ------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def scored_run(small_sim, weight_free):
+    sim, files = small_sim
+    return CryoSAM(weight_free).segment(files["tomo.mrc"], files["prompt.csv"])
+
+
+def test_written_picks_are_the_ones_at_or_above_the_cut(scored_run, tmp_path: Path) -> None:
+    res = scored_run
+    cut = res.record["score"]["cut"]
+    assert cut["method"] in ("mixture", "one group", "few matches")
+    matches = ~res.pick_is_prompt
+    assert (res.pick_scores[matches] >= cut["threshold"]).all()
+    assert all(i.score < cut["threshold"] for i in res.below_cut)
+    assert res.record["score"]["above_cut"] == int(matches.sum())
+    assert res.record["score"]["below_cut"] == len(res.below_cut)
+    # the label volume holds exactly the written picks
+    assert int(res.labels.max()) == len(res.instances)
+    assert list(res.pick_scores) == sorted(res.pick_scores, reverse=True) or \
+        res.pick_is_prompt.any()
+    out = tmp_path / "o"
+    written = write_outputs(res, out, preview=False)
+    if res.below_cut:
+        rows = list(csv.DictReader(open(written["picks_below_cut.csv"])))
+        assert len(rows) == len(res.below_cut)
+        scores = [float(r["score"]) for r in rows]
+        assert scores == sorted(scores, reverse=True) and max(scores) < cut["threshold"]
+        assert {"x", "y", "z", "agreement", "similarity"} <= set(rows[0])
+    picks = list(csv.DictReader(open(written["picks.csv"])))
+    assert len(picks) == len(res.picks_zyx) and "agreement" in picks[0]
+
+
+def test_min_score_overrides_the_cut(small_sim, weight_free, scored_run) -> None:
+    sim, files = small_sim
+    keep_all = CryoSAM(CryosamConfig.from_dict({**weight_free.to_dict(),
+                                                "score": {"min_score": 0.0}}))
+    res = keep_all.segment(files["tomo.mrc"], files["prompt.csv"])
+    assert res.record["score"]["cut"]["method"] == "given" and not res.below_cut
+    assert len(res.picks_zyx) == len(scored_run.picks_zyx) + len(scored_run.below_cut)
+
+
+def test_retired_ratio_parameters_are_read_with_a_warning(weight_free) -> None:
+    old = {**weight_free.to_dict(), "min_size_ratio": 0.33, "max_elongation_ratio": 1.5}
+    old.pop("score")
+    with pytest.warns(CryosamWarning, match="min_size_ratio"):
+        cfg = CryosamConfig.from_dict(old)
+    assert cfg.score == ScoreConfig()
+    with pytest.raises(InputError, match="score.min_score"):
+        ScoreConfig(min_score=2.0)
+
+
+# ------------------------------------------------------------------------- negatives
+
+
+def test_negative_rows_by_column_or_label() -> None:
+    ps = PointSet(np.zeros((4, 3)), {"negative": np.array([0.0, 1.0, 0.0, 1.0])})
+    assert negative_rows(ps).tolist() == [False, True, False, True]
+    ps = PointSet(np.zeros((3, 3)), {"label": np.array(["positive", "negative", "pos"])})
+    assert negative_rows(ps).tolist() == [False, True, False]
+    with pytest.raises(InputError, match="row 2 has label 'maybe'"):
+        negative_rows(PointSet(np.zeros((2, 3)), {"label": np.array(["pos", "maybe"])}))
+
+
+def test_negative_click_removes_what_it_names(small_sim, weight_free) -> None:
+    """A negative click on a distractor: no pick lands on that distractor's kind any more,
+    and the record counts what the negatives removed."""
+    sim, _ = small_sim
+    model = CryoSAM(CryosamConfig.from_dict({**weight_free.to_dict(),
+                                             "score": {"min_score": 0.0}}))
+    plain = model.segment(sim.volume, sim.prompt_points[:1], voxel_size=sim.voxel_size)
+    blobs = [p for p in sim.particles if p.kind != sim.target_kind]
+    assert blobs
+    neg = np.asarray([blobs[0].zyx])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CryosamWarning)
+        res = model.segment(sim.volume, sim.prompt_points[:1], voxel_size=sim.voxel_size,
+                            negative_points=neg)
+    rec = res.record["negatives"]
+    assert rec["clicks"] == 1 and rec["masks"] == 1
+    near = np.linalg.norm(res.picks_zyx - neg[0], axis=1).min()
+    assert near > blobs[0].radius  # the negative particle itself is not picked
+    assert sum(rec["dropped"].values()) >= 1
+    assert len(res.picks_zyx) <= len(plain.picks_zyx)
+    assert res.record["inputs"]["negatives_zyx"] == neg.tolist()
+
+
+def test_cli_negative_column_and_file(run_cli, small_sim, tmp_path: Path) -> None:
+    sim, files = small_sim
+    blob = next(p for p in sim.particles if p.kind != sim.target_kind)
+    z, y, x = sim.prompt_points[0]
+    clicks = tmp_path / "clicks.csv"
+    clicks.write_text(f"x,y,z,negative\n{x},{y},{z},0\n{blob.zyx[2]},{blob.zyx[1]},"
+                      f"{blob.zyx[0]},1\n")
+    code, out, err = run_cli("segment", files["tomo.mrc"], "--points", clicks, "--out",
+                             tmp_path / "a", "-q", *FAST)
+    assert code == 0, err
+    rec = json.loads((tmp_path / "a" / "run.json").read_text())
+    assert rec["negatives"]["clicks"] == 1 and rec["counts"]["prompts"] == 1
+    only_neg = tmp_path / "neg.csv"
+    only_neg.write_text(f"x,y,z,negative\n{x},{y},{z},1\n")
+    code, out, err = run_cli("segment", files["tomo.mrc"], "--points", only_neg, "--out",
+                             tmp_path / "b", "-q", *FAST)
+    assert code == 2 and "every row is a negative click" in err
+    assert not (tmp_path / "b").exists()
+    code, out, err = run_cli("segment", files["tomo.mrc"], "--points", files["prompt.csv"],
+                             "--negative-points", only_neg, "--min-score", "0.2", "--out",
+                             tmp_path / "c", "-q", *FAST)
+    assert code == 0, err
+    rec = json.loads((tmp_path / "c" / "run.json").read_text())
+    assert rec["negatives"]["clicks"] == 1
+    assert rec["score"]["cut"] == {"threshold": 0.2, "method": "given", "separation": None}
+    assert rec["parameters"]["score"]["min_score"] == 0.2
