@@ -78,7 +78,7 @@ class ThresholdOptions:
     smooth_sigma: float = 1.5  # Gaussian denoising of each slice, in pixels
     slab: int = 1  # average this many neighbouring slices each side before smoothing
     level: float = 0.5  # cut between local background (0) and particle core (1)
-    membrane_level: float = 0.7  # --target membrane: cut higher on thin sheets
+    membrane_cut: float = 2.5  # --target membrane: bilayer ridge cut, in ridge-noise units
     min_contrast: float = 2.0  # no mask when core-background contrast < this * noise
 
     def __post_init__(self) -> None:

@@ -19,7 +19,9 @@ be in [0, 1].
 
 Membranes (``target="membrane"``) are sheets: their slices are thin curves, so consecutive
 masks are compared after dilating both by ``membrane_tolerance`` pixels (a curve that moves by
-a pixel keeps a high IoU) and there is no area cap.
+a pixel keeps a high IoU, one that lengthens may cover the previous), there is no area cap,
+axes the chains covered too little of are swept again from the sheet's middle, and a voxel is
+kept when slices of two axes agree on it and it joins the click (``segmenters.membrane``).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from cryosam.errors import InputError
 from cryosam.normalise import normalise_volume
 from cryosam.progress import track
 from cryosam.segmenters.base import PromptBatch, Segmenter, to_slice
+from cryosam.segmenters.membrane import GROWTH, VOTES, attached, cross_sections
 from cryosam.utils import AXES, outside_volume
 
 FIRST_MASK_SPREAD = 4.0  # first masks more than this times the smallest are outliers (leaks)
@@ -173,8 +176,8 @@ def _crop2d(mask: np.ndarray) -> tuple[int, int, np.ndarray] | None:
     return int(r0), int(c0), mask[r0:r1, c0:c1].copy()
 
 
-def _iou2d(a: _Piece, b: _Piece, tolerance: int = 0) -> float:
-    """IoU of two cropped 2-D masks (after dilating both by ``tolerance`` pixels)."""
+def _iou2d(a: _Piece, b: _Piece, tolerance: int = 0, of_first: bool = False) -> float:
+    """IoU of two 2-D masks dilated by ``tolerance`` pixels (``of_first``: share of a in b)."""
     ma, mb = a.crop, b.crop
     ra, ca, rb, cb = a.r0, a.c0, b.r0, b.c0
     if tolerance > 0:
@@ -189,7 +192,7 @@ def _iou2d(a: _Piece, b: _Piece, tolerance: int = 0) -> float:
     if r1 > r0 and c1 > c0:
         inter = int(np.logical_and(ma[r0 - ra : r1 - ra, c0 - ca : c1 - ca],
                                    mb[r0 - rb : r1 - rb, c0 - cb : c1 - cb]).sum())
-    union = int(ma.sum()) + int(mb.sum()) - inter
+    union = int(ma.sum()) if of_first else int(ma.sum()) + int(mb.sum()) - inter
     return inter / union if union else 0.0
 
 
@@ -200,8 +203,9 @@ def _full(piece: _Piece, shape: tuple[int, int]) -> np.ndarray:
     return out
 
 
-def _instance(pieces: list[_Piece]) -> InstanceMask:
-    """Union of 2-D pieces as a sparse 3-D mask."""
+def _instance(pieces: list[_Piece], votes: int = 1) -> InstanceMask:
+    """Union of 2-D pieces as a sparse 3-D mask; with ``votes`` > 1, only the voxels that
+    pieces of at least that many slice axes cover (fewer when fewer axes gave pieces)."""
     if not pieces:
         return InstanceMask.empty()
     boxes = []
@@ -215,13 +219,16 @@ def _instance(pieces: list[_Piece]) -> InstanceMask:
         boxes.append((lo, hi))
     lo = np.min([b[0] for b in boxes], axis=0)
     hi = np.max([b[1] for b in boxes], axis=0)
-    out = np.zeros(tuple(hi - lo), bool)
+    axes = sorted({p.axis for p in pieces})
+    need = min(max(1, votes), len(axes))
+    covered = np.zeros((len(axes) if need > 1 else 1, *(hi - lo)), bool)
     for p, (plo, phi) in zip(pieces, boxes, strict=True):
         sl = tuple(slice(plo[i] - lo[i], phi[i] - lo[i]) for i in range(3))
-        view = out[sl]
+        view = covered[axes.index(p.axis) if need > 1 else 0][sl]
         a = AXES.index(p.axis)
         view |= np.expand_dims(p.crop, a)
-    return InstanceMask((int(lo[0]), int(lo[1]), int(lo[2])), out)
+    out = covered[0] if need == 1 else covered.sum(0, dtype=np.uint8) >= need
+    return InstanceMask((int(lo[0]), int(lo[1]), int(lo[2])), out)  # votes: maybe not tight
 
 
 def _check(volume: np.ndarray, points: np.ndarray) -> np.ndarray:
@@ -271,7 +278,11 @@ def propagate(volume: np.ndarray, points: np.ndarray, segmenter: Segmenter,
     else:
         for i in track(range(len(pts)), "segmenting (one at a time)"):
             engine.run([i], pts, max_prompts=1, show=False)
-    instances = [_instance(engine.pieces.get(i, [])) for i in range(len(pts))]
+    votes = VOTES if engine.membrane else 1
+    instances = [_instance(engine.pieces.get(i, []), votes) for i in range(len(pts))]
+    if engine.membrane:  # only the voted sheet joined to the click in 3-D, cropped
+        instances = [InstanceMask(*attached(m.mask, m.offset, pts[i])) if m.n_voxels else m
+                     for i, m in enumerate(instances)]
     conf = np.array([np.mean(engine.confs[i]) if engine.confs.get(i) else 0.0
                      for i in range(len(pts))], dtype=np.float32)
     visited = {a: len({k for (ax, k) in engine.visited if ax == a}) for a in AXES}
@@ -426,6 +437,27 @@ class _Engine:
         for _ in track(self._steps(chains, max_prompts), "propagating" if show else "",
                        total=None):
             pass
+        if self.membrane:  # sheets: a second sweep across the slices the first one missed
+            list(self._steps([c for i in particles if self.pieces.get(i)
+                              for c in self._reseed(i, fixed_cap)], max_prompts))
+
+    def _reseed(self, i: int, cap: float) -> list[_Chain]:
+        """Membranes: chains along each axis whose slices covered too little of the sheet
+        (see ``cross_sections``), both starting from the sheet's cross-section as a prompt."""
+        pieces, found = self.pieces[i], _instance(self.pieces[i])
+        done = {a: len({p.index for p in pieces if p.axis == a}) for a in self.axes}
+        return [_Chain(i, axis, 1 if d[0] == "+" else -1, index - (d[0] == "+"),
+                       _Piece(axis, index, r0, c0, crop), point, None, cap) for axis, index,
+                r0, c0, crop, point in cross_sections(found.mask, found.offset, done)
+                for d in self.cfg.directions if d[1] == axis]
+
+    def _continues(self, prev: _Piece, new: _Piece) -> bool:
+        """IoU(prev, new) >= ``iou_threshold``; membranes: of the masks dilated by the tolerance,
+        or ``prev`` covered that much by ``new`` (the curve may lengthen, ``GROWTH``x at most)."""
+        thr = self.cfg.iou_threshold
+        return _iou2d(prev, new, self.tol) >= thr or (
+            self.membrane and new.crop.sum() <= GROWTH * prev.crop.sum()
+            and _iou2d(prev, new, self.tol, of_first=True) >= thr)
 
     def _steps(self, chains: list[_Chain], max_prompts: int) -> Iterator[int]:
         cfg = self.cfg
@@ -457,7 +489,7 @@ class _Engine:
                 if piece.crop.sum() > ch.cap:
                     self._stop(ch, "area")
                     continue
-                if _iou2d(ch.prev, piece, self.tol) < cfg.iou_threshold:
+                if not self._continues(ch.prev, piece):
                     self._stop(ch, "iou")
                     continue
                 self._keep(ch.particle, piece, conf)

@@ -37,6 +37,7 @@ from cryosam.segmenters.base import (
     empty_result,
     slice_of,
 )
+from cryosam.segmenters.membrane import grow_membrane, ridge_map
 
 _CROSS = ndi.generate_binary_structure(2, 1)  # 4-connectivity, ndimage's 2-D default
 LEAK_FACTOR = 1.5  # a guided mask may grow to this many times the previous area unclipped
@@ -54,14 +55,17 @@ class ThresholdSegmenter(SliceSegmenterBase):
         self.sign = -1.0 if opts.polarity == "dark" else 1.0
         self.sigma = float(opts.smooth_sigma)
         self.slab = max(0, int(opts.slab))
-        # a membrane slice is a thin dark curve blurred wider than it is: cutting higher up
-        # its profile keeps the mask at the bilayer's width
-        self.level = float(opts.membrane_level if target == "membrane" else opts.level)
+        self.level = float(opts.level)
+        # membranes: the bilayer's ridge is followed instead (see segmenters/membrane.py)
+        self.membrane = target == "membrane"
+        self.membrane_cut = float(opts.membrane_cut)
         self.min_contrast = float(opts.min_contrast)
         self.max_batch = max(1, int(cfg.decoder_batch_size))
         self.encode_batch = max(1, int(cfg.encoder_batch_size))
         self.id = (f"threshold:{opts.polarity}:s{self.sigma:g}:slab{self.slab}:"
                    f"l{self.level:g}:c{self.min_contrast:g}")
+        if self.membrane:
+            self.id += f":membrane{self.membrane_cut:g}"
 
     # -- per-slice encoding ---------------------------------------------------------------
 
@@ -89,6 +93,8 @@ class ThresholdSegmenter(SliceSegmenterBase):
             img = np.mean([np.asarray(slice_of(self._volume, axis, i), np.float32)
                            for i in range(lo, hi)], axis=0)
         sig = self.sign * np.asarray(img, np.float32)
+        if self.membrane:
+            return ridge_map(sig)
         if self.sigma > 0:
             sig = ndi.gaussian_filter(sig, self.sigma, mode="nearest")
         # noise: robust spread of the fine detail left after a second smoothing
@@ -182,6 +188,9 @@ class ThresholdSegmenter(SliceSegmenterBase):
         """
         r = int(np.clip(rc[0], 0, win.shape[0] - 1))
         c = int(np.clip(rc[1], 0, win.shape[1] - 1))
+        if self.membrane:
+            return grow_membrane(win, noise, (r, c), prev, self.membrane_cut, self.min_contrast,
+                                 ref)
         if prev is not None and prev.any():
             core = _erode(prev) if prev.sum() > 8 else prev
             core = core if core.any() else prev

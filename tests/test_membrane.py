@@ -1,0 +1,94 @@
+"""Membranes from a few clicks: the bilayer's ridge is followed, the lumen stays empty."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import ndimage as ndi
+
+from cryosam.config import PropagationConfig, SegmenterConfig
+from cryosam.metrics import mask_metrics
+from cryosam.propagation import _instance, _Piece, propagate
+from cryosam.segmenters.membrane import attached, grow_membrane, ridge_map
+from cryosam.segmenters.threshold import ThresholdSegmenter
+from cryosam.simulate import SimulationConfig, simulate
+
+
+def _ring_image(size: int = 64, radius: float = 18.0, seed: int = 0) -> np.ndarray:
+    """A bright ring (a vesicle slice after the polarity flip) plus a bright blob, noisy."""
+    yy, xx = np.mgrid[:size, :size].astype(np.float64)
+    d = np.hypot(yy - size / 2, xx - size / 2)
+    img = np.exp(-((d - radius) ** 2) / (2 * 1.5**2))
+    img += 1.5 * np.exp(-((yy - 8) ** 2 + (xx - 8) ** 2) / (2 * 3.0**2))  # a dense particle
+    return img + 0.1 * np.random.default_rng(seed).standard_normal(img.shape)
+
+
+def test_ridge_follows_a_ring_without_filling_it() -> None:
+    img = _ring_image()
+    ridge, noise = ridge_map(img)
+    mask, cnr, _ = grow_membrane(ridge, noise, (32, 32 + 18), None, 2.0, 2.0)
+    yy, xx = np.mgrid[:64, :64]
+    d = np.hypot(yy - 32, xx - 32)
+    assert cnr > 2.0
+    assert mask[np.abs(d - 18) <= 1].mean() > 0.9  # the whole ring, not an arc
+    assert not mask[d < 12].any()  # the lumen stays empty
+    assert not mask[:14, :14].any()  # the blob is not part of the ring
+
+
+def test_grow_stops_where_the_sheet_ends() -> None:
+    ridge, noise = ridge_map(np.random.default_rng(1).standard_normal((64, 64)))
+    prev = np.zeros((64, 64), bool)
+    prev[30:33, 10:50] = True
+    mask, _, _ = grow_membrane(ridge, noise, (31, 30), prev, 2.0, 2.0, ref=50 * noise)
+    assert not mask.any()
+
+
+def test_votes_keep_voxels_seen_from_two_axes() -> None:
+    a = _Piece("z", 2, 0, 0, np.ones((4, 4), bool))  # z=2, y 0-3, x 0-3
+    b = _Piece("y", 1, 0, 0, np.ones((4, 4), bool))  # y=1, z 0-3, x 0-3
+    union = _instance([a, b])
+    voted = _instance([a, b], votes=2)
+    assert union.n_voxels == 16 + 16 - 4
+    assert voted.n_voxels == 4  # the line z=2, y=1 only
+    assert {tuple(c) for c in voted.coords()} == {(2, 1, x) for x in range(4)}
+    assert _instance([a], votes=2).n_voxels == 16  # one axis only: nothing to vote with
+
+
+def test_attached_drops_parts_away_from_the_click() -> None:
+    mask = np.zeros((10, 10, 10), bool)
+    mask[2, 2:8, 2:8] = True
+    mask[8, 8, 8] = True
+    offset, kept = attached(mask, (1, 0, 0), np.array([3.0, 5.0, 5.0]))
+    assert offset == (3, 2, 2) and kept.shape == (1, 6, 6) and kept.all()
+
+
+@pytest.fixture(scope="module")
+def vesicle_run():
+    sim = simulate(SimulationConfig(shape=(48, 96, 96), seed=0, n_targets=8, n_blobs=8,
+                                    n_filaments=4))
+    labels, _ = ndi.label(sim.membrane)
+    idx = np.rint(sim.membrane_clicks).astype(int)
+    comp = labels[idx[:, 0], idx[:, 1], idx[:, 2]]
+    vesicle = labels == comp[-1]  # the vesicle's clicks come last
+    clicks = sim.membrane_clicks[comp == comp[-1]]
+    seg = ThresholdSegmenter(SegmenterConfig(name="threshold"), target="membrane")
+    res = propagate(sim.volume, clicks, seg, PropagationConfig(target="membrane"))
+    pred = np.zeros(sim.volume.shape, bool)
+    for inst in res.instances:
+        inst.paste(pred)
+    return sim, vesicle, clicks, pred
+
+
+def test_a_few_clicks_segment_a_vesicle(vesicle_run) -> None:
+    sim, vesicle, clicks, pred = vesicle_run
+    assert 2 <= len(clicks) <= 5
+    near = ndi.binary_dilation(vesicle, iterations=4)
+    assert mask_metrics(pred & near, vesicle).dice > 0.6  # the poles lie in the missing wedge
+    assert (pred & ~near).sum() < 0.1 * pred.sum()  # no leak into the rest of the volume
+
+
+def test_the_vesicle_lumen_stays_empty(vesicle_run) -> None:
+    _, vesicle, _, pred = vesicle_run
+    lumen = ndi.binary_fill_holes(vesicle) & ~ndi.binary_dilation(vesicle, iterations=2)
+    assert lumen.sum() > 1000
+    assert (pred & lumen).sum() < 0.02 * lumen.sum()
