@@ -231,3 +231,12 @@ def test_cli_negative_column_and_file(run_cli, small_sim, tmp_path: Path) -> Non
     assert rec["negatives"]["clicks"] == 1
     assert rec["score"]["cut"] == {"threshold": 0.2, "method": "given", "separation": None}
     assert rec["parameters"]["score"]["min_score"] == 0.2
+
+
+def test_retired_membrane_level_is_read_with_a_warning(weight_free) -> None:
+    old = weight_free.to_dict()
+    old["segmenter"]["backends"]["threshold"]["membrane_level"] = 0.7
+    old["segmenter"]["backends"]["threshold"].pop("membrane_cut", None)
+    with pytest.warns(CryosamWarning, match="membrane_level"):
+        cfg = CryosamConfig.from_dict(old)
+    assert cfg.segmenter.backends["threshold"] == CryosamConfig().segmenter.backends["threshold"]

@@ -201,11 +201,31 @@ def options_from(kind: Kind, given: Any) -> dict[str, Any]:
         if isinstance(value, cls):
             out[name] = value
         elif isinstance(value, dict):
+            value = _drop_retired(kind, name, value)
             out[name] = build_dataclass(cls, value, f"{kind}.backends.{name}")
         else:
             raise InputError(f"{kind}.backends.{name}: expected a mapping of options, "
                              f"got {type(value).__name__}")
     return out
+
+
+# options of earlier versions that are gone: (kind, backend, field) -> what replaced it
+RETIRED_OPTIONS = {("segmenter", "threshold", "membrane_level"): "membrane_cut"}
+
+
+def _drop_retired(kind: Kind, name: str, value: dict[str, Any]) -> dict[str, Any]:
+    """``value`` without the options earlier versions had (an old run.json still loads)."""
+    gone = [k for k in value if (kind, name, k) in RETIRED_OPTIONS]
+    if not gone:
+        return value
+    import warnings
+
+    from cryosam.errors import CryosamWarning
+
+    new = ", ".join(RETIRED_OPTIONS[(kind, name, k)] for k in gone)
+    warnings.warn(f"{kind}.backends.{name}: {', '.join(gone)} no longer exist(s) (replaced by "
+                  f"{new}, at its default); ignored", CryosamWarning, stacklevel=3)
+    return {k: v for k, v in value.items() if k not in gone}
 
 
 def missing_weights(

@@ -221,7 +221,7 @@ class CryosamConfig:
             raise InputError("configuration: expected a mapping of parameters")
         retired = sorted(k for k in data if k in _RETIRED)
         if retired:
-            warnings.warn(f"configuration: {', '.join(retired)} no longer exist (the fixed "
+            warnings.warn(f"configuration: {', '.join(retired)} no longer exist(s) (the fixed "
                           "size and shape ratios became the agreement learned from the clicks, "
                           f"{', '.join(sorted({_RETIRED[k] for k in retired}))}); ignored",
                           CryosamWarning, stacklevel=2)
