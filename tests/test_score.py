@@ -146,7 +146,9 @@ def test_written_picks_are_the_ones_at_or_above_the_cut(scored_run, tmp_path: Pa
         assert len(rows) == len(res.below_cut)
         scores = [float(r["score"]) for r in rows]
         assert scores == sorted(scores, reverse=True) and max(scores) < cut["threshold"]
-        assert {"x", "y", "z", "agreement", "similarity"} <= set(rows[0])
+        head = open(written["picks.csv"]).readline()
+        assert open(written["picks_below_cut.csv"]).readline() == head  # one header for both
+        assert all(r["instance_id"] == "0" and r["prompt"] == "0" for r in rows)
     picks = list(csv.DictReader(open(written["picks.csv"])))
     assert len(picks) == len(res.picks_zyx) and "agreement" in picks[0]
 

@@ -1,12 +1,13 @@
 """The automatic score cut: which matches are written as picks.
 
-Among the matches of one tomogram, the particles of the clicked kind and the look-alikes
-form two groups of scores. Their boundary is found from the tomogram's own scores: a
-two-component Gaussian mixture on the log-scores (started from Otsu's split, fitted by EM),
-cut where a score becomes more likely to belong to the upper component than to the lower
-one. The mixture is trusted only when its two components are apart (their means separated
-by more than ``MIN_SEPARATION`` pooled standard deviations); otherwise the scores form one
-group and every match at or above ``FLOOR`` is kept. ``--min-score`` replaces all of this.
+Among the matches of one tomogram, the particles of the clicked kind and everything else
+form two groups of scores. A two-component Gaussian mixture on the log-scores (started from
+Otsu's split, fitted by EM) says whether there are two groups — their means more than
+``MIN_SEPARATION`` pooled standard deviations apart — and where the upper group lies. The
+cut is then the middle of the widest empty stretch of log-scores between ``FLOOR`` and the
+upper group's mean: the place where the tomogram's own scores thin out between the two.
+Without two groups (or with fewer than ``MIN_MATCHES`` matches) every match at or above
+``FLOOR`` is kept. ``--min-score`` replaces all of this.
 """
 
 from __future__ import annotations
@@ -82,17 +83,17 @@ def automatic_cut(scores: np.ndarray) -> Cut:
     x = np.log(np.maximum(s, 0.1 * FLOOR))
     if float(x.max() - x.min()) < 1e-9:
         return Cut(FLOOR, "one group")
-    w, mu, sd = _mixture(x, otsu(x))
+    _, mu, sd = _mixture(x, otsu(x))
     pooled = math.sqrt(0.5 * (sd[0] ** 2 + sd[1] ** 2))
     separation = float((mu[1] - mu[0]) / pooled)
     if separation < MIN_SEPARATION:
         return Cut(FLOOR, "one group", separation)
-    # where the upper component's weighted density overtakes the lower's, between the means
-    grid = np.linspace(mu[0], mu[1], 512)
-    dens = w / sd * np.exp(-0.5 * ((grid[:, None] - mu) / sd) ** 2)
-    above = np.nonzero(dens[:, 1] >= dens[:, 0])[0]
-    cut = grid[above[0]] if len(above) else 0.5 * (mu[0] + mu[1])
-    return Cut(float(max(math.exp(cut), FLOOR)), "mixture", separation)
+    # the widest empty stretch of log-scores between the floor and the upper group's mean
+    v = np.sort(np.append(x[(x > math.log(FLOOR)) & (x <= mu[1])], math.log(FLOOR)))
+    if len(v) < 2:
+        return Cut(FLOOR, "mixture", separation)
+    g = int(np.argmax(np.diff(v)))
+    return Cut(float(max(math.exp(0.5 * (v[g] + v[g + 1])), FLOOR)), "mixture", separation)
 
 
 def given_cut(min_score: float) -> Cut:

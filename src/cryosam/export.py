@@ -152,12 +152,16 @@ def _write_all(
         if result.below_cut:
             below = result.below_cut
             written["picks_below_cut.csv"] = folder / "picks_below_cut.csv"
+            n = len(below)
             io.write_picks_csv(written["picks_below_cut.csv"], result.below_cut_zyx, {
                 "score": np.array([i.score for i in below]),
+                "instance_id": np.zeros(n, dtype=np.int64),  # not in instances.mrc
                 "n_voxels": np.array([i.n_voxels for i in below], dtype=np.int64),
                 "similarity": np.array([i.similarity for i in below]),
                 "confidence": np.array([i.confidence for i in below]),
                 "agreement": np.array([i.agreement for i in below]),
+                "prompt": np.zeros(n, dtype=np.int8),
+                "click_row": np.full(n, -1, dtype=np.int64),
             })
     written["semantic.mrc"] = folder / "semantic.mrc"
     io.write_mrc(written["semantic.mrc"], result.semantic, tomo.voxel_size, tomo.origin)

@@ -25,6 +25,7 @@ class Instance:
     confidence: float  # segmenter confidence, clipped to [0, 1]
     click_row: int = -1  # row of its click in the points file; -1 for a match
     agreement: float = 1.0  # with the clicked particles' size, shape, density (1 for clicks)
+    similarity_term: float = 1.0  # similarity above the matching threshold, in (0, 1]
 
     @property
     def is_prompt(self) -> bool:
@@ -33,9 +34,9 @@ class Instance:
 
     @property
     def score(self) -> float:
-        """Similarity x segmenter confidence x agreement with the clicked particles: how sure
-        the pick is (see :mod:`cryosam.score`)."""
-        return self.similarity * self.confidence * self.agreement
+        """How sure the pick is: its similarity above the matching threshold x the segmenter's
+        confidence x its agreement with the clicked particles (see :mod:`cryosam.score`)."""
+        return self.similarity_term * self.confidence * self.agreement
 
     @property
     def n_voxels(self) -> int:

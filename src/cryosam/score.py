@@ -7,12 +7,13 @@ thing, so every match is also compared with the clicked particles' own masks (th
 - **size**: the mask's voxel count against the references' (log ratio);
 - **shape**: the mask's principal-axis ratios (how elongated or flat it is) against theirs;
 - **density**: a rotation-invariant description of the density around the mask's centre —
-  on shells of radius 0.5, 1.5, ... voxels out to ``SHELL_REACH`` x the particle radius,
+  on ``SHELLS`` shells evenly spaced out to ``SHELL_REACH`` x the particle radius,
   the power of each spherical-harmonic degree 0..``DEGREES`` — correlated with the
   references' (a ring, a barrel, a dimer and a globule of one size differ here).
 
-Each gives an agreement in (0, 1]; their product, times the similarity and the segmenter's
-confidence, is the pick score. The tolerances of size and shape are learned from the spread
+Each gives an agreement in (0, 1]; their product, times the similarity (above the matching
+threshold, rescaled to (0, 1]: :func:`similarity_term`) and the segmenter's confidence, is
+the pick score. The tolerances of size and shape are learned from the spread
 among the clicked particles (several clicks of one kind vary; a single click uses the
 defaults, which the CLI exposes). Clicks themselves score 1.
 """
@@ -34,7 +35,9 @@ from cryosam.propagation import InstanceMask
 DEGREES = 6  # spherical-harmonic degrees of the density description
 SHELL_REACH = 1.5  # shells out to this many particle radii
 SPHERE_POINTS = 256  # sample directions per shell
-SMOOTH_SIGMA = 1.0  # voxels: the density is described after this Gaussian smoothing
+SHELLS = 10  # shells per description, whatever the particle's size in voxels
+SMOOTH_SHARE = 0.2  # Gaussian smoothing first, sigma = this x the particle radius ...
+SMOOTH_MIN = 0.8  # ... and at least this many voxels
 
 
 @dataclass
@@ -81,6 +84,13 @@ class References:
         return size * shape * dens, {"size": size, "shape": shape, "density": dens}
 
 
+def similarity_term(similarity: float, threshold: float) -> float:
+    """The matching similarity above the threshold matches had to reach, rescaled to (0, 1]:
+    a match just at the threshold barely counts, a perfect one counts fully."""
+    span = max(1.0 - float(threshold), 1e-6)
+    return float(np.clip((float(similarity) - float(threshold)) / span, 1e-6, 1.0))
+
+
 def principal_log_axes(mask: InstanceMask) -> np.ndarray:
     """Log of the 2nd and 3rd principal-axis lengths over the 1st (0, 0 for a ball)."""
     coords = mask.coords().astype(np.float64)
@@ -110,15 +120,18 @@ def _sphere(degrees: int, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def density_description(volume: np.ndarray, centre: np.ndarray, reach: float) -> np.ndarray:
     """Rotation-invariant density around ``centre``: per shell, the signed mean (degree 0)
     and the power of degrees 1..DEGREES; standardised (zero mean, unit variance). The
-    volume is smoothed (``SMOOTH_SIGMA``) on a crop around the centre only."""
+    volume is smoothed on a crop around the centre only. Shells and smoothing scale with
+    ``reach``, so a particle sampled twice as finely is described the same way."""
     dirs, projector, degree = _sphere(DEGREES, SPHERE_POINTS)
-    shells = np.arange(0.5, max(reach, 1.5), 1.0)
+    reach = max(float(reach), 1.5)
+    shells = (np.arange(SHELLS) + 0.5) * reach / SHELLS
+    sigma = max(SMOOTH_MIN, SMOOTH_SHARE * reach / SHELL_REACH)
     c = np.asarray(centre, np.float64)
-    half = int(math.ceil(shells[-1] + 4.0 * SMOOTH_SIGMA + 1.0))
+    half = int(math.ceil(shells[-1] + 4.0 * sigma + 1.0))
     lo = np.maximum(np.floor(c).astype(int) - half, 0)
     hi = np.minimum(np.floor(c).astype(int) + half + 2, np.asarray(volume.shape))
     crop = np.asarray(volume[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]], np.float32)
-    crop = ndi.gaussian_filter(crop, SMOOTH_SIGMA, mode="nearest")
+    crop = ndi.gaussian_filter(crop, sigma, mode="nearest")
     pts = (c - lo)[None, None, :] + shells[:, None, None] * dirs[None]
     values = ndi.map_coordinates(crop, pts.reshape(-1, 3).T, order=1, mode="nearest")
     coef = values.reshape(len(shells), -1) @ projector.T

@@ -325,7 +325,9 @@ def segment_proposals(work: Work, matches: Matches, clicks: Clicks,
                     continue
         instances.append(Instance(mask, zyx[i], float(sim[i]),
                                   float(np.clip(res.confidence[i], 0.0, 1.0)),
-                                  agreement=float(agreement)))
+                                  agreement=float(agreement),
+                                  similarity_term=score.similarity_term(
+                                      float(sim[i]), cfg.matching.sim_threshold)))
     return ProposalMasks(instances, rejected, dict(res.stats),
                          refs.stats if refs is not None else {})
 
