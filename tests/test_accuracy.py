@@ -2,7 +2,7 @@
 
 These are the issues' acceptance figures (one click: precision >= 0.9 and recall >= 0.85 on the
 target kind, <= 10 % of distractors picked, the written picks' F1 within 10 % of the best
-cut's; five clicks no worse; membranes from five clicks), checked on the first three
+cut's; five clicks no worse; membranes from three and five clicks: Dice >= 0.8), checked on the first three
 simulation seeds, not on chosen ones; and on the crowded preset, that five clicks beat one and
 that a negative click removes the kind it names.
 """
@@ -131,15 +131,17 @@ def test_crowded_negative_click_removes_the_kind_it_names(crowded) -> None:
 
 
 @pytest.mark.parametrize("seed", (0, 1))
-def test_membranes_from_five_clicks(seed: int) -> None:
+@pytest.mark.parametrize("clicks", (3, 5))
+def test_membranes_from_three_to_five_clicks(seed: int, clicks: int) -> None:
     sim = simulate(SimulationConfig(seed=seed))
     assert len(sim.membrane_clicks) <= 5
     cfg = CryosamConfig(encoder=EncoderConfig(name="filterbank"),
                         segmenter=SegmenterConfig(name="threshold"),
                         propagation=PropagationConfig(target="membrane"), device="cpu")
-    res = CryoSAM(cfg).segment(sim.volume, sim.membrane_clicks, voxel_size=sim.voxel_size)
+    res = CryoSAM(cfg).segment(sim.volume, sim.membrane_clicks[:clicks],
+                               voxel_size=sim.voxel_size)
     assert len(res.picks_zyx) == 0  # membranes give masks, not picks
-    assert mask_metrics(res.semantic > 0, sim.membrane).dice >= 0.7
+    assert mask_metrics(res.semantic > 0, sim.membrane).dice >= 0.8
 
 
 # ----------------------------------------------------------------- any tomogram (polarity, scale)
