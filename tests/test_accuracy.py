@@ -2,9 +2,9 @@
 
 These are the issues' acceptance figures (one click: precision >= 0.9 and recall >= 0.85 on the
 target kind, <= 10 % of distractors picked, the written picks' F1 within 10 % of the best
-cut's; five clicks no worse; membranes from three and five clicks: Dice >= 0.8), checked on the first three
-simulation seeds, not on chosen ones; and on the crowded preset, that five clicks beat one and
-that a negative click removes the kind it names.
+cut's; five clicks no worse; membranes from three and five clicks: Dice >= 0.8), checked on
+the first simulation seeds, not on chosen ones; and on the crowded preset, that five clicks
+beat one and that a negative click picks fewer of the kind it names.
 """
 
 from __future__ import annotations
