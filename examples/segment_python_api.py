@@ -37,6 +37,16 @@ def main(out_dir: Path) -> None:
     truth = sim.points(sim.target_kind)
     ev = evaluate_picks(result.picks_zyx, truth, sim.target_radius, scores=result.pick_scores)
     print(f"precision {ev.precision:.2f}  recall {ev.recall:.2f}  F1 {ev.f1:.2f}")
+    cut = result.record["score"]["cut"]  # picks.csv holds the picks at or above it
+    print(f"score cut {cut['threshold']:.3g} ({cut['method']}); {len(result.below_cut)} "
+          "match(es) below it, in picks_below_cut.csv")
+
+    # a click on something NOT to pick (here a distractor blob; z, y, x voxels)
+    blob = next(p for p in sim.particles if p.kind != sim.target_kind)
+    cleaner = model.segment(files["tomo.mrc"], files["prompt.csv"],
+                            negative_points=[list(blob.zyx)], cache_dir=out_dir / "feature_cache")
+    print(f"with one negative click: {len(cleaner.picks_zyx)} picks; matches it removed: "
+          f"{cleaner.record['negatives']['dropped']}")
 
     # a second query on the same tomogram reuses the cached features: five clicks this time
     five = model.segment(files["tomo.mrc"], files["prompts5.csv"],
