@@ -28,8 +28,9 @@ from cryosam.rescale import from_binned, upsample_mask
 from cryosam.result import Instance, SegmentationResult
 from cryosam.segmenters.base import Segmenter
 
-SCORE_RULE = ("similarity x segmenter confidence x agreement with the clicked particles' size, "
-              "shape and density (clicks: similarity and agreement 1)")
+SCORE_RULE = ("similarity above the matching threshold (rescaled to 0..1) x segmenter "
+              "confidence x agreement with the clicked particles' size, shape and density "
+              "(clicks: similarity and agreement 1)")
 
 
 class CryoSAM:

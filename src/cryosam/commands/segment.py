@@ -423,9 +423,11 @@ def print_summary(result, written: dict[str, Path], out_dir: Path) -> None:  # n
         if negatives:
             neg = (f"; {negatives['clicks']} negative click(s) removed "
                    f"{sum(negatives['dropped'].values())} match(es)")
+        below = rec["score"]["below_cut"]
+        where = " (picks_below_cut.csv)" if below else ""
         console.print(f"score cut {cut['threshold']:.4g} ({cut['method']}): "
-                      f"{rec['score']['above_cut']} match(es) written, "
-                      f"{rec['score']['below_cut']} below it in picks_below_cut.csv{neg}")
+                      f"{rec['score']['above_cut']} match(es) written, {below} below it"
+                      f"{where}{neg}")
     table = Table(show_header=True, header_style="bold", box=None)
     table.add_column("stage")
     table.add_column("seconds", justify="right")
