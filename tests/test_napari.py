@@ -57,7 +57,13 @@ from qtpy.QtWidgets import QFileDialog  # noqa: E402
 
 from cryosam import io  # noqa: E402
 from cryosam.napari._reader import get_reader  # noqa: E402
-from cryosam.napari._widget import LABELS_NAME, PICKS_NAME, CryosamWidget  # noqa: E402
+from cryosam.napari._results import starting_score  # noqa: E402
+from cryosam.napari._widget import (  # noqa: E402
+    LABELS_NAME,
+    PICKS_NAME,
+    SLIDER_STEPS,
+    CryosamWidget,
+)
 
 WAIT_MS = 120_000
 
@@ -116,8 +122,14 @@ def test_widget_segments_finds_similar_filters_and_saves(
     np.testing.assert_allclose(picks.features["score"], result.pick_scores)
     assert list(Path(widget.cache_dir).glob("features-*.pt")), "features are cached"
 
+    # the slider starts at the automatic cut; every match was kept, so it can go lower
     matched = result.pick_scores[~result.pick_is_prompt]
-    widget.score_slider.setValue(int(np.floor(matched.min() * 100)) + 1)  # hides the lowest
+    cut = result.record["score"]["cut"]
+    assert cut["method"] == "given" and cut["threshold"] == 0.0  # the widget keeps them all
+    assert widget.min_score == pytest.approx(starting_score(result), abs=1e-3)
+    widget.score_slider.setValue(0)
+    assert int(picks.shown.sum()) == n
+    widget.score_slider.setValue(int(np.floor(matched.min() * SLIDER_STEPS)) + 1)  # hides one
     shown = int(picks.shown.sum())
     assert 1 <= shown < n
     assert f"{shown} of {n} picks shown" in widget.score_label.text()
@@ -133,6 +145,8 @@ def test_widget_segments_finds_similar_filters_and_saves(
     assert int(io.read_tomogram(out / "instances.mrc").data.max()) == shown
     record = json.loads((out / "run.json").read_text())
     assert record["napari_filter"]["kept"] == shown
+    assert record["score"]["cut"]["method"] == "napari score filter"
+    assert len(io.read_points(out / "picks_below_cut.csv")) == n - shown  # what it hid
 
     # napari's own CSV reader takes score and instance_id as point properties
     [layer] = viewer.open(out / "picks_napari.csv", plugin="napari", layer_type="points")

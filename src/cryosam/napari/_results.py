@@ -26,13 +26,26 @@ def hidden_labels(result: SegmentationResult, min_score: float) -> np.ndarray:
     return result.pick_instance_ids[~keep]
 
 
+def starting_score(result: SegmentationResult) -> float:
+    """Where the score filter starts: the automatic cut of the result's matches (the
+    widget's runs keep every match, so the slider can go below it)."""
+    from cryosam.cut import automatic_cut
+
+    matches = np.array([i.score for i in result.instances if not i.is_prompt])
+    return automatic_cut(matches).threshold if len(matches) else 0.0
+
+
 def filtered_result(result: SegmentationResult, min_score: float) -> SegmentationResult:
     """``result`` without the instances below ``min_score`` (clicks are kept), relabelled
-    1..K in the same order; the run record notes the filter and the new counts."""
+    1..K in the same order; those below go to ``below_cut`` (``picks_below_cut.csv``) and
+    the run record notes the filter, the cut and the new counts."""
     keep = [i for i, inst in enumerate(result.instances)
             if inst.is_prompt or inst.score >= min_score]
     if len(keep) == len(result.instances):
         return result
+    kept = set(keep)
+    below = sorted((inst for i, inst in enumerate(result.instances) if i not in kept),
+                   key=lambda inst: -inst.score)
     lut = np.zeros(len(result.instances) + 1, dtype=result.labels.dtype)
     lut[np.asarray(keep, dtype=int) + 1] = np.arange(1, len(keep) + 1)
     labels = lut[result.labels]
@@ -42,9 +55,15 @@ def filtered_result(result: SegmentationResult, min_score: float) -> Segmentatio
     record["counts"] = counts
     record["napari_filter"] = {"min_score": float(min_score), "kept": len(keep),
                                "of": len(result.instances), "clicks_always_kept": True}
+    score = dict(record.get("score") or {})
+    score.update(cut={"threshold": float(min_score), "method": "napari score filter",
+                      "separation": None},
+                 above_cut=sum(not result.instances[i].is_prompt for i in keep),
+                 below_cut=len(below))
+    record["score"] = score
     return dataclasses.replace(result, instances=[result.instances[i] for i in keep],
                                labels=labels, semantic=(labels > 0).astype(np.int8),
-                               record=record)
+                               record=record, below_cut=below + list(result.below_cut))
 
 
 def tomogram_from_array(data: Any, scale: Any, metadata: dict[str, Any] | None

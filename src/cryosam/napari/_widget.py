@@ -46,6 +46,7 @@ from cryosam.napari._results import (
     finite,
     hidden_labels,
     kept_picks,
+    starting_score,
     tomogram_from_array,
 )
 from cryosam.result import SegmentationResult
@@ -53,7 +54,7 @@ from cryosam.result import SegmentationResult
 LABELS_NAME = "cryosam instances"
 PICKS_NAME = "cryosam picks"
 CLICKS_NAME = "clicks"
-SLIDER_STEPS = 100
+SLIDER_STEPS = 1000  # score filter resolution: 0.001
 
 
 def default_backends() -> tuple[str, str, str]:
@@ -143,10 +144,11 @@ class CryosamWidget(QWidget):
         self.score_slider = QSlider(Qt.Orientation.Horizontal)
         self.score_slider.setRange(0, SLIDER_STEPS)
         self.score_slider.setEnabled(False)
-        self.score_slider.setToolTip("Hide picks whose score (similarity × confidence) is "
+        self.score_slider.setToolTip("Hide picks whose score (similarity × confidence × "
+                                     "agreement; starts at the automatic cut) is "
                                      "below this; clicked particles always stay")
         self.score_slider.valueChanged.connect(self._apply_filter)
-        self.score_label = QLabel("min score 0.00")
+        self.score_label = QLabel("min score 0.000")
         self.save_button = QPushButton("Save…")
         self.save_button.setToolTip("Write picks, masks, preview and run.json of the picks "
                                     "kept by the score filter")
@@ -254,14 +256,17 @@ class CryosamWidget(QWidget):
         return image, tomo, check_clicks(zyx, tomo.shape, clicks_layer.name)
 
     def _model(self) -> Any:
-        from cryosam.config import CryosamConfig, EncoderConfig, SegmenterConfig
+        from cryosam.config import CryosamConfig, EncoderConfig, ScoreConfig, SegmenterConfig
         from cryosam.pipeline import CryoSAM
 
         key = (self.encoder_box.currentText(), self.segmenter_box.currentText(),
                self.device_box.currentText())
         if key not in self._models:
+            # every match is kept: the score slider starts at the automatic cut and can go
+            # below it; "Save" writes the ones under the slider to picks_below_cut.csv
             cfg = CryosamConfig(encoder=EncoderConfig(name=key[0]),
-                                segmenter=SegmenterConfig(name=key[1]), device=key[2])
+                                segmenter=SegmenterConfig(name=key[1]), device=key[2],
+                                score=ScoreConfig(min_score=0.0))
             self._models[key] = CryoSAM(cfg)
         return self._models[key]
 
@@ -367,7 +372,11 @@ class CryosamWidget(QWidget):
         self._show_labels(result, scale, translate)
         self._show_picks(result, scale, translate)
         self.score_slider.setEnabled(True)
-        self._apply_filter()
+        start = int(np.floor(starting_score(result) * SLIDER_STEPS))
+        if self.score_slider.value() != start:
+            self.score_slider.setValue(start)  # filters through valueChanged
+        else:
+            self._apply_filter()
         n = len(result.instances)
         clicked = sum(i.is_prompt for i in result.instances)
         self.status.setText(f"{n} found: {clicked} clicked + {n - clicked} similar, "
@@ -407,13 +416,13 @@ class CryosamWidget(QWidget):
         threshold = self.min_score
         result = self.result
         if result is None:
-            self.score_label.setText(f"min score {threshold:.2f}")
+            self.score_label.setText(f"min score {threshold:.3f}")
             return
         keep = kept_picks(result, threshold)
         if self.picks_layer is not None and self.picks_layer in self.viewer.layers:
             self.picks_layer.shown = keep
             self.picks_layer.refresh()
-        self.score_label.setText(f"min score {threshold:.2f}: {int(keep.sum())} of "
+        self.score_label.setText(f"min score {threshold:.3f}: {int(keep.sum())} of "
                                  f"{len(keep)} picks shown")
         self._labels_timer.start()
 
