@@ -52,10 +52,8 @@ def runs() -> dict[int, dict[str, float]]:
 
 def _best_f1(res, truth: np.ndarray, radius: float) -> float:  # noqa: ANN001
     """The best F1 over score cuts of every pick the run scored (written or below the cut)."""
-    every = np.vstack([res.picks_zyx, res.below_cut_zyx])
-    scores = np.concatenate([res.pick_scores + 2.0 * res.pick_is_prompt,
-                             [i.score for i in res.below_cut]])
-    return evaluate_picks(every, truth, radius, scores=scores).ranked.best_f1
+    every, ranking = res.every_scored_pick()
+    return evaluate_picks(every, truth, radius, scores=ranking).ranked.best_f1
 
 
 @pytest.mark.parametrize("seed", SEEDS)

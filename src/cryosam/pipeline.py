@@ -24,7 +24,7 @@ from cryosam.merge import merge_instances, split_at_cut
 from cryosam.probe import ClickProbe
 from cryosam.query import SavedQuery, check_query_config
 from cryosam.record import StageTimer, device_record, file_info, started_stamp, versions
-from cryosam.rescale import from_binned, upsample_mask
+from cryosam.rescale import from_binned
 from cryosam.result import Instance, SegmentationResult
 from cryosam.segmenters.base import Segmenter
 
@@ -165,11 +165,8 @@ class CryoSAM:
                     proposals = stages.segment_proposals(work, matches, clicks, segmenter,
                                                          cfg, _prop_cfg(cfg),
                                                          negatives=negatives)
-        result = self._result(timer, inputs, found, work, clicks, features, matches,
-                              proposals, bool(match))
-        if negatives is not None:
-            result.record["negatives"] = negatives.report()
-        return result
+        return self._result(timer, inputs, found, work, clicks, features, matches, proposals,
+                            bool(match), negatives)
 
     def make_query(
         self,
@@ -197,13 +194,15 @@ class CryoSAM:
             timer, tomogram, points, True, voxel_size=voxel_size, points_unit=points_unit,
             tomo_name=tomo_name, points_pixel_size=points_pixel_size, points_bin=points_bin,
             negative_points=negative_points)
-        negatives = stages.segment_negatives(work, self.segmenter, _prop_cfg(cfg))
+        with timer("segment_prompts"):
+            negatives = stages.segment_negatives(work, self.segmenter, _prop_cfg(cfg))
         with timer("features"):
             features = stages.compute_features(work, encoder, cfg, self.device, cache_dir)
         with timer("matching"):
             built = stages.build_query(features, clicks, cfg, negatives)
             refs = stages.references_of(work, clicks.masks, cfg)
-            neg_refs = stages.references_of(work, negatives.masks, cfg)
+            neg_refs = stages.references_of(work, negatives.masks, cfg,
+                                            reach=refs.reach if refs else None)
         tomo = inputs.tomogram
         source = {"tomogram": inputs.report()["tomogram"], "name": inputs.name,
                   "shape_zyx": list(tomo.shape), "voxel_size": tomo.mean_voxel_size,
@@ -275,17 +274,15 @@ class CryoSAM:
                     references=saved.references(cfg.score), negatives=negatives,
                     negative_references=saved.negative_references(cfg.score))
         result = self._result(timer, inputs, found, work, clicks, features, matches, proposals,
-                              True)
+                              True, negatives if negatives.clicks else None)
         result.record["inputs"]["points"] = None
         result.record["query"] = saved.report()
-        if negatives.clicks:
-            result.record["negatives"] = negatives.report()
         return result
 
     def _result(self, timer: StageTimer, inputs: stages.Inputs, found: ClickProbe,
                 work: stages.Work, clicks: stages.Clicks, features: stages.Features | None,
                 matches: stages.Matches | None, proposals: stages.ProposalMasks | None,
-                match: bool) -> SegmentationResult:
+                match: bool, negatives: stages.Negatives | None = None) -> SegmentationResult:
         """Merge, map back to the input's voxels, and assemble the result and its record."""
         cfg = self.config
         segmenter = self.segmenter
@@ -302,11 +299,7 @@ class CryoSAM:
                 instances, below, labels = split_at_cut(instances, labels, cut.threshold)
             instances, labels = stages.to_input_grid(instances, labels, work.factor,
                                                      inputs.tomogram.shape)
-            if below and work.factor > 1:
-                below = [dataclasses.replace(i, mask=upsample_mask(i.mask, work.factor,
-                                                                   inputs.tomogram.shape),
-                                             seed=from_binned(i.seed, work.factor))
-                         for i in below]
+            below = stages.instances_to_input_grid(below, work.factor, inputs.tomogram.shape)
         proposals_zyx = (from_binned(matches.zyx, work.factor) if matches
                          else np.zeros((0, 3)))
         result = SegmentationResult(
@@ -356,6 +349,8 @@ class CryoSAM:
                       "references": proposals.references if proposals is not None else {}},
             **timer.report(),
         }
+        if negatives is not None:
+            result.record["negatives"] = negatives.report()
         return result
 
 

@@ -72,6 +72,15 @@ class SegmentationResult:
         """(M, 3) positions of the matches below the score cut, best score first."""
         return np.array([i.position() for i in self.below_cut], dtype=float).reshape(-1, 3)
 
+    def every_scored_pick(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every pick the run scored, written or below the cut, as (zyx, ranking scores):
+        what a best-F1-over-cuts or average-precision evaluation ranks. Clicks rank first
+        (their ranking score is raised above every match's)."""
+        zyx = np.vstack([self.picks_zyx, self.below_cut_zyx])
+        ranking = np.concatenate([self.pick_scores + 2.0 * self.pick_is_prompt,
+                                  [i.score for i in self.below_cut]])
+        return zyx, ranking
+
     # per instance, in label order
     @property
     def instance_scores(self) -> np.ndarray:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from typing import Any
 
 import numpy as np
@@ -60,7 +60,7 @@ class References:
     density_weight: float
     stats: dict[str, Any] = field(default_factory=dict)
 
-    @property
+    @cached_property
     def density(self) -> np.ndarray | None:
         """The references' mean density description, standardised (None without one)."""
         refs = [r.density for r in self.items if r.density is not None]

@@ -274,12 +274,14 @@ class ProposalMasks:
         return dict(self.stats)
 
 
-def references_of(work: Work, masks: list[InstanceMask], cfg: CryosamConfig
-                  ) -> score.References | None:
-    """What the proposals are compared with: the clicked masks' size, shape and density."""
+def references_of(work: Work, masks: list[InstanceMask], cfg: CryosamConfig,
+                  reach: float | None = None) -> score.References | None:
+    """What the proposals are compared with: the clicked masks' size, shape and density.
+    ``reach``: describe the density on these shells (negatives use the clicks', so that one
+    description of a match serves both comparisons)."""
     if cfg.propagation.target != "particle":
         return None
-    return score.learn_references(masks, work.segmenter_volume, cfg.score)
+    return score.learn_references(masks, work.segmenter_volume, cfg.score, reach=reach)
 
 
 def segment_proposals(work: Work, matches: Matches, clicks: Clicks,
@@ -302,8 +304,8 @@ def segment_proposals(work: Work, matches: Matches, clicks: Clicks,
     res = propagate(work.segmenter_volume, zyx, segmenter, prop_cfg, radius=work.radius)
     refs = references if references is not None else references_of(work, clicks.masks, cfg)
     neg_refs = negative_references
-    if neg_refs is None and negatives is not None and negatives.masks:
-        neg_refs = references_of(work, negatives.masks, cfg)
+    if neg_refs is None and refs is not None and negatives is not None and negatives.masks:
+        neg_refs = references_of(work, negatives.masks, cfg, reach=refs.reach)
     rejected = {"empty": 0, "off_point": 0}
     instances = []
     for i, mask in enumerate(res.instances):
@@ -318,8 +320,9 @@ def segment_proposals(work: Work, matches: Matches, clicks: Clicks,
             desc = score.describe(mask, work.segmenter_volume, refs.reach)
             agreement, _ = refs.agreement(desc)
             if neg_refs is not None and negatives is not None:
-                against, _ = neg_refs.agreement(
-                    score.describe(mask, work.segmenter_volume, neg_refs.reach))
+                if neg_refs.reach != refs.reach:  # a saved query's, made elsewhere
+                    desc = score.describe(mask, work.segmenter_volume, neg_refs.reach)
+                against, _ = neg_refs.agreement(desc)
                 if against > agreement:
                     negatives.dropped["agreement"] += 1
                     continue
@@ -335,12 +338,20 @@ def segment_proposals(work: Work, matches: Matches, clicks: Clicks,
 # --------------------------------------------------------------------------- back to the input
 
 
+def instances_to_input_grid(instances: list[Instance], factor: int,
+                            shape: tuple[int, ...]) -> list[Instance]:
+    """Instances of a binned run on the input's voxel grid (each binned voxel a block),
+    seeds in input voxels. The identity when nothing was binned."""
+    if factor == 1:
+        return instances
+    return [dataclasses.replace(i, mask=upsample_mask(i.mask, factor, shape),
+                                seed=from_binned(i.seed, factor)) for i in instances]
+
+
 def to_input_grid(instances: list[Instance], labels: np.ndarray, factor: int,
                   shape: tuple[int, ...]) -> tuple[list[Instance], np.ndarray]:
-    """Instances and labels of a binned run on the input's voxel grid (each binned voxel a
-    block); seeds in input voxels. The identity when nothing was binned."""
+    """Instances and labels of a binned run on the input's voxel grid."""
     if factor == 1:
         return instances, labels
-    out = [dataclasses.replace(i, mask=upsample_mask(i.mask, factor, shape),
-                               seed=from_binned(i.seed, factor)) for i in instances]
-    return out, upsample_labels(labels, factor, shape)
+    return (instances_to_input_grid(instances, factor, shape),
+            upsample_labels(labels, factor, shape))

@@ -164,11 +164,8 @@ def _crowded_run(model, sim, kind: str, k: int, negative: str | None = None  # n
     except InputError:  # every click empty: nothing picked
         return [0.0, 0.0, 0.0, 0.0, 0.0], []
     ev = evaluate_picks(res.picks_zyx, truth, radius)
-    # every pick the run scored, written or below the cut; clicks first
-    every = np.vstack([res.picks_zyx, res.below_cut_zyx])
-    scores = np.concatenate([res.pick_scores + 2.0 * res.pick_is_prompt,
-                             [i.score for i in res.below_cut]])
-    ranked = evaluate_picks(every, truth, radius, scores=scores).ranked
+    every, ranking = res.every_scored_pick()  # written or below the cut, clicks first
+    ranked = evaluate_picks(every, truth, radius, scores=ranking).ranked
     return ([ev.precision, ev.recall, ev.f1, ranked.best_f1 if ranked else ev.f1,
              ranked.average_precision if ranked else 0.0], _kinds_of(sim, res.picks_zyx))
 
