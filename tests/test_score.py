@@ -103,7 +103,7 @@ def test_automatic_cut_separates_two_groups() -> None:
     good = np.exp(rng.normal(math.log(0.3), 0.5, 20))
     junk = np.exp(rng.normal(math.log(0.003), 0.6, 60))
     cut = automatic_cut(np.concatenate([good, junk]))
-    assert cut.method == "mixture" and cut.separation > 3
+    assert cut.method == "widest gap" and cut.separation > 3
     assert (good >= cut.threshold).mean() >= 0.95
     assert (junk >= cut.threshold).mean() <= 0.05
 
@@ -129,7 +129,7 @@ def scored_run(small_sim, weight_free):
 def test_written_picks_are_the_ones_at_or_above_the_cut(scored_run, tmp_path: Path) -> None:
     res = scored_run
     cut = res.record["score"]["cut"]
-    assert cut["method"] in ("mixture", "one group", "few matches")
+    assert cut["method"] in ("widest gap", "one group", "few matches")
     matches = ~res.pick_is_prompt
     assert (res.pick_scores[matches] >= cut["threshold"]).all()
     assert all(i.score < cut["threshold"] for i in res.below_cut)

@@ -28,7 +28,7 @@ class Cut:
     """The score threshold and how it was chosen."""
 
     threshold: float
-    method: str  # "mixture", "one group", "few matches", "given"
+    method: str  # "widest gap", "one group", "few matches", "given"
     separation: float | None = None  # the mixture's separation in pooled stds
 
     def report(self) -> dict[str, object]:
@@ -91,9 +91,9 @@ def automatic_cut(scores: np.ndarray) -> Cut:
     # the widest empty stretch of log-scores between the floor and the upper group's mean
     v = np.sort(np.append(x[(x > math.log(FLOOR)) & (x <= mu[1])], math.log(FLOOR)))
     if len(v) < 2:
-        return Cut(FLOOR, "mixture", separation)
+        return Cut(FLOOR, "widest gap", separation)
     g = int(np.argmax(np.diff(v)))
-    return Cut(float(max(math.exp(0.5 * (v[g] + v[g + 1])), FLOOR)), "mixture", separation)
+    return Cut(float(max(math.exp(0.5 * (v[g] + v[g + 1])), FLOOR)), "widest gap", separation)
 
 
 def given_cut(min_score: float) -> Cut:

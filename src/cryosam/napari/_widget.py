@@ -144,8 +144,9 @@ class CryosamWidget(QWidget):
         self.score_slider = QSlider(Qt.Orientation.Horizontal)
         self.score_slider.setRange(0, SLIDER_STEPS)
         self.score_slider.setEnabled(False)
-        self.score_slider.setToolTip("Hide picks whose score (similarity × confidence × "
-                                     "agreement; starts at the automatic cut) is "
+        self.score_slider.setToolTip("Hide picks whose score (similarity above the "
+                                     "threshold × confidence × agreement; starts at the "
+                                     "automatic cut) is "
                                      "below this; clicked particles always stay")
         self.score_slider.valueChanged.connect(self._apply_filter)
         self.score_label = QLabel("min score 0.000")
