@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -114,3 +115,18 @@ def test_threads_default_respects_the_job(monkeypatch) -> None:
     import os
 
     assert resolve_threads() == len(os.sched_getaffinity(0))
+
+
+def test_nms_radius_is_in_the_input_voxels_when_binned(scenes) -> None:
+    fine = scenes["fine"]
+    given = 12.0  # input voxels, like the clicks
+    cfg = _weight_free(binning=2)
+    cfg = dataclasses.replace(cfg, matching=dataclasses.replace(cfg.matching, nms_radius=given))
+    res = CryoSAM(cfg).segment(fine.volume, fine.prompt_points[:1], voxel_size=fine.voxel_size)
+    assert res.record["work"]["binning"] == 2
+    assert res.record["matching"]["nms_radius"] == pytest.approx(given)
+    assert res.record["matching"]["nms_radius_work_voxels"] == pytest.approx(given / 2)
+    props = res.proposals_zyx
+    assert len(props) >= 2
+    gaps = np.linalg.norm(props[:, None] - props[None], axis=2)[np.triu_indices(len(props), 1)]
+    assert gaps.min() >= given - 2.0  # NMS on the work grid, measured on the input's

@@ -122,7 +122,7 @@ class MatchingConfig:
     ratios: tuple[int, ...] = (16, 8, 4)  # coarse-to-fine grid ratios (paper)
     sim_threshold: float = 0.5  # keep cells with cosine similarity >= this (paper: 0.5)
     top_k: int = 512  # keep at most this many proposals (paper: K = 512; 0 = no cap)
-    nms_radius: float | None = None  # voxels; None = from the prompted particles' size
+    nms_radius: float | None = None  # the input's voxels; None = from the clicked particles' size
     chunk_size: int = 16384  # feature vectors scored per chunk (bounded memory)
     naive: bool = False  # score every finest-grid cell in one pass (baseline)
     dilation: int = 0  # also score this many rings of fine cells around survivors' children

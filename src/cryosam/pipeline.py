@@ -157,7 +157,7 @@ class CryoSAM:
             with timer("features"):
                 features = stages.compute_features(work, encoder, cfg, self.device, cache_dir)
             with timer("matching"):
-                query_ = stages.build_query(features, clicks, cfg, negatives)
+                query_ = stages.build_query(features, clicks, cfg, negatives, work.factor)
                 matches = stages.match_query(features, query_, clicks, cfg.matching,
                                              self.device, negatives)
             if matches.outside_clicks.any():
@@ -199,7 +199,7 @@ class CryoSAM:
         with timer("features"):
             features = stages.compute_features(work, encoder, cfg, self.device, cache_dir)
         with timer("matching"):
-            built = stages.build_query(features, clicks, cfg, negatives)
+            built = stages.build_query(features, clicks, cfg, negatives, work.factor)
             refs = stages.references_of(work, clicks.masks, cfg)
             neg_refs = stages.references_of(work, negatives.masks, cfg,
                                             reach=refs.reach if refs else None)

@@ -181,37 +181,49 @@ class Query:
     """What matching looks for: the query vectors and the clicked particles' size."""
 
     vectors: torch.Tensor  # (Q, dim), L2-normalised
-    nms_radius: float  # voxels
+    nms_radius: float  # work voxels
     particle_radius: float  # voxels, equivalent sphere of the median click mask
     negatives: torch.Tensor | None = None  # (M, dim): one per negative click, L2-normalised
+    factor: int = 1  # the run's binning: nms_radius x factor is in the input's voxels
+
+
+def given_nms_radius(cfg: CryosamConfig, factor: int) -> float | None:
+    """``matching.nms_radius`` (the input's voxels, like every coordinate a user gives) on
+    the binned work grid; None when not given."""
+    given = cfg.matching.nms_radius
+    return None if given is None else float(given) / max(int(factor), 1)
 
 
 def build_query(features: Features, clicks: Clicks, cfg: CryosamConfig,
-                negatives: Negatives | None = None) -> Query:
+                negatives: Negatives | None = None, factor: int = 1) -> Query:
     """Masked average of the features over the click masks; radii from the masks' sizes;
-    one vector per negative click's mask."""
+    one vector per negative click's mask. ``factor``: the run's binning."""
     coords = [m.coords() for m in clicks.masks]
     vectors = matching.pool_query(features.volume, coords, seed=cfg.seed,
                                  mode=cfg.matching.query)
-    radius = (cfg.matching.nms_radius if cfg.matching.nms_radius is not None
-              else matching.nms_radius_from_masks(coords))
+    radius = given_nms_radius(cfg, factor)
+    if radius is None:
+        radius = matching.nms_radius_from_masks(coords)
     neg = None
     if negatives is not None and negatives.masks:
         neg_coords = [m.coords() for m in negatives.masks]
         neg = matching.pool_query(features.volume, neg_coords, seed=cfg.seed, mode="max")
         neg = neg[: len(neg_coords)]
-    return Query(vectors, float(radius), matching.particle_radius_from_masks(coords), neg)
+    return Query(vectors, float(radius), matching.particle_radius_from_masks(coords), neg,
+                 int(factor))
 
 
 def query_from_saved(saved: SavedQuery, features: Features, cfg: CryosamConfig) -> Query:
-    """The saved query's vectors and radii (``matching.nms_radius`` still overrides)."""
+    """The saved query's vectors and radii (``matching.nms_radius`` still overrides); the
+    run is binned as the query was."""
     saved.check_dim(int(features.volume.dim))
-    radius = (cfg.matching.nms_radius if cfg.matching.nms_radius is not None
-              else saved.nms_radius)
+    radius = given_nms_radius(cfg, saved.binning)
+    if radius is None:
+        radius = saved.nms_radius
     neg = (torch.from_numpy(np.array(saved.negatives, dtype=np.float32))
            if saved.negatives is not None and len(saved.negatives) else None)
     return Query(torch.from_numpy(np.array(saved.vectors, dtype=np.float32)), float(radius),
-                 float(saved.particle_radius), neg)
+                 float(saved.particle_radius), neg, int(saved.binning))
 
 
 @dataclass
@@ -227,7 +239,8 @@ class Matches:
     def report(self) -> dict[str, Any]:
         return {
             "enabled": True,
-            "nms_radius": self.query.nms_radius,
+            "nms_radius": self.query.nms_radius * self.query.factor,  # the input's voxels
+            "nms_radius_work_voxels": self.query.nms_radius,
             "queries": int(self.query.vectors.shape[0]),
             "proposals": int(len(self.zyx)),
             "stats": self.stats.to_dict(),

@@ -177,8 +177,9 @@ def register(app: typer.Typer) -> None:
             default["density_weight"], "--density-weight", min=0.0,
             help="Weight of the density agreement in the score (0 = size and shape only)."),
         nms_radius: float | None = typer.Option(default["nms_radius"], "--nms-radius", min=0.0,
-                                                help="Voxels (default: from the clicked "
-                                                "particles' size)."),
+                                                help="Voxels of the input tomogram, also "
+                                                "when it is binned (default: from the "
+                                                "clicked particles' size)."),
         max_area: int | None = typer.Option(default["max_area"], "--max-area", min=1,
                                             help="Largest mask area per slice, voxels "
                                             "(default: from the first masks)."),
