@@ -130,3 +130,15 @@ def test_nms_radius_is_in_the_input_voxels_when_binned(scenes) -> None:
     assert len(props) >= 2
     gaps = np.linalg.norm(props[:, None] - props[None], axis=2)[np.triu_indices(len(props), 1)]
     assert gaps.min() >= given - 2.0  # NMS on the work grid, measured on the input's
+
+
+def test_max_area_is_in_the_input_voxels_when_binned() -> None:
+    from cryosam.pipeline import _prop_cfg
+
+    cfg = _weight_free()
+    cfg = dataclasses.replace(cfg, propagation=dataclasses.replace(cfg.propagation,
+                                                                   max_area=401))
+    assert _prop_cfg(cfg, 1).max_area == 401
+    assert _prop_cfg(cfg, 2).max_area == 101  # a binned voxel is 2 x 2 input pixels a slice
+    assert _prop_cfg(cfg, 2).normalise is False
+    assert _prop_cfg(_weight_free(), 2).max_area is None  # from the masks, on the work grid

@@ -8,6 +8,7 @@ tomogram) reuse them, and runs the stages of :mod:`cryosam.stages` in order, tim
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from typing import Any
 
@@ -153,7 +154,8 @@ class CryoSAM:
         if match and encoder is not None and clicks.masks:
             if len(work.negatives):
                 with timer("segment_prompts"):
-                    negatives = stages.segment_negatives(work, segmenter, _prop_cfg(cfg))
+                    negatives = stages.segment_negatives(work, segmenter,
+                                                         _prop_cfg(cfg, work.factor))
             with timer("features"):
                 features = stages.compute_features(work, encoder, cfg, self.device, cache_dir)
             with timer("matching"):
@@ -163,7 +165,7 @@ class CryoSAM:
             if matches.outside_clicks.any():
                 with timer("segment_proposals"):
                     proposals = stages.segment_proposals(work, matches, clicks, segmenter,
-                                                         cfg, _prop_cfg(cfg),
+                                                         cfg, _prop_cfg(cfg, work.factor),
                                                          negatives=negatives)
         return self._result(timer, inputs, found, work, clicks, features, matches, proposals,
                             bool(match), negatives)
@@ -195,7 +197,7 @@ class CryoSAM:
             tomo_name=tomo_name, points_pixel_size=points_pixel_size, points_bin=points_bin,
             negative_points=negative_points)
         with timer("segment_prompts"):
-            negatives = stages.segment_negatives(work, self.segmenter, _prop_cfg(cfg))
+            negatives = stages.segment_negatives(work, self.segmenter, _prop_cfg(cfg, work.factor))
         with timer("features"):
             features = stages.compute_features(work, encoder, cfg, self.device, cache_dir)
         with timer("matching"):
@@ -232,7 +234,7 @@ class CryoSAM:
                 segmenter_dark=self._wants_dark("segmenter"))
             del volume  # the work volumes are all that is needed from here
         with timer("segment_prompts"):
-            clicks = stages.segment_clicks(work, self.segmenter, _prop_cfg(cfg), found)
+            clicks = stages.segment_clicks(work, self.segmenter, _prop_cfg(cfg, work.factor), found)
         return inputs, found, work, clicks
 
     def _segment_query(self, tomogram: stages.TomogramLike, saved: SavedQuery, *,
@@ -270,7 +272,7 @@ class CryoSAM:
         if len(matches.zyx):
             with timer("segment_proposals"):
                 proposals = stages.segment_proposals(
-                    work, matches, clicks, segmenter, cfg, _prop_cfg(cfg),
+                    work, matches, clicks, segmenter, cfg, _prop_cfg(cfg, work.factor),
                     references=saved.references(cfg.score), negatives=negatives,
                     negative_references=saved.negative_references(cfg.score))
         result = self._result(timer, inputs, found, work, clicks, features, matches, proposals,
@@ -354,9 +356,13 @@ class CryoSAM:
         return result
 
 
-def _prop_cfg(cfg: CryosamConfig) -> PropagationConfig:
-    """Propagation on the prepared volumes (already normalised)."""
-    return dataclasses.replace(cfg.propagation, normalise=False)
+def _prop_cfg(cfg: CryosamConfig, factor: int) -> PropagationConfig:
+    """Propagation on the prepared volumes (already normalised, binned by ``factor``): a
+    given ``max_area`` is in the input's voxels, so it shrinks with the binning."""
+    prop = dataclasses.replace(cfg.propagation, normalise=False)
+    if prop.max_area is not None and factor > 1:
+        prop = dataclasses.replace(prop, max_area=max(1, math.ceil(prop.max_area / factor**2)))
+    return prop
 
 
 def segment(
