@@ -21,7 +21,8 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option("cpu", "--device", help="auto | cpu | cuda"),
         preset: str = typer.Option("default", "--preset",
                                    help="default, or crowded: one and five clicks per kind "
-                                   "among 8 look-alike kinds, P/R/F1/best F1/AP per kind."),
+                                   "among 8 look-alike kinds, P/R/F1/best F1/AP per kind, "
+                                   "and the share of the kind among every scored match."),
         snr: float = typer.Option(0.5, "--snr", help="crowded: signal-to-noise ratio."),
         query_mode: str = typer.Option("both", "--query-mode",
                                        help="crowded: mean, max or both (each is reported)."),
@@ -118,7 +119,7 @@ def _crowded(seeds: str, shape: str, device: str, snr: float, modes: tuple[str, 
                         after, kinds_after = _crowded_run(model, sim, kind, 1, negative=other)
                         neg_rows.setdefault(kind, []).append(
                             [row[0], after[0], _share(kinds, other), _share(kinds_after, other)])
-    typer.echo(f"{'kind':12s} query clicks  precision  recall     F1  best F1     AP")
+    typer.echo(f"{'kind':12s} query clicks  precision  recall     F1  best F1     AP  found")
     for mode in modes:
         for k in (1, 5):
             means = []
@@ -126,10 +127,10 @@ def _crowded(seeds: str, shape: str, device: str, snr: float, modes: tuple[str, 
                 m = np.mean(rows[(kind, k, mode)], axis=0)
                 means.append(m)
                 typer.echo(f"{kind:12s} {mode:5s} {k:6d}  {m[0]:9.3f}  {m[1]:6.3f}  {m[2]:5.3f}  "
-                           f"{m[3]:7.3f}  {m[4]:5.3f}")
+                           f"{m[3]:7.3f}  {m[4]:5.3f}  {m[5]:5.3f}")
             m = np.mean(means, axis=0)
             typer.echo(f"{'mean':12s} {mode:5s} {k:6d}  {m[0]:9.3f}  {m[1]:6.3f}  {m[2]:5.3f}  "
-                       f"{m[3]:7.3f}  {m[4]:5.3f}")
+                       f"{m[3]:7.3f}  {m[4]:5.3f}  {m[5]:5.3f}")
     if neg_rows:
         typer.echo("one negative click on the kind picked most wrongly (1 click, "
                    f"{modes[0]} query):")
@@ -146,8 +147,9 @@ def _share(kinds: list[str | None], other: str) -> float:
 
 def _crowded_run(model, sim, kind: str, k: int, negative: str | None = None  # noqa: ANN001
                  ) -> tuple[list[float], list[str | None]]:
-    """One run: [precision, recall, F1 as written, best F1 over cuts, AP] and the kind each
-    written pick landed on (None: background). ``negative``: one negative click on that
+    """One run: [precision, recall, F1 as written, best F1 over cuts, AP, found] and the kind
+    each written pick landed on (None: background). *found* is the recall of every scored
+    match, written or not: what no score or cut can raise. ``negative``: one negative click on that
     kind."""
     import numpy as np
 
@@ -162,12 +164,14 @@ def _crowded_run(model, sim, kind: str, k: int, negative: str | None = None  # n
         res = model.segment(sim.volume, kind_clicks(sim, kind, k), voxel_size=sim.voxel_size,
                             negative_points=neg)
     except InputError:  # every click empty: nothing picked
-        return [0.0, 0.0, 0.0, 0.0, 0.0], []
+        return [0.0, 0.0, 0.0, 0.0, 0.0, 0.0], []
     ev = evaluate_picks(res.picks_zyx, truth, radius)
     every, ranking = res.every_scored_pick()  # written or below the cut, clicks first
-    ranked = evaluate_picks(every, truth, radius, scores=ranking).ranked
+    everything = evaluate_picks(every, truth, radius, scores=ranking)
+    ranked = everything.ranked
     return ([ev.precision, ev.recall, ev.f1, ranked.best_f1 if ranked else ev.f1,
-             ranked.average_precision if ranked else 0.0], _kinds_of(sim, res.picks_zyx))
+             ranked.average_precision if ranked else 0.0, everything.recall],
+            _kinds_of(sim, res.picks_zyx))
 
 
 def _kinds_of(sim, picks) -> list[str | None]:  # noqa: ANN001
