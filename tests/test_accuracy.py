@@ -174,3 +174,19 @@ def test_the_same_click_works_on_any_tomogram(variants, variant: str, reference:
     assert np.mean(variants[variant]) >= np.mean(variants[reference]) - 0.05, variants
     for got, ref in zip(variants[variant], variants[reference], strict=True):
         assert got >= ref - 0.08, (variant, variants)
+
+
+def test_crowded_bench_prints_what_no_cut_can_exceed(run_cli) -> None:
+    """The crowded table's *found* (recall over every scored match) bounds the recall as
+    written, and best F1 cannot beat what a perfect ranking of the found matches gives."""
+    code, out, err = run_cli("bench", "accuracy", "--preset", "crowded", "--seeds", "0",
+                             "--shape", "32,80,80", "--query-mode", "mean", "--no-negatives")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].split()[-1] == "found"
+    rows = [line.split() for line in lines[1:] if line.split()[1:2] == ["mean"]]
+    assert len(rows) == 2 * 9  # 8 kinds and their mean, for 1 and 5 clicks
+    for row in rows:
+        precision, recall, f1, best, ap, found = map(float, row[3:9])
+        assert recall <= found + 1e-9, row
+        assert best <= 2 * found / (1 + found) + 1e-3, row  # F1 at precision 1, recall found
