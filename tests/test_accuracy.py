@@ -192,3 +192,31 @@ def test_crowded_bench_prints_what_no_cut_can_exceed(run_cli) -> None:
         precision, recall, f1, best, ap, found = map(float, row[3:9])
         assert recall <= found + 1e-9, row
         assert best <= 2 * found / (1 + found) + 1e-3, row  # F1 at precision 1, recall found
+
+
+def test_a_query_that_matches_the_background_writes_no_match() -> None:
+    """The crowded preset's ring (seed 0) looks like empty space to the filter bank: its
+    query matches >90 % of the tomogram. The automatic cut then writes the click only and
+    keeps every match below the cut, with a warning; --min-score still writes them."""
+    from cryosam.napari._results import starting_score
+    from cryosam.simulate.crowded import kind_clicks
+
+    sim = simulate(SimulationConfig(seed=0, preset="crowded"))
+    clicks = kind_clicks(sim, "ring", 1)
+    with pytest.warns(CryosamWarning, match="looks like the background"):
+        res = CryoSAM(WEIGHT_FREE).segment(sim.volume, clicks, voxel_size=sim.voxel_size)
+    assert res.record["matching"]["stats"]["share"] > 0.5
+    assert res.record["score"]["cut"]["method"] == "query matches background"
+    assert res.pick_is_prompt.all() and len(res.picks_zyx) == 1
+    assert len(res.below_cut) > 10
+    cfg = WEIGHT_FREE.replace_path("score.min_score", 0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CryosamWarning)  # a given cut is not overridden
+        every = CryoSAM(cfg).segment(sim.volume, clicks, voxel_size=sim.voxel_size)
+    assert len(every.picks_zyx) == 1 + len(res.below_cut)
+    assert starting_score(every) == 1.0  # napari's slider starts above every match
+    # a particle's query matches a few percent of the same tomogram and is cut as usual
+    ribosome = CryoSAM(WEIGHT_FREE).segment(sim.volume, kind_clicks(sim, "ribosome", 1),
+                                            voxel_size=sim.voxel_size)
+    assert ribosome.record["matching"]["stats"]["share"] < 0.05
+    assert (~ribosome.pick_is_prompt).sum() > 5

@@ -182,6 +182,20 @@ def test_radius_from_masks() -> None:
 # ---------------------------------------------------------------------------------- matching
 
 
+def test_share_says_how_much_of_the_tomogram_looks_like_the_query(volume) -> None:
+    """A particle's query matches a few cells; one pooled over empty space matches nearly
+    all of them (the automatic cut then writes no match: :func:`cryosam.cut.background_cut`)."""
+    particle = match(volume, pool_query(volume, [ball(TARGETS[0], 4)]), CONFIG,
+                     nms_radius=RADIUS).stats
+    empty = match(volume, pool_query(volume, [ball(np.array([24.0, 80, 12]), 4)]), CONFIG,
+                  nms_radius=RADIUS).stats
+    assert 0 < particle.share < 0.05
+    assert empty.share > 0.9
+    last = particle.levels[-1]
+    assert last.cells_total == int(np.prod(volume.grid_shape(last.ratio)))
+    assert particle.to_dict()["share"] == pytest.approx(particle.share, abs=1e-4)
+
+
 def test_proposals_hit_every_target_once_and_nothing_below_threshold(volume, kinds) -> None:
     q = pool_query(volume, [ball(TARGETS[0], 4)])
     blob = reach(q, kinds[0])

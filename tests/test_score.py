@@ -242,3 +242,11 @@ def test_retired_membrane_level_is_read_with_a_warning(weight_free) -> None:
     with pytest.warns(CryosamWarning, match="membrane_level"):
         cfg = CryosamConfig.from_dict(old)
     assert cfg.segmenter.backends["threshold"] == CryosamConfig().segmenter.backends["threshold"]
+
+
+def test_background_share_is_a_share() -> None:
+    assert ScoreConfig().background_share == 0.5
+    assert ScoreConfig(background_share=1.0).background_share == 1.0
+    for bad in (0.0, -0.2, 1.5):
+        with pytest.raises(InputError, match="background_share"):
+            ScoreConfig(background_share=bad)

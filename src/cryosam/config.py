@@ -162,10 +162,16 @@ class ScoreConfig:
     shape_tolerance: float = 0.35  # std of the log principal-axis ratios' difference
     density_weight: float = 1.0  # exponent of the density agreement (0 = size and shape only)
     min_score: float | None = None  # write picks scoring >= this; None = automatic cut
+    # the automatic cut writes no match when the query matches more than this share of the
+    # tomogram (matching's first level): such a query describes the background (1 = never)
+    background_share: float = 0.5
 
     def __post_init__(self) -> None:
         if not self.size_tolerance > 0 or not self.shape_tolerance > 0:
             raise InputError("score.size_tolerance and score.shape_tolerance must be > 0")
+        if not 0.0 < self.background_share <= 1.0:
+            raise InputError(f"score.background_share {self.background_share}: give a share "
+                             "in (0, 1]; 1 never holds matches back")
         if self.density_weight < 0:
             raise InputError(f"score.density_weight {self.density_weight}: must be >= 0")
         if self.min_score is not None and not 0.0 <= self.min_score <= 1.0:

@@ -7,7 +7,9 @@ Otsu's split, fitted by EM) says whether there are two groups — their means mo
 cut is then the middle of the widest empty stretch of log-scores between ``FLOOR`` and the
 upper group's mean: the place where the tomogram's own scores thin out between the two.
 Without two groups (or with fewer than ``MIN_MATCHES`` matches) every match at or above
-``FLOOR`` is kept. ``--min-score`` replaces all of this.
+``FLOOR`` is kept. When the query matches more than ``score.background_share`` of the
+tomogram, no match is written (:func:`background_cut`): the clicked particle looks like the
+background to the encoder. ``--min-score`` replaces all of this.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 FLOOR = 1e-3  # a match scoring below this is never written by the automatic cut
+ABOVE_EVERY_SCORE = 1.000001  # scores are products of terms in [0, 1]
 MIN_SEPARATION = 1.5  # pooled standard deviations between the two groups' means
 MIN_MATCHES = 4  # fewer matches than this: no distribution to cut, the floor decides
 EM_STEPS = 100
@@ -28,7 +31,7 @@ class Cut:
     """The score threshold and how it was chosen."""
 
     threshold: float
-    method: str  # "widest gap", "one group", "few matches", "given"
+    method: str  # "widest gap", "one group", "few matches", "given", "query matches background"
     separation: float | None = None  # the mixture's separation in pooled stds
 
     def report(self) -> dict[str, object]:
@@ -94,6 +97,12 @@ def automatic_cut(scores: np.ndarray) -> Cut:
         return Cut(FLOOR, "widest gap", separation)
     g = int(np.argmax(np.diff(v)))
     return Cut(float(max(math.exp(0.5 * (v[g] + v[g + 1])), FLOOR)), "widest gap", separation)
+
+
+def background_cut() -> Cut:
+    """No match is written: the query matches most of the tomogram, so its matches are
+    background as likely as particles (scores never exceed 1)."""
+    return Cut(ABOVE_EVERY_SCORE, "query matches background")
 
 
 def given_cut(min_score: float) -> Cut:

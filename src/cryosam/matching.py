@@ -64,6 +64,7 @@ class LevelStats:
     cells_scored: int
     survivors: int
     seconds: float
+    cells_total: int = 0  # cells in this level's grid (scored or not)
 
 
 @dataclass(frozen=True)
@@ -83,10 +84,20 @@ class MatchStats:
         """Total feature vectors scored over all levels."""
         return sum(level.cells_scored for level in self.levels)
 
+    @property
+    def share(self) -> float:
+        """Share of the tomogram that looks like the query: the fraction of the finest
+        grid's cells at or above the similarity threshold. A particle's query matches a few
+        percent; one that matches most of the tomogram describes the background."""
+        if not self.levels or self.levels[-1].cells_total == 0:
+            return 0.0
+        return self.levels[-1].survivors / self.levels[-1].cells_total
+
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON form."""
         out = asdict(self)
         out["cells_scored"] = self.cells_scored
+        out["share"] = round(self.share, 4)
         return out
 
 
@@ -253,7 +264,8 @@ def match(
                 config.chunk_size,
             )
             n_scored += n_grown
-        stats.append(LevelStats(ratio, n_scored, len(kept_cells), time.perf_counter() - t0))
+        stats.append(LevelStats(ratio, n_scored, len(kept_cells), time.perf_counter() - t0,
+                                int(np.prod(fv.grid_shape(ratio)))))
 
     t0 = time.perf_counter()
     centres = np.asarray(fv.cell_centres(levels[-1], kept_cells), dtype=np.float64).reshape(-1, 3)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import warnings
 from typing import Any
 
 import numpy as np
@@ -17,10 +18,10 @@ import numpy as np
 import cryosam
 from cryosam import backends, stages
 from cryosam.config import CryosamConfig, PropagationConfig
-from cryosam.cut import automatic_cut, given_cut
+from cryosam.cut import automatic_cut, background_cut, given_cut
 from cryosam.device import resolve_device, set_threads
 from cryosam.encoders.base import SliceEncoder
-from cryosam.errors import InputError, MissingWeightsError
+from cryosam.errors import CryosamWarning, InputError, MissingWeightsError
 from cryosam.merge import merge_instances, split_at_cut
 from cryosam.probe import ClickProbe
 from cryosam.query import SavedQuery, check_query_config
@@ -296,8 +297,20 @@ class CryoSAM:
             below: list[Instance] = []
             if match and cfg.propagation.target == "particle":
                 scores = np.array([i.score for i in instances if not i.is_prompt])
-                cut = (given_cut(cfg.score.min_score) if cfg.score.min_score is not None
-                       else automatic_cut(scores))
+                share = matches.stats.share if matches is not None else 0.0
+                if cfg.score.min_score is not None:
+                    cut = given_cut(cfg.score.min_score)
+                elif share > cfg.score.background_share and len(scores):
+                    cut = background_cut()
+                    warnings.warn(
+                        f"the query matches {share:.0%} of the tomogram at similarity "
+                        f"{cfg.matching.sim_threshold}: to the {cfg.encoder.name} encoder the "
+                        "clicked particle looks like the background, so none of its "
+                        f"{len(scores)} matches is written (they are kept below the cut); "
+                        "click the particle's densest part or add clicks, or give "
+                        "--min-score to write them anyway", CryosamWarning, stacklevel=3)
+                else:
+                    cut = automatic_cut(scores)
                 instances, below, labels = split_at_cut(instances, labels, cut.threshold)
             instances, labels = stages.to_input_grid(instances, labels, work.factor,
                                                      inputs.tomogram.shape)

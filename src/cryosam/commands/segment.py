@@ -47,6 +47,7 @@ OPTION_PATHS: dict[str, str] = {
     "size_tolerance": "score.size_tolerance",
     "shape_tolerance": "score.shape_tolerance",
     "density_weight": "score.density_weight",
+    "background_share": "score.background_share",
 }
 
 EncoderChoice = StrEnum("EncoderChoice", {n: n for n in backends.names("encoder")})  # type: ignore[misc]
@@ -176,6 +177,10 @@ def register(app: typer.Typer) -> None:
         density_weight: float = typer.Option(
             default["density_weight"], "--density-weight", min=0.0,
             help="Weight of the density agreement in the score (0 = size and shape only)."),
+        background_share: float = typer.Option(
+            default["background_share"], "--background-share", min=0.01, max=1.0,
+            help="Write no match when the query matches more than this share of the "
+            "tomogram: such a query describes the background (1 = never)."),
         nms_radius: float | None = typer.Option(default["nms_radius"], "--nms-radius", min=0.0,
                                                 help="Voxels of the input tomogram, also "
                                                 "when it is binned (default: from the "

@@ -28,10 +28,15 @@ def hidden_labels(result: SegmentationResult, min_score: float) -> np.ndarray:
 
 def starting_score(result: SegmentationResult) -> float:
     """Where the score filter starts: the automatic cut of the result's matches (the
-    widget's runs keep every match, so the slider can go below it)."""
+    widget's runs keep every match, so the slider can go below it); at the top when the
+    query matched most of the tomogram (:func:`cryosam.cut.background_cut`)."""
+    from cryosam.config import ScoreConfig
     from cryosam.cut import automatic_cut
 
     matches = np.array([i.score for i in result.instances if not i.is_prompt])
+    share = result.record.get("matching", {}).get("stats", {}).get("share", 0.0)
+    if len(matches) and share > ScoreConfig().background_share:
+        return 1.0
     return automatic_cut(matches).threshold if len(matches) else 0.0
 
 
