@@ -224,3 +224,33 @@ def test_reader_opens_mrc_and_output_folder(make_napari_viewer, sim, tmp_path) -
     np.testing.assert_allclose(kinds["Points"].data, result.picks_zyx, atol=1e-3)
     np.testing.assert_allclose(kinds["Points"].features["score"], result.pick_scores,
                                atol=1e-5)
+
+
+_AFTER_THE_VIEWER = """
+import sys
+import napari
+from cryosam.napari._triton import mesa_opengl
+from cryosam.napari._widget import CryosamWidget
+viewer = napari.Viewer(show=False)
+CryosamWidget(viewer)
+print("mesa", mesa_opengl(), "hidden", "triton" in sys.modules and sys.modules["triton"] is None)
+import torch
+from transformers import Dinov2Config, Dinov2Model
+model = Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                 intermediate_size=64, image_size=28, patch_size=14))
+print("ran", tuple(model(torch.zeros(1, 3, 28, 28)).last_hidden_state.shape))
+viewer.close()
+"""
+
+
+def test_dinov2_loads_after_the_viewer_is_open() -> None:
+    """The widget's order of events in a fresh process: napari's OpenGL canvas first, then
+    transformers (which imports torch._dynamo and, with it, triton). Under Mesa's OpenGL that
+    import crashed the process; the widget now keeps triton out before any model is built."""
+    pytest.importorskip("transformers", reason="transformers is not installed")
+    proc = subprocess.run([sys.executable, "-c", _AFTER_THE_VIEWER], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
+    assert "ran (1, 5, 32)" in proc.stdout
+    if "mesa True" in proc.stdout:
+        assert "hidden True" in proc.stdout

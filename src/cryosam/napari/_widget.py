@@ -49,6 +49,7 @@ from cryosam.napari._results import (
     starting_score,
     tomogram_from_array,
 )
+from cryosam.napari._triton import guard_triton
 from cryosam.result import SegmentationResult
 
 LABELS_NAME = "cryosam instances"
@@ -86,6 +87,7 @@ class CryosamWidget(QWidget):
 
     def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
         super().__init__()
+        guard_triton()  # before any model: triton after Mesa's OpenGL crashes the process
         self.viewer = napari_viewer
         self.result: SegmentationResult | None = None
         self.worker: Any = None
