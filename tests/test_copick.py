@@ -285,3 +285,25 @@ def test_copick_is_imported_only_when_used() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_batch_with_a_saved_query_picks_in_a_project_without_clicks(small_sim,
+                                                                     tmp_path: Path) -> None:
+    """``cryosam batch CONFIG --object X --query Q``: every run is opened without a pick set
+    (``io.open_copick(..., clicks=False)``) and cryosam's picks are written back to it."""
+    sim, files = small_sim
+    config = make_project(tmp_path / "project", sim.volume, sim.voxel_size, {})
+    query = tmp_path / "rib.cryosam-query"
+    assert _cli("query", files["tomo.mrc"], "--points", files["prompt.csv"], "--out", query,
+                *FAST) == 0
+    out = tmp_path / "out"
+    assert _cli("batch", config, "--object", "ribosome", "--query", query, "--no-ray",
+                "--out", out, "-q") == 0
+    run = copick.from_file(str(config)).get_run("TS_01")
+    sets = run.get_picks(object_name="ribosome", user_id=io.COPICK_USER)
+    csv = io.read_points(out / "TS_01" / "picks.csv")
+    assert len(sets) == 1 and len(sets[0].points) == len(csv) >= 2
+    record = json.loads((out / "TS_01" / "run.json").read_text())
+    assert record["copick"]["clicks"]["n"] == 0
+    source = io.open_copick(config, "TS_01", "ribosome", clicks=False)
+    assert source.clicks_zyx.shape == (0, 3) and source.shape == sim.volume.shape

@@ -198,9 +198,9 @@ def tasks_from_copick(config: Path, out: Path, selectors: dict[str, Any],
                       with_clicks: bool) -> list[Task]:
     """One task per run of a copick project; with clicks, runs without a pick set of the
     object (by anyone but cryosam, or ``clicks_user``) are listed as having none."""
-    from cryosam.io.copick import COPICK_USER, _open_root
+    from cryosam.io.copick import COPICK_USER, open_root
 
-    root = _open_root(config)
+    root = open_root(config)
     obj = selectors["object"]
     if root.get_object(obj) is None:
         raise InputError(f"--object {obj!r}: not a pickable object of {config}; it has "

@@ -167,36 +167,7 @@ class Worker:
             return io.open_copick(c["config"], task.name, c["object"], **sel,
                                   clicks_user=c.get("clicks_user"),
                                   clicks_session=c.get("clicks_session"))
-        return copick_source_without_clicks(Path(c["config"]), task.name, c["object"], **sel)
-
-
-def copick_source_without_clicks(config: Path, run: str, object_name: str, *,
-                                 voxel_spacing: float | None,
-                                 tomo_type: str | None) -> io.CopickSource:
-    """A run's tomogram and cryosam's output session, for a saved query (no clicks)."""
-    import zarr
-
-    from cryosam.io.copick import (
-        _open_root,
-        _output_session,
-        _pick_tomogram,
-        _pick_voxel_spacing,
-    )
-
-    root = _open_root(config)
-    found = root.get_run(run)
-    if found is None:
-        raise InputError(f"{config}: run {run} is gone from the project")
-    where = f"{config}: run {run}"
-    spacing = _pick_voxel_spacing(where, found, voxel_spacing)
-    tomogram = _pick_tomogram(where, spacing, tomo_type)
-    shape = tuple(int(s) for s in zarr.open(tomogram.zarr(), mode="r")["0"].shape)
-    session = _output_session(where, found, object_name, None, False)
-    return io.CopickSource(config=config, run_name=found.name, object_name=object_name,
-                           voxel_spacing=float(spacing.voxel_size),
-                           tomo_type=tomogram.tomo_type, shape=shape,  # type: ignore[arg-type]
-                           clicks_zyx=np.zeros((0, 3)), clicks_user="", clicks_session="",
-                           session_id=session, _run=found, _tomogram=tomogram)
+        return io.open_copick(c["config"], task.name, c["object"], **sel, clicks=False)
 
 
 def _result_parameters(cfg: CryosamConfig) -> dict[str, Any]:

@@ -78,7 +78,8 @@ class CopickSource:
         }
 
 
-def _open_root(config: Path) -> Any:
+def open_root(config: Path) -> Any:
+    """The copick project of ``config`` (one clear error when it is not one)."""
     import copick
 
     if not config.is_file():
@@ -188,6 +189,7 @@ def open_copick(
     clicks_session: str | None = None,
     session_id: str | None = None,
     overwrite: bool = False,
+    clicks: bool = True,
 ) -> CopickSource:
     """Resolve a run's tomogram, clicks and output session without reading the tomogram.
 
@@ -196,12 +198,13 @@ def open_copick(
     are an error that lists them. ``voxel_spacing`` and ``tomo_type`` may be left out when the
     run has only one. ``session_id`` None takes the first free number for user ``cryosam``;
     a given one that cryosam already wrote is refused unless ``overwrite``. Every problem is
-    one :class:`InputError` naming the option and the fix.
+    one :class:`InputError` naming the option and the fix. ``clicks=False`` reads no pick
+    set (a saved query brings what to look for).
     """
     import zarr
 
     path = Path(config)
-    root = _open_root(path)
+    root = open_root(path)
     with third_party_quiet():
         found = root.get_run(run)
         if found is None:
@@ -215,8 +218,10 @@ def open_copick(
         spacing = _pick_voxel_spacing(where, found, voxel_spacing)
         tomogram = _pick_tomogram(where, spacing, tomo_type)
         shape = tuple(int(s) for s in zarr.open(tomogram.zarr(), mode="r")["0"].shape)
-        picks = _pick_clicks(where, found, object_name, clicks_user, clicks_session)
-        positions, transforms = picks.numpy()
+        picks = (_pick_clicks(where, found, object_name, clicks_user, clicks_session)
+                 if clicks else None)
+        positions, transforms = (picks.numpy() if picks is not None
+                                 else (np.zeros((0, 3)), np.zeros((0, 4, 4))))
         session = _output_session(where, found, object_name, session_id, overwrite)
     if len(shape) != 3:
         raise InputError(f"{where}: tomogram {tomogram.tomo_type!r} has shape {shape}; need 3-D")
@@ -224,7 +229,7 @@ def open_copick(
     xyz = np.asarray(positions, float).reshape(-1, 3) + np.asarray(transforms)[:, :3, 3]
     zyx = xyz[:, ::-1] / vs
     outside = outside_volume(zyx, shape)
-    if outside.any():
+    if outside.any() and picks is not None:
         i = int(np.argmax(outside))
         raise InputError(f"{where}: pick {i + 1} of {object_name} by {picks.user_id}/"
                          f"{picks.session_id} at {np.round(xyz[i], 1).tolist()} Å lies outside "
@@ -232,8 +237,8 @@ def open_copick(
                          "check the pick set and --voxel-spacing")
     return CopickSource(config=path, run_name=found.name, object_name=object_name,
                         voxel_spacing=vs, tomo_type=tomogram.tomo_type, shape=shape,
-                        clicks_zyx=zyx, clicks_user=picks.user_id,
-                        clicks_session=picks.session_id, session_id=session,
+                        clicks_zyx=zyx, clicks_user=picks.user_id if picks else "",
+                        clicks_session=picks.session_id if picks else "", session_id=session,
                         overwrite=overwrite, _run=found, _tomogram=tomogram)
 
 
