@@ -198,7 +198,7 @@ def test_a_query_that_matches_the_background_writes_no_match() -> None:
     """The crowded preset's ring (seed 0) looks like empty space to the filter bank: its
     query matches >90 % of the tomogram. The automatic cut then writes the click only and
     keeps every match below the cut, with a warning; --min-score still writes them."""
-    from cryosam.napari._results import starting_score
+    from cryosam.napari._results import background_note, starting_score
     from cryosam.simulate.crowded import kind_clicks
 
     sim = simulate(SimulationConfig(seed=0, preset="crowded"))
@@ -215,8 +215,10 @@ def test_a_query_that_matches_the_background_writes_no_match() -> None:
         every = CryoSAM(cfg).segment(sim.volume, clicks, voxel_size=sim.voxel_size)
     assert len(every.picks_zyx) == 1 + len(res.below_cut)
     assert starting_score(every) == 1.0  # napari's slider starts above every match
+    assert "matches 9" in background_note(every)  # and the widget says why (91-93 %)
     # a particle's query matches a few percent of the same tomogram and is cut as usual
     ribosome = CryoSAM(WEIGHT_FREE).segment(sim.volume, kind_clicks(sim, "ribosome", 1),
                                             voxel_size=sim.voxel_size)
     assert ribosome.record["matching"]["stats"]["share"] < 0.05
+    assert background_note(ribosome) is None
     assert (~ribosome.pick_is_prompt).sum() > 5

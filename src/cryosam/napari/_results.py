@@ -26,16 +26,29 @@ def hidden_labels(result: SegmentationResult, min_score: float) -> np.ndarray:
     return result.pick_instance_ids[~keep]
 
 
+def background_note(result: SegmentationResult) -> str | None:
+    """What to tell the user when the query matched most of the tomogram (the CLI's cut
+    would write none of its matches: :func:`cryosam.cut.background_cut`); None otherwise."""
+    from cryosam.config import ScoreConfig
+
+    share = float(result.record.get("matching", {}).get("stats", {}).get("share", 0.0))
+    matches = sum(not i.is_prompt for i in result.instances)
+    if not matches or share <= ScoreConfig().background_share:
+        return None
+    return (f"cryosam: the query matches {share:.0%} of the tomogram, so the clicked particle "
+            f"looks like the background to the encoder; its {matches} matches are hidden "
+            "(lower the score slider to see them). Click the particle's densest part or "
+            "add clicks.")
+
+
 def starting_score(result: SegmentationResult) -> float:
     """Where the score filter starts: the automatic cut of the result's matches (the
     widget's runs keep every match, so the slider can go below it); at the top when the
-    query matched most of the tomogram (:func:`cryosam.cut.background_cut`)."""
-    from cryosam.config import ScoreConfig
+    query matched most of the tomogram (:func:`background_note`)."""
     from cryosam.cut import automatic_cut
 
     matches = np.array([i.score for i in result.instances if not i.is_prompt])
-    share = result.record.get("matching", {}).get("stats", {}).get("share", 0.0)
-    if len(matches) and share > ScoreConfig().background_share:
+    if background_note(result) is not None:
         return 1.0
     return automatic_cut(matches).threshold if len(matches) else 0.0
 

@@ -41,6 +41,7 @@ from cryosam import backends
 from cryosam.errors import CryosamError
 from cryosam.napari._reader import pick_size, points_kwargs
 from cryosam.napari._results import (
+    background_note,
     check_clicks,
     filtered_result,
     finite,
@@ -384,6 +385,9 @@ class CryosamWidget(QWidget):
         clicked = sum(i.is_prompt for i in result.instances)
         self.status.setText(f"{n} found: {clicked} clicked + {n - clicked} similar, "
                             f"{seconds:.1f} s")
+        note = background_note(result)
+        if note is not None:
+            show_info(note)
         if self._clicks is not None and self._clicks in self.viewer.layers:
             self.viewer.layers.selection.active = self._clicks  # ready for more clicks
 
