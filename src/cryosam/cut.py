@@ -16,11 +16,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+if TYPE_CHECKING:
+    from cryosam.config import ScoreConfig
+
 FLOOR = 1e-3  # a match scoring below this is never written by the automatic cut
 ABOVE_EVERY_SCORE = 1.000001  # scores are products of terms in [0, 1]
+BACKGROUND = "query matches background"  # the method of :func:`background_cut`
 MIN_SEPARATION = 1.5  # pooled standard deviations between the two groups' means
 MIN_MATCHES = 4  # fewer matches than this: no distribution to cut, the floor decides
 EM_STEPS = 100
@@ -102,7 +107,26 @@ def automatic_cut(scores: np.ndarray) -> Cut:
 def background_cut() -> Cut:
     """No match is written: the query matches most of the tomogram, so its matches are
     background as likely as particles (scores never exceed 1)."""
-    return Cut(ABOVE_EVERY_SCORE, "query matches background")
+    return Cut(ABOVE_EVERY_SCORE, BACKGROUND)
+
+
+def choose_cut(scores: np.ndarray, share: float, cfg: ScoreConfig) -> Cut:
+    """The cut of one run: ``cfg.min_score`` when given; none written when the query
+    matched more than ``cfg.background_share`` of the tomogram (``MatchStats.share``);
+    otherwise the automatic cut of ``scores``."""
+    if cfg.min_score is not None:
+        return given_cut(cfg.min_score)
+    if len(scores) and share > cfg.background_share:
+        return background_cut()
+    return automatic_cut(scores)
+
+
+def background_message(share: float, matches: int) -> str:
+    """Why a background cut wrote none of the ``matches`` (shared by the CLI and napari)."""
+    return (f"the query matches {share:.0%} of the tomogram: to the encoder the clicked "
+            f"particle looks like the background, so none of its {matches} matches is "
+            "written (they are kept below the cut); click the particle's densest part or "
+            "add clicks")
 
 
 def given_cut(min_score: float) -> Cut:

@@ -18,7 +18,7 @@ import numpy as np
 import cryosam
 from cryosam import backends, stages
 from cryosam.config import CryosamConfig, PropagationConfig
-from cryosam.cut import automatic_cut, background_cut, given_cut
+from cryosam.cut import BACKGROUND, background_message, choose_cut
 from cryosam.device import resolve_device, set_threads
 from cryosam.encoders.base import SliceEncoder
 from cryosam.errors import CryosamWarning, InputError, MissingWeightsError
@@ -298,19 +298,11 @@ class CryoSAM:
             if match and cfg.propagation.target == "particle":
                 scores = np.array([i.score for i in instances if not i.is_prompt])
                 share = matches.stats.share if matches is not None else 0.0
-                if cfg.score.min_score is not None:
-                    cut = given_cut(cfg.score.min_score)
-                elif share > cfg.score.background_share and len(scores):
-                    cut = background_cut()
-                    warnings.warn(
-                        f"the query matches {share:.0%} of the tomogram at similarity "
-                        f"{cfg.matching.sim_threshold}: to the {cfg.encoder.name} encoder the "
-                        "clicked particle looks like the background, so none of its "
-                        f"{len(scores)} matches is written (they are kept below the cut); "
-                        "click the particle's densest part or add clicks, or give "
-                        "--min-score to write them anyway", CryosamWarning, stacklevel=3)
-                else:
-                    cut = automatic_cut(scores)
+                cut = choose_cut(scores, share, cfg.score)
+                if cut.method == BACKGROUND:
+                    warnings.warn(f"{background_message(share, len(scores))}, or give "
+                                  "--min-score to write them anyway", CryosamWarning,
+                                  stacklevel=3)
                 instances, below, labels = split_at_cut(instances, labels, cut.threshold)
             instances, labels = stages.to_input_grid(instances, labels, work.factor,
                                                      inputs.tomogram.shape)

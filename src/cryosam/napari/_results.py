@@ -26,31 +26,34 @@ def hidden_labels(result: SegmentationResult, min_score: float) -> np.ndarray:
     return result.pick_instance_ids[~keep]
 
 
-def background_note(result: SegmentationResult) -> str | None:
-    """What to tell the user when the query matched most of the tomogram (the CLI's cut
-    would write none of its matches: :func:`cryosam.cut.background_cut`); None otherwise."""
+def _widget_cut(result: SegmentationResult) -> tuple[Any, float, int]:
+    """The cut the CLI would choose for the widget's result (the widget keeps every match),
+    the query's share of the tomogram and the number of matches."""
     from cryosam.config import ScoreConfig
+    from cryosam.cut import choose_cut
 
+    matches = np.array([i.score for i in result.instances if not i.is_prompt])
     share = float(result.record.get("matching", {}).get("stats", {}).get("share", 0.0))
-    matches = sum(not i.is_prompt for i in result.instances)
-    if not matches or share <= ScoreConfig().background_share:
+    return choose_cut(matches, share, ScoreConfig()), share, len(matches)
+
+
+def background_note(result: SegmentationResult) -> str | None:
+    """What to tell the user when the query matched most of the tomogram (the CLI would
+    write none of its matches: :func:`cryosam.cut.background_cut`); None otherwise."""
+    from cryosam.cut import BACKGROUND, background_message
+
+    cut, share, matches = _widget_cut(result)
+    if cut.method != BACKGROUND:
         return None
-    return (f"cryosam: the query matches {share:.0%} of the tomogram, so the clicked particle "
-            f"looks like the background to the encoder; its {matches} matches are hidden "
-            "(lower the score slider to see them). Click the particle's densest part or "
-            "add clicks.")
+    return (f"cryosam: {background_message(share, matches)}; lower the score slider to see "
+            "them.")
 
 
 def starting_score(result: SegmentationResult) -> float:
-    """Where the score filter starts: the automatic cut of the result's matches (the
-    widget's runs keep every match, so the slider can go below it); at the top when the
-    query matched most of the tomogram (:func:`background_note`)."""
-    from cryosam.cut import automatic_cut
-
-    matches = np.array([i.score for i in result.instances if not i.is_prompt])
-    if background_note(result) is not None:
-        return 1.0
-    return automatic_cut(matches).threshold if len(matches) else 0.0
+    """Where the score filter starts: the cut the CLI would choose (the widget's runs keep
+    every match, so the slider can go below it); at the top for a background cut."""
+    cut, _, matches = _widget_cut(result)
+    return min(cut.threshold, 1.0) if matches else 0.0
 
 
 def filtered_result(result: SegmentationResult, min_score: float) -> SegmentationResult:
