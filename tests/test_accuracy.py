@@ -182,9 +182,10 @@ def test_crowded_bench_prints_what_no_cut_can_exceed(run_cli) -> None:
     code, out, err = run_cli("bench", "accuracy", "--preset", "crowded", "--seeds", "0",
                              "--shape", "32,80,80", "--query-mode", "mean", "--no-negatives")
     assert code == 0, err
-    lines = [line for line in out.splitlines() if line.split()[:1] in (["kind"], *[[k] for k in (
-        "ribosome", "proteasome", "chaperonin", "ring", "dimer", "tetramer", "trimer",
-        "globule", "mean")])]  # the table only: a log line may precede it
+    from cryosam.simulate.crowded import CROWDED_KINDS
+
+    heads = {"kind", "mean", *CROWDED_KINDS}  # the table only: a log line may precede it
+    lines = [line for line in out.splitlines() if line.split()[:1] and line.split()[0] in heads]
     assert lines[0].split()[-1] == "found"
     rows = [line.split() for line in lines[1:] if line.split()[1:2] == ["mean"]]
     assert len(rows) == 2 * 9  # 8 kinds and their mean, for 1 and 5 clicks
