@@ -169,6 +169,8 @@ def test_query_keeps_negatives_and_densities(small_sim, other_sim, weight_free,
     other, other_files = other_sim
     res = model.segment(other_files["tomo.mrc"], query=back)
     assert res.record["negatives"]["clicks"] == 1
+    # the masks were on the query's tomogram: nothing here is dropped for lying "inside" them
+    assert res.record["negatives"]["dropped"]["inside"] == 0
     # a version-1 file: no negatives, no densities; size and shape still score
     v1 = SavedQuery(back.vectors, back.masks, back.encoder_id, back.parameters, back.polarity,
                     back.radius, back.binning, back.nms_radius, back.particle_radius,

@@ -264,7 +264,9 @@ class CryoSAM:
         clicks = stages.Clicks([], {})
         with timer("features"):
             features = stages.compute_features(work, encoder, cfg, self.device, cache_dir)
-        negatives = stages.Negatives(saved.negative_masks(), len(saved.negative_masks()))
+        # the saved negative masks lie on the query's own tomogram: here the negatives act by
+        # their vectors and their references only, never by where their masks were
+        negatives = stages.Negatives([], len(saved.negative_crops))
         with timer("matching"):
             query_ = stages.query_from_saved(saved, features, cfg)
             matches = stages.match_query(features, query_, clicks, cfg.matching, self.device,
