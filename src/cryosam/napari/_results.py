@@ -60,31 +60,25 @@ def filtered_result(result: SegmentationResult, min_score: float) -> Segmentatio
     """``result`` without the instances below ``min_score`` (clicks are kept), relabelled
     1..K in the same order; those below go to ``below_cut`` (``picks_below_cut.csv``) and
     the run record notes the filter, the cut and the new counts."""
-    keep = [i for i, inst in enumerate(result.instances)
-            if inst.is_prompt or inst.score >= min_score]
-    if len(keep) == len(result.instances):
+    from cryosam.cut import Cut
+    from cryosam.merge import split_at_cut
+
+    kept, below, labels = split_at_cut(result.instances, result.labels, min_score)
+    if not below:
         return result
-    kept = set(keep)
-    below = sorted((inst for i, inst in enumerate(result.instances) if i not in kept),
-                   key=lambda inst: -inst.score)
-    lut = np.zeros(len(result.instances) + 1, dtype=result.labels.dtype)
-    lut[np.asarray(keep, dtype=int) + 1] = np.arange(1, len(keep) + 1)
-    labels = lut[result.labels]
     record: dict[str, Any] = dict(result.record)
     counts = dict(record.get("counts", {}))
-    counts.update(instances=len(keep), picks=len(keep) if result.target == "particle" else 0)
+    counts.update(instances=len(kept), picks=len(kept) if result.target == "particle" else 0)
     record["counts"] = counts
-    record["napari_filter"] = {"min_score": float(min_score), "kept": len(keep),
+    record["napari_filter"] = {"min_score": float(min_score), "kept": len(kept),
                                "of": len(result.instances), "clicks_always_kept": True}
     score = dict(record.get("score") or {})
-    score.update(cut={"threshold": float(min_score), "method": "napari score filter",
-                      "separation": None},
-                 above_cut=sum(not result.instances[i].is_prompt for i in keep),
-                 below_cut=len(below))
+    score.update(cut=Cut(float(min_score), "napari score filter").report(),
+                 above_cut=sum(not inst.is_prompt for inst in kept), below_cut=len(below))
     record["score"] = score
-    return dataclasses.replace(result, instances=[result.instances[i] for i in keep],
-                               labels=labels, semantic=(labels > 0).astype(np.int8),
-                               record=record, below_cut=below + list(result.below_cut))
+    return dataclasses.replace(result, instances=kept, labels=labels,
+                               semantic=(labels > 0).astype(np.int8), record=record,
+                               below_cut=below + list(result.below_cut))
 
 
 def tomogram_from_array(data: Any, scale: Any, metadata: dict[str, Any] | None
