@@ -163,7 +163,8 @@ class ScoreConfig:
     density_weight: float = 1.0  # exponent of the density agreement (0 = size and shape only)
     min_score: float | None = None  # write picks scoring >= this; None = automatic cut
     # the automatic cut writes no match when the query matches more than this share of the
-    # tomogram (matching's first level): such a query describes the background (1 = never)
+    # tomogram (MatchStats.share, the finest grid): such a query describes the background
+    # (1 = never)
     background_share: float = 0.5
 
     def __post_init__(self) -> None:

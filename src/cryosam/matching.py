@@ -167,10 +167,8 @@ def similarity(fv: FeatureSource, zyx: np.ndarray, queries: torch.Tensor) -> np.
     pts = np.asarray(zyx, dtype=np.float32).reshape(-1, 3)
     if not len(pts):
         return np.zeros(0)
-    feats = fv.sample(pts).float().cpu()
-    feats = _normalise(feats)
-    q = _normalise(torch.as_tensor(queries).float().cpu().reshape(-1, feats.shape[1]))
-    return (feats @ q.T).amax(1).numpy().astype(np.float64)
+    scorer = _Scorer(_prepare_queries(queries, fv.dim), "torch", torch.device("cpu"))
+    return scorer(fv.sample(pts).cpu()).astype(np.float64)
 
 
 def _mask_coords(mask: np.ndarray, shape: Sequence[int], index: int) -> np.ndarray:

@@ -69,6 +69,12 @@ class References:
         mean = np.mean(refs, axis=0)
         return (mean - mean.mean()) / (mean.std() + 1e-9)
 
+    @property
+    def uses_density(self) -> bool:
+        """Whether a match's density description would count (not for a version-1 query or
+        ``density_weight`` 0): without it, matches are described by size and shape only."""
+        return self.density is not None and self.density_weight > 0
+
     def agreement(self, d: Description) -> tuple[float, dict[str, float]]:
         """The agreement of ``d`` with the references (product of size, shape and density
         agreements), and the three parts."""
@@ -78,7 +84,7 @@ class References:
         gap = float(np.min(np.linalg.norm(axes - d.log_axes, axis=1)))
         shape = math.exp(-0.5 * (gap / self.shape_sigma) ** 2)
         dens = 1.0
-        if self.density is not None and d.density is not None and self.density_weight > 0:
+        if self.uses_density and d.density is not None:
             corr = float(np.dot(self.density, d.density)) / len(d.density)
             dens = max(corr, 1e-3) ** self.density_weight
         return size * shape * dens, {"size": size, "shape": shape, "density": dens}

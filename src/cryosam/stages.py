@@ -321,6 +321,9 @@ def segment_proposals(work: Work, matches: Matches, clicks: Clicks,
         neg_refs = references_of(work, negatives.masks, cfg, reach=refs.reach)
     rejected = {"empty": 0, "off_point": 0}
     instances = []
+    # a density description costs a smoothing and a projection per match: only when it counts
+    described = (work.segmenter_volume if any(r is not None and r.uses_density
+                                              for r in (refs, neg_refs)) else None)
     for i, mask in enumerate(res.instances):
         if mask.n_voxels == 0:
             rejected["empty"] += 1
@@ -330,11 +333,11 @@ def segment_proposals(work: Work, matches: Matches, clicks: Clicks,
             continue
         agreement = 1.0
         if refs is not None:
-            desc = score.describe(mask, work.segmenter_volume, refs.reach)
+            desc = score.describe(mask, described, refs.reach)
             agreement, _ = refs.agreement(desc)
             if neg_refs is not None and negatives is not None:
                 if neg_refs.reach != refs.reach:  # a saved query's, made elsewhere
-                    desc = score.describe(mask, work.segmenter_volume, neg_refs.reach)
+                    desc = score.describe(mask, described, neg_refs.reach)
                 against, _ = neg_refs.agreement(desc)
                 if against > agreement:
                     negatives.dropped["agreement"] += 1
