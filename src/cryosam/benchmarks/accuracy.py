@@ -90,6 +90,8 @@ def _crowded(seeds: str, shape: str, device: str, snr: float, modes: tuple[str, 
              negatives: bool) -> None:
     """Per kind of the crowded preset: one and five clicks, picks as written and ranked, for
     each query mode; then one negative click on the most confused kind."""
+    import tempfile
+
     import numpy as np
 
     from cryosam import backends
@@ -105,20 +107,23 @@ def _crowded(seeds: str, shape: str, device: str, snr: float, modes: tuple[str, 
         matching=MatchingConfig(query=mode))) for mode in modes}  # type: ignore[arg-type]
     rows: dict[tuple[str, int, str], list[list[float]]] = {}
     neg_rows: dict[str, list[list[float]]] = {}
+    cache = tempfile.TemporaryDirectory(prefix="cryosam-bench-")  # features once per seed
     for seed in (int(v) for v in seeds.split(",") if v.strip()):
         sim = simulate(SimulationConfig(shape=parse_shape(shape), seed=seed, snr=snr,
                                         preset="crowded"))
         for kind in CROWDED_KINDS:
             for mode, model in models.items():
                 for k in (1, 5):
-                    row, kinds = _crowded_run(model, sim, kind, k)
+                    row, kinds = _crowded_run(model, sim, kind, k, cache_dir=cache.name)
                     rows.setdefault((kind, k, mode), []).append(row)
                     wrong = [x for x in kinds if x not in (kind, None)]
                     if negatives and k == 1 and mode == modes[0] and wrong:
                         other = max(sorted(set(wrong)), key=wrong.count)
-                        after, kinds_after = _crowded_run(model, sim, kind, 1, negative=other)
+                        after, kinds_after = _crowded_run(model, sim, kind, 1, negative=other,
+                                                          cache_dir=cache.name)
                         neg_rows.setdefault(kind, []).append(
                             [row[0], after[0], _share(kinds, other), _share(kinds_after, other)])
+    cache.cleanup()
     typer.echo(f"{'kind':12s} query clicks  precision  recall     F1  best F1     AP  found")
     for mode in modes:
         for k in (1, 5):
@@ -145,8 +150,8 @@ def _share(kinds: list[str | None], other: str) -> float:
     return sum(x == other for x in kinds) / max(len(kinds), 1)
 
 
-def _crowded_run(model, sim, kind: str, k: int, negative: str | None = None  # noqa: ANN001
-                 ) -> tuple[list[float], list[str | None]]:
+def _crowded_run(model, sim, kind: str, k: int, negative: str | None = None,  # noqa: ANN001
+                 cache_dir: str | None = None) -> tuple[list[float], list[str | None]]:
     """One run: [precision, recall, F1 as written, best F1 over cuts, AP, found] and the kind
     each written pick landed on (None: background). *found* is the recall of every scored
     match, written or not: what no score or cut can raise. ``negative``: one negative click on that
@@ -162,7 +167,7 @@ def _crowded_run(model, sim, kind: str, k: int, negative: str | None = None  # n
     neg = None if negative is None else kind_clicks(sim, negative, 1)
     try:
         res = model.segment(sim.volume, kind_clicks(sim, kind, k), voxel_size=sim.voxel_size,
-                            negative_points=neg)
+                            negative_points=neg, cache_dir=cache_dir)
     except InputError:  # every click empty: nothing picked
         return [0.0, 0.0, 0.0, 0.0, 0.0, 0.0], []
     ev = evaluate_picks(res.picks_zyx, truth, radius)
