@@ -176,8 +176,9 @@ def _crop2d(mask: np.ndarray) -> tuple[int, int, np.ndarray] | None:
     return int(r0), int(c0), mask[r0:r1, c0:c1].copy()
 
 
-def _iou2d(a: _Piece, b: _Piece, tolerance: int = 0, of_first: bool = False) -> float:
-    """IoU of two 2-D masks dilated by ``tolerance`` pixels (``of_first``: share of a in b)."""
+def _overlap2d(a: _Piece, b: _Piece, tolerance: int = 0) -> tuple[float, float]:
+    """(IoU, share of ``a`` covered by ``b``) of two 2-D masks dilated by ``tolerance``
+    pixels, from one dilation and one intersection."""
     ma, mb = a.crop, b.crop
     ra, ca, rb, cb = a.r0, a.c0, b.r0, b.c0
     if tolerance > 0:
@@ -192,8 +193,9 @@ def _iou2d(a: _Piece, b: _Piece, tolerance: int = 0, of_first: bool = False) -> 
     if r1 > r0 and c1 > c0:
         inter = int(np.logical_and(ma[r0 - ra : r1 - ra, c0 - ca : c1 - ca],
                                    mb[r0 - rb : r1 - rb, c0 - cb : c1 - cb]).sum())
-    union = int(ma.sum()) if of_first else int(ma.sum()) + int(mb.sum()) - inter
-    return inter / union if union else 0.0
+    area_a, area_b = int(ma.sum()), int(mb.sum())
+    union = area_a + area_b - inter
+    return (inter / union if union else 0.0), (inter / area_a if area_a else 0.0)
 
 
 def _full(piece: _Piece, shape: tuple[int, int]) -> np.ndarray:
@@ -455,9 +457,9 @@ class _Engine:
         """IoU(prev, new) >= ``iou_threshold``; membranes: of the masks dilated by the tolerance,
         or ``prev`` covered that much by ``new`` (the curve may lengthen, ``GROWTH``x at most)."""
         thr = self.cfg.iou_threshold
-        return _iou2d(prev, new, self.tol) >= thr or (
-            self.membrane and new.crop.sum() <= GROWTH * prev.crop.sum()
-            and _iou2d(prev, new, self.tol, of_first=True) >= thr)
+        iou, covered = _overlap2d(prev, new, self.tol)
+        return iou >= thr or (self.membrane and covered >= thr
+                              and new.crop.sum() <= GROWTH * prev.crop.sum())
 
     def _steps(self, chains: list[_Chain], max_prompts: int) -> Iterator[int]:
         cfg = self.cfg

@@ -24,8 +24,6 @@ import torch
 
 from cryosam.benchmarks.workload import STAGES, Workload
 
-MODELS = ("paper", "tiny")
-
 
 class _Clock:
     """Stage seconds (the GPU synchronised at both ends) and peak memory per stage."""

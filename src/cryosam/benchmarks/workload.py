@@ -60,10 +60,12 @@ class Workload:
 
     def summary(self) -> dict[str, Any]:
         """Counts for the benchmark's report."""
+        from cryosam.features.volume import slice_positions  # what extraction encodes
+
         seen = self.slices()
         return {
             "shape_zyx": list(self.shape),
-            "encoder_slices": {a: len(range(0, n, self.stride)) + ((n - 1) % self.stride != 0)
+            "encoder_slices": {a: len(slice_positions(n, self.stride))
                                for a, n in zip("zyx", self.shape, strict=True)},
             "segmenter_slices": {a: len(v) for a, v in seen.items()},
             "segmenter_distinct_slices": sum(len(v) for v in seen.values()),
