@@ -19,7 +19,7 @@ import numpy as np
 from cryosam import io
 from cryosam._atomic import atomic_path, output_lock, replace_dir, sweep_stale, temp_dir
 from cryosam.errors import CryosamWarning, InputError
-from cryosam.result import SegmentationResult
+from cryosam.result import Instance, SegmentationResult
 from cryosam.utils import tomo_stem
 
 OUTPUT_FILES = (
@@ -116,6 +116,22 @@ def write_outputs(
     return {name: out / path.name for name, path in written.items()}
 
 
+def _pick_columns(instances: list[Instance], instance_ids: np.ndarray) -> dict[str, np.ndarray]:
+    """The per-pick columns of ``picks.csv`` and ``picks_below_cut.csv`` (one definition, so
+    the two files keep the same header); ``instance_ids``: labels in ``instances.mrc``
+    (0 for picks not in it)."""
+    return {
+        "score": np.array([i.score for i in instances], dtype=float),
+        "instance_id": np.asarray(instance_ids, dtype=np.int64),
+        "n_voxels": np.array([i.n_voxels for i in instances], dtype=np.int64),
+        "similarity": np.array([i.similarity for i in instances], dtype=float),
+        "confidence": np.array([i.confidence for i in instances], dtype=float),
+        "agreement": np.array([i.agreement for i in instances], dtype=float),
+        "prompt": np.array([i.is_prompt for i in instances], dtype=np.int8),
+        "click_row": np.array([i.click_row for i in instances], dtype=np.int64),
+    }
+
+
 def _write_all(
     result: SegmentationResult, folder: Path, *, tomo_name: str | None, preview: bool,
     star: io.StarOutputs,
@@ -124,16 +140,8 @@ def _write_all(
     name = tomo_name or result.tomo_name
     written: dict[str, Path] = {}
     if result.picks_zyx.shape[0] or result.target == "particle":
-        columns = {
-            "score": result.pick_scores,
-            "instance_id": result.pick_instance_ids,
-            "n_voxels": result.pick_n_voxels,
-            "similarity": result.pick_similarity,
-            "confidence": result.pick_confidence,
-            "agreement": result.pick_agreement,
-            "prompt": result.pick_is_prompt.astype(np.int8),
-            "click_row": result.pick_click_row,
-        }
+        picked = [result.instances[i] for i in result.pick_instance_ids - 1]
+        columns = _pick_columns(picked, result.pick_instance_ids)
         written["picks.csv"] = folder / "picks.csv"
         io.write_picks_csv(written["picks.csv"], result.picks_zyx, columns)
         written["picks.star"] = folder / "picks.star"
@@ -152,17 +160,8 @@ def _write_all(
         if result.below_cut:
             below = result.below_cut
             written["picks_below_cut.csv"] = folder / "picks_below_cut.csv"
-            n = len(below)
-            io.write_picks_csv(written["picks_below_cut.csv"], result.below_cut_zyx, {
-                "score": np.array([i.score for i in below]),
-                "instance_id": np.zeros(n, dtype=np.int64),  # not in instances.mrc
-                "n_voxels": np.array([i.n_voxels for i in below], dtype=np.int64),
-                "similarity": np.array([i.similarity for i in below]),
-                "confidence": np.array([i.confidence for i in below]),
-                "agreement": np.array([i.agreement for i in below]),
-                "prompt": np.zeros(n, dtype=np.int8),
-                "click_row": np.full(n, -1, dtype=np.int64),
-            })
+            io.write_picks_csv(written["picks_below_cut.csv"], result.below_cut_zyx,
+                               _pick_columns(below, np.zeros(len(below), dtype=np.int64)))
     written["semantic.mrc"] = folder / "semantic.mrc"
     io.write_mrc(written["semantic.mrc"], result.semantic, tomo.voxel_size, tomo.origin)
     written["instances.mrc"] = folder / "instances.mrc"
