@@ -177,8 +177,7 @@ def _crop2d(mask: np.ndarray) -> tuple[int, int, np.ndarray] | None:
 
 
 def _overlap2d(a: _Piece, b: _Piece, tolerance: int = 0) -> tuple[float, float]:
-    """(IoU, share of ``a`` covered by ``b``) of two 2-D masks dilated by ``tolerance``
-    pixels, from one dilation and one intersection."""
+    """(IoU, share of ``a`` covered by ``b``) of two 2-D masks dilated by ``tolerance`` px."""
     ma, mb = a.crop, b.crop
     ra, ca, rb, cb = a.r0, a.c0, b.r0, b.c0
     if tolerance > 0:
@@ -193,8 +192,7 @@ def _overlap2d(a: _Piece, b: _Piece, tolerance: int = 0) -> tuple[float, float]:
     if r1 > r0 and c1 > c0:
         inter = int(np.logical_and(ma[r0 - ra : r1 - ra, c0 - ca : c1 - ca],
                                    mb[r0 - rb : r1 - rb, c0 - cb : c1 - cb]).sum())
-    area_a, area_b = int(ma.sum()), int(mb.sum())
-    union = area_a + area_b - inter
+    area_a, union = int(ma.sum()), int(ma.sum()) + int(mb.sum()) - inter
     return (inter / union if union else 0.0), (inter / area_a if area_a else 0.0)
 
 

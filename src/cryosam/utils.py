@@ -130,3 +130,14 @@ def tomo_stem(path: str | os.PathLike[str]) -> str:
         if name.endswith(ext):
             name = name[: -len(ext)]
     return Path(name).stem
+
+
+def volume_hash(volume: np.ndarray) -> str:
+    """Content hash of a tomogram (shape, dtype and every voxel; about 0.2 s for a
+    200x512x512 float32 volume): the feature cache's key and the segmenter's same-volume
+    test."""
+    vol = np.ascontiguousarray(volume)
+    digest = hashlib.blake2b(digest_size=32)
+    digest.update(f"{vol.shape}:{vol.dtype.str};".encode())
+    digest.update(memoryview(vol).cast("B"))
+    return digest.hexdigest()

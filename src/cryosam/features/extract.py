@@ -36,7 +36,7 @@ from cryosam.features.volume import (
     slice_positions,
 )
 from cryosam.normalise import normalise_volume, robust_range
-from cryosam.utils import AXES, format_bytes
+from cryosam.utils import AXES, format_bytes, volume_hash
 
 log = logging.getLogger(__name__)
 
@@ -83,15 +83,6 @@ def estimate_nbytes(
 
 
 # --------------------------------------------------------------------------- cache
-def volume_hash(volume: np.ndarray) -> str:
-    """Content hash of a tomogram (shape, dtype and every voxel)."""
-    vol = np.ascontiguousarray(volume)
-    digest = hashlib.blake2b(digest_size=32)
-    digest.update(f"{vol.shape}:{vol.dtype.str};".encode())
-    digest.update(memoryview(vol).cast("B"))
-    return digest.hexdigest()
-
-
 def cache_key(
     volume: np.ndarray, encoder: SliceEncoder, *, stride: int = 1,
     clip_percentiles: Sequence[float] | None = (0.5, 99.5), reduce_to: int | None = None,

@@ -18,7 +18,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from cryosam.errors import InputError
-from cryosam.utils import AXES
+from cryosam.utils import AXES, volume_hash
 
 
 def axis_number(axis: str) -> int:
@@ -199,7 +199,7 @@ class SliceSegmenterBase:
         self.decoder_calls = 0
         self.slices_encoded = 0
         self._volume: np.ndarray | None = None
-        self._digest: bytes | None = None  # content hash of _volume, once needed
+        self._digest: str | None = None  # content hash of _volume, once needed
         self._images: dict[tuple[str, int], np.ndarray] = {}
         self._cache = ByteLRU(int(cache_mb) * 2**20)
 
@@ -218,8 +218,8 @@ class SliceSegmenterBase:
         elif (self._volume is not None and volume.shape == self._volume.shape
               and volume.dtype == self._volume.dtype):
             if self._digest is None:
-                self._digest = _digest(self._volume)
-            digest = _digest(volume)
+                self._digest = volume_hash(self._volume)
+            digest = volume_hash(volume)
             same = digest == self._digest
         self._volume, self._digest = volume, digest
         if not same:
@@ -308,15 +308,6 @@ class SliceSegmenterBase:
         """Counters for the run record."""
         return {"encoder_calls": self.encoder_calls, "decoder_calls": self.decoder_calls,
                 "slices_encoded": self.slices_encoded, "cache_evictions": self._cache.evictions}
-
-
-def _digest(volume: np.ndarray) -> bytes:
-    """Content hash of a volume (about 0.2 s for a 200x512x512 float32 tomogram)."""
-    import hashlib
-
-    digest = hashlib.blake2b(digest_size=32)
-    digest.update(memoryview(np.ascontiguousarray(volume)).cast("B"))
-    return digest.digest()
 
 
 def caps_of(batch: PromptBatch) -> np.ndarray:
