@@ -14,7 +14,6 @@ writes the figures as JSON (``--json``, or ``$OUT/bench_pipeline.json`` when ``$
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
@@ -58,7 +57,7 @@ def register(app: typer.Typer) -> None:
         sdpa: bool = typer.Option(True, "--sdpa/--no-sdpa",
                                   help="SAM attention through scaled_dot_product_attention"),
         compile_models: bool = typer.Option(False, "--compile",
-                                            help="torch.compile both image encoders (replay)"),
+                                            help="torch.compile both image encoders"),
     ) -> None:
         """Time and peak memory of every stage of ``cryosam segment``."""
         from cryosam.device import resolve_device
@@ -79,11 +78,12 @@ def register(app: typer.Typer) -> None:
                     encoder_batch=encoder_batch, sam_batch=sam_batch,
                     decoder_batch=decoder_batch, sdpa=sdpa, compile_models=compile_models)
             return
-        _run(models, parse_shape(shape or DEFAULT_SHAPE), dev, top_k, max_steps, seed)
+        _run(models, parse_shape(shape or DEFAULT_SHAPE), dev, top_k, max_steps, seed,
+             sdpa=sdpa, compile_models=compile_models)
 
 
 def _run(models: str, shape: tuple[int, int, int], dev: Any, top_k: int, max_steps: int,
-         seed: int) -> None:
+         seed: int, *, sdpa: bool = True, compile_models: bool = False) -> None:
     """The pipeline itself on a simulated tomogram (no workload)."""
     from cryosam.config import (
         CryosamConfig,
@@ -106,10 +106,7 @@ def _run(models: str, shape: tuple[int, int, int], dev: Any, top_k: int, max_ste
                             segmenter=SegmenterConfig(name="threshold"), device=str(dev))
         runner = CryoSAM(cfg)
     elif models == "paper":
-        from segment_anything import sam_model_registry
-
-        from cryosam.encoders.dinov2 import Dinov2Encoder, random_init_model
-        from cryosam.segmenters.sam import SamSegmenter
+        from cryosam.benchmarks.replay import build_models
 
         cfg = CryosamConfig(
             device=str(dev),
@@ -118,11 +115,8 @@ def _run(models: str, shape: tuple[int, int, int], dev: Any, top_k: int, max_ste
             score=ScoreConfig(min_score=0.0),  # random models: keep every pick
             diameter=1e5, binning=1,  # random masks have any size: no size cap or binning
         )
-        encoder = Dinov2Encoder(random_init_model("vitl14").to(dev), device=dev,
-                                name="dinov2-vitl14-reg:random-init")
-        segmenter = SamSegmenter(sam_model_registry["vit_h"](checkpoint=None), dev,
-                                 dataclasses.replace(cfg.segmenter),
-                                 model_id="vit_h:random-init")
+        encoder, segmenter = build_models("paper", dev, sdpa=sdpa,
+                                          compile_models=compile_models)
         runner = CryoSAM(cfg, encoder=encoder, segmenter=segmenter)
     else:
         raise InputError(f"--models {models!r}: use weight-free or paper (tiny needs "
