@@ -81,6 +81,30 @@ def test_density_agreement_ranks_the_clicked_kind_first() -> None:
     assert min(agree["ball"]) > max(agree["shell"] + agree["dumbbell"]), agree
 
 
+def test_density_tolerance_sets_what_a_look_alike_loses() -> None:
+    """Density correlations of compact particles all sit near 1; the tolerance turns the
+    small gap between the clicked kind and a look-alike into a factor that counts in the
+    score, and a wider tolerance forgives more."""
+    vol, centres = _scene()
+    g = np.indices((17, 17, 17)) - 8
+    ball = np.sqrt((g**2).sum(0)) <= 6
+
+    def worst_ratio(tolerance: float) -> float:  # best look-alike over the worst ball
+        refs = learn_references([InstanceMask(tuple(int(v) - 8 for v in centres["ball"][0]),
+                                              ball)], vol,
+                                ScoreConfig(density_tolerance=tolerance))
+        assert refs is not None
+        d = {kind: [refs.agreement(describe(InstanceMask(tuple(int(v) - 8 for v in c), ball),
+                                            vol, refs.reach))[1]["density"] for c in cs[1:]]
+             for kind, cs in centres.items()}
+        return max(d["shell"] + d["dumbbell"]) / min(d["ball"])
+
+    assert worst_ratio(0.03) < 0.5  # a look-alike loses at least half its score
+    assert worst_ratio(0.03) < worst_ratio(0.3) < 1.0
+    with pytest.raises(InputError, match="density_tolerance"):
+        ScoreConfig(density_tolerance=0.0)
+
+
 def test_size_tolerance_is_learned_from_several_clicks() -> None:
     small, big = _mask(_ellipsoid((4, 4, 4))), _mask(_ellipsoid((7, 7, 7)))
     cfg = ScoreConfig(size_tolerance=0.1)

@@ -161,6 +161,7 @@ class ScoreConfig:
     size_tolerance: float = 0.35  # std of log(size / clicked size) accepted (~1.4x either way)
     shape_tolerance: float = 0.35  # std of the log principal-axis ratios' difference
     density_weight: float = 1.0  # exponent of the density agreement (0 = size and shape only)
+    density_tolerance: float = 0.03  # 1 - correlation of the density that costs a factor e
     min_score: float | None = None  # write picks scoring >= this; None = automatic cut
     # the automatic cut writes no match when the query matches more than this share of the
     # tomogram (MatchStats.share, the finest grid): such a query describes the background
@@ -173,6 +174,8 @@ class ScoreConfig:
         if not 0.0 < self.background_share <= 1.0:
             raise InputError(f"score.background_share {self.background_share}: give a share "
                              "in (0, 1]; 1 never holds matches back")
+        if not self.density_tolerance > 0:
+            raise InputError(f"score.density_tolerance {self.density_tolerance}: must be > 0")
         if self.density_weight < 0:
             raise InputError(f"score.density_weight {self.density_weight}: must be >= 0")
         if self.min_score is not None and not 0.0 <= self.min_score <= 1.0:

@@ -21,7 +21,10 @@ from cryosam.utils import sha256_file
 
 
 class StageTimer:
-    """Times each pipeline stage and records its peak memory (GPU, or the process's RSS)."""
+    """Times each pipeline stage and records its peak memory (GPU, or the process's RSS).
+
+    On a GPU the device is synchronised at both ends of a stage, so that a stage's seconds
+    are its own work and not the tail of the one before (a few waits per run)."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -29,13 +32,20 @@ class StageTimer:
         self.peak_bytes: dict[str, int] = {}
         self.started = time.time()
 
+    def sync(self) -> None:
+        """Wait for the GPU's queued work (nothing on the CPU)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     @contextlib.contextmanager
     def __call__(self, name: str) -> Iterator[None]:
+        self.sync()
         reset_peak_memory(self.device)
         start = time.perf_counter()
         try:
             yield
         finally:
+            self.sync()
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
             self.peak_bytes[name] = max(self.peak_bytes.get(name, 0),
                                         peak_memory_bytes(self.device))

@@ -9,7 +9,10 @@ thing, so every match is also compared with the clicked particles' own masks (th
 - **density**: a rotation-invariant description of the density around the mask's centre —
   on ``SHELLS`` shells evenly spaced out to ``SHELL_REACH`` x the particle radius,
   the power of each spherical-harmonic degree 0..``DEGREES`` — correlated with the
-  references' (a ring, a barrel, a dimer and a globule of one size differ here).
+  references' (a ring, a barrel, a dimer and a globule of one size differ here). These
+  correlations sit close to 1 for any compact particle (the radial profile dominates), so the
+  agreement is ``exp(-(1 - corr) / density_tolerance)``: a correlation one tolerance below 1
+  divides the score by e.
 
 Each gives an agreement in (0, 1]; their product, times the similarity (above the matching
 threshold, rescaled to (0, 1]: :func:`similarity_term`) and the segmenter's confidence, is
@@ -58,6 +61,7 @@ class References:
     shape_sigma: float
     reach: float  # voxels: the shells' outer radius
     density_weight: float
+    density_tolerance: float = 0.03  # 1 - correlation that costs a factor e (times the weight)
     stats: dict[str, Any] = field(default_factory=dict)
 
     @cached_property
@@ -86,7 +90,8 @@ class References:
         dens = 1.0
         if self.uses_density and d.density is not None:
             corr = float(np.dot(self.density, d.density)) / len(d.density)
-            dens = max(corr, 1e-3) ** self.density_weight
+            dens = math.exp(-self.density_weight * (1.0 - min(corr, 1.0))
+                            / self.density_tolerance)
         return size * shape * dens, {"size": size, "shape": shape, "density": dens}
 
 
@@ -180,6 +185,8 @@ def learn_references(masks: Sequence[InstanceMask], volume: np.ndarray | None,
         spread = float(np.sqrt(((axes - axes.mean(0)) ** 2).sum(1).mean()))
         shape_sigma = max(shape_sigma, spread)
     stats = {"clicks": len(items), "size_tolerance": round(size_sigma, 4),
-             "shape_tolerance": round(shape_sigma, 4), "reach_voxels": round(reach, 3),
+             "shape_tolerance": round(shape_sigma, 4),
+             "density_tolerance": round(cfg.density_tolerance, 4), "reach_voxels": round(reach, 3),
              "median_voxels": int(np.median([m.n_voxels for m in refs]))}
-    return References(items, size_sigma, shape_sigma, reach, cfg.density_weight, stats)
+    return References(items, size_sigma, shape_sigma, reach, cfg.density_weight,
+                      density_tolerance=cfg.density_tolerance, stats=stats)

@@ -11,11 +11,10 @@ for a volume with the same voxels).
 
 from __future__ import annotations
 
-import contextlib
 import math
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,33 +22,7 @@ import numpy as np
 import torch
 
 from cryosam.benchmarks.workload import STAGES, Workload
-
-
-class _Clock:
-    """Stage seconds (the GPU synchronised at both ends) and peak memory per stage."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.seconds: dict[str, float] = {}
-        self.peak: dict[str, int] = {}
-
-    def sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    @contextlib.contextmanager
-    def __call__(self, name: str) -> Iterator[None]:
-        from cryosam.device import peak_memory_bytes, reset_peak_memory
-
-        self.sync()
-        reset_peak_memory(self.device)
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.sync()
-            self.seconds[name] = time.perf_counter() - start
-            self.peak[name] = int(peak_memory_bytes(self.device))
+from cryosam.record import StageTimer
 
 
 def build_models(models: str, device: torch.device, *, sdpa: bool = True,
@@ -181,7 +154,7 @@ def replay(workload: Workload, encoder: Any, segmenter: Any, device: torch.devic
     counts, and the second query."""
     from cryosam.features import FeatureVolume, extract_features
 
-    clock = _Clock(device)
+    clock = StageTimer(device)
     rng = np.random.default_rng(seed)
     volume = rng.random(workload.shape, dtype=np.float32)  # the models' cost ignores content
     summary = workload.summary()
@@ -214,14 +187,14 @@ def replay(workload: Workload, encoder: Any, segmenter: Any, device: torch.devic
     sam_calls = segmenter.decoder_calls - before[1]
     first = dict(clock.seconds)
     first_total = sum(first.values())
-    peaks = dict(clock.peak)
+    peaks = dict(clock.peak_bytes)
     echo(f"first query done in {first_total:.1f} s; saving the features for the second")
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "features.pt"
         with clock("cache_save"):
             fv.save(path)
         del fv
-        second = _Clock(device)
+        second = StageTimer(device)
         with second("features"):
             fv2 = FeatureVolume.load(path)
         with second("matching"):
@@ -248,7 +221,7 @@ def replay(workload: Workload, encoder: Any, segmenter: Any, device: torch.devic
         "peak_memory_bytes": max(peaks.values()),
         "second_query": {
             "stages_seconds": {k: round(v, 3) for k, v in second.seconds.items()},
-            "stages_peak_memory_bytes": dict(second.peak),
+            "stages_peak_memory_bytes": dict(second.peak_bytes),
             "total_seconds": round(sum(second.seconds.values()), 3),
             "sam_encoder_slices": segmenter.slices_encoded - before2,
         },

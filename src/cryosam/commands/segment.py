@@ -47,6 +47,7 @@ OPTION_PATHS: dict[str, str] = {
     "size_tolerance": "score.size_tolerance",
     "shape_tolerance": "score.shape_tolerance",
     "density_weight": "score.density_weight",
+    "density_tolerance": "score.density_tolerance",
     "background_share": "score.background_share",
 }
 
@@ -177,6 +178,10 @@ def register(app: typer.Typer) -> None:
         density_weight: float = typer.Option(
             default["density_weight"], "--density-weight", min=0.0,
             help="Weight of the density agreement in the score (0 = size and shape only)."),
+        density_tolerance: float = typer.Option(
+            default["density_tolerance"], "--density-tolerance", min=0.001,
+            help="How far a match's density correlation with the clicked ones' may fall "
+            "below 1 (each tolerance divides the score by e)."),
         background_share: float = typer.Option(
             default["background_share"], "--background-share", min=0.01, max=1.0,
             help="Write no match when the query matches more than this share of the "
