@@ -19,7 +19,7 @@ from cryosam.export import write_outputs
 from cryosam.io import PointSet, negative_rows
 from cryosam.pipeline import CryoSAM
 from cryosam.propagation import InstanceMask
-from cryosam.score import describe, learn_references, principal_log_axes
+from cryosam.score import OUTSIDE, describe, learn_references, principal_log_axes
 
 FAST = ("--encoder", "filterbank", "--segmenter", "threshold", "--device", "cpu")
 
@@ -103,6 +103,29 @@ def test_density_tolerance_sets_what_a_look_alike_loses() -> None:
     assert worst_ratio(0.03) < worst_ratio(0.3) < 1.0
     with pytest.raises(InputError, match="density_tolerance"):
         ScoreConfig(density_tolerance=0.0)
+
+
+def test_three_clicks_set_the_range_of_their_kinds_density() -> None:
+    """Three clicks on balls: a ball is inside their own density range, shells and
+    dumbbells of the same size are outside it (their density agreement drops by OUTSIDE);
+    fewer clicks, or a range of 0, set no limit."""
+    vol, centres = _scene()
+    g = np.indices((17, 17, 17)) - 8
+    ball = np.sqrt((g**2).sum(0)) <= 6
+
+    def at(c):  # noqa: ANN001
+        return InstanceMask(tuple(int(v) - 8 for v in c), ball)
+
+    clicks = [at(c) for c in centres["ball"]]
+    refs = learn_references(clicks, vol, ScoreConfig())
+    assert refs is not None and refs.density_limit is not None
+    assert refs.stats["density_limit"] == pytest.approx(refs.density_limit, abs=1e-5)
+    dens = {kind: [refs.agreement(describe(at(c), vol, refs.reach))[1]["density"] for c in cs]
+            for kind, cs in centres.items()}
+    assert min(dens["ball"]) > 0.1
+    assert max(dens["shell"] + dens["dumbbell"]) < OUTSIDE
+    assert learn_references(clicks[:2], vol, ScoreConfig()).density_limit is None
+    assert learn_references(clicks, vol, ScoreConfig(density_range=0)).density_limit is None
 
 
 def test_size_tolerance_is_learned_from_several_clicks() -> None:

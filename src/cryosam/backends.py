@@ -201,7 +201,7 @@ def options_from(kind: Kind, given: Any) -> dict[str, Any]:
         if isinstance(value, cls):
             out[name] = value
         elif isinstance(value, dict):
-            value = _drop_retired(kind, name, value)
+            value = drop_retired(f"{kind}.backends.{name}", value)
             out[name] = build_dataclass(cls, value, f"{kind}.backends.{name}")
         else:
             raise InputError(f"{kind}.backends.{name}: expected a mapping of options, "
@@ -209,22 +209,32 @@ def options_from(kind: Kind, given: Any) -> dict[str, Any]:
     return out
 
 
-# options of earlier versions that are gone: (kind, backend, field) -> what replaced it
-RETIRED_OPTIONS = {("segmenter", "threshold", "membrane_level"): "membrane_cut"}
+# options of earlier versions that are gone, by their dotted place in the configuration
+# (top-level ones bare) -> what replaced them; an old run.json still loads, with a warning
+RETIRED_OPTIONS = {
+    "segmenter.backends.threshold.membrane_level": "segmenter.backends.threshold.membrane_cut",
+    # 0.2's fixed size and shape ratios became the agreement learned from the clicks
+    "min_size_ratio": "score.size_tolerance",
+    "max_size_ratio": "score.size_tolerance",
+    "max_elongation_ratio": "score.shape_tolerance",
+}
 
 
-def _drop_retired(kind: Kind, name: str, value: dict[str, Any]) -> dict[str, Any]:
-    """``value`` without the options earlier versions had (an old run.json still loads)."""
-    gone = [k for k in value if (kind, name, k) in RETIRED_OPTIONS]
+def drop_retired(where: str, value: dict[str, Any]) -> dict[str, Any]:
+    """``value`` (the options at ``where``, "" for the top level) without the ones earlier
+    versions had, each named in one warning with what replaced it."""
+    prefix = f"{where}." if where else ""
+    gone = [k for k in value if prefix + k in RETIRED_OPTIONS]
     if not gone:
         return value
     import warnings
 
     from cryosam.errors import CryosamWarning
 
-    new = ", ".join(RETIRED_OPTIONS[(kind, name, k)] for k in gone)
-    warnings.warn(f"{kind}.backends.{name}: {', '.join(gone)} no longer exist(s) (replaced by "
-                  f"{new}, at its default); ignored", CryosamWarning, stacklevel=3)
+    new = ", ".join(sorted({RETIRED_OPTIONS[prefix + k] for k in gone}))
+    warnings.warn(f"{where or 'configuration'}: {', '.join(sorted(gone))} no longer exist(s) "
+                  f"(replaced by {new}, at its default); ignored", CryosamWarning,
+                  stacklevel=3)
     return {k: v for k, v in value.items() if k not in gone}
 
 

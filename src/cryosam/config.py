@@ -13,18 +13,18 @@ import dataclasses
 import json
 import os
 import re
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from cryosam import backends
 from cryosam.backends import Target, build_dataclass, check_choice
-from cryosam.errors import CryosamWarning, InputError
+from cryosam.errors import InputError
 
 Direction = Literal["+z", "-z", "+y", "-y", "+x", "-x"]
 MatchBackend = Literal["auto", "torch", "faiss"]
 QueryMode = Literal["mean", "max"]
+QUERY_MODES: tuple[str, ...] = get_args(QueryMode)  # how several clicks make one query
 PolarityChoice = Literal["auto", "dark", "bright"]
 DIRECTIONS: tuple[str, ...] = ("+z", "-z", "+y", "-y", "+x", "-x")
 TARGETS: tuple[str, ...] = ("particle", "membrane")
@@ -136,7 +136,7 @@ class MatchingConfig:
 
     def __post_init__(self) -> None:
         check_choice("matching.backend", self.backend, MATCH_BACKENDS)
-        check_choice("matching.query", self.query, ("mean", "max"))
+        check_choice("matching.query", self.query, QUERY_MODES)
         ratios = tuple(int(r) for r in self.ratios)
         if not ratios or min(ratios) < 1 or list(ratios) != sorted(ratios, reverse=True):
             raise InputError(f"matching.ratios {tuple(self.ratios)}: give decreasing positive "
@@ -162,6 +162,9 @@ class ScoreConfig:
     shape_tolerance: float = 0.35  # std of the log principal-axis ratios' difference
     density_weight: float = 1.0  # exponent of the density agreement (0 = size and shape only)
     density_tolerance: float = 0.03  # 1 - correlation of the density that costs a factor e
+    # with 3+ clicks: a match whose density strays more than this many times the most
+    # different click's (leave-one-out) is outside the clicked kind (0 = no limit)
+    density_range: float = 1.5
     min_score: float | None = None  # write picks scoring >= this; None = automatic cut
     # the automatic cut writes no match when the query matches more than this share of the
     # tomogram (MatchStats.share, the finest grid): such a query describes the background
@@ -176,6 +179,9 @@ class ScoreConfig:
                              "in (0, 1]; 1 never holds matches back")
         if not self.density_tolerance > 0:
             raise InputError(f"score.density_tolerance {self.density_tolerance}: must be > 0")
+        if self.density_range < 0:
+            raise InputError(f"score.density_range {self.density_range}: must be >= 0 "
+                             "(0 = no limit)")
         if self.density_weight < 0:
             raise InputError(f"score.density_weight {self.density_weight}: must be >= 0")
         if self.min_score is not None and not 0.0 <= self.min_score <= 1.0:
@@ -186,10 +192,6 @@ class ScoreConfig:
 _BLOCKS: dict[str, type] = {"encoder": EncoderConfig, "segmenter": SegmenterConfig,
                             "propagation": PropagationConfig, "matching": MatchingConfig,
                             "score": ScoreConfig}
-# parameters of earlier versions that are gone: read and dropped, with what replaced them
-_RETIRED = {"min_size_ratio": "score.size_tolerance", "max_size_ratio": "score.size_tolerance",
-            "max_elongation_ratio": "score.shape_tolerance"}
-
 
 @dataclass(frozen=True)
 class CryosamConfig:
@@ -229,13 +231,7 @@ class CryosamConfig:
         errors naming them, missing ones take today's defaults."""
         if not isinstance(data, dict):
             raise InputError("configuration: expected a mapping of parameters")
-        retired = sorted(k for k in data if k in _RETIRED)
-        if retired:
-            warnings.warn(f"configuration: {', '.join(retired)} no longer exist(s) (the fixed "
-                          "size and shape ratios became the agreement learned from the clicks, "
-                          f"{', '.join(sorted({_RETIRED[k] for k in retired}))}); ignored",
-                          CryosamWarning, stacklevel=2)
-        top = {k: v for k, v in data.items() if k not in _BLOCKS and k not in _RETIRED}
+        top = {k: v for k, v in backends.drop_retired("", data).items() if k not in _BLOCKS}
         blocks = {}
         for name, block_cls in _BLOCKS.items():
             blocks[name] = build_dataclass(block_cls, dict(data.get(name) or {}), name)

@@ -28,7 +28,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from cryosam.config import MatchingConfig
+from cryosam.config import QUERY_MODES, MatchingConfig
 from cryosam.device import resolve_device
 from cryosam.errors import InputError
 
@@ -116,7 +116,6 @@ class Proposals:
 # --------------------------------------------------------------------------------------- query
 
 
-QUERY_MODES = ("mean", "max")
 
 
 def pool_query(

@@ -12,7 +12,11 @@ thing, so every match is also compared with the clicked particles' own masks (th
   references' (a ring, a barrel, a dimer and a globule of one size differ here). These
   correlations sit close to 1 for any compact particle (the radial profile dominates), so the
   agreement is ``exp(-(1 - corr) / density_tolerance)``: a correlation one tolerance below 1
-  divides the score by e.
+  divides the score by e. With three or more clicks, the clicks also say how far their own
+  kind strays: each click's gap ``1 - corr`` to the mean of the others. A match whose gap is
+  more than ``density_range`` times the largest of those lies outside the clicked kind and
+  its density agreement is multiplied by ``OUTSIDE`` (so no automatic cut writes it, and it
+  ranks below every match inside).
 
 Each gives an agreement in (0, 1]; their product, times the similarity (above the matching
 threshold, rescaled to (0, 1]: :func:`similarity_term`) and the segmenter's confidence, is
@@ -41,6 +45,7 @@ SPHERE_POINTS = 256  # sample directions per shell
 SHELLS = 10  # shells per description, whatever the particle's size in voxels
 SMOOTH_SHARE = 0.2  # Gaussian smoothing first, sigma = this x the particle radius ...
 SMOOTH_MIN = 0.8  # ... and at least this many voxels
+OUTSIDE = 1e-4  # the density agreement's factor for a match outside the clicks' range
 
 
 @dataclass
@@ -62,6 +67,7 @@ class References:
     reach: float  # voxels: the shells' outer radius
     density_weight: float
     density_tolerance: float = 0.03  # 1 - correlation that costs a factor e (times the weight)
+    density_limit: float | None = None  # a larger 1 - correlation is outside the clicked kind
     stats: dict[str, Any] = field(default_factory=dict)
 
     @cached_property
@@ -70,8 +76,7 @@ class References:
         refs = [r.density for r in self.items if r.density is not None]
         if not refs:
             return None
-        mean = np.mean(refs, axis=0)
-        return (mean - mean.mean()) / (mean.std() + 1e-9)
+        return _standardised(np.mean(refs, axis=0))
 
     @property
     def uses_density(self) -> bool:
@@ -90,8 +95,10 @@ class References:
         dens = 1.0
         if self.uses_density and d.density is not None:
             corr = float(np.dot(self.density, d.density)) / len(d.density)
-            dens = math.exp(-self.density_weight * (1.0 - min(corr, 1.0))
-                            / self.density_tolerance)
+            gap = 1.0 - min(corr, 1.0)
+            dens = math.exp(-self.density_weight * gap / self.density_tolerance)
+            if self.density_limit is not None and gap > self.density_limit:
+                dens *= OUTSIDE
         return size * shape * dens, {"size": size, "shape": shape, "density": dens}
 
 
@@ -184,9 +191,32 @@ def learn_references(masks: Sequence[InstanceMask], volume: np.ndarray | None,
         axes = np.stack([d.log_axes for d in items])
         spread = float(np.sqrt(((axes - axes.mean(0)) ** 2).sum(1).mean()))
         shape_sigma = max(shape_sigma, spread)
+    limit = _density_limit(items, cfg.density_range)
     stats = {"clicks": len(items), "size_tolerance": round(size_sigma, 4),
              "shape_tolerance": round(shape_sigma, 4),
-             "density_tolerance": round(cfg.density_tolerance, 4), "reach_voxels": round(reach, 3),
+             "density_tolerance": round(cfg.density_tolerance, 4),
+             "density_limit": None if limit is None else round(limit, 5),
+             "reach_voxels": round(reach, 3),
              "median_voxels": int(np.median([m.n_voxels for m in refs]))}
     return References(items, size_sigma, shape_sigma, reach, cfg.density_weight,
-                      density_tolerance=cfg.density_tolerance, stats=stats)
+                      density_tolerance=cfg.density_tolerance, density_limit=limit,
+                      stats=stats)
+
+
+def _standardised(x: np.ndarray) -> np.ndarray:
+    return (x - x.mean()) / (x.std() + 1e-9)
+
+
+def _density_limit(items: Sequence[Description], density_range: float) -> float | None:
+    """``density_range`` x the largest leave-one-out gap ``1 - corr`` between a click's
+    density description and the others' mean: how far the clicked kind itself strays. None
+    with fewer than three described clicks or a range of 0 (no limit)."""
+    dens = [d.density for d in items if d.density is not None]
+    if density_range <= 0 or len(dens) < 3 or len(dens) < len(items):
+        return None
+    stack = np.stack(dens)
+    gaps = []
+    for j in range(len(stack)):
+        others = _standardised(np.delete(stack, j, axis=0).mean(axis=0))
+        gaps.append(1.0 - float(np.dot(others, stack[j])) / stack.shape[1])
+    return density_range * max(gaps)

@@ -32,7 +32,9 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Picks as written (precision, recall, F1) and ranked, per seed or per kind."""
         if preset == "crowded":
-            modes = ("mean", "max") if query_mode == "both" else (query_mode,)
+            from cryosam.config import QUERY_MODES
+
+            modes = QUERY_MODES if query_mode == "both" else (query_mode,)
             _crowded(seeds, shape, device, snr, modes, negatives)
             return
         import dataclasses

@@ -48,6 +48,7 @@ OPTION_PATHS: dict[str, str] = {
     "shape_tolerance": "score.shape_tolerance",
     "density_weight": "score.density_weight",
     "density_tolerance": "score.density_tolerance",
+    "density_range": "score.density_range",
     "background_share": "score.background_share",
 }
 
@@ -63,7 +64,7 @@ StarChoice = StrEnum("StarChoice",  # type: ignore[misc]
 
 
 QueryModeChoice = StrEnum("QueryModeChoice",  # type: ignore[misc]
-                          {n: n for n in ("mean", "max")})
+                          {n: n for n in configuration.QUERY_MODES})
 
 
 class UnitChoice(StrEnum):
@@ -182,6 +183,10 @@ def register(app: typer.Typer) -> None:
             default["density_tolerance"], "--density-tolerance", min=0.001,
             help="How far a match's density correlation with the clicked ones' may fall "
             "below 1 (each tolerance divides the score by e)."),
+        density_range: float = typer.Option(
+            default["density_range"], "--density-range", min=0.0,
+            help="With 3+ clicks: no match is written whose density strays more than this "
+            "many times as far as the most different click's from the others (0 = no limit)."),
         background_share: float = typer.Option(
             default["background_share"], "--background-share", min=0.01, max=1.0,
             help="Write no match when the query matches more than this share of the "
