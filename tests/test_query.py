@@ -181,3 +181,20 @@ def test_query_keeps_negatives_and_densities(small_sim, other_sim, weight_free,
     refs = loaded.references(weight_free.score)
     assert refs is not None and refs.density is None
     assert len(model.segment(other_files["tomo.mrc"], query=loaded).picks_zyx) > 0
+
+
+def test_three_clicks_range_travels_with_the_query(small_sim, weight_free,
+                                                   tmp_path: Path) -> None:
+    """The clicked kind's density range (3+ clicks) is learned from the saved density
+    descriptions alone: the same limit on the other tomogram as on the query's own."""
+    sim, files = small_sim
+    model = CryoSAM(weight_free)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CryosamWarning)
+        q = model.make_query(files["tomo.mrc"], np.asarray(sim.prompt_points[:3]))
+        own = model.segment(files["tomo.mrc"], np.asarray(sim.prompt_points[:3]))
+    limit = own.record["score"]["references"]["density_limit"]
+    assert limit is not None and limit > 0
+    back = SavedQuery.load(q.save(tmp_path / "three.cryosam-query"))
+    refs = back.references(weight_free.score)
+    assert refs is not None and refs.density_limit == pytest.approx(limit, abs=1e-5)
