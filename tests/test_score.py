@@ -4,6 +4,7 @@ above and below it, and negative clicks."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import warnings
@@ -198,6 +199,27 @@ def test_written_picks_are_the_ones_at_or_above_the_cut(scored_run, tmp_path: Pa
         assert all(r["instance_id"] == "0" and r["prompt"] == "0" for r in rows)
     picks = list(csv.DictReader(open(written["picks.csv"])))
     assert len(picks) == len(res.picks_zyx) and "agreement" in picks[0]
+
+
+def test_matches_outside_the_density_range_stay_below_and_out_of_the_cut(
+        small_sim, weight_free) -> None:
+    """Five clicks: the matches beyond the clicks' own density range are counted, kept
+    below the cut, and the cut is the automatic cut of the other matches alone."""
+    sim, _ = small_sim
+    res = CryoSAM(weight_free).segment(sim.volume, sim.prompt_points[:5])
+    outside = [i for i in res.below_cut if i.outside]
+    assert len(outside) >= 1
+    assert res.record["score"]["outside_density_range"] == len(outside)
+    assert not any(i.outside for i in res.instances)
+    assert max(i.score for i in outside) < FLOOR
+    inside = [i.score for i in res.instances + res.below_cut if not i.is_prompt and not i.outside]
+    assert res.record["score"]["cut"]["threshold"] == pytest.approx(
+        automatic_cut(np.array(inside)).threshold, abs=1e-6)
+    off = CryoSAM(dataclasses.replace(
+        weight_free, score=ScoreConfig(density_range=0))).segment(sim.volume,
+                                                                  sim.prompt_points[:5])
+    assert off.record["score"]["outside_density_range"] == 0
+    assert off.record["score"]["references"]["density_limit"] is None
 
 
 def test_min_score_overrides_the_cut(small_sim, weight_free, scored_run) -> None:

@@ -211,30 +211,29 @@ def options_from(kind: Kind, given: Any) -> dict[str, Any]:
 
 # options of earlier versions that are gone, by their dotted place in the configuration
 # (top-level ones bare) -> what replaced them; an old run.json still loads, with a warning
+_LEARNED = "learned from the clicks"  # 0.2's fixed size and shape ratios became the agreement
 RETIRED_OPTIONS = {
     "segmenter.backends.threshold.membrane_level": "segmenter.backends.threshold.membrane_cut",
-    # 0.2's fixed size and shape ratios became the agreement learned from the clicks
-    "min_size_ratio": "score.size_tolerance",
-    "max_size_ratio": "score.size_tolerance",
-    "max_elongation_ratio": "score.shape_tolerance",
+    "min_size_ratio": f"score.size_tolerance, {_LEARNED}",
+    "max_size_ratio": f"score.size_tolerance, {_LEARNED}",
+    "max_elongation_ratio": f"score.shape_tolerance, {_LEARNED}",
 }
 
 
 def drop_retired(where: str, value: dict[str, Any]) -> dict[str, Any]:
     """``value`` (the options at ``where``, "" for the top level) without the ones earlier
-    versions had, each named in one warning with what replaced it."""
+    versions had, all named in one warning with what replaced each."""
     prefix = f"{where}." if where else ""
-    gone = [k for k in value if prefix + k in RETIRED_OPTIONS]
+    gone = sorted(k for k in value if prefix + k in RETIRED_OPTIONS)
     if not gone:
         return value
     import warnings
 
     from cryosam.errors import CryosamWarning
 
-    new = ", ".join(sorted({RETIRED_OPTIONS[prefix + k] for k in gone}))
-    warnings.warn(f"{where or 'configuration'}: {', '.join(sorted(gone))} no longer exist(s) "
-                  f"(replaced by {new}, at its default); ignored", CryosamWarning,
-                  stacklevel=3)
+    named = "; ".join(f"{k} (now {RETIRED_OPTIONS[prefix + k]})" for k in gone)
+    warnings.warn(f"{where or 'configuration'}: {named}: no longer an option, ignored (the "
+                  "new one takes its default)", CryosamWarning, stacklevel=3)
     return {k: v for k, v in value.items() if k not in gone}
 
 

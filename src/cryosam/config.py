@@ -193,6 +193,7 @@ _BLOCKS: dict[str, type] = {"encoder": EncoderConfig, "segmenter": SegmenterConf
                             "propagation": PropagationConfig, "matching": MatchingConfig,
                             "score": ScoreConfig}
 
+
 @dataclass(frozen=True)
 class CryosamConfig:
     """The whole pipeline's configuration."""

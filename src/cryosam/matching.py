@@ -116,8 +116,6 @@ class Proposals:
 # --------------------------------------------------------------------------------------- query
 
 
-
-
 def pool_query(
     fv: FeatureSource,
     masks: Sequence[np.ndarray],

@@ -298,11 +298,14 @@ class CryoSAM:
             cut = None
             below: list[Instance] = []
             if match and cfg.propagation.target == "particle":
-                scores = np.array([i.score for i in instances if not i.is_prompt])
+                scored = [i for i in instances if not i.is_prompt]
+                # matches outside the clicked kind's density range are decided already:
+                # the cut is chosen among the others
+                scores = np.array([i.score for i in scored if not i.outside])
                 share = matches.stats.share if matches is not None else 0.0
                 cut = choose_cut(scores, share, cfg.score)
                 if cut.method == BACKGROUND:
-                    warnings.warn(f"{background_message(share, len(scores))}, or give "
+                    warnings.warn(f"{background_message(share, len(scored))}, or give "
                                   "--min-score to write them anyway", CryosamWarning,
                                   stacklevel=3)
                 instances, below, labels = split_at_cut(instances, labels, cut.threshold)
@@ -355,6 +358,7 @@ class CryoSAM:
                       "cut": cut.report() if cut is not None else None,
                       "above_cut": int(sum(not i.is_prompt for i in instances)),
                       "below_cut": len(below),
+                      "outside_density_range": sum(i.outside for i in below),
                       "references": proposals.references if proposals is not None else {}},
             **timer.report(),
         }

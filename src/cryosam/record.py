@@ -42,10 +42,13 @@ class StageTimer:
         self.sync()
         reset_peak_memory(self.device)
         start = time.perf_counter()
+        done = False
         try:
             yield
+            done = True
         finally:
-            self.sync()
+            if done:  # a failed stage's error is what matters, not waiting for the GPU
+                self.sync()
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
             self.peak_bytes[name] = max(self.peak_bytes.get(name, 0),
                                         peak_memory_bytes(self.device))

@@ -26,6 +26,9 @@ class Instance:
     click_row: int = -1  # row of its click in the points file; -1 for a match
     agreement: float = 1.0  # with the clicked particles' size, shape, density (1 for clicks)
     similarity_term: float = 1.0  # similarity above the matching threshold, in (0, 1]
+    # density outside the clicked kind's own range (3+ clicks, score.density_range): its score
+    # is tiny and it takes no part in choosing the automatic cut
+    outside: bool = False
 
     @property
     def is_prompt(self) -> bool:

@@ -18,7 +18,7 @@ thing, so every match is also compared with the clicked particles' own masks (th
   its density agreement is multiplied by ``OUTSIDE`` (so no automatic cut writes it, and it
   ranks below every match inside).
 
-Each gives an agreement in (0, 1]; their product, times the similarity (above the matching
+Each gives an agreement in [0, 1]; their product, times the similarity (above the matching
 threshold, rescaled to (0, 1]: :func:`similarity_term`) and the segmenter's confidence, is
 the pick score. The tolerances of size and shape are learned from the spread
 among the clicked particles (several clicks of one kind vary; a single click uses the
@@ -66,9 +66,10 @@ class References:
     shape_sigma: float
     reach: float  # voxels: the shells' outer radius
     density_weight: float
-    density_tolerance: float = 0.03  # 1 - correlation that costs a factor e (times the weight)
-    density_limit: float | None = None  # a larger 1 - correlation is outside the clicked kind
     stats: dict[str, Any] = field(default_factory=dict)
+    # 1 - correlation that costs a factor e (times the weight); ScoreConfig's
+    density_tolerance: float = field(kw_only=True)
+    density_limit: float | None = field(default=None, kw_only=True)  # beyond: outside the kind
 
     @cached_property
     def density(self) -> np.ndarray | None:
@@ -86,20 +87,23 @@ class References:
 
     def agreement(self, d: Description) -> tuple[float, dict[str, float]]:
         """The agreement of ``d`` with the references (product of size, shape and density
-        agreements), and the three parts."""
+        agreements), and the parts: those three and ``outside`` (1.0 when the density lies
+        outside the clicked kind's range, else 0.0)."""
         sizes = np.array([r.log_size for r in self.items])
         size = math.exp(-0.5 * (float(np.min(np.abs(sizes - d.log_size))) / self.size_sigma) ** 2)
         axes = np.stack([r.log_axes for r in self.items])
-        gap = float(np.min(np.linalg.norm(axes - d.log_axes, axis=1)))
-        shape = math.exp(-0.5 * (gap / self.shape_sigma) ** 2)
-        dens = 1.0
+        axes_gap = float(np.min(np.linalg.norm(axes - d.log_axes, axis=1)))
+        shape = math.exp(-0.5 * (axes_gap / self.shape_sigma) ** 2)
+        dens, outside = 1.0, False
         if self.uses_density and d.density is not None:
             corr = float(np.dot(self.density, d.density)) / len(d.density)
             gap = 1.0 - min(corr, 1.0)
             dens = math.exp(-self.density_weight * gap / self.density_tolerance)
-            if self.density_limit is not None and gap > self.density_limit:
+            outside = self.density_limit is not None and gap > self.density_limit
+            if outside:
                 dens *= OUTSIDE
-        return size * shape * dens, {"size": size, "shape": shape, "density": dens}
+        return size * shape * dens, {"size": size, "shape": shape, "density": dens,
+                                     "outside": float(outside)}
 
 
 def similarity_term(similarity: float, threshold: float) -> float:
@@ -191,7 +195,7 @@ def learn_references(masks: Sequence[InstanceMask], volume: np.ndarray | None,
         axes = np.stack([d.log_axes for d in items])
         spread = float(np.sqrt(((axes - axes.mean(0)) ** 2).sum(1).mean()))
         shape_sigma = max(shape_sigma, spread)
-    limit = _density_limit(items, cfg.density_range)
+    limit = _density_limit(items, cfg.density_range if cfg.density_weight > 0 else 0.0)
     stats = {"clicks": len(items), "size_tolerance": round(size_sigma, 4),
              "shape_tolerance": round(shape_sigma, 4),
              "density_tolerance": round(cfg.density_tolerance, 4),
@@ -210,7 +214,8 @@ def _standardised(x: np.ndarray) -> np.ndarray:
 def _density_limit(items: Sequence[Description], density_range: float) -> float | None:
     """``density_range`` x the largest leave-one-out gap ``1 - corr`` between a click's
     density description and the others' mean: how far the clicked kind itself strays. None
-    with fewer than three described clicks or a range of 0 (no limit)."""
+    with fewer than three described clicks or a range of 0 (no limit; also when the density
+    does not count, ``density_weight`` 0)."""
     dens = [d.density for d in items if d.density is not None]
     if density_range <= 0 or len(dens) < 3 or len(dens) < len(items):
         return None

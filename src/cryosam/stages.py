@@ -331,10 +331,11 @@ def segment_proposals(work: Work, matches: Matches, clicks: Clicks,
         if prop_cfg.target == "particle" and off_point(mask, zyx[i]):
             rejected["off_point"] += 1
             continue
-        agreement = 1.0
+        agreement, outside = 1.0, False
         if refs is not None:
             desc = score.describe(mask, described, refs.reach)
-            agreement, _ = refs.agreement(desc)
+            agreement, parts = refs.agreement(desc)
+            outside = bool(parts["outside"])
             if neg_refs is not None and negatives is not None:
                 if neg_refs.reach != refs.reach:  # a saved query's, made elsewhere
                     desc = score.describe(mask, described, neg_refs.reach)
@@ -344,7 +345,7 @@ def segment_proposals(work: Work, matches: Matches, clicks: Clicks,
                     continue
         instances.append(Instance(mask, zyx[i], float(sim[i]),
                                   float(np.clip(res.confidence[i], 0.0, 1.0)),
-                                  agreement=float(agreement),
+                                  agreement=float(agreement), outside=outside,
                                   similarity_term=score.similarity_term(
                                       float(sim[i]), cfg.matching.sim_threshold)))
     return ProposalMasks(instances, rejected, dict(res.stats),

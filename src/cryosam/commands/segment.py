@@ -182,11 +182,12 @@ def register(app: typer.Typer) -> None:
         density_tolerance: float = typer.Option(
             default["density_tolerance"], "--density-tolerance", min=0.001,
             help="How far a match's density correlation with the clicked ones' may fall "
-            "below 1 (each tolerance divides the score by e)."),
+            "below 1 (each tolerance divides the score by e, to the power --density-weight)."),
         density_range: float = typer.Option(
             default["density_range"], "--density-range", min=0.0,
-            help="With 3+ clicks: no match is written whose density strays more than this "
-            "many times as far as the most different click's from the others (0 = no limit)."),
+            help="With 3+ clicks: a match whose density strays more than this many times as "
+            "far as the most different click's from the others scores x1e-4, below any "
+            "automatic cut (0 = no limit; no effect with --density-weight 0)."),
         background_share: float = typer.Option(
             default["background_share"], "--background-share", min=0.01, max=1.0,
             help="Write no match when the query matches more than this share of the "
