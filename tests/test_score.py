@@ -201,11 +201,13 @@ def test_written_picks_are_the_ones_at_or_above_the_cut(scored_run, tmp_path: Pa
     assert len(picks) == len(res.picks_zyx) and "agreement" in picks[0]
 
 
-def test_matches_outside_the_density_range_stay_below_and_out_of_the_cut(
-        small_sim, weight_free) -> None:
+def test_matches_outside_the_density_range_stay_below_and_out_of_the_cut(weight_free) -> None:
     """Five clicks: the matches beyond the clicks' own density range are counted, kept
-    below the cut, and the cut is the automatic cut of the other matches alone."""
-    sim, _ = small_sim
+    below the cut, and the cut is the automatic cut of the other matches alone (with them,
+    this scene's cut would be a "widest gap" at ~0.016 instead of "few matches")."""
+    from cryosam.simulate import SimulationConfig, simulate
+
+    sim = simulate(SimulationConfig(shape=(40, 96, 112), seed=0))
     res = CryoSAM(weight_free).segment(sim.volume, sim.prompt_points[:5])
     outside = [i for i in res.below_cut if i.outside]
     assert len(outside) >= 1
@@ -220,6 +222,15 @@ def test_matches_outside_the_density_range_stay_below_and_out_of_the_cut(
                                                                   sim.prompt_points[:5])
     assert off.record["score"]["outside_density_range"] == 0
     assert off.record["score"]["references"]["density_limit"] is None
+    # napari keeps every match (min_score 0) and starts its slider at the CLI's cut
+    from cryosam.napari._results import starting_score
+
+    every = CryoSAM(dataclasses.replace(
+        weight_free, score=ScoreConfig(min_score=0.0))).segment(sim.volume,
+                                                                sim.prompt_points[:5])
+    assert any(i.outside for i in every.instances)
+    assert starting_score(every) == pytest.approx(res.record["score"]["cut"]["threshold"],
+                                                  abs=1e-6)
 
 
 def test_min_score_overrides_the_cut(small_sim, weight_free, scored_run) -> None:

@@ -7,9 +7,11 @@ Otsu's split, fitted by EM) says whether there are two groups — their means mo
 cut is then the middle of the widest empty stretch of log-scores between ``FLOOR`` and the
 upper group's mean: the place where the tomogram's own scores thin out between the two.
 Without two groups (or with fewer than ``MIN_MATCHES`` matches) every match at or above
-``FLOOR`` is kept. When the query matches more than ``score.background_share`` of the
-tomogram, no match is written (:func:`background_cut`): the clicked particle looks like the
-background to the encoder. ``--min-score`` replaces all of this.
+``FLOOR`` is kept. Matches beyond the clicked kind's density range (three or more clicks,
+:mod:`cryosam.score`) are decided already and take no part in the fit. When the query
+matches more than ``score.background_share`` of the tomogram, no match is written
+(:func:`background_cut`): the clicked particle looks like the background to the encoder.
+``--min-score`` replaces all of this.
 """
 
 from __future__ import annotations
@@ -110,14 +112,20 @@ def background_cut() -> Cut:
     return Cut(ABOVE_EVERY_SCORE, BACKGROUND)
 
 
-def choose_cut(scores: np.ndarray, share: float, cfg: ScoreConfig) -> Cut:
-    """The cut of one run: ``cfg.min_score`` when given; none written when the query
-    matched more than ``cfg.background_share`` of the tomogram (``MatchStats.share``);
-    otherwise the automatic cut of ``scores``."""
+def choose_cut(scores: np.ndarray, share: float, cfg: ScoreConfig,
+               outside: np.ndarray | None = None) -> Cut:
+    """The cut of one run's match ``scores``: ``cfg.min_score`` when given; none written when
+    the query matched more than ``cfg.background_share`` of the tomogram
+    (``MatchStats.share``); otherwise the automatic cut. Matches flagged ``outside`` the
+    clicked kind's density range (``Instance.outside``) are decided already and take no part
+    in fitting it."""
     if cfg.min_score is not None:
         return given_cut(cfg.min_score)
+    scores = np.asarray(scores, dtype=np.float64)
     if len(scores) and share > cfg.background_share:
         return background_cut()
+    if outside is not None:
+        scores = scores[~np.asarray(outside, dtype=bool)]
     return automatic_cut(scores)
 
 

@@ -299,11 +299,9 @@ class CryoSAM:
             below: list[Instance] = []
             if match and cfg.propagation.target == "particle":
                 scored = [i for i in instances if not i.is_prompt]
-                # matches outside the clicked kind's density range are decided already:
-                # the cut is chosen among the others
-                scores = np.array([i.score for i in scored if not i.outside])
                 share = matches.stats.share if matches is not None else 0.0
-                cut = choose_cut(scores, share, cfg.score)
+                cut = choose_cut(np.array([i.score for i in scored]), share, cfg.score,
+                                 outside=np.array([i.outside for i in scored], dtype=bool))
                 if cut.method == BACKGROUND:
                     warnings.warn(f"{background_message(share, len(scored))}, or give "
                                   "--min-score to write them anyway", CryosamWarning,

@@ -32,9 +32,11 @@ def _widget_cut(result: SegmentationResult) -> tuple[Any, float, int]:
     from cryosam.config import ScoreConfig
     from cryosam.cut import choose_cut
 
-    matches = np.array([i.score for i in result.instances if not i.is_prompt])
+    found = [i for i in result.instances if not i.is_prompt]
     share = float(result.record.get("matching", {}).get("stats", {}).get("share", 0.0))
-    return choose_cut(matches, share, ScoreConfig()), share, len(matches)
+    cut = choose_cut(np.array([i.score for i in found]), share, ScoreConfig(),
+                     outside=np.array([i.outside for i in found], dtype=bool))
+    return cut, share, len(found)
 
 
 def background_note(result: SegmentationResult) -> str | None:
