@@ -17,8 +17,9 @@ matches more than ``score.background_share`` of the tomogram, no match is writte
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -112,21 +113,25 @@ def background_cut() -> Cut:
     return Cut(ABOVE_EVERY_SCORE, BACKGROUND)
 
 
-def choose_cut(scores: np.ndarray, share: float, cfg: ScoreConfig,
-               outside: np.ndarray | None = None) -> Cut:
-    """The cut of one run's match ``scores``: ``cfg.min_score`` when given; none written when
-    the query matched more than ``cfg.background_share`` of the tomogram
-    (``MatchStats.share``); otherwise the automatic cut. Matches flagged ``outside`` the
-    clicked kind's density range (``Instance.outside``) are decided already and take no part
-    in fitting it."""
+class ScoredMatch(Protocol):
+    """What the cut needs of a match (:class:`cryosam.result.Instance` is one)."""
+
+    @property
+    def score(self) -> float: ...
+
+    outside: bool  # beyond the clicked kind's density range: decided already
+
+
+def choose_cut(matches: Sequence[ScoredMatch], share: float, cfg: ScoreConfig) -> Cut:
+    """The cut of one run's ``matches`` (clicks excluded): ``cfg.min_score`` when given; none
+    written when the query matched more than ``cfg.background_share`` of the tomogram
+    (``MatchStats.share``); otherwise the automatic cut of the scores of the matches not
+    ``outside`` the clicked kind's density range (those are decided already)."""
     if cfg.min_score is not None:
         return given_cut(cfg.min_score)
-    scores = np.asarray(scores, dtype=np.float64)
-    if len(scores) and share > cfg.background_share:
+    if len(matches) and share > cfg.background_share:
         return background_cut()
-    if outside is not None:
-        scores = scores[~np.asarray(outside, dtype=bool)]
-    return automatic_cut(scores)
+    return automatic_cut(np.array([m.score for m in matches if not m.outside], dtype=float))
 
 
 def background_message(share: float, matches: int) -> str:

@@ -300,8 +300,7 @@ class CryoSAM:
             if match and cfg.propagation.target == "particle":
                 scored = [i for i in instances if not i.is_prompt]
                 share = matches.stats.share if matches is not None else 0.0
-                cut = choose_cut(np.array([i.score for i in scored]), share, cfg.score,
-                                 outside=np.array([i.outside for i in scored], dtype=bool))
+                cut = choose_cut(scored, share, cfg.score)
                 if cut.method == BACKGROUND:
                     warnings.warn(f"{background_message(share, len(scored))}, or give "
                                   "--min-score to write them anyway", CryosamWarning,

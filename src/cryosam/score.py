@@ -208,7 +208,8 @@ def learn_references(masks: Sequence[InstanceMask], volume: np.ndarray | None,
 
 
 def _standardised(x: np.ndarray) -> np.ndarray:
-    return (x - x.mean()) / (x.std() + 1e-9)
+    """Zero mean, unit variance along the last axis (each row of a stack on its own)."""
+    return (x - x.mean(-1, keepdims=True)) / (x.std(-1, keepdims=True) + 1e-9)
 
 
 def _density_limit(items: Sequence[Description], density_range: float) -> float | None:
@@ -219,9 +220,7 @@ def _density_limit(items: Sequence[Description], density_range: float) -> float 
     dens = [d.density for d in items if d.density is not None]
     if density_range <= 0 or len(dens) < 3 or len(dens) < len(items):
         return None
-    stack = np.stack(dens)
-    gaps = []
-    for j in range(len(stack)):
-        others = _standardised(np.delete(stack, j, axis=0).mean(axis=0))
-        gaps.append(1.0 - float(np.dot(others, stack[j])) / stack.shape[1])
-    return density_range * max(gaps)
+    stack = np.stack(dens)  # (n, m), each row standardised
+    others = _standardised((stack.sum(0) - stack) / (len(stack) - 1))  # row j: all but j
+    gaps = 1.0 - (others * stack).sum(1) / stack.shape[1]
+    return density_range * float(gaps.max())

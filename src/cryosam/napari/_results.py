@@ -34,9 +34,7 @@ def _widget_cut(result: SegmentationResult) -> tuple[Any, float, int]:
 
     found = [i for i in result.instances if not i.is_prompt]
     share = float(result.record.get("matching", {}).get("stats", {}).get("share", 0.0))
-    cut = choose_cut(np.array([i.score for i in found]), share, ScoreConfig(),
-                     outside=np.array([i.outside for i in found], dtype=bool))
-    return cut, share, len(found)
+    return choose_cut(found, share, ScoreConfig()), share, len(found)
 
 
 def background_note(result: SegmentationResult) -> str | None:
