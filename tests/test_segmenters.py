@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from cryosam.config import SegmenterConfig
-from cryosam.errors import CryosamError, MissingWeightsError
+from cryosam.device import CPU_CACHE_MB, cache_budget_mb
+from cryosam.errors import CryosamError, InputError, MissingWeightsError
 from cryosam.segmenters import PromptBatch, Segmenter, build_segmenter
 from cryosam.segmenters.base import ByteLRU, slice_of, to_slice, to_volume
 from cryosam.segmenters.sam import SamGeometry, SamSegmenter
@@ -185,6 +186,39 @@ def test_encoding_cache_budget_and_lru():
     assert res.masks.shape == (1, 8, 8)
 
 
+def test_sam_cache_counts_the_memory_it_keeps(sam256):
+    """Each cached embedding owns its memory: a view into the encoder's batch kept the whole
+    batch alive while one slice was counted (8x the budget on a GPU run, 32 GB for 4)."""
+    seg = SamSegmenter(sam256, "cpu", SegmenterConfig(encoder_batch_size=4))
+    seg.set_volume(np.random.default_rng(3).random((6, 20, 30)).astype(np.float32))
+    seg.prepare([("z", i) for i in range(6)])
+    assert seg.encoder_calls == 2 and seg.cache_evictions == 0
+    held = 0
+    for i in range(6):
+        enc = seg.encoding("z", i)
+        assert enc.dtype == torch.float32  # fp32 on the CPU, the decoder's precision there
+        assert enc.untyped_storage().nbytes() == enc.numel() * enc.element_size()
+        held += enc.untyped_storage().nbytes()
+    assert seg._cache.nbytes == held
+    assert seg.cache_budget_mb == CPU_CACHE_MB  # automatic, in host memory
+
+
+def test_automatic_cache_budget_follows_the_device(monkeypatch):
+    assert cache_budget_mb(torch.device("cpu"), None) == CPU_CACHE_MB
+    assert cache_budget_mb(torch.device("cpu"), 512) == 512
+    assert cache_budget_mb(torch.device("cuda"), 0) == 0  # given: no GPU query
+    free = {"bytes": 60 * 2**30}
+    monkeypatch.setattr(torch.cuda, "mem_get_info",
+                        lambda device=None: (free["bytes"], 80 * 2**30))
+    assert cache_budget_mb(torch.device("cuda"), None) == 20 * 1024  # a third of what is free
+    free["bytes"] = 2 * 2**30
+    assert cache_budget_mb(torch.device("cuda"), None) == 1024  # never below 1 GiB
+    seg = ThresholdSegmenter(SegmenterConfig(name="threshold"))
+    assert seg.cache_budget_mb == CPU_CACHE_MB  # its slices live in host memory
+    with pytest.raises(InputError, match="embedding_cache_mb"):
+        SegmenterConfig(embedding_cache_mb=-1)
+
+
 def test_build_segmenter_and_missing_weights(tmp_path):
     assert isinstance(build_segmenter(SegmenterConfig(name="threshold"), "cpu"),
                       ThresholdSegmenter)
@@ -267,6 +301,27 @@ def test_segmenter_keeps_its_encodings_for_the_same_voxels():
     seg.set_volume(changed)
     seg.prepare([("z", 2)])
     assert seg.slices_encoded == 3
+
+
+@pytest.mark.parametrize("hw", [(14, 14), (40, 40), (37, 29)])
+def test_image_attention_in_query_chunks_equals_segment_anythings(hw):
+    """The image encoder's attention through SDPA, its relative-position bias built a chunk
+    of query rows at a time (40x40 and 37x29: more queries than one chunk), equals
+    segment-anything's own, with trained-like (non-zero) relative positions."""
+    from segment_anything.modeling.image_encoder import Attention
+
+    from cryosam.segmenters.sam import QUERY_CHUNK, _image_attention
+
+    torch.manual_seed(0)
+    attn = Attention(32, num_heads=2, qkv_bias=True, use_rel_pos=True, input_size=hw).eval()
+    torch.nn.init.normal_(attn.rel_pos_h, std=0.5)
+    torch.nn.init.normal_(attn.rel_pos_w, std=0.5)
+    x = torch.randn(2, *hw, 32)
+    with torch.inference_mode():
+        ref = attn(x)
+        out = _image_attention(attn, x)
+    assert (hw[0] * hw[1] > QUERY_CHUNK) == (hw != (14, 14))
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
 
 
 def test_sam_attention_through_sdpa_gives_the_same_masks():

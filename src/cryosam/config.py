@@ -69,7 +69,9 @@ class SegmenterConfig:
     """2-D promptable segmenter (SAM or the weight-free threshold segmenter)."""
 
     name: str = "sam"  # a registered segmenter: sam | threshold
-    embedding_cache_mb: int = 4096  # budget for cached per-slice work (SAM image embeddings)
+    # budget for cached per-slice work (SAM image embeddings); None = automatic: a third of the
+    # GPU's free memory once the models are loaded, 4096 MiB on the CPU
+    embedding_cache_mb: int | None = None
     encoder_batch_size: int = 8  # slices per image-encoder forward pass
     decoder_batch_size: int = 64  # prompts per mask-decoder call (all slices mixed)
     backends: dict[str, Any] = field(
@@ -80,8 +82,8 @@ class SegmenterConfig:
         object.__setattr__(self, "backends", backends.options_from("segmenter", self.backends))
         if self.encoder_batch_size < 1 or self.decoder_batch_size < 1:
             raise InputError("segmenter batch sizes must be at least 1")
-        if self.embedding_cache_mb < 0:
-            raise InputError("segmenter.embedding_cache_mb must be >= 0")
+        if self.embedding_cache_mb is not None and self.embedding_cache_mb < 0:
+            raise InputError("segmenter.embedding_cache_mb must be >= 0 or null (automatic)")
 
     @property
     def options(self) -> Any:

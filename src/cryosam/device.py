@@ -37,14 +37,38 @@ def resolve_device(spec: str | torch.device = "auto") -> torch.device:
     raise CryosamError(f"--device {spec!r} is not one of auto, cpu, cuda")
 
 
+def compute_dtype(device: torch.device) -> torch.dtype:
+    """The models' working precision: bf16 on CUDA (fast, memory-light), fp32 on CPU (bf16 is
+    slow there)."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
 @contextlib.contextmanager
 def autocast(device: torch.device) -> Iterator[None]:
-    """bf16 autocast on CUDA (fast, memory-light); plain fp32 on CPU (bf16 is slow there)."""
+    """Autocast to :func:`compute_dtype` on CUDA; plain fp32 on CPU."""
     if device.type == "cuda":
-        with torch.autocast(device_type="cuda", dtype=torch.bfloat16):
+        with torch.autocast(device_type="cuda", dtype=compute_dtype(device)):
             yield
     else:
         yield
+
+
+CPU_CACHE_MB = 4096  # the automatic cache budget in host memory
+GPU_CACHE_SHARE = 1 / 3  # the automatic cache budget: this share of the GPU's free memory
+
+
+def cache_budget_mb(device: torch.device, mb: int | None) -> int:
+    """The memory budget, in MiB, of a cache of per-slice model outputs kept on ``device``.
+
+    ``mb`` None is automatic: a third of the GPU memory free now (once the models are loaded),
+    so a large GPU keeps every slice of a tomogram and a small one leaves room for the image
+    encoder's working memory; 4096 MiB in host memory."""
+    if mb is not None:
+        return int(mb)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return max(1024, int(free * GPU_CACHE_SHARE) // 2**20)
+    return CPU_CACHE_MB
 
 
 def reset_peak_memory(device: torch.device) -> None:

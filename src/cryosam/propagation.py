@@ -37,7 +37,7 @@ from cryosam.config import PropagationConfig
 from cryosam.errors import InputError
 from cryosam.normalise import normalise_volume
 from cryosam.progress import track
-from cryosam.segmenters.base import PromptBatch, Segmenter, to_slice
+from cryosam.segmenters.base import COUNTERS, PromptBatch, Segmenter, to_slice
 from cryosam.segmenters.membrane import GROWTH, VOTES, attached, cross_sections
 from cryosam.utils import AXES, outside_volume
 
@@ -271,7 +271,7 @@ def propagate(volume: np.ndarray, points: np.ndarray, segmenter: Segmenter,
     vol = normalise_volume(volume, cfg.clip_percentiles) if cfg.normalise else \
         np.asarray(volume, np.float32)
     segmenter.set_volume(vol)
-    before = (segmenter.encoder_calls, segmenter.decoder_calls, segmenter.slices_encoded)
+    before = {k: getattr(segmenter, k) for k in COUNTERS}
     engine = _Engine(vol.shape, segmenter, cfg, radius)
     if cfg.batched:
         engine.run(list(range(len(pts))), pts, max_prompts=segmenter.max_batch)
@@ -288,9 +288,8 @@ def propagate(volume: np.ndarray, points: np.ndarray, segmenter: Segmenter,
     visited = {a: len({k for (ax, k) in engine.visited if ax == a}) for a in AXES}
     stats = {
         "points": len(pts),
-        "encoder_calls": segmenter.encoder_calls - before[0],
-        "decoder_calls": segmenter.decoder_calls - before[1],
-        "slices_encoded": segmenter.slices_encoded - before[2],
+        **{k: getattr(segmenter, k) - before[k] for k in COUNTERS},
+        "cache_budget_mb": segmenter.cache_budget_mb,
         "prompts": engine.prompts,  # one-call-per-particle-per-slice would make this many calls
         "slices_visited": visited,
         "distinct_slices_visited": len(engine.visited),

@@ -184,10 +184,13 @@ def _replay(path: Path, models: str, dev: Any, shape: str | None, json_out: Path
                f"SAM image encoder: {figures['sam_encoder_slices']} slices, "
                f"{figures['sam_encoder_slices_per_s']:.1f} slices/s; decoder calls "
                f"{figures['sam_decoder_calls']} for {figures['prompts']} prompts")
+    typer.echo(f"SAM embedding cache: budget {figures['sam_cache_budget_mb']} MiB, "
+               f"{figures['sam_cache_evictions']} evictions")
     second = figures["second_query"]
     typer.echo("second query on the cached tomogram: " + ", ".join(
         f"{k} {v:.2f} s" for k, v in second["stages_seconds"].items())
-        + f"; total {second['total_seconds']:.2f} s")
+        + f"; total {second['total_seconds']:.2f} s; SAM slices encoded again "
+        f"{second['sam_encoder_slices']}")
     record = {
         "benchmark": "cryosam bench pipeline --workload",
         "cryosam_version": __version__,

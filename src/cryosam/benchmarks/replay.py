@@ -216,6 +216,8 @@ def replay(workload: Workload, encoder: Any, segmenter: Any, device: torch.devic
         "sam_encoder_seconds": round(sam_seconds[0], 3),
         "sam_encoder_slices_per_s": round(sam_slices / max(sam_seconds[0], 1e-9), 2),
         "sam_decoder_calls": sam_calls,
+        "sam_cache_budget_mb": segmenter.cache_budget_mb,
+        "sam_cache_evictions": segmenter.cache_evictions,
         "prompts": sum(summary["prompts"].values()),
         "matching_cells_scored": cells,
         "peak_memory_bytes": max(peaks.values()),

@@ -100,6 +100,10 @@ the particle around a point that falls in its hollow centre."""
         return int(np.asarray(self.points).reshape(-1, 2).shape[0])
 
 
+# the Segmenter counters a run records (the work done, the encodings dropped for the budget)
+COUNTERS = ("encoder_calls", "decoder_calls", "slices_encoded", "cache_evictions")
+
+
 @runtime_checkable
 class Segmenter(Protocol):
     """A 2-D promptable segmenter of tomogram slices (SAM or the weight-free baseline).
@@ -107,13 +111,17 @@ class Segmenter(Protocol):
     ``encoder_calls`` counts per-slice encoding passes (batches), ``slices_encoded`` the slices
     they covered, ``decoder_calls`` prompt-decoding passes (SAM: one mask-decoder forward for a
     whole batch of prompts; weight-free: one per slice request). ``max_batch`` is how many
-    prompts one decoder pass takes; callers group requests up to it.
+    prompts one decoder pass takes; callers group requests up to it. ``cache_evictions``
+    counts encodings dropped to stay within ``cache_budget_mb`` (each is encoded again if
+    visited again).
     """
 
     id: str
     encoder_calls: int
     decoder_calls: int
     slices_encoded: int
+    cache_evictions: int
+    cache_budget_mb: int
     max_batch: int
 
     def set_volume(self, volume: np.ndarray) -> None:
@@ -201,7 +209,8 @@ class SliceSegmenterBase:
         self._volume: np.ndarray | None = None
         self._digest: str | None = None  # content hash of _volume, once needed
         self._images: dict[tuple[str, int], np.ndarray] = {}
-        self._cache = ByteLRU(int(cache_mb) * 2**20)
+        self.cache_budget_mb = int(cache_mb)
+        self._cache = ByteLRU(self.cache_budget_mb * 2**20)
 
     # -- slices ---------------------------------------------------------------------------
     def set_volume(self, volume: np.ndarray) -> None:
@@ -304,10 +313,10 @@ class SliceSegmenterBase:
                             prev_masks, prev_logits, max_area)
         return self.segment_batch([batch])[0]
 
-    def counters(self) -> dict[str, int]:
-        """Counters for the run record."""
-        return {"encoder_calls": self.encoder_calls, "decoder_calls": self.decoder_calls,
-                "slices_encoded": self.slices_encoded, "cache_evictions": self._cache.evictions}
+    @property
+    def cache_evictions(self) -> int:
+        """Encodings dropped for the budget so far (each is encoded again when needed)."""
+        return self._cache.evictions
 
 
 def caps_of(batch: PromptBatch) -> np.ndarray:

@@ -29,6 +29,7 @@ from scipy import ndimage as ndi
 
 from cryosam.backends import ThresholdOptions
 from cryosam.config import SegmenterConfig
+from cryosam.device import cache_budget_mb
 from cryosam.segmenters.base import (
     PromptBatch,
     SegmentResult,
@@ -50,7 +51,8 @@ class ThresholdSegmenter(SliceSegmenterBase):
 
     def __init__(self, config: SegmenterConfig | None = None, target: str = "particle") -> None:
         cfg = config or SegmenterConfig(name="threshold")
-        super().__init__(cfg.embedding_cache_mb)
+        # the denoised slices live in host memory
+        super().__init__(cache_budget_mb(torch.device("cpu"), cfg.embedding_cache_mb))
         opts: ThresholdOptions = cfg.backends["threshold"]
         self.sign = -1.0 if opts.polarity == "dark" else 1.0
         self.sigma = float(opts.smooth_sigma)
