@@ -62,6 +62,9 @@ def test_replay_with_tiny_models_writes_the_figures(recorded, tmp_path, run_cli)
     second = fig["second_query"]
     assert set(second["stages_seconds"]) == {"features", "matching", *STAGES}
     assert second["sam_encoder_slices"] == 0  # same voxels: the slice embeddings are kept
+    assert second["sam_encoder_seconds"] == 0.0  # so no encoding time either (own clock)
+    assert fig["sam_encoder_seconds"] > 0 and fig["sam_cache_evictions"] == 0
+    assert "SAM embedding cache: budget" in stdout
 
 
 def test_replay_refuses_a_wrong_shape_or_file(recorded, tmp_path, run_cli) -> None:

@@ -207,16 +207,33 @@ def test_automatic_cache_budget_follows_the_device(monkeypatch):
     assert cache_budget_mb(torch.device("cpu"), None) == CPU_CACHE_MB
     assert cache_budget_mb(torch.device("cpu"), 512) == 512
     assert cache_budget_mb(torch.device("cuda"), 0) == 0  # given: no GPU query
-    free = {"bytes": 60 * 2**30}
-    monkeypatch.setattr(torch.cuda, "mem_get_info",
-                        lambda device=None: (free["bytes"], 80 * 2**30))
-    assert cache_budget_mb(torch.device("cuda"), None) == 20 * 1024  # a third of what is free
-    free["bytes"] = 2 * 2**30
+    gib = 2**30
+    mem = {"free": 30 * gib, "reserved": 6 * gib, "allocated": 6 * gib}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (mem["free"], 80 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: mem["reserved"])
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: mem["allocated"])
+    assert cache_budget_mb(torch.device("cuda"), None) == 10 * 1024  # a third of what is free
+    mem["reserved"] = 12 * gib  # 6 GiB held unused by this process's allocator count as free
+    assert cache_budget_mb(torch.device("cuda"), None) == 12 * 1024
+    mem["free"] = 100 * gib
+    assert cache_budget_mb(torch.device("cuda"), None) == 16 * 1024  # at most 16 GiB
+    mem["free"], mem["reserved"] = 2 * gib, mem["allocated"]
     assert cache_budget_mb(torch.device("cuda"), None) == 1024  # never below 1 GiB
     seg = ThresholdSegmenter(SegmenterConfig(name="threshold"))
     assert seg.cache_budget_mb == CPU_CACHE_MB  # its slices live in host memory
-    with pytest.raises(InputError, match="embedding_cache_mb"):
-        SegmenterConfig(embedding_cache_mb=-1)
+    for bad in (-1, "auto", 1.5):
+        with pytest.raises(InputError, match="embedding_cache_mb"):
+            SegmenterConfig(embedding_cache_mb=bad)
+
+
+def test_replacing_a_slice_frees_its_cached_bytes():
+    seg = ThresholdSegmenter(SegmenterConfig(name="threshold"))
+    img = np.random.default_rng(0).random((16, 16)).astype(np.float32)
+    seg.set_slice("z", 0, img)
+    seg.segment("z", 0, np.array([[8.0, 8.0]]))
+    assert seg._cache.nbytes == img.nbytes
+    seg.set_slice("z", 0, img)  # a new image for the slice: its encoding is dropped
+    assert seg._cache.nbytes == 0 and seg.cache_evictions == 0
 
 
 def test_build_segmenter_and_missing_weights(tmp_path):

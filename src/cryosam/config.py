@@ -70,7 +70,7 @@ class SegmenterConfig:
 
     name: str = "sam"  # a registered segmenter: sam | threshold
     # budget for cached per-slice work (SAM image embeddings); None = automatic: a third of the
-    # GPU's free memory once the models are loaded, 4096 MiB on the CPU
+    # GPU's free memory at the first encoding (1-16 GiB), 4096 MiB on the CPU
     embedding_cache_mb: int | None = None
     encoder_batch_size: int = 8  # slices per image-encoder forward pass
     decoder_batch_size: int = 64  # prompts per mask-decoder call (all slices mixed)
@@ -82,8 +82,10 @@ class SegmenterConfig:
         object.__setattr__(self, "backends", backends.options_from("segmenter", self.backends))
         if self.encoder_batch_size < 1 or self.decoder_batch_size < 1:
             raise InputError("segmenter batch sizes must be at least 1")
-        if self.embedding_cache_mb is not None and self.embedding_cache_mb < 0:
-            raise InputError("segmenter.embedding_cache_mb must be >= 0 or null (automatic)")
+        mb = self.embedding_cache_mb
+        if mb is not None and (not isinstance(mb, int) or isinstance(mb, bool) or mb < 0):
+            raise InputError(f"segmenter.embedding_cache_mb {mb!r}: give MiB (an integer >= 0) "
+                             "or null (automatic)")
 
     @property
     def options(self) -> Any:

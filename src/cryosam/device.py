@@ -54,20 +54,25 @@ def autocast(device: torch.device) -> Iterator[None]:
 
 
 CPU_CACHE_MB = 4096  # the automatic cache budget in host memory
-GPU_CACHE_SHARE = 1 / 3  # the automatic cache budget: this share of the GPU's free memory
+GPU_CACHE_SHARE = 1 / 3  # the automatic cache budget: this share of the GPU's free memory,
+GPU_CACHE_RANGE_MB = (1024, 16384)  # kept within these bounds (every slice of a 200x1000x1000
+# tomogram's SAM-H embeddings takes 4.3 GiB in bf16)
 
 
 def cache_budget_mb(device: torch.device, mb: int | None) -> int:
     """The memory budget, in MiB, of a cache of per-slice model outputs kept on ``device``.
 
-    ``mb`` None is automatic: a third of the GPU memory free now (once the models are loaded),
-    so a large GPU keeps every slice of a tomogram and a small one leaves room for the image
-    encoder's working memory; 4096 MiB in host memory."""
+    ``mb`` None is automatic: on a GPU, a third of the memory free now (what no process holds,
+    plus what this one's allocator holds unused), from 1 to 16 GiB, so a large GPU keeps every
+    slice of a tomogram and a small one leaves room for the image encoder's working memory;
+    4096 MiB of host memory on a CPU."""
     if mb is not None:
         return int(mb)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return max(1024, int(free * GPU_CACHE_SHARE) // 2**20)
+        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        low, high = GPU_CACHE_RANGE_MB
+        return int(min(high, max(low, free * GPU_CACHE_SHARE // 2**20)))
     return CPU_CACHE_MB
 
 

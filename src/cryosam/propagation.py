@@ -271,7 +271,7 @@ def propagate(volume: np.ndarray, points: np.ndarray, segmenter: Segmenter,
     vol = normalise_volume(volume, cfg.clip_percentiles) if cfg.normalise else \
         np.asarray(volume, np.float32)
     segmenter.set_volume(vol)
-    before = {k: getattr(segmenter, k) for k in COUNTERS}
+    before = {k: getattr(segmenter, k, 0) for k in COUNTERS}
     engine = _Engine(vol.shape, segmenter, cfg, radius)
     if cfg.batched:
         engine.run(list(range(len(pts))), pts, max_prompts=segmenter.max_batch)
@@ -288,8 +288,8 @@ def propagate(volume: np.ndarray, points: np.ndarray, segmenter: Segmenter,
     visited = {a: len({k for (ax, k) in engine.visited if ax == a}) for a in AXES}
     stats = {
         "points": len(pts),
-        **{k: getattr(segmenter, k) - before[k] for k in COUNTERS},
-        "cache_budget_mb": segmenter.cache_budget_mb,
+        **{k: getattr(segmenter, k, 0) - before[k] for k in COUNTERS},
+        "cache_budget_mb": getattr(segmenter, "cache_budget_mb", None),
         "prompts": engine.prompts,  # one-call-per-particle-per-slice would make this many calls
         "slices_visited": visited,
         "distinct_slices_visited": len(engine.visited),

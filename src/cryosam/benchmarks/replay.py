@@ -185,6 +185,7 @@ def replay(workload: Workload, encoder: Any, segmenter: Any, device: torch.devic
                              workload.particle_radius)
     sam_slices = segmenter.slices_encoded - before[0]
     sam_calls = segmenter.decoder_calls - before[1]
+    sam_first = sam_seconds[0]  # the second query's encoding is reported on its own
     first = dict(clock.seconds)
     first_total = sum(first.values())
     peaks = dict(clock.peak_bytes)
@@ -213,8 +214,8 @@ def replay(workload: Workload, encoder: Any, segmenter: Any, device: torch.devic
         "dinov2_slices_per_s": {a: round(v, 2) for a, v in dino_rates.items()},
         "dinov2_slices_per_s_all": round(sum(counts.values()) / first["features"], 2),
         "sam_encoder_slices": sam_slices,
-        "sam_encoder_seconds": round(sam_seconds[0], 3),
-        "sam_encoder_slices_per_s": round(sam_slices / max(sam_seconds[0], 1e-9), 2),
+        "sam_encoder_seconds": round(sam_first, 3),
+        "sam_encoder_slices_per_s": round(sam_slices / max(sam_first, 1e-9), 2),
         "sam_decoder_calls": sam_calls,
         "sam_cache_budget_mb": segmenter.cache_budget_mb,
         "sam_cache_evictions": segmenter.cache_evictions,
@@ -226,5 +227,6 @@ def replay(workload: Workload, encoder: Any, segmenter: Any, device: torch.devic
             "stages_peak_memory_bytes": dict(second.peak_bytes),
             "total_seconds": round(sum(second.seconds.values()), 3),
             "sam_encoder_slices": segmenter.slices_encoded - before2,
+            "sam_encoder_seconds": round(sam_seconds[0] - sam_first, 3),
         },
     }

@@ -16,7 +16,9 @@ from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
+import torch
 
+from cryosam.device import cache_budget_mb
 from cryosam.errors import InputError
 from cryosam.utils import AXES, volume_hash
 
@@ -100,7 +102,8 @@ the particle around a point that falls in its hollow centre."""
         return int(np.asarray(self.points).reshape(-1, 2).shape[0])
 
 
-# the Segmenter counters a run records (the work done, the encodings dropped for the budget)
+# the Segmenter counters a run records (the work done, the encodings dropped for the budget;
+# a segmenter without one counts 0)
 COUNTERS = ("encoder_calls", "decoder_calls", "slices_encoded", "cache_evictions")
 
 
@@ -111,17 +114,14 @@ class Segmenter(Protocol):
     ``encoder_calls`` counts per-slice encoding passes (batches), ``slices_encoded`` the slices
     they covered, ``decoder_calls`` prompt-decoding passes (SAM: one mask-decoder forward for a
     whole batch of prompts; weight-free: one per slice request). ``max_batch`` is how many
-    prompts one decoder pass takes; callers group requests up to it. ``cache_evictions``
-    counts encodings dropped to stay within ``cache_budget_mb`` (each is encoded again if
-    visited again).
+    prompts one decoder pass takes; callers group requests up to it. Segmenters built on
+    :class:`SliceSegmenterBase` also report ``cache_evictions`` and ``cache_budget_mb``.
     """
 
     id: str
     encoder_calls: int
     decoder_calls: int
     slices_encoded: int
-    cache_evictions: int
-    cache_budget_mb: int
     max_batch: int
 
     def set_volume(self, volume: np.ndarray) -> None:
@@ -186,6 +186,12 @@ class ByteLRU:
             self.nbytes -= size
             self.evictions += 1
 
+    def discard(self, key: Any) -> None:
+        """Drop ``key`` if present (not counted as an eviction)."""
+        item = self._items.pop(key, None)
+        if item is not None:
+            self.nbytes -= item[1]
+
     def clear(self) -> None:
         self._items.clear()
         self.nbytes = 0
@@ -202,15 +208,26 @@ class SliceSegmenterBase:
     max_batch: int = 64
     encode_batch: int = 8
 
-    def __init__(self, cache_mb: int) -> None:
+    def __init__(self, cache_mb: int | None, cache_device: str | torch.device = "cpu") -> None:
         self.encoder_calls = 0
         self.decoder_calls = 0
         self.slices_encoded = 0
         self._volume: np.ndarray | None = None
         self._digest: str | None = None  # content hash of _volume, once needed
         self._images: dict[tuple[str, int], np.ndarray] = {}
-        self.cache_budget_mb = int(cache_mb)
-        self._cache = ByteLRU(self.cache_budget_mb * 2**20)
+        self._cache_setting, self._cache_device = cache_mb, torch.device(cache_device)
+        self._budget_mb: int | None = None
+        self._cache = ByteLRU(0)  # sized at the first encoding
+
+    @property
+    def cache_budget_mb(self) -> int:
+        """The encoding cache's budget in MiB (``embedding_cache_mb``; None: automatic, see
+        :func:`cryosam.device.cache_budget_mb`), fixed at the first encoding, when the other
+        models of the run are loaded too."""
+        if self._budget_mb is None:
+            self._budget_mb = cache_budget_mb(self._cache_device, self._cache_setting)
+            self._cache.budget = self._budget_mb * 2**20
+        return self._budget_mb
 
     # -- slices ---------------------------------------------------------------------------
     def set_volume(self, volume: np.ndarray) -> None:
@@ -241,7 +258,7 @@ class SliceSegmenterBase:
             raise InputError(f"slice image must be 2-D, got shape {image.shape}")
         key = (axis, int(index))
         self._images[key] = image
-        self._cache._items.pop(key, None)
+        self._cache.discard(key)
 
     def image(self, axis: str, index: int) -> np.ndarray:
         """The slice image in [0, 1] (float32)."""
@@ -268,6 +285,7 @@ class SliceSegmenterBase:
         raise NotImplementedError
 
     def prepare(self, keys: Sequence[tuple[str, int]]) -> None:
+        self.cache_budget_mb  # noqa: B018 (sizes the cache before the first encoding)
         missing: dict[tuple[str, tuple[int, int]], list[int]] = {}
         seen: set[tuple[str, int]] = set()
         for axis, index in keys:

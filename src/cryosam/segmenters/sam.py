@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from cryosam.backends import SAM_KINDS, sam_kind_of
 from cryosam.config import SegmenterConfig
-from cryosam.device import autocast, cache_budget_mb, compute_dtype, resolve_device
+from cryosam.device import autocast, compute_dtype, resolve_device
 from cryosam.errors import CryosamError
 from cryosam.segmenters.base import (
     PromptBatch,
@@ -181,8 +181,7 @@ class SamSegmenter(SliceSegmenterBase):
         cfg = config or SegmenterConfig()
         self.device = resolve_device(device)
         self.model = sam.to(self.device).eval()
-        # the automatic budget is taken from what the loaded model leaves free
-        super().__init__(cache_budget_mb(self.device, cfg.embedding_cache_mb))
+        super().__init__(cfg.embedding_cache_mb, self.device)  # embeddings stay on the device
         if sdpa:
             use_sdpa(self.model)
         self.img_size = int(sam.image_encoder.img_size)
@@ -245,9 +244,9 @@ class SamSegmenter(SliceSegmenterBase):
         x = F.pad(x, (0, self.img_size - nw, 0, self.img_size - nh))
         with autocast(self.device):
             emb = self.model.image_encoder(x)
-        # one tensor per slice in the decoder's precision (bf16 on the GPU, half of fp32): a
-        # view into the batch would keep all of it alive in the cache while only one slice
-        # is counted
+        # one tensor per slice in the models' working precision (bf16 on the GPU, half of
+        # fp32): a view into the batch would keep all of it alive in the cache while only one
+        # slice is counted
         return [e.to(compute_dtype(self.device), copy=True) for e in emb.unbind(0)]
 
     def _nbytes(self, encoding: torch.Tensor) -> int:

@@ -29,7 +29,6 @@ from scipy import ndimage as ndi
 
 from cryosam.backends import ThresholdOptions
 from cryosam.config import SegmenterConfig
-from cryosam.device import cache_budget_mb
 from cryosam.segmenters.base import (
     PromptBatch,
     SegmentResult,
@@ -51,8 +50,7 @@ class ThresholdSegmenter(SliceSegmenterBase):
 
     def __init__(self, config: SegmenterConfig | None = None, target: str = "particle") -> None:
         cfg = config or SegmenterConfig(name="threshold")
-        # the denoised slices live in host memory
-        super().__init__(cache_budget_mb(torch.device("cpu"), cfg.embedding_cache_mb))
+        super().__init__(cfg.embedding_cache_mb)  # the denoised slices live in host memory
         opts: ThresholdOptions = cfg.backends["threshold"]
         self.sign = -1.0 if opts.polarity == "dark" else 1.0
         self.sigma = float(opts.smooth_sigma)
