@@ -192,10 +192,13 @@ def test_command_line_overrides_the_config_file(small_sim, tmp_path: Path, run_c
     cfg_file.write_text(json.dumps(saved.to_dict()))
     out = tmp_path / "o"
     code, _, err = run_cli("segment", files["tomo.mrc"], "--points", files["prompt.csv"],
-                           "--config", cfg_file, "--top-k", "3", "--out", out, "--quiet")
+                           "--config", cfg_file, "--top-k", "3", "--no-turns", "--out", out,
+                           "--quiet")
     assert code == 0, err
-    params = json.loads((out / "run.json").read_text())["parameters"]
+    record = json.loads((out / "run.json").read_text())
+    params = record["parameters"]
     assert params["matching"]["top_k"] == 3  # the command line wins
+    assert params["matching"]["turns"] is False and record["matching"]["stats"]["queries"] == 1
     assert params["segmenter"]["name"] == "threshold"  # the file's value, not the default
     assert len(io.read_points(out / "picks.csv")) <= 3 + 1
 

@@ -18,6 +18,7 @@ from cryosam.matching import (
     nms_radius_from_masks,
     particle_radius_from_masks,
     pool_query,
+    turned,
 )
 
 C = 8  # channels per axis: features are 3 * C = 24 long
@@ -257,6 +258,29 @@ def test_several_queries_take_the_max(volume, kinds) -> None:
     # pool_query with the two prompts (each query + their mean) finds both kinds too
     two = pool_query(volume, [ball(TARGETS[0], 4), ball(OTHERS[0], 4)], mode="max")
     assert len(match(volume, two, CONFIG, nms_radius=RADIUS)) == len(TARGETS) + len(OTHERS)
+
+
+def test_turned_queries_find_the_particle_lying_another_way() -> None:
+    """A particle turned by 90 degrees shows the clicked one's plane views in another order:
+    only the turned queries find it, as well as the clicked kind."""
+    abc = _orthonormal(3, C, 7) * AMPLITUDE  # the z, y, x views: orthogonal to each other
+    view = np.concatenate(abc)
+    lying = np.concatenate(abc[[1, 2, 0]])  # the same views, seen along other axes
+    fv = planted_volume([TARGETS, OTHERS], [view, lying])
+    q = pool_query(fv, [ball(TARGETS[0], 4)])
+    turns = turned(q)
+    assert turns.shape == (6, 3 * C) and torch.equal(turns[:1], q)
+    blocks = turns.reshape(6, 3, C)
+    for row in blocks:  # each row holds the three blocks of q, in some order
+        assert sorted(map(tuple, row.tolist())) == sorted(map(tuple, q.reshape(3, C).tolist()))
+    plain = match(fv, q, CONFIG, nms_radius=RADIUS)
+    assert len(plain) == len(TARGETS)
+    assert nearest(TARGETS, plain.zyx)[0].max() <= 3.5
+    both = match(fv, turns, CONFIG, nms_radius=RADIUS)
+    assert len(both) == len(TARGETS) + len(OTHERS) and both.stats.queries == 6
+    assert nearest(np.concatenate([TARGETS, OTHERS]), both.zyx)[0].max() <= 3.5
+    with pytest.raises(InputError, match="three equal plane blocks"):
+        turned(torch.zeros(1, 3 * C + 1))
 
 
 @pytest.mark.parametrize(("grow", "dilation"), [(True, 0), (False, 1), (False, 0)])

@@ -19,6 +19,7 @@ FAISS needs and measured ~4-15x faster on CPU, and sampling the features dominat
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Iterator, Sequence
@@ -78,6 +79,7 @@ class MatchStats:
     backend: str
     device: str
     naive: bool
+    queries: int = 1  # query vectors every cell was scored against (its best counts)
 
     @property
     def cells_scored(self) -> int:
@@ -158,6 +160,23 @@ def pool_query(
     return q.cpu()
 
 
+def turned(queries: torch.Tensor) -> torch.Tensor:
+    """(6Q, dim): each query's three plane blocks (z | y | x) in all six orders, the queries
+    as given first.
+
+    A particle turned by 90 degrees about a volume axis shows the plane views of the clicked
+    one in another order (up to in-plane turns and flips, which the weight-free encoder ignores
+    and DINOv2's features only partly), so one click also finds particles lying another way.
+    The blocks share their channels' meaning: every axis is encoded by the same encoder (and
+    projected by the same PCA)."""
+    q = torch.as_tensor(queries)
+    if q.ndim != 2 or q.shape[1] % 3:
+        raise InputError(f"queries of shape {tuple(q.shape)}: need three equal plane blocks")
+    blocks = q.reshape(q.shape[0], 3, -1)
+    return torch.cat([blocks[:, list(order)].reshape(q.shape[0], -1)
+                      for order in itertools.permutations(range(3))])
+
+
 def similarity(fv: FeatureSource, zyx: np.ndarray, queries: torch.Tensor) -> np.ndarray:
     """(N,) the best cosine similarity of the features at the points ``zyx`` (voxels) with
     ``queries`` (Q, dim): how much each point looks like any of them."""
@@ -235,7 +254,8 @@ def match(
         ratios = tuple(r for r in ratios[:-1] if r <= 2 * particle_radius) + ratios[-1:]
     if getattr(fv, "device", dev) != dev and hasattr(fv, "to"):
         fv = fv.to(dev)  # sample where the scoring runs (the GPU holds a 200x1000x1000 easily)
-    scorer = _Scorer(_prepare_queries(queries, fv.dim), config.backend, dev)
+    prepared = _prepare_queries(queries, fv.dim)
+    scorer = _Scorer(prepared, config.backend, dev)
     levels = (ratios[-1],) if config.naive else ratios
     tau = float(config.sim_threshold)
 
@@ -274,6 +294,7 @@ def match(
         backend=scorer.backend,
         device=str(dev),
         naive=bool(config.naive),
+        queries=int(prepared.shape[0]),
     )
     return Proposals(centres[keep], kept_scores[keep].astype(np.float32), match_stats)
 

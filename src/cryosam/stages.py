@@ -254,8 +254,12 @@ def match_query(features: Features, query: Query, clicks: Clicks, cfg: MatchingC
 
     With negative clicks, a proposal inside a negative mask, or more similar to a negative
     click's query than to the positive query, is not segmented (counted in ``negatives``)."""
-    found = matching.match(features.volume, query.vectors, cfg, nms_radius=query.nms_radius,
-                           particle_radius=query.particle_radius, device=device)
+    def as_matched(vectors: torch.Tensor) -> torch.Tensor:
+        return matching.turned(vectors) if cfg.turns else vectors
+
+    found = matching.match(features.volume, as_matched(query.vectors), cfg,
+                           nms_radius=query.nms_radius, particle_radius=query.particle_radius,
+                           device=device)
     zyx = np.asarray(found.zyx, dtype=float).reshape(-1, 3)
     sim = np.asarray(found.scores, dtype=float).reshape(-1)
     outside = outside_instances(zyx, clicks.masks, features.volume.shape)
@@ -264,7 +268,7 @@ def match_query(features: Features, query: Query, clicks: Clicks, cfg: MatchingC
         negatives.dropped["inside"] += int((outside & ~free).sum())
         outside &= free
         if query.negatives is not None and outside.any():
-            neg_sim = matching.similarity(features.volume, zyx, query.negatives)
+            neg_sim = matching.similarity(features.volume, zyx, as_matched(query.negatives))
             closer = outside & (neg_sim > sim)
             negatives.dropped["similarity"] += int(closer.sum())
             outside &= ~closer

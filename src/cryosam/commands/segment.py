@@ -43,6 +43,7 @@ OPTION_PATHS: dict[str, str] = {
     "diameter": "diameter",
     "binning": "binning",
     "query_mode": "matching.query",
+    "turns": "matching.turns",
     "min_score": "score.min_score",
     "size_tolerance": "score.size_tolerance",
     "shape_tolerance": "score.shape_tolerance",
@@ -165,6 +166,10 @@ def register(app: typer.Typer) -> None:
             default["query_mode"], "--query-mode",
             help="mean: one query averaged over every clicked voxel (the paper's); max: also "
             "each click's own, a match scores its best."),
+        turns: bool = typer.Option(
+            default["turns"], "--turns/--no-turns",
+            help="Also match the clicked particle turned by 90 degrees (its three plane views "
+            "in every order), so one click finds particles lying another way."),
         min_score: float | None = typer.Option(
             default["min_score"], "--min-score", min=0.0, max=1.0,
             help="Write picks scoring at least this (default: an automatic cut from this "
