@@ -59,10 +59,12 @@ def test_query_from_a_picks_in_b_like_bs_own_click(saved, other_sim, weight_free
     truth = sim.points(sim.target_kind)
     own = model.segment(files["tomo.mrc"], files["prompt.csv"])
     found = model.segment(files["tomo.mrc"], query=q)
-    f1_own = evaluate_picks(own.picks_zyx, truth, sim.target_radius).f1
-    f1_query = evaluate_picks(found.picks_zyx, truth, sim.target_radius).f1
-    assert f1_own >= 0.5  # a meaningful comparison
-    assert abs(f1_query - f1_own) <= 0.1, (f1_query, f1_own)
+    by_own = evaluate_picks(own.picks_zyx, truth, sim.target_radius)
+    by_query = evaluate_picks(found.picks_zyx, truth, sim.target_radius)
+    assert by_own.f1 >= 0.5  # a meaningful comparison
+    # the same particles within one (this scene has 6 targets: one is 0.1-0.2 of F1)
+    assert abs(by_query.match.tp - by_own.match.tp) <= 1, (by_query, by_own)
+    assert abs(by_query.match.fp - by_own.match.fp) <= 1, (by_query, by_own)
     assert found.record["query"]["sha256"] == q.meta["sha256"]
     assert found.record["counts"]["prompts"] == 0 and not found.pick_is_prompt.any()
 

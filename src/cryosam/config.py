@@ -137,8 +137,8 @@ class MatchingConfig:
     backend: MatchBackend = "auto"  # "auto" (= torch matmul) | "torch" | "faiss" (GPU index)
     query: QueryMode = "mean"  # "mean": one voxel-weighted mean over all clicks (paper Eq. 4);
     # "max": also each click's own query, a match scores its best (0.1/0.2 behaviour)
-    turns: bool = True  # also match every query turned by 90 degrees: its three plane views
-    # (the z | y | x feature blocks) in all six orders; a match scores its best
+    turns: bool = True  # also match every query turned by 90 degrees about z (its y and x
+    # plane blocks swapped); a match scores its best
 
     def __post_init__(self) -> None:
         check_choice("matching.backend", self.backend, MATCH_BACKENDS)

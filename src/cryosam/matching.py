@@ -19,7 +19,6 @@ FAISS needs and measured ~4-15x faster on CPU, and sampling the features dominat
 
 from __future__ import annotations
 
-import itertools
 import math
 import time
 from collections.abc import Iterator, Sequence
@@ -158,23 +157,6 @@ def pool_query(
     if len(means) > 1:
         q = torch.cat([q, _normalise(q.mean(0, keepdim=True))])
     return q.cpu()
-
-
-def turned(queries: torch.Tensor) -> torch.Tensor:
-    """(6Q, dim): each query's three plane blocks (z | y | x) in all six orders, the queries
-    as given first.
-
-    A particle turned by 90 degrees about a volume axis shows the plane views of the clicked
-    one in another order (up to in-plane turns and flips, which the weight-free encoder ignores
-    and DINOv2's features only partly), so one click also finds particles lying another way.
-    The blocks share their channels' meaning: every axis is encoded by the same encoder (and
-    projected by the same PCA)."""
-    q = torch.as_tensor(queries)
-    if q.ndim != 2 or q.shape[1] % 3:
-        raise InputError(f"queries of shape {tuple(q.shape)}: need three equal plane blocks")
-    blocks = q.reshape(q.shape[0], 3, -1)
-    return torch.cat([blocks[:, list(order)].reshape(q.shape[0], -1)
-                      for order in itertools.permutations(range(3))])
 
 
 def similarity(fv: FeatureSource, zyx: np.ndarray, queries: torch.Tensor) -> np.ndarray:

@@ -24,7 +24,7 @@ from cryosam import matching, score
 from cryosam.config import CryosamConfig, MatchingConfig, PropagationConfig
 from cryosam.encoders.base import SliceEncoder
 from cryosam.errors import CryosamWarning, InputError
-from cryosam.features import FeatureVolume, extract_features
+from cryosam.features import FeatureVolume, extract_features, turned
 from cryosam.inputs import (  # noqa: F401 - the first stages, re-exported
     Inputs,
     PointsLike,
@@ -255,7 +255,7 @@ def match_query(features: Features, query: Query, clicks: Clicks, cfg: MatchingC
     With negative clicks, a proposal inside a negative mask, or more similar to a negative
     click's query than to the positive query, is not segmented (counted in ``negatives``)."""
     def as_matched(vectors: torch.Tensor) -> torch.Tensor:
-        return matching.turned(vectors) if cfg.turns else vectors
+        return turned(vectors) if cfg.turns else vectors
 
     found = matching.match(features.volume, as_matched(query.vectors), cfg,
                            nms_radius=query.nms_radius, particle_radius=query.particle_radius,

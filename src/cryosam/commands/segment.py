@@ -168,8 +168,8 @@ def register(app: typer.Typer) -> None:
             "each click's own, a match scores its best."),
         turns: bool = typer.Option(
             default["turns"], "--turns/--no-turns",
-            help="Also match the clicked particle turned by 90 degrees (its three plane views "
-            "in every order), so one click finds particles lying another way."),
+            help="Also match the clicked particle turned by 90 degrees about the beam axis "
+            "(its two side views swapped), so one click finds particles lying another way."),
         min_score: float | None = typer.Option(
             default["min_score"], "--min-score", min=0.0, max=1.0,
             help="Write picks scoring at least this (default: an automatic cut from this "

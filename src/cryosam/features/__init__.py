@@ -18,11 +18,12 @@ from cryosam.features.volume import (
     SLICE_DIM,
     FeatureVolume,
     slice_positions,
+    turned,
 )
 
 __all__ = [
     "FORMAT", "FORMAT_VERSION", "PCA_MAX_TOKENS", "PLANE_DIMS", "SLICE_DIM", "FeatureVolume",
     "SparseStack",
     "cache_key", "cache_path", "estimate_nbytes", "extract_features", "fit_projection",
-    "slice_positions", "stack_shapes", "volume_hash",
+    "slice_positions", "stack_shapes", "turned", "volume_hash",
 ]

@@ -32,6 +32,23 @@ FORMAT_VERSION = 1
 POOLED_KEEP_BYTES = 64 << 20  # cell-averaged copies up to this size are kept for reuse
 
 
+def turned(queries: torch.Tensor) -> torch.Tensor:
+    """(2Q, dim): the queries, then each turned by 90 degrees about the beam (z) axis: its y
+    and x plane blocks (of z | y | x) swapped.
+
+    Such a particle shows the clicked one's XZ view in its YZ plane and the other way round,
+    and its XY view turned in-plane (which the weight-free encoder ignores, DINOv2 only
+    partly). Both side views carry the missing wedge alike; turns that bring the z axis into
+    the slice plane would compare a side view with a wedge-free one (measured: they found more
+    look-alikes on the simple scenes). The blocks share their channels' meaning: every axis is
+    encoded by the same encoder (and projected by the same PCA)."""
+    q = torch.as_tensor(queries)
+    if q.ndim != 2 or q.shape[1] % 3:
+        raise CryosamError(f"queries of shape {tuple(q.shape)}: need three equal plane blocks")
+    blocks = q.reshape(q.shape[0], 3, -1)
+    return torch.cat([q, blocks[:, [0, 2, 1]].reshape(q.shape[0], -1)])
+
+
 def slice_positions(extent: int, stride: int) -> np.ndarray:
     """Slices encoded along an axis of ``extent`` voxels: every ``stride``-th, plus the last."""
     if stride < 1:
