@@ -198,7 +198,8 @@ def test_command_line_overrides_the_config_file(small_sim, tmp_path: Path, run_c
     record = json.loads((out / "run.json").read_text())
     params = record["parameters"]
     assert params["matching"]["top_k"] == 3  # the command line wins
-    assert params["matching"]["turns"] is False and record["matching"]["stats"]["queries"] == 1
+    assert params["matching"]["turns"] is False
+    assert record["matching"]["stats"]["vectors_scored"] == 1
     assert params["segmenter"]["name"] == "threshold"  # the file's value, not the default
     assert len(io.read_points(out / "picks.csv")) <= 3 + 1
 
@@ -207,6 +208,7 @@ def test_command_line_overrides_the_config_file(small_sim, tmp_path: Path, run_c
     ("{not json", "not valid JSON"),
     ('{"parameters": {"matching": {"topk": 3}}}', "topk"),
     ('{"matching": {"ratios": [4, 8]}}', "matching.ratios"),
+    ('{"matching": {"turns": "false"}}', "matching.turns"),
     ('{"encoder": {"name": "resnet"}}', "resnet"),
 ])
 def test_bad_config_file_is_one_line(content: str, words: str, small_sim, tmp_path: Path,

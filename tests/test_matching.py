@@ -275,10 +275,26 @@ def test_turned_queries_find_the_particle_lying_another_way() -> None:
     assert len(plain) == len(TARGETS)
     assert nearest(TARGETS, plain.zyx)[0].max() <= 3.5
     both = match(fv, turns, CONFIG, nms_radius=RADIUS)
-    assert len(both) == len(TARGETS) + len(OTHERS) and both.stats.queries == 2
+    assert len(both) == len(TARGETS) + len(OTHERS) and both.stats.vectors_scored == 2
     assert nearest(np.concatenate([TARGETS, OTHERS]), both.zyx)[0].max() <= 3.5
     with pytest.raises(CryosamError, match="three equal plane blocks"):
         turned(torch.zeros(1, 3 * C + 1))
+
+
+def test_the_query_and_its_negatives_are_turned_together() -> None:
+    """What match_query scores: with turns, the positive and the negative vectors both gain
+    their turned copies (a negative must meet a turned look-alike as the positive does)."""
+    from cryosam.stages import Query
+
+    rng = np.random.default_rng(0)
+    vectors = torch.from_numpy(rng.standard_normal((1, 3 * C)).astype(np.float32))
+    negatives = torch.from_numpy(rng.standard_normal((2, 3 * C)).astype(np.float32))
+    query = Query(vectors, 5.0, 3.0, negatives)
+    scored = query.matched(True)
+    assert torch.equal(scored.vectors, turned(vectors))
+    assert scored.negatives is not None and torch.equal(scored.negatives, turned(negatives))
+    assert scored.nms_radius == query.nms_radius and query.matched(False) is query
+    assert Query(vectors, 5.0, 3.0).matched(True).negatives is None
 
 
 @pytest.mark.parametrize(("grow", "dilation"), [(True, 0), (False, 1), (False, 0)])

@@ -66,6 +66,8 @@ def test_query_from_a_picks_in_b_like_bs_own_click(saved, other_sim, weight_free
     assert abs(by_query.match.tp - by_own.match.tp) <= 1, (by_query, by_own)
     assert abs(by_query.match.fp - by_own.match.fp) <= 1, (by_query, by_own)
     assert found.record["query"]["sha256"] == q.meta["sha256"]
+    for res in (own, found):  # the default turns the query, saved or not
+        assert res.record["matching"]["stats"]["vectors_scored"] == 2
     assert found.record["counts"]["prompts"] == 0 and not found.pick_is_prompt.any()
 
 

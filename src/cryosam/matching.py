@@ -78,7 +78,7 @@ class MatchStats:
     backend: str
     device: str
     naive: bool
-    queries: int = 1  # query vectors every cell was scored against (its best counts)
+    vectors_scored: int = 1  # query vectors each cell is scored against (its best counts)
 
     @property
     def cells_scored(self) -> int:
@@ -276,7 +276,7 @@ def match(
         backend=scorer.backend,
         device=str(dev),
         naive=bool(config.naive),
-        queries=int(prepared.shape[0]),
+        vectors_scored=int(prepared.shape[0]),
     )
     return Proposals(centres[keep], kept_scores[keep].astype(np.float32), match_stats)
 

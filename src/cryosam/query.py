@@ -4,7 +4,8 @@
 features and saves one file (a NumPy ``.npz`` archive, whatever its name) holding:
 
 - ``vectors``: the query feature(s), (Q, dim) float32, L2-normalised (one per click plus their
-  mean when there are several), exactly what :func:`cryosam.matching.match` scores with;
+  mean when there are several), what :func:`cryosam.matching.match` scores with (with
+  ``matching.turns``, together with their turned copies, :func:`cryosam.features.turned`);
 - ``mask_shapes`` / ``mask_bits``: the clicked particles' masks on the work grid (bool crops,
   bit-packed), which matches' size and shape are compared with (:mod:`cryosam.score`);
 - ``densities``: the clicks' density descriptions, made on the query's tomogram;

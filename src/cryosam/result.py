@@ -21,7 +21,7 @@ class Instance:
 
     mask: InstanceMask
     seed: np.ndarray  # (3,) the click or proposal (z, y, x voxels) it grew from
-    similarity: float  # matching similarity with the query (1 for clicks)
+    similarity: float  # matching similarity with the query, turned or not (1 for clicks)
     confidence: float  # segmenter confidence, clipped to [0, 1]
     click_row: int = -1  # row of its click in the points file; -1 for a match
     agreement: float = 1.0  # with the clicked particles' size, shape, density (1 for clicks)

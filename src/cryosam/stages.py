@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -186,6 +186,14 @@ class Query:
     negatives: torch.Tensor | None = None  # (M, dim): one per negative click, L2-normalised
     factor: int = 1  # the run's binning: nms_radius x factor is in the input's voxels
 
+    def matched(self, turns: bool) -> Query:
+        """The query as matching scores it: with ``turns``, its vectors and the negatives'
+        followed by their copies turned about the beam axis (:func:`features.turned`)."""
+        if not turns:
+            return self
+        neg = None if self.negatives is None else turned(self.negatives)
+        return replace(self, vectors=turned(self.vectors), negatives=neg)
+
 
 def given_nms_radius(cfg: CryosamConfig, factor: int) -> float | None:
     """``matching.nms_radius`` (the input's voxels, like every coordinate a user gives) on
@@ -254,12 +262,9 @@ def match_query(features: Features, query: Query, clicks: Clicks, cfg: MatchingC
 
     With negative clicks, a proposal inside a negative mask, or more similar to a negative
     click's query than to the positive query, is not segmented (counted in ``negatives``)."""
-    def as_matched(vectors: torch.Tensor) -> torch.Tensor:
-        return turned(vectors) if cfg.turns else vectors
-
-    found = matching.match(features.volume, as_matched(query.vectors), cfg,
-                           nms_radius=query.nms_radius, particle_radius=query.particle_radius,
-                           device=device)
+    scored = query.matched(cfg.turns)
+    found = matching.match(features.volume, scored.vectors, cfg, nms_radius=query.nms_radius,
+                           particle_radius=query.particle_radius, device=device)
     zyx = np.asarray(found.zyx, dtype=float).reshape(-1, 3)
     sim = np.asarray(found.scores, dtype=float).reshape(-1)
     outside = outside_instances(zyx, clicks.masks, features.volume.shape)
@@ -268,7 +273,7 @@ def match_query(features: Features, query: Query, clicks: Clicks, cfg: MatchingC
         negatives.dropped["inside"] += int((outside & ~free).sum())
         outside &= free
         if query.negatives is not None and outside.any():
-            neg_sim = matching.similarity(features.volume, zyx, as_matched(query.negatives))
+            neg_sim = matching.similarity(features.volume, zyx, scored.negatives)
             closer = outside & (neg_sim > sim)
             negatives.dropped["similarity"] += int(closer.sum())
             outside &= ~closer

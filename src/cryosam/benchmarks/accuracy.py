@@ -29,20 +29,23 @@ def register(app: typer.Typer) -> None:
         negatives: bool = typer.Option(True, "--negatives/--no-negatives",
                                        help="crowded: also rerun each kind with one negative "
                                        "click on the kind it confuses most."),
+        turns: bool = typer.Option(True, "--turns/--no-turns",
+                                   help="Also match the query turned about the beam axis "
+                                   "(cryosam segment's default)."),
     ) -> None:
         """Picks as written (precision, recall, F1) and ranked, per seed or per kind."""
         if preset == "crowded":
             from cryosam.config import QUERY_MODES
 
             modes = QUERY_MODES if query_mode == "both" else (query_mode,)
-            _crowded(seeds, shape, device, snr, modes, negatives)
+            _crowded(seeds, shape, device, snr, modes, negatives, turns)
             return
         import dataclasses
 
         import numpy as np
 
         from cryosam import backends
-        from cryosam.config import CryosamConfig, EncoderConfig, SegmenterConfig
+        from cryosam.config import CryosamConfig, EncoderConfig, MatchingConfig, SegmenterConfig
         from cryosam.metrics import evaluate_picks, fraction_picked, mask_metrics
         from cryosam.pipeline import CryoSAM
         from cryosam.simulate import SimulationConfig, simulate
@@ -50,7 +53,8 @@ def register(app: typer.Typer) -> None:
 
         cfg = CryosamConfig(
             encoder=EncoderConfig(name=backends.weight_free("encoder")),
-            segmenter=SegmenterConfig(name=backends.weight_free("segmenter")), device=device)
+            segmenter=SegmenterConfig(name=backends.weight_free("segmenter")), device=device,
+            matching=MatchingConfig(turns=turns))
         membrane_cfg = dataclasses.replace(
             cfg, propagation=dataclasses.replace(cfg.propagation, target="membrane"))
         model, membrane_model = CryoSAM(cfg), CryoSAM(membrane_cfg)
@@ -89,7 +93,7 @@ def _default_row(head: str, row: list[float]) -> str:
 
 
 def _crowded(seeds: str, shape: str, device: str, snr: float, modes: tuple[str, ...],
-             negatives: bool) -> None:
+             negatives: bool, turns: bool = True) -> None:
     """Per kind of the crowded preset: one and five clicks, picks as written and ranked, for
     each query mode; then one negative click on the most confused kind."""
     import tempfile
@@ -106,7 +110,8 @@ def _crowded(seeds: str, shape: str, device: str, snr: float, modes: tuple[str, 
     models = {mode: CryoSAM(CryosamConfig(
         encoder=EncoderConfig(name=backends.weight_free("encoder")),
         segmenter=SegmenterConfig(name=backends.weight_free("segmenter")), device=device,
-        matching=MatchingConfig(query=mode))) for mode in modes}  # type: ignore[arg-type]
+        matching=MatchingConfig(query=mode, turns=turns)))  # type: ignore[arg-type]
+        for mode in modes}
     rows: dict[tuple[str, int, str], list[list[float]]] = {}
     neg_rows: dict[str, list[list[float]]] = {}
     cache = tempfile.TemporaryDirectory(prefix="cryosam-bench-")  # features once per seed

@@ -116,11 +116,12 @@ def replay_matching(fv: Any, workload: Workload, device: torch.device) -> int:
     others: that many cells drawn at random), then NMS over as many candidates. Returns the
     cells scored."""
     from cryosam import matching
+    from cryosam.features import turned
     from cryosam.testing import sphere_coords
 
     click = np.asarray(workload.clicks[0], dtype=np.float64)
     mask = sphere_coords(click, max(workload.particle_radius, 1.0), workload.shape)
-    query = matching.pool_query(fv, [mask])
+    query = turned(matching.pool_query(fv, [mask]))  # as many vectors as a default run
     if fv.device != device:
         fv = fv.to(device)
     scorer = matching._Scorer(matching._prepare_queries(query, fv.dim), "torch", device)

@@ -36,12 +36,13 @@ def turned(queries: torch.Tensor) -> torch.Tensor:
     """(2Q, dim): the queries, then each turned by 90 degrees about the beam (z) axis: its y
     and x plane blocks (of z | y | x) swapped.
 
-    Such a particle shows the clicked one's XZ view in its YZ plane and the other way round,
-    and its XY view turned in-plane (which the weight-free encoder ignores, DINOv2 only
-    partly). Both side views carry the missing wedge alike; turns that bring the z axis into
-    the slice plane would compare a side view with a wedge-free one (measured: they found more
-    look-alikes on the simple scenes). The blocks share their channels' meaning: every axis is
-    encoded by the same encoder (and projected by the same PCA)."""
+    Such a particle shows the clicked one's XZ view in its YZ plane and the other way round
+    (mirrored, which the weight-free encoder ignores and DINOv2 only partly), and its XY view
+    turned in-plane. Both side views contain the beam axis, along which the missing wedge
+    stretches a particle; the XY view does not, so turns that bring z into the slice plane
+    would compare a stretched view with an unstretched one (measured: they found more
+    look-alikes on the simple scenes). The blocks share their channels' meaning: every axis
+    is encoded by the same encoder (and projected by the same PCA)."""
     q = torch.as_tensor(queries)
     if q.ndim != 2 or q.shape[1] % 3:
         raise CryosamError(f"queries of shape {tuple(q.shape)}: need three equal plane blocks")
