@@ -129,6 +129,32 @@ def test_three_clicks_set_the_range_of_their_kinds_density() -> None:
     assert learn_references(clicks, vol, ScoreConfig(density_range=0)).density_limit is None
 
 
+def test_three_negative_clicks_set_their_own_density_range() -> None:
+    """Negative clicks are learned like clicks: three on shells set the shells' density
+    range, so a shell agrees with them (and is dropped: against > agreement) while balls and
+    dumbbells lie outside it, their agreement with the negatives OUTSIDE times lower."""
+    vol, centres = _scene()
+    g = np.indices((17, 17, 17)) - 8
+    ball = np.sqrt((g**2).sum(0)) <= 6
+
+    def at(c):  # noqa: ANN001
+        return InstanceMask(tuple(int(v) - 8 for v in c), ball)
+
+    positive = learn_references([at(centres["ball"][0])], vol, ScoreConfig())
+    assert positive is not None and positive.density_limit is None  # one click: no range
+    shells = [at(c) for c in centres["shell"]]
+    ranged = learn_references(shells, vol, ScoreConfig(), reach=positive.reach)
+    plain = learn_references(shells, vol, ScoreConfig(density_range=0), reach=positive.reach)
+    assert ranged is not None and plain is not None and ranged.density_limit is not None
+    for kind, cs in centres.items():
+        for c in cs:
+            d = describe(at(c), vol, positive.reach)
+            agreement, against = positive.agreement(d)[0], ranged.agreement(d)[0]
+            assert (against > agreement) == (kind == "shell"), kind
+            if kind != "shell":
+                assert against == pytest.approx(plain.agreement(d)[0] * OUTSIDE, rel=1e-3)
+
+
 def test_size_tolerance_is_learned_from_several_clicks() -> None:
     small, big = _mask(_ellipsoid((4, 4, 4))), _mask(_ellipsoid((7, 7, 7)))
     cfg = ScoreConfig(size_tolerance=0.1)
