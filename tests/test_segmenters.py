@@ -135,6 +135,16 @@ def test_sam_segment_shapes_counters_and_cache(sam256):
     assert seg.decoder_calls == 3
 
 
+def test_mask_pixel_counts_are_exact() -> None:
+    from cryosam.segmenters.sam import _count
+
+    masks = torch.rand(3, 4, 70, 90) > 0.3
+    counts = _count(masks.flatten(2))
+    assert counts.dtype == torch.float32
+    assert torch.equal(counts, masks.flatten(2).sum(-1).float())
+    assert _count(torch.ones(1, 512 * 512, dtype=torch.bool)).item() == 512 * 512
+
+
 def test_sam_one_decoder_pass_across_slices_equals_separate_calls(sam256):
     rng = np.random.default_rng(2)
     vol = rng.random((12, 20, 30)).astype(np.float32)

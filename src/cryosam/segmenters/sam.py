@@ -114,6 +114,12 @@ class SamGeometry:
 QUERY_CHUNK = 1024
 
 
+def _count(masks: torch.Tensor) -> torch.Tensor:
+    """True pixels along the last dimension of bool ``masks``, as floats: bytes summed in
+    int32 (a bool sum widens every pixel to int64, twice as slow on a CPU)."""
+    return masks.view(torch.uint8).sum(-1, dtype=torch.int32).float()
+
+
 def use_sdpa(sam: Any) -> int:
     """Route every attention of a segment-anything ``Sam`` through
     ``F.scaled_dot_product_attention`` (fused kernels on the GPU: less memory, faster), with
@@ -371,7 +377,7 @@ class SamSegmenter(SliceSegmenterBase):
         full = geom.logits_to_slice(low)  # (n, M, h, w)
         binary = full > self.model.mask_threshold
         n, m = binary.shape[:2]
-        area = binary.flatten(2).sum(-1).float()  # (n, M)
+        area = _count(binary.flatten(2))  # (n, M)
         pts = np.stack([np.asarray(batches[bi].points, np.float64).reshape(-1, 2)[k]
                         for bi, k in items])
         caps = np.array([caps_of(batches[bi])[k] for bi, k in items])
@@ -399,8 +405,8 @@ class SamSegmenter(SliceSegmenterBase):
                                       dtype=torch.float32, device=dev)[:, None]
             jt = torch.as_tensor(js, device=dev)
             strict[jt] = True
-            inter = (binary[jt] & prev[:, None]).flatten(2).sum(-1).float()  # (S, M)
-            union = area[jt] + prev.flatten(1).sum(-1).float()[:, None] - inter
+            inter = _count((binary[jt] & prev[:, None]).flatten(2))  # (S, M)
+            union = area[jt] + _count(prev.flatten(1))[:, None] - inter
             overlap = torch.where(union > 0, inter / union.clamp(min=1.0), 0.0)
             keep = nonempty[jt] & (overlap >= min_iou) & (area[jt] <= caps_t[jt])
             score[jt] = torch.where(keep, iou[jt] + 8.0, torch.full_like(iou[jt], -1.0))
