@@ -65,18 +65,22 @@ def _scene() -> tuple[np.ndarray, dict[str, list[tuple[int, int, int]]]]:
     return vol, centres
 
 
+_G = np.indices((17, 17, 17)) - 8
+_BALL = np.sqrt((_G**2).sum(0)) <= 6
+
+
+def _ball_at(c) -> InstanceMask:  # noqa: ANN001
+    """The same ball mask centred at ``c``, whatever the kind there: only the density
+    can then tell the kinds apart."""
+    return InstanceMask(tuple(int(v) - 8 for v in c), _BALL)
+
+
 def test_density_agreement_ranks_the_clicked_kind_first() -> None:
     """One click on a ball: other balls agree better than shells or dumbbells of its size."""
     vol, centres = _scene()
-    g = np.indices((17, 17, 17)) - 8
-    ball = np.sqrt((g**2).sum(0)) <= 6
-
-    def mask_at(c):  # noqa: ANN001
-        return InstanceMask(tuple(int(v) - 8 for v in c), ball)  # same mask for all kinds
-
-    refs = learn_references([mask_at(centres["ball"][0])], vol, ScoreConfig())
+    refs = learn_references([_ball_at(centres["ball"][0])], vol, ScoreConfig())
     assert refs is not None
-    agree = {kind: [refs.agreement(describe(mask_at(c), vol, refs.reach))[1]["density"]
+    agree = {kind: [refs.agreement(describe(_ball_at(c), vol, refs.reach))[1]["density"]
                     for c in cs[1:]] for kind, cs in centres.items()}
     # size and shape are identical here: only the density can tell them apart
     assert min(agree["ball"]) > max(agree["shell"] + agree["dumbbell"]), agree
@@ -87,17 +91,13 @@ def test_density_tolerance_sets_what_a_look_alike_loses() -> None:
     small gap between the clicked kind and a look-alike into a factor that counts in the
     score, and a wider tolerance forgives more."""
     vol, centres = _scene()
-    g = np.indices((17, 17, 17)) - 8
-    ball = np.sqrt((g**2).sum(0)) <= 6
 
     def worst_ratio(tolerance: float) -> float:  # best look-alike over the worst ball
-        refs = learn_references([InstanceMask(tuple(int(v) - 8 for v in centres["ball"][0]),
-                                              ball)], vol,
+        refs = learn_references([_ball_at(centres["ball"][0])], vol,
                                 ScoreConfig(density_tolerance=tolerance))
         assert refs is not None
-        d = {kind: [refs.agreement(describe(InstanceMask(tuple(int(v) - 8 for v in c), ball),
-                                            vol, refs.reach))[1]["density"] for c in cs[1:]]
-             for kind, cs in centres.items()}
+        d = {kind: [refs.agreement(describe(_ball_at(c), vol, refs.reach))[1]["density"]
+                    for c in cs[1:]] for kind, cs in centres.items()}
         return max(d["shell"] + d["dumbbell"]) / min(d["ball"])
 
     assert worst_ratio(0.03) < 0.5  # a look-alike loses at least half its score
@@ -111,18 +111,12 @@ def test_three_clicks_set_the_range_of_their_kinds_density() -> None:
     dumbbells of the same size are outside it (their density agreement drops by OUTSIDE);
     fewer clicks, or a range of 0, set no limit."""
     vol, centres = _scene()
-    g = np.indices((17, 17, 17)) - 8
-    ball = np.sqrt((g**2).sum(0)) <= 6
-
-    def at(c):  # noqa: ANN001
-        return InstanceMask(tuple(int(v) - 8 for v in c), ball)
-
-    clicks = [at(c) for c in centres["ball"]]
+    clicks = [_ball_at(c) for c in centres["ball"]]
     refs = learn_references(clicks, vol, ScoreConfig())
     assert refs is not None and refs.density_limit is not None
     assert refs.stats["density_limit"] == pytest.approx(refs.density_limit, abs=1e-5)
-    dens = {kind: [refs.agreement(describe(at(c), vol, refs.reach))[1]["density"] for c in cs]
-            for kind, cs in centres.items()}
+    dens = {kind: [refs.agreement(describe(_ball_at(c), vol, refs.reach))[1]["density"]
+                   for c in cs] for kind, cs in centres.items()}
     assert min(dens["ball"]) > 0.1
     assert max(dens["shell"] + dens["dumbbell"]) < OUTSIDE
     assert learn_references(clicks[:2], vol, ScoreConfig()).density_limit is None
@@ -134,21 +128,15 @@ def test_three_negative_clicks_set_their_own_density_range() -> None:
     range, so a shell agrees with them (and is dropped: against > agreement) while balls and
     dumbbells lie outside it, their agreement with the negatives OUTSIDE times lower."""
     vol, centres = _scene()
-    g = np.indices((17, 17, 17)) - 8
-    ball = np.sqrt((g**2).sum(0)) <= 6
-
-    def at(c):  # noqa: ANN001
-        return InstanceMask(tuple(int(v) - 8 for v in c), ball)
-
-    positive = learn_references([at(centres["ball"][0])], vol, ScoreConfig())
+    positive = learn_references([_ball_at(centres["ball"][0])], vol, ScoreConfig())
     assert positive is not None and positive.density_limit is None  # one click: no range
-    shells = [at(c) for c in centres["shell"]]
+    shells = [_ball_at(c) for c in centres["shell"]]
     ranged = learn_references(shells, vol, ScoreConfig(), reach=positive.reach)
     plain = learn_references(shells, vol, ScoreConfig(density_range=0), reach=positive.reach)
     assert ranged is not None and plain is not None and ranged.density_limit is not None
     for kind, cs in centres.items():
         for c in cs:
-            d = describe(at(c), vol, positive.reach)
+            d = describe(_ball_at(c), vol, positive.reach)
             agreement, against = positive.agreement(d)[0], ranged.agreement(d)[0]
             assert (against > agreement) == (kind == "shell"), kind
             if kind != "shell":

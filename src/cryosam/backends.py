@@ -270,8 +270,9 @@ def _at_least(parameter: str, value: float, low: float) -> None:
 
 
 def build_dataclass(cls: type, data: dict[str, Any], where: str) -> Any:
-    """``cls(**data)`` with lists turned into tuples where the field is a tuple, and unknown
-    keys refused by name (a run record from another version says what it cannot carry)."""
+    """``cls(**data)`` with lists turned into tuples where the field is a tuple, unknown
+    keys refused by name (a run record from another version says what it cannot carry), and
+    anything but true or false refused for a bool."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
@@ -281,6 +282,8 @@ def build_dataclass(cls: type, data: dict[str, Any], where: str) -> Any:
     for key, value in data.items():
         if isinstance(value, list) and "tuple" in str(fields[key].type):
             value = tuple(value)
+        if fields[key].type in (bool, "bool") and not isinstance(value, bool):  # "false": truthy
+            raise InputError(f"{where}.{key} {value!r}: give true or false")
         kwargs[key] = value
     try:
         return cls(**kwargs)

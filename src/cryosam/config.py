@@ -141,9 +141,6 @@ class MatchingConfig:
     # plane blocks swapped); a match scores its best
 
     def __post_init__(self) -> None:
-        for name in ("naive", "grow", "coarse_pooling", "adapt_ratios", "turns"):
-            if not isinstance(getattr(self, name), bool):
-                raise InputError(f"matching.{name} {getattr(self, name)!r}: give true or false")
         check_choice("matching.backend", self.backend, MATCH_BACKENDS)
         check_choice("matching.query", self.query, QUERY_MODES)
         ratios = tuple(int(r) for r in self.ratios)

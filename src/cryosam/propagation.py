@@ -192,7 +192,8 @@ def _overlap2d(a: _Piece, b: _Piece, tolerance: int = 0) -> tuple[float, float]:
     if r1 > r0 and c1 > c0:
         inter = int(np.logical_and(ma[r0 - ra : r1 - ra, c0 - ca : c1 - ca],
                                    mb[r0 - rb : r1 - rb, c0 - cb : c1 - cb]).sum())
-    area_a, union = int(ma.sum()), int(ma.sum()) + int(mb.sum()) - inter
+    area_a = int(ma.sum())
+    union = area_a + int(mb.sum()) - inter
     return (inter / union if union else 0.0), (inter / area_a if area_a else 0.0)
 
 

@@ -11,7 +11,7 @@ backend's denoised slice) is computed once per (axis, index) and cached within a
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -155,13 +155,22 @@ class Segmenter(Protocol):
 
 
 class ByteLRU:
-    """An LRU mapping bounded by total bytes (per-slice encodings within a memory budget)."""
+    """An LRU mapping bounded by total bytes (per-slice encodings within a memory budget).
 
-    def __init__(self, budget_bytes: int) -> None:
-        self.budget = max(0, int(budget_bytes))
+    ``budget_bytes`` may be a function, asked once, at the first :meth:`put` or read of
+    :attr:`budget`: a budget taken from the memory free when the cache starts filling."""
+
+    def __init__(self, budget_bytes: int | Callable[[], int]) -> None:
+        self._budget = budget_bytes
         self._items: OrderedDict[Any, tuple[Any, int]] = OrderedDict()
         self.nbytes = 0
         self.evictions = 0
+
+    @property
+    def budget(self) -> int:
+        if callable(self._budget):
+            self._budget = self._budget()
+        return max(0, int(self._budget))
 
     def __contains__(self, key: Any) -> bool:
         return key in self._items
@@ -215,19 +224,15 @@ class SliceSegmenterBase:
         self._volume: np.ndarray | None = None
         self._digest: str | None = None  # content hash of _volume, once needed
         self._images: dict[tuple[str, int], np.ndarray] = {}
-        self._cache_setting, self._cache_device = cache_mb, torch.device(cache_device)
-        self._budget_mb: int | None = None
-        self._cache = ByteLRU(0)  # sized at the first encoding
+        # sized at the first encoding, when the other models of the run are loaded too
+        self._cache = ByteLRU(lambda: cache_budget_mb(torch.device(cache_device), cache_mb)
+                              * 2**20)
 
     @property
     def cache_budget_mb(self) -> int:
         """The encoding cache's budget in MiB (``embedding_cache_mb``; None: automatic, see
-        :func:`cryosam.device.cache_budget_mb`), fixed at the first encoding, when the other
-        models of the run are loaded too."""
-        if self._budget_mb is None:
-            self._budget_mb = cache_budget_mb(self._cache_device, self._cache_setting)
-            self._cache.budget = self._budget_mb * 2**20
-        return self._budget_mb
+        :func:`cryosam.device.cache_budget_mb`), fixed at the first encoding."""
+        return self._cache.budget // 2**20
 
     # -- slices ---------------------------------------------------------------------------
     def set_volume(self, volume: np.ndarray) -> None:
@@ -285,7 +290,6 @@ class SliceSegmenterBase:
         raise NotImplementedError
 
     def prepare(self, keys: Sequence[tuple[str, int]]) -> None:
-        self.cache_budget_mb  # noqa: B018 (sizes the cache before the first encoding)
         missing: dict[tuple[str, tuple[int, int]], list[int]] = {}
         seen: set[tuple[str, int]] = set()
         for axis, index in keys:
