@@ -426,6 +426,12 @@ def test_bench_matching_cli(run_cli) -> None:
     assert code == 0, err
     assert "hierarchical:" in out and "naive:" in out
     assert "recall of the" in out and "speed-up" in out
+    assert "2 query vector(s)" in out  # the query and its turned copy, as segment scores
+    code, out, err = run_cli("bench", "matching", "--shape", "24,64,64", "--dim", "24",
+                             "--patches", "16", "--targets", "3", "--distractors", "2",
+                             "--radius", "5", "--device", "cpu", "--no-turns", "--repeats", "1")
+    assert code == 0, err
+    assert "1 query vector(s)" in out
 
 
 def test_bench_matching_rejects_bad_shape(run_cli) -> None:

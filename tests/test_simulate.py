@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import scipy.fft as sfft
@@ -251,3 +253,24 @@ def test_crowded_preset_packs_every_kind_without_overlap() -> None:
     assert clicks.shape == (2, 3)
     rings = np.array([p.zyx for p in sim.particles if p.kind == "ring"])
     assert all(np.min(np.linalg.norm(rings - c, axis=1)) < 1e-9 for c in clicks)
+
+
+def test_the_crowded_ceiling_script_ranks_by_the_matched_filter() -> None:
+    """docs/benchmarks/ceiling.py (the upper estimate of what one click can reach on the
+    crowded preset): with almost no noise its matched filter puts every kind's copies first;
+    with heavy noise it cannot. A wrong rotation, transfer or template breaks the first."""
+    import importlib.util
+
+    from scipy.spatial.transform import Rotation
+
+    script = Path(__file__).resolve().parents[1] / "docs" / "benchmarks" / "ceiling.py"
+    spec = importlib.util.spec_from_file_location("ceiling", script)
+    ceiling = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ceiling)
+    rotations = Rotation.random(200, random_state=0).as_matrix()
+    clean = ceiling.scene_ceiling(0, 1000.0, (40, 112, 112), rotations)["true object"]
+    noisy = ceiling.scene_ceiling(0, 0.05, (40, 112, 112), rotations)["true object"]
+    assert set(clean) == set(noisy) and len(clean) >= 6
+    assert np.mean(list(clean.values())) >= 0.85, clean
+    assert np.mean(list(noisy.values())) < np.mean(list(clean.values())) - 0.1, noisy
+    assert ceiling.best_f1(np.array([True, False, True]), 2) == pytest.approx(0.8)  # 2 of 3

@@ -40,6 +40,8 @@ def register(app: typer.Typer) -> None:
                                             "margin below the threshold at coarse levels."),
         grow: bool = typer.Option(MatchingConfig.grow, help="Follow surviving regions to "
                                   "their border at each level."),
+        turns: bool = typer.Option(MatchingConfig.turns, help="Also score the query turned "
+                                   "about the beam axis, as `cryosam segment` does."),
         sweep: bool = typer.Option(False, help="Also run other grow/dilation/margin settings."),
         repeats: int = typer.Option(3, min=1, help="Runs per setting; the fastest is shown."),
         chunk_size: int = typer.Option(16384, min=1, help="Feature vectors per chunk, both "
@@ -53,6 +55,7 @@ def register(app: typer.Typer) -> None:
         Times are the fastest of ``--repeats`` runs (wall and process CPU seconds, each the
         minimum): on a shared machine the slowest runs measure the neighbours.
         """
+        from cryosam.features import turned
         from cryosam.matching import match, nms_radius_from_masks, pool_query
 
         dims = parse_shape(shape)
@@ -67,14 +70,18 @@ def register(app: typer.Typer) -> None:
         fv = fv.to(dev)
         typer.echo(f"FeatureVolume {dims} dim {fv.dim}: built in {time.perf_counter() - t0:.1f} s"
                    f" ({_stack_bytes(fv) / 2**20:.0f} MiB fp16), {targets} targets, "
-                   f"{distractors} distractors, radius {radius:g}; {torch.get_num_threads()} "
+                   f"{distractors} distractors, radius {radius:g}; {2 if turns else 1} query "
+                   f"vector(s); {torch.get_num_threads()} "
                    f"torch threads, {dev}")
         mask = sphere_coords(centres[0], radius, dims)
         queries = pool_query(fv, [mask])
+        if turns:
+            queries = turned(queries)
         nms_radius = nms_radius_from_masks([mask])
         config = MatchingConfig(dilation=dilation, coarse_margin=coarse_margin, grow=grow,
                                 backend=backend, chunk_size=chunk_size)
-        variants = [("hierarchical", config), ("naive", dataclasses.replace(config, naive=True))]
+        # naive first: every other line gives its recall of the naive proposals
+        variants = [("naive", dataclasses.replace(config, naive=True)), ("hierarchical", config)]
         if sweep:
             variants += [(f"g{int(g)}-d{d}-m{m:g}-p{int(p)}", dataclasses.replace(
                 config, grow=g, dilation=d, coarse_margin=m, coarse_pooling=p))
@@ -100,8 +107,7 @@ def register(app: typer.Typer) -> None:
             runs[name] = (props, cpu)
             levels = ", ".join(f"r{lv.ratio}: {lv.cells_scored}->{lv.survivors} "
                                f"{lv.seconds:.2f}s" for lv in props.stats.levels)
-            recall = recall_within(runs["naive"][0].zyx, props.zyx, nms_radius) \
-                if "naive" in runs else float("nan")
+            recall = recall_within(runs["naive"][0].zyx, props.zyx, nms_radius)
             typer.echo(f"{name:>16}: wall {props.stats.total_seconds:7.2f} s  cpu {cpu:7.2f} s  "
                        f"peak {peak / 2**20:6.0f} MiB  {len(props):4d} proposals  recall of "
                        f"naive {100 * recall:5.1f} %  [{levels}; NMS "
