@@ -157,6 +157,32 @@ def test_widget_segments_finds_similar_filters_and_saves(
                                   np.arange(1, len(kept) + 1))
 
 
+def test_widget_negative_clicks_drop_what_they_name(make_napari_viewer, qtbot, sim,
+                                                    one_thread) -> None:
+    """A negative click on a particle that Find similar picked removes that pick, and the
+    widget says how many matches the negatives removed."""
+    viewer = make_napari_viewer()
+    widget, _ = _widget(viewer, sim)
+    widget.add_clicks_layer().add(sim.prompt_points[0])
+    _press(qtbot, widget, widget.similar_button)
+    first = widget.result
+    assert first is not None and "negatives" not in first.record, widget.status.text()
+    picked = first.picks_zyx[~first.pick_is_prompt]
+    assert len(picked), "the click found others to name"
+    named = picked[0]
+
+    negatives = widget.add_negatives_layer()
+    assert widget.negatives_box.currentText() == negatives.name
+    assert widget.points_box.currentText() != negatives.name
+    negatives.add(named)
+    _press(qtbot, widget, widget.similar_button)
+    second = widget.result
+    assert second.record["negatives"]["clicks"] == 1, widget.status.text()
+    assert "negative click(s) removed" in widget.status.text()
+    left = second.picks_zyx
+    assert np.linalg.norm(left - named, axis=1).min() > 2.0, "the named pick is gone"
+
+
 def test_widget_from_manifest_reports_bad_input(make_napari_viewer, qtbot, sim,
                                                 monkeypatch) -> None:
     viewer = make_napari_viewer()
@@ -173,8 +199,13 @@ def test_widget_from_manifest_reports_bad_input(make_napari_viewer, qtbot, sim,
     world = sim.prompt_points[:2] * vs
     viewer.add_points(world, name="clicks in Å")
     widget.points_box.setCurrentText("clicks in Å")
-    _, _, zyx = widget._inputs()
+    _, _, zyx, negatives = widget._inputs()
     np.testing.assert_allclose(zyx, sim.prompt_points[:2], atol=1e-6)
+    assert negatives is None  # no negative-clicks layer chosen
+    widget.negatives_box.setCurrentText("clicks in Å")  # the same layer for both: refused
+    widget.find_similar()
+    assert not widget.busy and "both the clicks and the negative clicks" in widget.status.text()
+    widget.negatives_box.setCurrentText("(none)")
     viewer.layers["clicks in Å"].add(np.array([0.0, 0.0, 1e6]))
     widget.find_similar()
     assert not widget.busy

@@ -56,6 +56,8 @@ from cryosam.result import SegmentationResult
 LABELS_NAME = "cryosam instances"
 PICKS_NAME = "cryosam picks"
 CLICKS_NAME = "clicks"
+NEGATIVES_NAME = "negative clicks"
+NO_LAYER = "(none)"  # the negative-clicks choice when no layer is used
 SLIDER_STEPS = 1000  # score filter resolution: 0.001
 
 
@@ -68,11 +70,12 @@ def default_backends() -> tuple[str, str, str]:
 
 
 def _segment_job(model: Any, tomo: Any, clicks: np.ndarray, match: bool, cache_dir: str,
-                 tomo_name: str) -> tuple[SegmentationResult, float]:
+                 tomo_name: str, negatives: np.ndarray | None = None,
+                 ) -> tuple[SegmentationResult, float]:
     """Run in the worker thread: check the volume, segment, and time it."""
     t0 = time.perf_counter()
     result = model.segment(finite(tomo), clicks, match=match, cache_dir=cache_dir,
-                           tomo_name=tomo_name)
+                           tomo_name=tomo_name, negative_points=negatives)
     return result, time.perf_counter() - t0
 
 
@@ -117,6 +120,14 @@ class CryosamWidget(QWidget):
         self.new_clicks_button = QPushButton("New clicks layer")
         self.new_clicks_button.setToolTip("Add an empty points layer in add mode on the image")
         self.new_clicks_button.clicked.connect(self.add_clicks_layer)
+        self.negatives_box = QComboBox()
+        self.negatives_box.setToolTip("Clicks on structures that must not be picked (Find "
+                                      "similar drops matches more like them than like the "
+                                      "clicks); optional")
+        self.new_negatives_button = QPushButton("New negative clicks layer")
+        self.new_negatives_button.setToolTip("Add an empty points layer for clicks on "
+                                             "look-alikes that must not be picked")
+        self.new_negatives_button.clicked.connect(self.add_negatives_layer)
         encoder, segmenter, why = default_backends()
         self.encoder_box = QComboBox()
         self.encoder_box.addItems(list(backends.names("encoder")))
@@ -170,6 +181,8 @@ class CryosamWidget(QWidget):
         form.addRow("Tomogram", self.image_box)
         form.addRow("Clicks", self.points_box)
         form.addRow("", self.new_clicks_button)
+        form.addRow("Negative clicks", self.negatives_box)
+        form.addRow("", self.new_negatives_button)
         form.addRow("Encoder", self.encoder_box)
         form.addRow("Segmenter", self.segmenter_box)
         form.addRow("Device", self.device_box)
@@ -194,8 +207,11 @@ class CryosamWidget(QWidget):
                   if isinstance(ly, Image) and ly.ndim >= 3 and not ly.rgb]
         points = [ly.name for ly in self.viewer.layers
                   if isinstance(ly, Points) and id(ly) not in own]
-        points.sort(key=lambda n: CLICKS_NAME not in n.lower())  # prefer a "clicks" layer
-        for box, names in ((self.image_box, images), (self.points_box, points)):
+        negative = [n for n in points if "negative" in n.lower()]
+        # prefer a "clicks" layer for the clicks, and never a negative one first
+        points.sort(key=lambda n: (n in negative, CLICKS_NAME not in n.lower()))
+        for box, names in ((self.image_box, images), (self.points_box, points),
+                           (self.negatives_box, [NO_LAYER, *points])):
             current = box.currentText()
             box.blockSignals(True)
             box.clear()
@@ -227,17 +243,24 @@ class CryosamWidget(QWidget):
 
     def add_clicks_layer(self) -> Points | None:
         """An empty points layer on the chosen image, in add mode, selected for clicks."""
+        return self._add_points_layer(CLICKS_NAME, "red", self.points_box)
+
+    def add_negatives_layer(self) -> Points | None:
+        """An empty points layer for negative clicks, in add mode, chosen as the negatives."""
+        return self._add_points_layer(NEGATIVES_NAME, "cyan", self.negatives_box)
+
+    def _add_points_layer(self, name: str, colour: str, box: QComboBox) -> Points | None:
         try:
             image = self._layer(self.image_box, Image, "tomogram (image)")
         except CryosamError as exc:
             show_error(str(exc))
             return None
-        layer = self.viewer.add_points(np.zeros((0, 3)), ndim=3, name=CLICKS_NAME,
+        layer = self.viewer.add_points(np.zeros((0, 3)), ndim=3, name=name,
                                        scale=image.scale[-3:], translate=image.translate[-3:],
-                                       size=5, face_color="red", border_color="red",
+                                       size=5, face_color=colour, border_color=colour,
                                        symbol="cross")
         layer.mode = "add"
-        self.points_box.setCurrentText(layer.name)
+        box.setCurrentText(layer.name)
         return layer
 
     def segment_clicks(self) -> None:
@@ -248,16 +271,25 @@ class CryosamWidget(QWidget):
         """The whole pipeline: the clicked particles and every similar one."""
         self._run(match=True)
 
-    def _inputs(self) -> tuple[Image, Any, np.ndarray]:
-        """The image layer, its tomogram and the clicks in its voxels (z, y, x)."""
+    def _inputs(self) -> tuple[Image, Any, np.ndarray, np.ndarray | None]:
+        """The image layer, its tomogram, the clicks and the negative clicks (None without
+        a layer or a point) in its voxels (z, y, x)."""
         image = self._layer(self.image_box, Image, "tomogram (image)")
         clicks_layer = self._layer(self.points_box, Points, "points (clicks)")
         self._clicks = clicks_layer
         data = image.data[0] if image.multiscale else image.data
         tomo = tomogram_from_array(data, image.scale, image.metadata)
-        world = [clicks_layer.data_to_world(p) for p in np.asarray(clicks_layer.data)]
-        zyx = np.array([image.world_to_data(w)[-3:] for w in world], dtype=float)
-        return image, tomo, check_clicks(zyx, tomo.shape, clicks_layer.name)
+        clicks = check_clicks(_voxels(image, clicks_layer), tomo.shape, clicks_layer.name)
+        negatives = None
+        if self.negatives_box.currentText() not in ("", NO_LAYER):
+            neg_layer = self._layer(self.negatives_box, Points, "points (negative clicks)")
+            if neg_layer.name == clicks_layer.name:  # (a plugin's viewer hands out proxies)
+                raise CryosamError(f"layer {neg_layer.name!r} is chosen for both the clicks "
+                                   "and the negative clicks; pick another or (none)")
+            if len(neg_layer.data):
+                negatives = check_clicks(_voxels(image, neg_layer), tomo.shape,
+                                         neg_layer.name)
+        return image, tomo, clicks, negatives
 
     def _model(self) -> Any:
         from cryosam.config import CryosamConfig, EncoderConfig, ScoreConfig, SegmenterConfig
@@ -279,15 +311,15 @@ class CryosamWidget(QWidget):
             show_info("cryosam is still working; wait for it to finish")
             return
         try:
-            image, tomo, clicks = self._inputs()
+            image, tomo, clicks, negatives = self._inputs()
             model = self._model()
         except CryosamError as exc:
             self._fail(exc)
             return
         self._source = image
         task = "Finding similar particles" if match else "Segmenting the clicks"
-        self._launch(_segment_job, (model, tomo, clicks, match, self.cache_dir, image.name),
-                     task, self._on_result)
+        self._launch(_segment_job, (model, tomo, clicks, match, self.cache_dir, image.name,
+                                    negatives if match else None), task, self._on_result)
 
     def save(self, out_dir: str | Path | None = None) -> None:
         """Write the outputs of the picks the score filter keeps into ``out_dir`` (asked for
@@ -383,8 +415,11 @@ class CryosamWidget(QWidget):
             self._apply_filter()
         n = len(result.instances)
         clicked = sum(i.is_prompt for i in result.instances)
+        negatives = result.record.get("negatives")
+        neg = "" if not negatives else (f"; {negatives['clicks']} negative click(s) removed "
+                                        f"{sum(negatives['dropped'].values())} match(es)")
         self.status.setText(f"{n} found: {clicked} clicked + {n - clicked} similar, "
-                            f"{seconds:.1f} s")
+                            f"{seconds:.1f} s{neg}")
         note = background_note(result)
         if note is not None:
             show_info(note)
@@ -445,3 +480,10 @@ class CryosamWidget(QWidget):
             layer.data = lut[full]
         elif layer.data is not full:
             layer.data = full
+
+
+def _voxels(image: Image, layer: Points) -> np.ndarray:
+    """A points layer's points as (z, y, x) voxels of ``image`` (the layers may differ in
+    scale and translation)."""
+    world = [layer.data_to_world(p) for p in np.asarray(layer.data)]
+    return np.array([image.world_to_data(w)[-3:] for w in world], dtype=float).reshape(-1, 3)
