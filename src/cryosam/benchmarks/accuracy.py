@@ -115,22 +115,25 @@ def _crowded(seeds: str, shape: str, device: str, snr: float, modes: tuple[str, 
     rows: dict[tuple[str, int, str], list[list[float]]] = {}
     neg_rows: dict[str, list[list[float]]] = {}
     cache = tempfile.TemporaryDirectory(prefix="cryosam-bench-")  # features once per seed
-    for seed in (int(v) for v in seeds.split(",") if v.strip()):
-        sim = simulate(SimulationConfig(shape=parse_shape(shape), seed=seed, snr=snr,
-                                        preset="crowded"))
-        for kind in CROWDED_KINDS:
-            for mode, model in models.items():
-                for k in (1, 5):
-                    row, kinds = _crowded_run(model, sim, kind, k, cache_dir=cache.name)
-                    rows.setdefault((kind, k, mode), []).append(row)
-                    wrong = [x for x in kinds if x not in (kind, None)]
-                    if negatives and k == 1 and mode == modes[0] and wrong:
-                        other = max(sorted(set(wrong)), key=wrong.count)
-                        after, kinds_after = _crowded_run(model, sim, kind, 1, negative=other,
-                                                          cache_dir=cache.name)
-                        neg_rows.setdefault(kind, []).append(
-                            [row[0], after[0], _share(kinds, other), _share(kinds_after, other)])
-    cache.cleanup()
+    try:
+        for seed in (int(v) for v in seeds.split(",") if v.strip()):
+            sim = simulate(SimulationConfig(shape=parse_shape(shape), seed=seed, snr=snr,
+                                            preset="crowded"))
+            for kind in CROWDED_KINDS:
+                for mode, model in models.items():
+                    for k in (1, 5):
+                        row, kinds = _crowded_run(model, sim, kind, k, cache_dir=cache.name)
+                        rows.setdefault((kind, k, mode), []).append(row)
+                        wrong = [x for x in kinds if x not in (kind, None)]
+                        if negatives and k == 1 and mode == modes[0] and wrong:
+                            other = max(sorted(set(wrong)), key=wrong.count)
+                            after, kinds_after = _crowded_run(model, sim, kind, 1, negative=other,
+                                                              cache_dir=cache.name)
+                            neg_rows.setdefault(kind, []).append(
+                                [row[0], after[0], _share(kinds, other),
+                                 _share(kinds_after, other)])
+    finally:  # also when a run fails or is interrupted
+        cache.cleanup()
     typer.echo(f"{'kind':12s} query clicks  precision  recall     F1  best F1     AP  found")
     for mode in modes:
         for k in (1, 5):
