@@ -159,28 +159,45 @@ def test_widget_segments_finds_similar_filters_and_saves(
 
 def test_widget_negative_clicks_drop_what_they_name(make_napari_viewer, qtbot, sim,
                                                     one_thread) -> None:
-    """A negative click on a particle that Find similar picked removes that pick, and the
-    widget says how many matches the negatives removed."""
+    """A negative click on a filament drops the look-alike matches and keeps every target
+    pick; one on a picked particle removes that pick; the status line says what they did;
+    Segment clicks ignores negative clicks."""
+    from cryosam.simulate import FILAMENT_KIND
+
     viewer = make_napari_viewer()
     widget, _ = _widget(viewer, sim)
     widget.add_clicks_layer().add(sim.prompt_points[0])
     _press(qtbot, widget, widget.similar_button)
     first = widget.result
     assert first is not None and "negatives" not in first.record, widget.status.text()
-    picked = first.picks_zyx[~first.pick_is_prompt]
-    assert len(picked), "the click found others to name"
-    named = picked[0]
+    targets = sim.points(sim.target_kind)
+
+    def on_targets(zyx: np.ndarray) -> int:
+        return int(sum(np.linalg.norm(targets - p, axis=1).min() < 3.0 for p in zyx))
 
     negatives = widget.add_negatives_layer()
     assert widget.negatives_box.currentText() == negatives.name
     assert widget.points_box.currentText() != negatives.name
-    negatives.add(named)
+    filament = next(p for p in sim.particles if p.kind == FILAMENT_KIND)
+    negatives.add(np.array(filament.zyx))
     _press(qtbot, widget, widget.similar_button)
     second = widget.result
-    assert second.record["negatives"]["clicks"] == 1, widget.status.text()
-    assert "negative click(s) removed" in widget.status.text()
-    left = second.picks_zyx
-    assert np.linalg.norm(left - named, axis=1).min() > 2.0, "the named pick is gone"
+    report = second.record["negatives"]
+    assert report["clicks"] == report["masks"] == 1, widget.status.text()
+    assert sum(report["dropped"].values()) >= 1
+    assert f"removed {sum(report['dropped'].values())} match(es)" in widget.status.text()
+    assert len(second.picks_zyx) < len(first.picks_zyx)
+    assert on_targets(second.picks_zyx) == on_targets(first.picks_zyx) >= 2
+
+    named = first.picks_zyx[~first.pick_is_prompt][0]
+    negatives.data = np.array([named])
+    _press(qtbot, widget, widget.similar_button)
+    assert np.linalg.norm(widget.result.picks_zyx - named, axis=1).min() > 2.0
+
+    negatives.add(np.array([0.0, 0.0, 1e6]))  # Segment clicks does not even look at them
+    _press(qtbot, widget, widget.segment_button)
+    assert "negatives" not in widget.result.record, widget.status.text()
+    assert len(widget.result.instances) == 1
 
 
 def test_widget_from_manifest_reports_bad_input(make_napari_viewer, qtbot, sim,

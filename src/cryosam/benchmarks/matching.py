@@ -90,6 +90,7 @@ def register(app: typer.Typer) -> None:
                                    (True, 0, 0.0, True), (True, 0, 0.1, True),
                                    (True, 1, 0.1, True))]
         first = match(fv, queries, config, nms_radius=nms_radius, device=dev)
+        match(fv, queries, variants[0][1], nms_radius=nms_radius, device=dev)  # warms naive up
         typer.echo(f"first query (also averages the stacks for the coarse levels, once per "
                    f"tomogram): {first.stats.total_seconds:.2f} s")
         runs = {}

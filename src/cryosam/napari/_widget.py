@@ -271,25 +271,25 @@ class CryosamWidget(QWidget):
         """The whole pipeline: the clicked particles and every similar one."""
         self._run(match=True)
 
-    def _inputs(self) -> tuple[Image, Any, np.ndarray, np.ndarray | None]:
+    def _inputs(self, negatives: bool = True) -> tuple[Image, Any, np.ndarray, np.ndarray | None]:
         """The image layer, its tomogram, the clicks and the negative clicks (None without
-        a layer or a point) in its voxels (z, y, x)."""
+        a layer or a point, or when ``negatives`` is False: Segment clicks ignores them) in
+        its voxels (z, y, x)."""
         image = self._layer(self.image_box, Image, "tomogram (image)")
         clicks_layer = self._layer(self.points_box, Points, "points (clicks)")
         self._clicks = clicks_layer
         data = image.data[0] if image.multiscale else image.data
         tomo = tomogram_from_array(data, image.scale, image.metadata)
         clicks = check_clicks(_voxels(image, clicks_layer), tomo.shape, clicks_layer.name)
-        negatives = None
-        if self.negatives_box.currentText() not in ("", NO_LAYER):
+        neg = None
+        if negatives and self.negatives_box.currentText() not in ("", NO_LAYER):
             neg_layer = self._layer(self.negatives_box, Points, "points (negative clicks)")
             if neg_layer.name == clicks_layer.name:  # (a plugin's viewer hands out proxies)
                 raise CryosamError(f"layer {neg_layer.name!r} is chosen for both the clicks "
                                    "and the negative clicks; pick another or (none)")
             if len(neg_layer.data):
-                negatives = check_clicks(_voxels(image, neg_layer), tomo.shape,
-                                         neg_layer.name)
-        return image, tomo, clicks, negatives
+                neg = check_clicks(_voxels(image, neg_layer), tomo.shape, neg_layer.name)
+        return image, tomo, clicks, neg
 
     def _model(self) -> Any:
         from cryosam.config import CryosamConfig, EncoderConfig, ScoreConfig, SegmenterConfig
@@ -311,7 +311,7 @@ class CryosamWidget(QWidget):
             show_info("cryosam is still working; wait for it to finish")
             return
         try:
-            image, tomo, clicks, negatives = self._inputs()
+            image, tomo, clicks, negatives = self._inputs(negatives=match)
             model = self._model()
         except CryosamError as exc:
             self._fail(exc)
@@ -319,7 +319,7 @@ class CryosamWidget(QWidget):
         self._source = image
         task = "Finding similar particles" if match else "Segmenting the clicks"
         self._launch(_segment_job, (model, tomo, clicks, match, self.cache_dir, image.name,
-                                    negatives if match else None), task, self._on_result)
+                                    negatives), task, self._on_result)
 
     def save(self, out_dir: str | Path | None = None) -> None:
         """Write the outputs of the picks the score filter keeps into ``out_dir`` (asked for
@@ -416,8 +416,13 @@ class CryosamWidget(QWidget):
         n = len(result.instances)
         clicked = sum(i.is_prompt for i in result.instances)
         negatives = result.record.get("negatives")
-        neg = "" if not negatives else (f"; {negatives['clicks']} negative click(s) removed "
-                                        f"{sum(negatives['dropped'].values())} match(es)")
+        neg = ""
+        if negatives:
+            empty = negatives["clicks"] - negatives["masks"]
+            neg = (f"; {negatives['clicks']} negative click(s) removed "
+                   f"{sum(negatives['dropped'].values())} match(es)"
+                   + (f" ({empty} gave no mask and exclude nothing: put them on the structure)"
+                      if empty else ""))
         self.status.setText(f"{n} found: {clicked} clicked + {n - clicked} similar, "
                             f"{seconds:.1f} s{neg}")
         note = background_note(result)
