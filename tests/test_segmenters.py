@@ -165,6 +165,34 @@ def test_sam_one_decoder_pass_across_slices_equals_separate_calls(sam256):
     assert alone.decoder_calls == 3
 
 
+def test_sam_mixed_mask_prompts_in_one_pass_equal_separate_calls(sam256):
+    """Prompts with previous logits, with previous masks only, and with neither share one
+    decoder pass (their mask prompts reach the device together) and come out as they do
+    alone."""
+    rng = np.random.default_rng(4)
+    vol = rng.random((12, 20, 30)).astype(np.float32)
+    seg = SamSegmenter(sam256, "cpu")
+    seg.set_volume(vol)
+    z = seg.segment("z", 4, np.array([[3.0, 5.0], [10.0, 20.0]]))
+    x = seg.segment("x", 7, np.array([[6.0, 15.0]]))
+    batches = [PromptBatch("z", 4, np.array([[3.0, 5.0], [10.0, 20.0]]), prev_logits=z.logits),
+               PromptBatch("x", 7, np.array([[6.0, 15.0]]), prev_masks=x.masks),
+               PromptBatch("y", 0, np.array([[11.0, 29.0]]))]
+    calls = seg.decoder_calls
+    together = seg.segment_batch(batches)
+    assert seg.decoder_calls == calls + 1
+    for b, r in zip(batches, together, strict=True):
+        for k in range(len(b.points)):  # each prompt alone: a mix-up of rows shows
+            one = slice(k, k + 1)
+            s = seg.segment(b.axis, b.index, b.points[one],
+                            prev_masks=None if b.prev_masks is None else b.prev_masks[one],
+                            prev_logits=None if b.prev_logits is None else b.prev_logits[one])
+            assert (s.masks[0] != r.masks[k]).mean() < 1e-3
+            np.testing.assert_allclose(s.logits[0], r.logits[k], atol=1e-4)
+    plain = seg.segment("x", 7, np.array([[6.0, 15.0]]))
+    assert not np.allclose(plain.logits, together[1].logits, atol=1e-4)  # the mask counted
+
+
 def test_sam_selection_respects_area_cap(sam256):
     seg = SamSegmenter(sam256, "cpu")
     img = np.random.default_rng(3).random((40, 40)).astype(np.float32)

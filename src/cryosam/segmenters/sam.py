@@ -319,27 +319,27 @@ class SamSegmenter(SliceSegmenterBase):
     def _decode_chunk(self, batches: Sequence[PromptBatch], chunk: list[tuple[int, int]],
                       results: list[SegmentResult], results_logits: list[np.ndarray]) -> None:
         dev = self.device
-        embs, coords, masks_in, has = [], [], [], []
-        for bi, k in chunk:
+        embs, coords, has = [], [], []
+        # previous logits go to the device in one copy for the chunk (a copy per prompt
+        # cost more than the decoder on an H200); previous masks alone are rare (no logits)
+        prompts_in = np.zeros((len(chunk), 1, self.lowres, self.lowres), np.float32)
+        from_masks: list[tuple[int, SamGeometry, np.ndarray]] = []
+        for j, (bi, k) in enumerate(chunk):
             b = batches[bi]
             geom = self.geometry(*self.image_shape(b.axis, b.index))
             embs.append(self.encoding(b.axis, b.index))
             pts = np.asarray(b.points, dtype=np.float64).reshape(-1, 2)
             coords.append(geom.points_to_input(pts[k : k + 1])[0])
             if b.prev_logits is not None:
-                masks_in.append(torch.as_tensor(np.asarray(b.prev_logits[k], np.float32),
-                                                device=dev)[None])
-                has.append(True)
+                prompts_in[j, 0] = b.prev_logits[k]
             elif b.prev_masks is not None:
-                m = torch.as_tensor(np.asarray(b.prev_masks[k], bool), device=dev)[None]
-                masks_in.append(geom.masks_to_lowres(m)[0])
-                has.append(True)
-            else:
-                masks_in.append(torch.zeros((1, self.lowres, self.lowres), device=dev))
-                has.append(False)
+                from_masks.append((j, geom, np.asarray(b.prev_masks[k], bool)))
+            has.append(b.prev_logits is not None or b.prev_masks is not None)
         emb = torch.stack([e.to(dev) for e in embs]).float()
         coord_t = torch.as_tensor(np.stack(coords), dtype=torch.float32, device=dev)
-        mask_t = torch.stack(masks_in).float()
+        mask_t = torch.from_numpy(prompts_in).to(dev)
+        for j, geom, m in from_masks:
+            mask_t[j] = geom.masks_to_lowres(torch.as_tensor(m, device=dev)[None])[0]
         has_t = torch.as_tensor(has, device=dev)
         low, iou = self.decode(emb, coord_t, mask_t if bool(has_t.any()) else None, has_t,
                                all_tokens=True)
@@ -423,9 +423,9 @@ class SamSegmenter(SliceSegmenterBase):
         arg = flat.flatten(1).argmax(1)
         best_rc = torch.stack([arg // w, arg % w], dim=1).float()
         masks_np = chosen.cpu().numpy()
-        conf_np = conf.cpu().numpy().astype(np.float32)
+        conf_np = np.asarray(conf.cpu().numpy(), np.float32)  # no second copy when fp32
         rc_np = best_rc.cpu().numpy()
-        low_np = low[ar, best].cpu().numpy().astype(np.float32)
+        low_np = np.asarray(low[ar, best].float().cpu().numpy(), np.float32)
         rejected_np = none_left.cpu().numpy()
         for j, (bi, k) in enumerate(items):
             res = results[bi]
