@@ -54,7 +54,7 @@ class _GridOnly:
 
 def _throughput(encoder, shape: tuple[int, int, int], n_slices: int, batch_size: int,
                 device: torch.device) -> dict[str, float]:
-    """Slices per second along each axis, after one warm-up batch of the timed size (a GPU
+    """Slices per second along each axis, after warm-up batches of the timed sizes (a GPU
     picks its kernels per shape: warming up with one slice left the first timed axis slow)."""
     rng = np.random.default_rng(0)
     rates = {}
@@ -62,7 +62,8 @@ def _throughput(encoder, shape: tuple[int, int, int], n_slices: int, batch_size:
         p, q = PLANE_DIMS[a]
         size = (shape[p], shape[q])
         batch = rng.random((batch_size, *size), dtype=np.float32)
-        encoder.encode(batch[:min(batch_size, n_slices)])
+        for size_ in {min(batch_size, n_slices), n_slices % batch_size} - {0}:
+            encoder.encode(batch[:size_])  # and the short last batch's shape
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         done, start = 0, time.perf_counter()
