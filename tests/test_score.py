@@ -329,6 +329,19 @@ def test_cli_negative_column_and_file(run_cli, small_sim, tmp_path: Path) -> Non
     assert rec["parameters"]["score"]["min_score"] == 0.2
 
 
+def test_negatives_summary_says_what_they_did() -> None:
+    """The one line the CLI's summary and napari's status share."""
+    from cryosam.result import negatives_summary
+
+    assert negatives_summary({}) == ""
+    rec = {"negatives": {"clicks": 2, "masks": 1,
+                         "dropped": {"inside": 1, "similarity": 2, "agreement": 0}}}
+    line = negatives_summary(rec)
+    assert "2 negative click(s) removed 3 match(es)" in line and "1 gave no mask" in line
+    rec["negatives"]["masks"] = 2
+    assert "no mask" not in negatives_summary(rec)
+
+
 def test_retired_membrane_level_is_read_with_a_warning(weight_free) -> None:
     old = weight_free.to_dict()
     old["segmenter"]["backends"]["threshold"]["membrane_level"] = 0.7

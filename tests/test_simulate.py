@@ -256,9 +256,10 @@ def test_crowded_preset_packs_every_kind_without_overlap() -> None:
 
 
 def test_the_crowded_ceiling_script_ranks_by_the_matched_filter() -> None:
-    """docs/benchmarks/ceiling.py (the upper estimate of what one click can reach on the
-    crowded preset): with almost no noise its matched filter puts every kind's copies first;
-    with heavy noise it cannot. A wrong rotation, transfer or template breaks the first."""
+    """docs/benchmarks/ceiling.py (a reference for what matching one clicked copy reaches on
+    the crowded preset): with almost no noise its matched filter puts every kind's copies
+    first; with heavy noise it cannot. A wrong rotation, transfer or template breaks the
+    first."""
     import importlib.util
 
     from scipy.spatial.transform import Rotation
@@ -273,4 +274,7 @@ def test_the_crowded_ceiling_script_ranks_by_the_matched_filter() -> None:
     assert set(clean) == set(noisy) and len(clean) >= 6
     assert np.mean(list(clean.values())) >= 0.85, clean
     assert np.mean(list(noisy.values())) < np.mean(list(clean.values())) - 0.1, noisy
-    assert ceiling.best_f1(np.array([True, False, True]), 2) == pytest.approx(0.8)  # 2 of 3
+    # the click itself counts as found (as bench accuracy counts it): F1 >= 2 / (1 + copies)
+    scene = simulate(SimulationConfig(shape=(40, 112, 112), seed=0, snr=0.05, preset="crowded"))
+    copies = {k: len(scene.points(k)) for k in noisy}
+    assert all(noisy[k] >= 2 / (1 + copies[k]) - 1e-9 for k in noisy), (noisy, copies)

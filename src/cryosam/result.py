@@ -141,3 +141,16 @@ class SegmentationResult:
     @cached_property
     def pick_n_voxels(self) -> np.ndarray:
         return self._picked("n_voxels", np.int64)
+
+
+def negatives_summary(record: dict[str, Any]) -> str:
+    """What a run's negative clicks did, for a status line ("" without negatives): shared by
+    the CLI's summary and napari's widget."""
+    report = record.get("negatives")
+    if not report:
+        return ""
+    empty = report["clicks"] - report["masks"]
+    return (f"; {report['clicks']} negative click(s) removed "
+            f"{sum(report['dropped'].values())} match(es)"
+            + (f" ({empty} gave no mask and exclude nothing: put them on the structure)"
+               if empty else ""))

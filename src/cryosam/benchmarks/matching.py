@@ -68,15 +68,14 @@ def register(app: typer.Typer) -> None:
             radius=radius, seed=seed,
         )
         fv = fv.to(dev)
-        typer.echo(f"FeatureVolume {dims} dim {fv.dim}: built in {time.perf_counter() - t0:.1f} s"
-                   f" ({_stack_bytes(fv) / 2**20:.0f} MiB fp16), {targets} targets, "
-                   f"{distractors} distractors, radius {radius:g}; {2 if turns else 1} query "
-                   f"vector(s); {torch.get_num_threads()} "
-                   f"torch threads, {dev}")
         mask = sphere_coords(centres[0], radius, dims)
         queries = pool_query(fv, [mask])
         if turns:
             queries = turned(queries)
+        typer.echo(f"FeatureVolume {dims} dim {fv.dim}: built in {time.perf_counter() - t0:.1f} s"
+                   f" ({_stack_bytes(fv) / 2**20:.0f} MiB fp16), {targets} targets, "
+                   f"{distractors} distractors, radius {radius:g}; {len(queries)} query "
+                   f"vector(s); {torch.get_num_threads()} torch threads, {dev}")
         nms_radius = nms_radius_from_masks([mask])
         config = MatchingConfig(dilation=dilation, coarse_margin=coarse_margin, grow=grow,
                                 backend=backend, chunk_size=chunk_size)

@@ -428,6 +428,8 @@ def print_summary(result, written: dict[str, Path], out_dir: Path) -> None:  # n
     from rich.markup import escape
     from rich.table import Table
 
+    from cryosam.result import negatives_summary
+
     rec = result.record
     console = Console()
     counts = rec["counts"]
@@ -440,16 +442,11 @@ def print_summary(result, written: dict[str, Path], out_dir: Path) -> None:  # n
     )
     cut = (rec.get("score") or {}).get("cut")
     if cut:
-        negatives = rec.get("negatives")
-        neg = ""
-        if negatives:
-            neg = (f"; {negatives['clicks']} negative click(s) removed "
-                   f"{sum(negatives['dropped'].values())} match(es)")
         below = rec["score"]["below_cut"]
         where = " (picks_below_cut.csv)" if below else ""
         console.print(f"score cut {cut['threshold']:.4g} ({cut['method']}): "
                       f"{rec['score']['above_cut']} match(es) written, {below} below it"
-                      f"{where}{neg}")
+                      f"{where}{negatives_summary(rec)}")
     table = Table(show_header=True, header_style="bold", box=None)
     table.add_column("stage")
     table.add_column("seconds", justify="right")

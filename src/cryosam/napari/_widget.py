@@ -51,7 +51,7 @@ from cryosam.napari._results import (
     tomogram_from_array,
 )
 from cryosam.napari._triton import guard_triton
-from cryosam.result import SegmentationResult
+from cryosam.result import SegmentationResult, negatives_summary
 
 LABELS_NAME = "cryosam instances"
 PICKS_NAME = "cryosam picks"
@@ -415,16 +415,8 @@ class CryosamWidget(QWidget):
             self._apply_filter()
         n = len(result.instances)
         clicked = sum(i.is_prompt for i in result.instances)
-        negatives = result.record.get("negatives")
-        neg = ""
-        if negatives:
-            empty = negatives["clicks"] - negatives["masks"]
-            neg = (f"; {negatives['clicks']} negative click(s) removed "
-                   f"{sum(negatives['dropped'].values())} match(es)"
-                   + (f" ({empty} gave no mask and exclude nothing: put them on the structure)"
-                      if empty else ""))
         self.status.setText(f"{n} found: {clicked} clicked + {n - clicked} similar, "
-                            f"{seconds:.1f} s{neg}")
+                            f"{seconds:.1f} s{negatives_summary(result.record)}")
         note = background_note(result)
         if note is not None:
             show_info(note)

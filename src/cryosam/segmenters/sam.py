@@ -423,9 +423,9 @@ class SamSegmenter(SliceSegmenterBase):
         arg = flat.flatten(1).argmax(1)
         best_rc = torch.stack([arg // w, arg % w], dim=1).float()
         masks_np = chosen.cpu().numpy()
-        conf_np = np.asarray(conf.cpu().numpy(), np.float32)  # no second copy when fp32
+        conf_np = conf.float().cpu().numpy()
         rc_np = best_rc.cpu().numpy()
-        low_np = np.asarray(low[ar, best].float().cpu().numpy(), np.float32)
+        low_np = low[ar, best].float().cpu().numpy()
         rejected_np = none_left.cpu().numpy()
         for j, (bi, k) in enumerate(items):
             res = results[bi]

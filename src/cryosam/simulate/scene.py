@@ -363,16 +363,23 @@ def _membrane_clicks(membranes: list[Membrane], mask: np.ndarray, n: int,
     return arr[mask[idx[:, 0], idx[:, 1], idx[:, 2]]]
 
 
+def crowded_scene(cfg: SimulationConfig) -> tuple[np.random.Generator, tuple]:
+    """The crowded preset's scene before imaging: the seed's generator (imaging goes on
+    drawing from it) and :func:`place_crowded`'s (density, labels, membrane mask,
+    membranes, placed particles)."""
+    rng = np.random.default_rng(cfg.seed)
+    per = cfg.per_kind
+    if per is None:  # 12 of each kind in 64x160x160, scaled with the volume
+        per = max(1, round(12 * float(np.prod(cfg.shape)) / float(np.prod(_DEFAULT_SHAPE))))
+    return rng, place_crowded(cfg.shape, dict.fromkeys(CROWDED_KINDS, int(per)), cfg.membrane,
+                              rng)
+
+
 def _simulate_crowded(cfg: SimulationConfig) -> Simulation:
     """The crowded preset (see :mod:`cryosam.simulate.crowded`); ``target_kind`` is the
     ribosome-like kind and the truth holds every kind."""
-    rng = np.random.default_rng(cfg.seed)
     shape = cfg.shape
-    per = cfg.per_kind
-    if per is None:  # 12 of each kind in 64x160x160, scaled with the volume
-        per = max(1, round(12 * float(np.prod(shape)) / float(np.prod(_DEFAULT_SHAPE))))
-    density, labels, membrane, membranes, placed = place_crowded(
-        shape, dict.fromkeys(CROWDED_KINDS, int(per)), cfg.membrane, rng)
+    rng, (density, labels, membrane, membranes, placed) = crowded_scene(cfg)
     particles = []
     for pid, (kind, _shp, _centre, sl, m) in enumerate(placed, start=1):
         idx = np.argwhere(m)
