@@ -278,3 +278,30 @@ def test_the_crowded_ceiling_script_ranks_by_the_matched_filter() -> None:
     scene = simulate(SimulationConfig(shape=(40, 112, 112), seed=0, snr=0.05, preset="crowded"))
     copies = {k: len(scene.points(k)) for k in noisy}
     assert all(noisy[k] >= 2 / (1 + copies[k]) - 1e-9 for k in noisy), (noisy, copies)
+
+
+def test_the_losses_script_ranks_true_centres_by_each_part() -> None:
+    """docs/benchmarks/losses.py (where one click loses on the crowded preset): the score's
+    density description at the true centres ranks a clean scene's copies well and a very
+    noisy one's far worse; the features' ranking is a best F1 like any other. A wrong
+    centre, reach or reference breaks the first."""
+    import importlib.util
+    import tempfile
+
+    script = Path(__file__).resolve().parents[1] / "docs" / "benchmarks" / "losses.py"
+    spec = importlib.util.spec_from_file_location("losses", script)
+    losses = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(losses)
+    model = losses.weight_free_model()
+    with tempfile.TemporaryDirectory() as cache:
+        clean = losses.scene_losses(model, 0, 1000.0, (40, 112, 112), cache, pipeline=False)
+    with tempfile.TemporaryDirectory() as cache:
+        noisy = losses.scene_losses(model, 0, 0.05, (40, 112, 112), cache, pipeline=False)
+    assert len(clean["density"]) >= 6 and set(clean["features"]) == set(clean["density"])
+    assert not clean["pipeline"] and not clean["found"]  # not asked for
+    assert np.mean(list(clean["density"].values())) >= 0.7, clean["density"]
+    assert (np.mean(list(noisy["density"].values()))
+            < np.mean(list(clean["density"].values())) - 0.15), noisy["density"]
+    scene = simulate(SimulationConfig(shape=(40, 112, 112), seed=0, preset="crowded"))
+    for kind, f1 in clean["features"].items():  # the click counts as found
+        assert 2 / (1 + len(scene.points(kind))) - 1e-9 <= f1 <= 1.0, (kind, f1)
