@@ -297,3 +297,31 @@ def test_points_in_another_pixel_size_are_scaled(small_sim, tmp_path: Path, run_
     code, _, err = run_cli("segment", files["tomo.mrc"], "--points", clicks, "--out",
                            tmp_path / "both", "--points-bin", "2", "--points-pixel-size", "20")
     assert code == 2 and "give one" in err
+
+
+def test_segment_reads_its_own_rows_of_a_multi_tomogram_star(small_sim, tmp_path: Path,
+                                                             run_cli) -> None:
+    """`cryosam segment TS_02.mrc --points all.star` takes TS_02's rows of a file that also
+    holds TS_01's (README: --tomo-name defaults to the file stem), as `cryosam batch` does."""
+    import pandas as pd
+    import starfile
+
+    sim, files = small_sim
+    tomo = tmp_path / "TS_02.mrc"
+    tomo.symlink_to(files["tomo.mrc"])
+    mine = io.read_points(files["prompts5.csv"]).zyx[:2]
+    rows = {"rlnTomoName": ["TS_01"] * 3 + ["TS_02"] * 2,
+            "rlnCoordinateX": [500.0] * 3 + list(mine[:, 2]),  # TS_01's: outside this one
+            "rlnCoordinateY": [1.0] * 3 + list(mine[:, 1]),
+            "rlnCoordinateZ": [1.0] * 3 + list(mine[:, 0])}
+    star = tmp_path / "all.star"
+    starfile.write({"particles": pd.DataFrame(rows)}, star)
+    out = tmp_path / "out"
+    code, stdout, err = run_cli("segment", tomo, "--points", star, "--no-match",
+                                "--segmenter", "threshold", "--out", out, "--device", "cpu")
+    assert code == 0, err
+    assert len(io.read_points(out / "picks.csv")) == 2 and "2 click(s)" in stdout
+    code, _, err = run_cli("segment", tomo, "--points", star, "--tomo-name", "TS_01",
+                           "--no-match", "--segmenter", "threshold", "--out",
+                           tmp_path / "out1", "--device", "cpu")
+    assert code == 2 and "outside" in err  # the name given wins: TS_01's rows, refused

@@ -410,6 +410,39 @@ def test_star_pixel_coordinates_and_tomogram_choice(tmp_path):
     assert star_tomo_names(path) == ["TS_1", "TS_2"]
     with pytest.raises(InputError, match=r"row 3 of data_particles: point .* outside"):
         read_points(path, tomo_name="TS_2", shape=(9, 10, 10))
+    # without --tomo-name, the tomogram's own file name picks its rows ...
+    np.testing.assert_array_equal(read_points(path, own_tomo_name="TS_2").zyx, [[9, 6, 3]])
+    np.testing.assert_array_equal(read_points(path, own_tomo_name="TS_1.mrc").zyx,
+                                  [[7, 4, 1], [8, 5, 2]])
+    # ... but never overrides a name the user gave
+    np.testing.assert_array_equal(read_points(path, tomo_name="TS_2", own_tomo_name="TS_1").zyx,
+                                  [[9, 6, 3]])
+    with pytest.raises(InputError, match=r"2 tomograms .*none of them this tomogram \(TS_3\)"):
+        read_points(path, own_tomo_name="TS_3")
+
+
+def test_points_of_another_tomogram_are_used_with_a_warning_and_csv_names_select(tmp_path):
+    """A file whose only tomogram is not this one is used, with a warning naming both; a
+    combined CSV's tomo_name column selects rows like a STAR file's rlnTomoName."""
+    import pandas as pd
+
+    df = pd.DataFrame({"rlnTomoName": ["TS_04"], "rlnCoordinateX": [1.0],
+                       "rlnCoordinateY": [2.0], "rlnCoordinateZ": [3.0]})
+    path = _star(tmp_path / "p.star", {"particles": df})
+    with pytest.warns(CryosamWarning, match="for tomogram 'TS_04', not 'TS_03'.*--tomo-name TS_04"):
+        np.testing.assert_array_equal(read_points(path, own_tomo_name="TS_03").zyx, [[3, 2, 1]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # its own name, or the name given: no warning
+        read_points(path, own_tomo_name="TS_04")
+        read_points(path, tomo_name="TS_04", own_tomo_name="TS_03")
+    csv = tmp_path / "all.csv"
+    csv.write_text("x,y,z,tomo_name\n1,2,3,TS_01\n4,5,6,TS_02\n7,8,9,TS_01\n")
+    got = read_points(csv, own_tomo_name="TS_01")
+    np.testing.assert_array_equal(got.zyx, [[3, 2, 1], [9, 8, 7]])
+    assert list(got.columns["tomo_name"]) == ["TS_01", "TS_01"]
+    np.testing.assert_array_equal(read_points(csv, tomo_name="TS_02").zyx, [[6, 5, 4]])
+    with pytest.raises(InputError, match=r"all.csv: holds points for 2 tomograms"):
+        read_points(csv)
 
 
 def test_star_pixel_size_scaling_warns(tmp_path):

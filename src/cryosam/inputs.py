@@ -77,10 +77,11 @@ def load_inputs(tomogram: TomogramLike, points: PointsLike, *, voxel_size: float
             raise InputError("--points-bin needs the tomogram's voxel size; the header has "
                              "none, so pass --voxel-size")
         points_pixel_size = float(points_bin) * tomo.mean_voxel_size
+    own = tomo_stem(tomo.path) if tomo.path else None  # picks its rows of a multi-tomogram file
     if isinstance(points, str | os.PathLike):
         ps = io.read_points(points, shape=tomo.shape, voxel_size=tomo.voxel_size,
                             unit=points_unit, tomo_name=tomo_name,
-                            pixel_size=points_pixel_size)
+                            pixel_size=points_pixel_size, own_tomo_name=own)
         prompts, source = np.asarray(ps.zyx, dtype=float).reshape(-1, 3), Path(points)
         flagged = io.negative_rows(ps)
         negatives = prompts[flagged]
@@ -98,7 +99,7 @@ def load_inputs(tomogram: TomogramLike, points: PointsLike, *, voxel_size: float
         if isinstance(negative_points, str | os.PathLike):
             ns = io.read_points(negative_points, shape=tomo.shape, voxel_size=tomo.voxel_size,
                                 unit=points_unit, tomo_name=tomo_name,
-                                pixel_size=points_pixel_size)
+                                pixel_size=points_pixel_size, own_tomo_name=own)
             more, neg_source = np.asarray(ns.zyx, float), Path(negative_points)
         else:
             more = np.asarray(negative_points, dtype=float)

@@ -21,6 +21,7 @@ import numpy as np
 from cryosam._atomic import atomic_write_text
 from cryosam.errors import InputError
 from cryosam.io._common import ParsedPoints, as_column, as_voxel_size, as_zyx, warn
+from cryosam.io.names import CSV_NAME_COLUMNS, select_tomogram
 from cryosam.io.star import read_star_points
 from cryosam.utils import outside_volume
 
@@ -114,6 +115,7 @@ def read_points(
     check_bounds: bool = True,
     star_pixel_size: float | None = None,
     pixel_size: float | None = None,
+    own_tomo_name: str | None = None,
 ) -> PointSet:
     """Read points (prompts or picks) from CSV or STAR as (z, y, x) voxels.
 
@@ -125,12 +127,14 @@ def read_points(
 
     STAR: ``rlnCoordinateX/Y/Z`` (pixels) or RELION-5 ``rlnCenteredCoordinateX/Y/ZAngst``
     (needs ``shape`` and ``voxel_size``: voxel = centered Å / voxel size + size / 2, RELION's
-    own decentring). Several tomograms in one file need ``tomo_name``. When the STAR states the
-    pixel size of its coordinates (``rlnTomoTiltSeriesPixelSize`` or ``rlnMicrographPixelSize``
-    in the optics block, ``rlnPixelSize``, or ``rlnDetectorPixelSize``/``rlnMagnification``)
-    and it differs from ``voxel_size``, the coordinates are scaled to this tomogram's voxels
-    with a warning; ``star_pixel_size`` overrides the stated size. Origin shifts
-    (``rlnOriginX/Y/Z[Angst]``) are not applied.
+    own decentring). A tomogram-name column (STAR ``rlnTomoName``/``rlnMicrographName``, CSV
+    ``tomo_name``, ``tomogram``, ...) selects the rows of ``tomo_name``, else of
+    ``own_tomo_name`` (the tomogram's file stem; see :mod:`cryosam.io.names`). When the STAR
+    states the pixel size of its coordinates (``rlnTomoTiltSeriesPixelSize`` or
+    ``rlnMicrographPixelSize`` in the optics block, ``rlnPixelSize``, or
+    ``rlnDetectorPixelSize``/``rlnMagnification``) and it differs from ``voxel_size``, the
+    coordinates are scaled to this tomogram's voxels with a warning; ``star_pixel_size``
+    overrides the stated size. Origin shifts (``rlnOriginX/Y/Z[Angst]``) are not applied.
 
     ``unit="angstrom"`` divides CSV coordinates by ``voxel_size`` (Å from voxel 0; the header
     origin is not subtracted). ``pixel_size`` (Å) says the coordinates are pixels of that size
@@ -162,9 +166,14 @@ def read_points(
         if unit != "voxel":
             warn(f"{p}: --points-unit is ignored for STAR files (their columns state units)")
         zyx, columns, labels = read_star_points(p, shape, vs, tomo_name,
-                                                star_pixel_size or pixel_size)
+                                                star_pixel_size or pixel_size, own_tomo_name)
     else:
         zyx, columns, labels = _read_csv_points(p, text, unit, vs)
+        column = next((c for c in CSV_NAME_COLUMNS if c in columns), None)
+        if column is not None:
+            keep = select_tomogram(p, list(columns[column]), tomo_name, own_tomo_name)
+            zyx, labels = zyx[keep], [lb for lb, k in zip(labels, keep, strict=True) if k]
+            columns = {k: np.asarray(v)[keep] for k, v in columns.items()}
         if pixel_size is not None:
             if vs is None:
                 raise InputError(f"{p}: --points-pixel-size needs the tomogram's voxel size; "

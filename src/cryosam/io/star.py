@@ -35,6 +35,7 @@ from cryosam.io._common import (
     third_party_quiet,
     warn,
 )
+from cryosam.io.names import select_tomogram
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -112,42 +113,6 @@ def star_tomo_names(path: str | os.PathLike[str]) -> list[str]:
     if column is None:
         return []
     return list(dict.fromkeys(str(v) for v in df[column]))
-
-
-def _name_key(name: str) -> str:
-    """A tomogram name without folders, ``:suffix`` and extensions (``a/TS_1.tomostar``)."""
-    base = name.strip().replace("\\", "/").rsplit("/", 1)[-1]
-    base = base.split(":", 1)[0]
-    return base.split(".", 1)[0]
-
-
-def _shown(names: list[str]) -> str:
-    return ", ".join(names[:10]) + (", ..." if len(names) > 10 else "")
-
-
-def _select_tomogram(path: Path, df: pd.DataFrame, tomo_name: str | None) -> pd.DataFrame:
-    """The rows of ``tomo_name`` (exact name, else same name key); one tomogram needs none."""
-    column = _name_column(df)
-    if column is None:
-        return df
-    values = df[column].astype(str)
-    names = list(dict.fromkeys(values))
-    if tomo_name is None:
-        if len(names) > 1:
-            raise InputError(
-                f"{path}: holds points for {len(names)} tomograms ({_shown(names)}); choose one "
-                "with --tomo-name"
-            )
-        return df
-    mask = values == tomo_name
-    if not mask.any():
-        mask = values.map(_name_key) == _name_key(tomo_name)
-    if not mask.any():
-        raise InputError(
-            f"{path}: no points for tomogram {tomo_name!r}; it holds {_shown(names)}: pass one "
-            "of these with --tomo-name"
-        )
-    return df[mask.to_numpy()]
 
 
 def _star_pixel_sizes(df: pd.DataFrame, optics: object | None) -> tuple[np.ndarray | None, str]:
@@ -270,11 +235,13 @@ def read_star_points(
     vs: np.ndarray | None,
     tomo_name: str | None,
     star_pixel_size: float | None,
+    own_name: str | None = None,
 ) -> ParsedPoints:
     """(z, y, x) voxels, extra columns and row labels of one tomogram's points in a STAR file.
 
     The engine of :func:`cryosam.io.read_points` for STAR files (which documents the rules);
-    ``vs`` is the tomogram's voxel size (z, y, x) or None.
+    ``vs`` is the tomogram's voxel size (z, y, x) or None; ``own_name`` the tomogram's file
+    stem, which picks its rows when ``tomo_name`` is not given (:mod:`cryosam.io.names`).
     """
     blocks = _read_star_blocks(path)
     block, df, optics = _particles_block(path, blocks)
@@ -282,7 +249,9 @@ def read_star_points(
         raise InputError(f"{path}: data_{block} has no rows (no points); give a file with points")
     df = df.reset_index(drop=True)
     rows_all = [f"row {i + 1} of data_{block}" for i in range(len(df))]
-    index = _select_tomogram(path, df, tomo_name).index.to_numpy()
+    column = _name_column(df)
+    index = (np.arange(len(df)) if column is None else np.flatnonzero(
+        select_tomogram(path, df[column].tolist(), tomo_name, own_name)))
     df = df.loc[index].reset_index(drop=True)
     rows = [rows_all[i] for i in index]
 

@@ -1,0 +1,71 @@
+"""Which rows of a points file belong to this tomogram, by the tomogram-name column.
+
+RELION and Warp STAR files (``rlnTomoName``, ``rlnMicrographName``) and combined CSV files
+(``tomo_name``, ``tomogram``, ...) often hold the points of many tomograms. A name the user
+gives (``--tomo-name``) must be in the file; without one, the tomogram's own file name picks
+its rows, so ``cryosam segment TS_01.mrc --points all.star`` reads TS_01's points only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from cryosam.errors import InputError
+from cryosam.io._common import warn
+
+# lower-case CSV headers that name the tomogram a row belongs to, in order of preference
+CSV_NAME_COLUMNS = ("rlntomoname", "rlnmicrographname", "tomo_name", "tomogram", "tomo")
+
+
+def name_key(name: str) -> str:
+    """A tomogram name without folders, ``:suffix`` and extensions (``a/TS_1.tomostar`` →
+    ``TS_1``): how a STAR row and a file name are matched when they are not spelled alike."""
+    base = name.strip().replace("\\", "/").rsplit("/", 1)[-1]
+    base = base.split(":", 1)[0]
+    return base.split(".", 1)[0]
+
+
+def shown(names: Sequence[str]) -> str:
+    """At most ten names, comma-separated, for a message."""
+    return ", ".join(names[:10]) + (", ..." if len(names) > 10 else "")
+
+
+def _matching(values: np.ndarray, name: str) -> np.ndarray:
+    mask = values == name
+    if not mask.any():
+        mask = np.array([name_key(v) == name_key(name) for v in values], dtype=bool)
+    return mask
+
+
+def select_tomogram(path: Path, values: Sequence[object], tomo_name: str | None,
+                    own_name: str | None = None) -> np.ndarray:
+    """A boolean mask of the rows whose tomogram name (``values``) is this tomogram's.
+
+    ``tomo_name`` (the user's ``--tomo-name``) must match (exactly, else by :func:`name_key`).
+    Without it, ``own_name`` (the tomogram's file stem) selects its rows when the file has
+    any; a file of one other tomogram is used with a warning; a file of several, none of them
+    this one, is refused with the names it holds."""
+    vals = np.array([str(v) for v in values], dtype=object)
+    names = list(dict.fromkeys(vals))
+    if tomo_name is not None:
+        mask = _matching(vals, tomo_name)
+        if not mask.any():
+            raise InputError(f"{path}: no points for tomogram {tomo_name!r}; it holds "
+                             f"{shown(names)}: pass one of these with --tomo-name")
+        return mask
+    if own_name is not None:
+        mask = _matching(vals, own_name)
+        if mask.any():
+            return mask
+    if len(names) > 1:
+        mine = f", none of them this tomogram ({own_name})" if own_name else ""
+        raise InputError(f"{path}: holds points for {len(names)} tomograms ({shown(names)})"
+                         f"{mine}; choose one with --tomo-name")
+    if own_name is not None and names:
+        warn(f"{path}: its points are for tomogram {names[0]!r}, not {own_name!r} (this "
+             f"tomogram's file name); using them: pass --tomo-name {names[0]} to say so, "
+             "or check that they belong to this tomogram")
+    return np.ones(len(vals), dtype=bool)
