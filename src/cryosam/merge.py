@@ -57,8 +57,11 @@ def merge_instances(
 
     An instance that overlaps an already painted one by ≥ ``merge_iou`` of its own voxels is
     merged into it (union), a clicked one included (two clicks on one particle make one
-    instance); otherwise it only takes the voxels still free. Each surviving instance's mask
-    is then exactly its voxels in the label volume, so picks, their voxel counts and
+    instance), and so is one that overlaps several and has no voxel free. A match whose free
+    voxels are centred inside a painted instance is dropped: a leaky mask around a particle
+    found already, whose shell would be picked at that particle's centre a second time.
+    Otherwise it only takes the voxels still free. Each surviving instance's mask is then
+    exactly its voxels in the label volume, so picks, their voxel counts and
     ``instances.mrc`` agree. Returns the instances in label order (ids 1..N) and the labels.
     """
     n = len(instances)
@@ -78,18 +81,29 @@ def merge_instances(
         region = labels[z0:z0 + dz, y0:y0 + dy, x0:x0 + dx]
         under = region[inst.mask.mask]
         taken = under[under > 0]
+        free = inst.mask.mask & (region == 0)
         if len(taken):
             ids, counts = np.unique(taken, return_counts=True)
-            best = int(np.argmax(counts))
-            if counts[best] >= merge_iou * inst.n_voxels:
-                owner = int(ids[best])
-                region[inst.mask.mask & (region == 0)] = owner
+            owner = int(ids[int(np.argmax(counts))])
+            if counts.max() < merge_iou * inst.n_voxels and free.any():
+                if not inst.is_prompt and _centred_in(region, free):  # a shell around one
+                    continue  # leakage, not a particle: dropped, its voxels stay free
+                owner = 0
+            if owner:
+                region[free] = owner
                 host = kept[owner - 1]
                 kept[owner - 1] = dataclasses.replace(host, mask=host.mask.union(inst.mask))
                 continue
         kept.append(inst)
-        region[inst.mask.mask & (region == 0)] = len(kept)
+        region[free] = len(kept)
     return [_painted(inst, labels, k + 1) for k, inst in enumerate(kept)], labels
+
+
+def _centred_in(region: np.ndarray, free: np.ndarray) -> int:
+    """The label under the centroid of the (non-empty) ``free`` voxels of a crop of the
+    label volume: 0 when that voxel is free too."""
+    centre = tuple(np.rint(np.argwhere(free).mean(axis=0)).astype(int))
+    return int(region[centre])
 
 
 def _painted(inst: Instance, labels: np.ndarray, label: int) -> Instance:
