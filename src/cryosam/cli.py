@@ -35,7 +35,7 @@ def _root(
 ) -> None:
     """Options shared by every command."""
     global _DEBUG
-    _DEBUG = debug
+    _DEBUG = _DEBUG or debug  # main() has seen a --debug after the command already
     from cryosam import progress
 
     progress.set_quiet(quiet)
