@@ -51,11 +51,14 @@ def test_tiny_dinov2_and_sam_run_end_to_end(target: str, tiny_dinov2_model,
     picks = {"picks.csv", "picks.star", "picks_napari.csv", "picks_relion5.star",
              "picks_warp.star"}
     expected = set(OUTPUT_FILES) - {"picks_relion4.star"}  # needs a tilt-series pixel size
-    expected -= {"picks_below_cut.csv"}  # --min-score 0: nothing is below the cut
     if target != "particle":
-        expected -= picks
+        expected -= picks | {"picks_below_cut.csv"}
+    else:  # --min-score 0: nothing is below the cut, and the file says so (a header only)
+        below = (out / "picks_below_cut.csv")
     assert set(written) == expected
     assert sorted(p.name for p in out.iterdir()) == sorted(expected)
+    if target == "particle":
+        assert below.read_text().count("\n") == 1 and below.read_text().startswith("x,y,z")
     assert json.loads((out / "run.json").read_text())["parameters"]["propagation"]["target"] \
         == target
     assert np.isfinite(result.instance_scores).all()

@@ -157,7 +157,7 @@ def _write_all(
         written["picks_napari.csv"] = folder / "picks_napari.csv"
         io.write_napari_csv(written["picks_napari.csv"], result.picks_zyx,
                             {"score": result.pick_scores, "instance_id": result.pick_instance_ids})
-        if result.below_cut:
+        if result.target == "particle":  # header only when none is below: scripts can rely on it
             below = result.below_cut
             written["picks_below_cut.csv"] = folder / "picks_below_cut.csv"
             io.write_picks_csv(written["picks_below_cut.csv"], result.below_cut_zyx,
