@@ -260,6 +260,7 @@ def test_clicks_on_background_exit_2_with_a_reason(tmp_path: Path, run_cli) -> N
     assert code == 2 and "Traceback" not in err
     (line,) = _error_lines(err)
     assert "no particle found at any click" in line and "background" in line
+    assert line.startswith(f"error: {clicks}: ")  # names the clicks file
     assert not out.exists()
 
 
@@ -346,3 +347,18 @@ def test_debug_shows_the_traceback_before_or_after_the_command(where: str, small
         run_cli(*args)
     code, _, err = run_cli(*[a for a in args if a != "--debug"])
     assert code == 2 and err.count("\n") == 1 and "names no x,y,z" in err
+
+
+@pytest.mark.parametrize(("args", "words"), [
+    (["segment", "T", "--min-score", "1.5"], "'--min-score'"),
+    (["segment", "T", "--threads", "0"], "'--threads'"),
+    (["segment", "T", "--no-such-option"], "--no-such-option"),
+    (["segmnt"], "segment"),
+])
+def test_usage_errors_are_one_line_exit_2(args: list[str], words: str, run_cli) -> None:
+    """A value out of range, an unknown option or command: one line naming it and where
+    the help is, exit 2 (like every other bad input), not click's usage block."""
+    code, out, err = run_cli(*args)
+    assert code == 2 and not out.strip()
+    (line,) = err.strip().splitlines()
+    assert line.startswith("error: ") and words in line and "--help" in line

@@ -453,7 +453,7 @@ def test_star_pixel_size_scaling_warns(tmp_path):
          "rlnPixelSize": [2.5]}
     )
     path = _star(tmp_path / "p.star", {"": df})
-    with pytest.warns(CryosamWarning, match="scaled by 0.25"):
+    with pytest.warns(CryosamWarning, match="scaled by 0.25.*pass --points-pixel-size"):
         points = read_points(path, voxel_size=10.0)
     np.testing.assert_allclose(points.zyx, [[10, 200, 100]])
     np.testing.assert_allclose(read_points(path).zyx, [[40, 800, 400]])  # no voxel size: as is
@@ -593,3 +593,12 @@ def test_whitespace_and_imod_point_files(tmp_path, text, xyz, extra):
     np.testing.assert_allclose(points.xyz, xyz)
     for name, values in extra.items():
         np.testing.assert_array_equal(points.columns[name], values)
+
+
+def test_points_outside_name_the_binning_options(tmp_path):
+    """Clicks made on a differently binned copy land outside: the message names the options
+    that scale them."""
+    path = tmp_path / "c.csv"
+    path.write_text("x,y,z\n400,20,10\n")
+    with pytest.raises(InputError, match=r"outside .*--points-pixel-size / --points-bin"):
+        read_points(path, shape=(20, 50, 50))

@@ -115,7 +115,13 @@ def main(argv: list[str] | None = None) -> int:
         return 143
     except Exception as exc:  # usage errors from click (or typer's own copy of it)
         if callable(getattr(exc, "show", None)) and hasattr(exc, "exit_code"):
-            exc.show()
+            if type(exc).__name__ == "NoArgsIsHelpError" or not callable(
+                    getattr(exc, "format_message", None)):
+                exc.show()  # a bare command prints its help
+            else:  # one line, like every other bad input
+                ctx = getattr(exc, "ctx", None)
+                see = f" (see {ctx.command_path} --help)" if ctx is not None else ""
+                typer.echo(f"error: {exc.format_message()}{see}", err=True)
             return int(exc.exit_code or 2)
         raise
     if isinstance(code, int) and code:  # typer turns Ctrl-C into a returned 130

@@ -235,7 +235,8 @@ class CryoSAM:
                 segmenter_dark=self._wants_dark("segmenter"))
             del volume  # the work volumes are all that is needed from here
         with timer("segment_prompts"):
-            clicks = stages.segment_clicks(work, self.segmenter, _prop_cfg(cfg, work.factor), found)
+            clicks = stages.segment_clicks(work, self.segmenter, _prop_cfg(cfg, work.factor), found,
+                                           inputs.points_source)
         return inputs, found, work, clicks
 
     def _segment_query(self, tomogram: stages.TomogramLike, saved: SavedQuery, *,

@@ -15,6 +15,7 @@ import dataclasses
 import os
 import warnings
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -69,9 +70,10 @@ class Clicks:
 
 
 def segment_clicks(work: Work, segmenter: Segmenter, cfg: PropagationConfig,
-                   found: ClickProbe | None = None) -> Clicks:
+                   found: ClickProbe | None = None, source: Path | None = None) -> Clicks:
     """3-D masks of the clicked particles; clicks with an empty mask are kept and warned of,
-    and when every click comes out empty the run stops with one line saying why."""
+    and when every click comes out empty the run stops with one line saying why (naming the
+    clicks file ``source``)."""
     # clicks on the same voxel are one click (the first row speaks for them)
     _, first = np.unique(np.rint(work.prompts).astype(np.int64), axis=0, return_index=True)
     rows = np.sort(first)
@@ -83,7 +85,8 @@ def segment_clicks(work: Work, segmenter: Segmenter, cfg: PropagationConfig,
                                             strict=True)]
     empty = [i.click_row for i in instances if i.n_voxels == 0]
     if instances and len(empty) == len(instances):
-        raise InputError(nothing_found_message(found))
+        message = nothing_found_message(found)
+        raise InputError(f"{source}: {message}" if source is not None else message)
     if empty:
         listed = ", ".join(str(r) for r in empty[:10]) + (", ..." if len(empty) > 10 else "")
         warnings.warn(

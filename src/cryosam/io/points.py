@@ -201,7 +201,8 @@ def _check_bounds(path: Path, zyx: np.ndarray, shape: Sequence[int], labels: lis
         raise InputError(
             f"{path}: {labels[i]}: point x,y,z = {x:.6g},{y:.6g},{z:.6g} voxels lies outside "
             f"the tomogram (x,y,z size {w}×{h}×{d}){extra}; check the columns are x,y,z in "
-            "voxels of this tomogram (or use --points-unit angstrom / --voxel-size)"
+            "voxels of this tomogram (or use --points-unit angstrom / --voxel-size, or "
+            "--points-pixel-size / --points-bin for clicks made on a differently binned copy)"
         )
 
 

@@ -187,7 +187,7 @@ def _pixel_coordinates(
     zyx = _star_numeric(path, df, _STAR_PIXEL[::-1], rows)
     sizes, source = _star_pixel_sizes(df, optics)
     if star_pixel_size is not None:
-        sizes, source = np.full(len(df), float(star_pixel_size)), "star_pixel_size"
+        sizes, source = np.full(len(df), float(star_pixel_size)), "--points-pixel-size"
     if sizes is not None and vs is not None:
         factor = sizes[:, None] / vs[None, :]
         if np.any(np.abs(factor - 1.0) > 1e-3):
@@ -196,8 +196,8 @@ def _pixel_coordinates(
                 f"{path}: coordinates are in {', '.join(f'{s:g}' for s in shown)} Å pixels "
                 f"({source}) and the tomogram has {', '.join(f'{v:g}' for v in vs)} Å "
                 f"voxels (z,y,x): scaled by {np.unique(np.round(factor, 4))[0]:g} to "
-                "this tomogram's voxels; if they already are, state the pixel size "
-                "(star_pixel_size) or remove it from the file"
+                "this tomogram's voxels; if they already are, pass --points-pixel-size "
+                "with the voxel size, or remove the pixel size from the file"
             )
             zyx = zyx * factor
     return zyx
@@ -278,7 +278,7 @@ def read_star_points(
             raise InputError(
                 f"{path}: RELION-5 centered coordinates (rlnCenteredCoordinateX/Y/ZAngst) need "
                 "the tomogram's size and voxel size; give the tomogram (and --voxel-size if its "
-                "header has none)"
+                "header has none), or to cryosam evaluate --shape z,y,x and --voxel-size"
             )
         zyx = _centered_to_voxels(path, df, shape, vs, rows)
 
