@@ -185,7 +185,8 @@ def test_widget_negative_clicks_drop_what_they_name(make_napari_viewer, qtbot, s
     report = second.record["negatives"]
     assert report["clicks"] == report["masks"] == 1, widget.status.text()
     assert sum(report["dropped"].values()) >= 1
-    assert f"removed {sum(report['dropped'].values())} match(es)" in widget.status.text()
+    assert f"dropped {sum(report['dropped'].values())} candidate match(es)" \
+        in widget.status.text()
     assert len(second.picks_zyx) < len(first.picks_zyx)
     assert on_targets(second.picks_zyx) == on_targets(first.picks_zyx) >= 2
 

@@ -337,7 +337,7 @@ def test_negatives_summary_says_what_they_did() -> None:
     rec = {"negatives": {"clicks": 2, "masks": 1,
                          "dropped": {"inside": 1, "similarity": 2, "agreement": 0}}}
     line = negatives_summary(rec)
-    assert "2 negative click(s) removed 3 match(es)" in line and "1 gave no mask" in line
+    assert "2 negative click(s) dropped 3 candidate match(es)" in line and "1 gave no mask" in line
     rec["negatives"]["masks"] = 2
     assert "no mask" not in negatives_summary(rec)
 

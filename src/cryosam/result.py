@@ -150,7 +150,8 @@ def negatives_summary(record: dict[str, Any]) -> str:
     if not report:
         return ""
     empty = report["clicks"] - report["masks"]
-    return (f"; {report['clicks']} negative click(s) removed "
-            f"{sum(report['dropped'].values())} match(es)"
+    return (f"; {report['clicks']} negative click(s) dropped "
+            f"{sum(report['dropped'].values())} candidate match(es) (not all would have "
+            "been picks)"
             + (f" ({empty} gave no mask and exclude nothing: put them on the structure)"
                if empty else ""))

@@ -438,7 +438,7 @@ def print_summary(result, written: dict[str, Path], out_dir: Path) -> None:  # n
     console.print(
         f"[bold]cryosam[/bold]: {counts['prompts']} click(s) → "
         f"{counts['proposals']} proposal(s) → {counts['instances']} instance(s), "
-        f"{counts['picks']} pick(s)  " + escape(f"[{models}]")
+        f"{counts['picks']} pick(s), clicks included  " + escape(f"[{models}]")
     )
     cut = (rec.get("score") or {}).get("cut")
     if cut:
