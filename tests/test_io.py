@@ -75,6 +75,22 @@ def test_write_mrc_round_trip_keeps_geometry_and_validates(tmp_path):
     assert list(tmp_path.joinpath("out").iterdir()) == [path]
 
 
+def test_first_voxel_index_is_read_and_written_like_the_origin(tmp_path):
+    """nxstart/nystart/nzstart (where the volume's first voxel sits in the header's grid)
+    come in as ``start`` (z, y, x) and go out again."""
+    path = _new_mrc(tmp_path / "sub.mrc", _volume(), voxel_size=10.0, nxstart=5, nystart=-6,
+                    nzstart=7)
+    tomo = _no_cryosam_warnings(read_tomogram, path)
+    assert tomo.start == (7, -6, 5)
+    copy = tmp_path / "copy.mrc"
+    write_mrc(copy, tomo.data, tomo.voxel_size, tomo.origin, tomo.start)
+    with mrcfile.open(copy, header_only=True) as mrc:
+        assert (mrc.header.nxstart, mrc.header.nystart, mrc.header.nzstart) == (5, -6, 7)
+    assert _no_cryosam_warnings(read_tomogram, copy).start == (7, -6, 5)
+    write_mrc(copy, tomo.data)
+    assert _no_cryosam_warnings(read_tomogram, copy, voxel_size=1.0).start == (0, 0, 0)
+
+
 @pytest.mark.parametrize(
     ("data", "expected_mode"),
     [
@@ -149,10 +165,12 @@ def test_non_standard_axis_order_is_transposed(tmp_path):
         mrc.header.mapc, mrc.header.mapr, mrc.header.maps = 3, 1, 2
         mrc.header.mx, mrc.header.my, mrc.header.mz = 6, 5, 4
         mrc.header.cella = (6 * 10.0, 5 * 10.0, 4 * 10.0)
+        mrc.header.nxstart, mrc.header.nystart, mrc.header.nzstart = 3, 2, 1  # z, x, y
     with pytest.warns(CryosamWarning, match="axis order"):
         tomo = read_tomogram(path)
     np.testing.assert_array_equal(tomo.data, vol)
     assert tomo.voxel_size == pytest.approx((10.0, 10.0, 10.0))
+    assert tomo.start == (3, 1, 2)
 
 
 def test_zero_voxel_size_warns_and_override_wins(tmp_path):

@@ -163,3 +163,20 @@ def test_output_folder_is_readable_by_the_group(small_run, tmp_path: Path) -> No
         os.umask(old)
     assert (tmp_path / "o").stat().st_mode & 0o777 == 0o755
     assert written["picks.csv"].stat().st_mode & 0o777 == 0o644
+
+
+def test_mrc_outputs_carry_the_first_voxel_index(small_sim, tmp_path: Path, run_cli) -> None:
+    """nxstart/nystart/nzstart of the tomogram (a sub-volume's place in its parent's grid)
+    go into semantic.mrc and instances.mrc, like the voxel size and the origin."""
+    sim, files = small_sim
+    tomo = tmp_path / "sub.mrc"
+    io.write_mrc(tomo, sim.volume, sim.voxel_size, (30.0, -20.0, 10.0), start=(7, -6, 5))
+    out = tmp_path / "out"
+    code, _, err = run_cli("segment", tomo, "--points", files["prompt.csv"], "--no-match",
+                           "--segmenter", "threshold", "--device", "cpu", "--out", out)
+    assert code == 0, err
+    for name in ("semantic.mrc", "instances.mrc"):
+        with mrcfile.open(out / name, header_only=True) as mrc:
+            h = mrc.header
+            assert (int(h.nxstart), int(h.nystart), int(h.nzstart)) == (5, -6, 7), name
+            assert (float(h.origin.x), float(h.origin.z)) == (10.0, 30.0)

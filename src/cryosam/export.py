@@ -163,9 +163,11 @@ def _write_all(
             io.write_picks_csv(written["picks_below_cut.csv"], result.below_cut_zyx,
                                _pick_columns(below, np.zeros(len(below), dtype=np.int64)))
     written["semantic.mrc"] = folder / "semantic.mrc"
-    io.write_mrc(written["semantic.mrc"], result.semantic, tomo.voxel_size, tomo.origin)
+    io.write_mrc(written["semantic.mrc"], result.semantic, tomo.voxel_size, tomo.origin,
+                 tomo.start)
     written["instances.mrc"] = folder / "instances.mrc"
-    io.write_mrc(written["instances.mrc"], result.labels, tomo.voxel_size, tomo.origin)
+    io.write_mrc(written["instances.mrc"], result.labels, tomo.voxel_size, tomo.origin,
+                 tomo.start)
     if preview:
         written["preview.png"] = folder / "preview.png"
         write_preview(written["preview.png"], result)

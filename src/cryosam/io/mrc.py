@@ -57,6 +57,8 @@ class Tomogram:
     file_dtype: str | None = None  # what the file stores, e.g. "uint8 (mode 0, unsigned)"
     memory_mapped: bool = False
     value_range: tuple[float, float] | None = None  # (min, max) of the data
+    # index of the first voxel along (z, y, x) in the header's grid: (nzstart, nystart, nxstart)
+    start: tuple[int, int, int] = (0, 0, 0)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -351,9 +353,11 @@ def read_tomogram(
     org = header.origin
     origin_zyx = tuple(float(v) if math.isfinite(float(v)) else 0.0
                        for v in (org.z, org.y, org.x))
+    starts = (int(header.nzstart), int(header.nystart), int(header.nxstart))  # as stored
+    start_zyx = starts if perm is None else (starts[perm[0]], starts[perm[1]], starts[perm[2]])
     return Tomogram(data=data, voxel_size=vs, origin=origin_zyx,  # type: ignore[arg-type]
                     path=p, mode=mode, file_dtype=file_dtype, memory_mapped=memory_mapped,
-                    value_range=value_range)
+                    value_range=value_range, start=start_zyx)
 
 
 def _storage_array(data: np.ndarray) -> np.ndarray:
@@ -379,8 +383,10 @@ def write_mrc(
     data: np.ndarray,
     voxel_size: float | Sequence[float] | None = None,
     origin: Sequence[float] | None = None,
+    start: Sequence[int] | None = None,
 ) -> None:
-    """Write a (z, y, x) volume as MRC, atomically, carrying voxel size (Å) and origin (Å, z,y,x).
+    """Write a (z, y, x) volume as MRC, atomically, carrying voxel size (Å), origin (Å, z,y,x)
+    and the first voxel's index (``start``, z,y,x: the header's nzstart, nystart, nxstart).
 
     Boolean masks are stored as int8 (mode 0); integer label volumes keep int8/int16/uint16
     (uint8 becomes uint16, mode 6), other integers become int16 or uint16 when they fit and
@@ -396,6 +402,9 @@ def write_mrc(
             if origin is not None:
                 oz, oy, ox = (float(v) for v in origin)
                 mrc.header.origin = (ox, oy, oz)
+            if start is not None:
+                h = mrc.header
+                h.nzstart, h.nystart, h.nxstart = (int(v) for v in start)
             mrc.update_header_stats()
             # mrcfile stamps the creation time into label 0: a fixed label keeps identical
             # runs byte-identical (the time is in run.json)
