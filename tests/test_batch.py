@@ -74,7 +74,8 @@ def test_ray_two_cpu_workers_finish_all_three(dataset: Path, tmp_path: Path) -> 
     if proc.returncode == 2 and "cannot start Ray" in proc.stderr:
         pytest.skip(f"Ray cannot start here: {proc.stderr.strip()}")
     assert proc.returncode == 0, proc.stderr
-    assert "embedded Ray, 2 worker(s) x 1 thread(s)" in proc.stdout
+    assert (f"3 tomogram(s) from {dataset / 'tomos'} on embedded Ray, 2 worker(s) x 1 thread(s)"
+            in proc.stdout)
     rows = _table(out)
     assert sorted(rows) == list(NAMES)
     assert {r["status"] for r in rows.values()} == {"done"}
@@ -121,6 +122,51 @@ def test_killed_after_the_first_tomogram_resumes(dataset: Path, tmp_path: Path,
         else:
             assert rows[name]["status"] == "done", rows[name]
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # leftovers swept
+
+
+def test_interrupted_batch_lists_as_done_what_it_completed(dataset: Path, tmp_path: Path,
+                                                          weight_free) -> None:
+    """The interrupt lands after a tomogram's outputs are complete but before its outcome is
+    back (a Ray worker finishing as Ctrl-C arrives): batch.csv says done, as the disk does. A
+    folder an earlier batch completed stays pending (a rerun checks it and skips it)."""
+    from collections.abc import Iterator
+
+    from cryosam.batch import Options, Outcome, Task, tasks_from_files
+    from cryosam.batch_ray import InProcess, run_batch
+
+    out = tmp_path / "out"
+    tasks = tasks_from_files(dataset / "tomos", out, dataset / "clicks.star")
+    run_batch(tasks[2:], InProcess(weight_free, Options()), out / "earlier.csv")
+    assert _complete(out / "TS_03")
+
+    class Interrupted(InProcess):
+        closed = False
+
+        def outcomes(self, tasks: list[Task]) -> Iterator[Outcome]:
+            yield self.worker.run(tasks[0])
+            self.worker.run(tasks[1])  # complete on disk, its outcome lost
+            raise KeyboardInterrupt
+
+        def close(self) -> None:
+            self.closed = True
+
+    engine = Interrupted(weight_free, Options())
+    with pytest.raises(KeyboardInterrupt):
+        run_batch(tasks, engine, out / "batch.csv")
+    rows = _table(out)
+    assert _complete(out / "TS_02")
+    assert [rows[n]["status"] for n in NAMES] == ["done", "done", "pending"]
+    record = json.loads((out / "TS_02" / "run.json").read_text())
+    assert int(rows["TS_02"]["picks"]) == record["counts"]["picks"]
+    assert rows["TS_02"]["reason"] == "new"
+    assert engine.closed  # stopped before the disk is read: nothing still running
+
+
+def test_start_line_says_where_it_runs(dataset: Path, tmp_path: Path, run_cli) -> None:
+    code, out, err = run_cli("batch", dataset / "tomos", "--out", tmp_path / "out", "--points",
+                             dataset / "clicks.star", "--no-ray", "--shard", "0/3", *FAST[:-1])
+    assert code == 0, err
+    assert f"1 tomogram(s) from {dataset / 'tomos'} in this process, " in out, out
 
 
 def test_unreadable_tomogram_fails_alone_then_fixed_and_changed_are_redone(
@@ -207,3 +253,53 @@ def test_bad_arguments_are_one_line_before_any_work(dataset: Path, tmp_path: Pat
                            *FAST)
     assert code == 2 and message in err and err.count("\n") == 1, err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("stop", "code", "word"), [(KeyboardInterrupt, 130, "interrupted"),
+                                                    ("Terminated", 143, "terminated")])
+def test_a_stopped_batch_says_what_it_kept_in_one_line(stop, code: int, word: str,
+                                                       dataset: Path, tmp_path: Path, run_cli,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C or SIGTERM during the tomograms: one line saying the finished ones are kept
+    and how to resume, the signal's exit code, and not the single-run 'nothing was written'."""
+    from cryosam import batch_ray
+    from cryosam.errors import Terminated
+
+    signal_ = Terminated if stop == "Terminated" else stop
+
+    def stopped(*args, **kwargs):  # noqa: ANN002, ANN003 - the signal arrives mid-batch
+        raise signal_()
+
+    monkeypatch.setattr(batch_ray, "run_batch", stopped)
+    got, out, err = run_cli("batch", dataset / "tomos", "--out", tmp_path / "out", "--points",
+                            dataset / "clicks.star", "--no-ray", "--quiet", *FAST[:-1])
+    assert got == code
+    (line,) = [ln for ln in err.strip().splitlines() if not ln.startswith("warning:")]
+    assert line.startswith(word) and "finished tomograms are complete" in line
+    assert "nothing was written" not in err and "resume" in line
+
+
+def test_a_combined_csv_gives_each_tomogram_its_own_rows(dataset: Path, tmp_path: Path,
+                                                         run_cli) -> None:
+    """A CSV with a tomo_name column (two clicks for TS_01, one for TS_02, none for TS_03)
+    is read per tomogram: each run gets exactly its rows."""
+    import starfile
+
+    star = starfile.read(dataset / "clicks.star")
+    lines = ["x,y,z,tomo_name"]
+    for i, name in ((0, "TS_01"), (0, "TS_01"), (1, "TS_02")):
+        r = star.iloc[i]
+        shift = 1.0 if len(lines) == 2 else 0.0  # the second TS_01 click one voxel over
+        lines.append(f"{r.rlnCoordinateX + shift},{r.rlnCoordinateY},{r.rlnCoordinateZ},{name}")
+    clicks = tmp_path / "clicks.csv"
+    clicks.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    code, _, err = run_cli("batch", dataset / "tomos", "--out", out, "--points", clicks,
+                           "--no-ray", "--no-match", "--encoder", "filterbank", "--segmenter",
+                           "threshold", "--device", "cpu", "-q")
+    assert code == 0, err
+    rows = _table(out)
+    assert [rows[n]["status"] for n in NAMES] == ["done", "done", "no-clicks"]
+    for name, n in (("TS_01", 2), ("TS_02", 1)):
+        record = json.loads((out / name / "run.json").read_text())
+        assert record["counts"]["prompts"] == n, (name, record["counts"])

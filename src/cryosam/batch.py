@@ -13,6 +13,7 @@ import csv
 import dataclasses
 import io as _stringio
 import json
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,12 +21,12 @@ from typing import Any
 from cryosam import io
 from cryosam._atomic import atomic_write_text
 from cryosam.errors import InputError
+from cryosam.io.names import CSV_NAME_COLUMNS, name_key
 from cryosam.utils import tomo_stem
 
 TOMO_SUFFIXES = (".mrc", ".rec", ".map")
 CLICK_SUFFIXES = (".csv", ".star", ".txt", ".tsv")
-CSV_NAME_COLUMNS = ("rlntomoname", "rlnmicrographname", "tomo_name", "tomogram", "tomo")
-STATUSES = ("done", "skipped", "failed", "no-clicks", "pending")
+STATUSES = ("done", "skipped", "failed", "no-clicks", "pending")  # pending: not run (yet)
 COLUMNS = ("tomogram", "status", "picks", "seconds", "error", "reason")  # batch.csv
 
 
@@ -55,10 +56,12 @@ class Options:
     tilt_series_pixel_size: float | None = None
     cache_dir: str | None = None  # not part of the rule: the cache never changes results
     force: bool = False
+    # this batch, written to each run.json it completes (an interrupted batch reads it back)
+    batch_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     def record(self) -> dict[str, Any]:
         """The options that change results, as plain JSON."""
-        skip = ("cache_dir", "force")
+        skip = ("cache_dir", "force", "batch_id")
         return json.loads(json.dumps({k: v for k, v in dataclasses.asdict(self).items()
                                       if k not in skip}))
 
@@ -144,12 +147,6 @@ def tasks_from_files(dataset: str | Path, out: Path, points: Path | None) -> lis
     return tasks
 
 
-def _key(name: str) -> str:
-    """A tomogram name without folders, ``:suffix`` and extensions (as STAR matching does)."""
-    base = name.strip().replace("\\", "/").rsplit("/", 1)[-1].split(":", 1)[0]
-    return base.split(".", 1)[0]
-
-
 def assign_clicks(points: Path, names: list[str]
                   ) -> dict[str, tuple[Path | None, str | None, str | None]]:
     """{tomogram: (clicks file, its name in that file, why it has none)}."""
@@ -176,9 +173,9 @@ def assign_clicks(points: Path, names: list[str]
                              "rlnMicrographName or tomo_name) and the dataset has "
                              f"{len(names)} tomograms; add one or give a folder of click files")
         return {names[0]: (points, None, None)}
-    keys = {_key(v): v for v in in_file}
+    keys = {name_key(v): v for v in in_file}
     for n in names:
-        value = n if n in in_file else keys.get(_key(n))
+        value = n if n in in_file else keys.get(name_key(n))
         out[n] = ((points, value, None) if value is not None
                   else (None, None, f"no clicks for {n} in {points.name}"))
     return out
@@ -189,7 +186,7 @@ def _names_in(points: Path) -> list[str] | None:
     text = points.read_text(encoding="utf-8-sig", errors="replace")
     if points.suffix.lower() == ".star" or "data_" in text[:4096]:
         return io.star_tomo_names(points) or None
-    ps = io.read_points(points, check_bounds=False)
+    ps = io.read_points(points, check_bounds=False, every_tomogram=True)
     column = next((c for c in CSV_NAME_COLUMNS if c in ps.columns), None)
     return None if column is None else list(dict.fromkeys(str(v) for v in ps.columns[column]))
 

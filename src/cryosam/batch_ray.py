@@ -8,7 +8,8 @@ tasks, writing ``OUT/<name>/`` with :func:`cryosam.export.write_outputs` (atomic
 is there, and its record says the same inputs and parameters: the tomogram's SHA-256 (copick:
 its data's), the clicks as voxels (or the saved query's SHA-256), every parameter but the
 machine's (``device``, ``threads``) and the batch options. Anything else (no output, a failed
-or changed tomogram) is run again; ``force`` runs everything.
+or changed tomogram) is run again; ``force`` runs everything. Each run.json also names the
+batch that wrote it (``batch_id``): an interrupted batch lists as done what it completed.
 
 Two engines hand tasks to workers and yield their outcomes:
 
@@ -42,12 +43,12 @@ from typing import Any
 import numpy as np
 
 from cryosam import io, progress
-from cryosam.batch import CSV_NAME_COLUMNS, Options, Outcome, Task, write_table
+from cryosam.batch import Options, Outcome, Task, write_table
 from cryosam.config import CryosamConfig
 from cryosam.device import resolve_threads
-from cryosam.errors import CryosamError, CryosamWarning, InputError
+from cryosam.errors import CryosamError, CryosamWarning, InputError, Terminated
 from cryosam.query import MACHINE_PARAMETERS, SavedQuery
-from cryosam.utils import outside_volume, sha256_file
+from cryosam.utils import sha256_file
 
 CPU_THREADS_PER_WORKER = 8  # default CPU workers: one per this many CPUs (at least one)
 
@@ -122,7 +123,8 @@ class Worker:
             tomo_name=task.name if task.points_name is None else task.points_name,
             **({} if self.query is not None or isinstance(points, np.ndarray)
                else {k: v for k, v in self._load_options(task).items() if k != "tomo_name"}))
-        result.record["batch"] = {"tomogram": task.name, **state}
+        result.record["batch"] = {"tomogram": task.name, **state, "batch_id": opts.batch_id,
+                                  "reason": reason}
         if source is not None:
             result.record["copick"] = source.report()
             particles = result.target == "particle"
@@ -139,26 +141,13 @@ class Worker:
                 "points_pixel_size": o.points_pixel_size, "points_bin": o.points_bin}
 
     def _clicks(self, task: Task, tomo: io.Tomogram, source: Any) -> Any:
-        """The clicks as a file path, or as (z, y, x) voxels (copick, CSV with names)."""
+        """The clicks as (z, y, x) voxels (copick) or a file path: a combined STAR or CSV
+        gives this tomogram's rows (``points_name``) when it is read."""
         if source is not None:
             return source.clicks_zyx
         if task.points is None:
             raise InputError(f"{task.name}: no clicks")
-        if task.points_name is None or Path(task.points).suffix.lower() == ".star":
-            return task.points
-        o = self.options
-        pixel = o.points_pixel_size
-        if o.points_bin is not None and tomo.mean_voxel_size is not None:
-            pixel = o.points_bin * tomo.mean_voxel_size
-        ps = io.read_points(task.points, voxel_size=tomo.voxel_size, unit=o.points_unit,
-                            check_bounds=False, pixel_size=pixel)
-        column = next(c for c in CSV_NAME_COLUMNS if c in ps.columns)
-        zyx = ps.zyx[np.asarray([str(v) == task.points_name for v in ps.columns[column]])]
-        if outside_volume(zyx, tomo.shape).any():
-            raise InputError(f"{task.points}: clicks of {task.points_name} lie outside its "
-                             f"tomogram (x, y, z size {list(tomo.shape[::-1])} voxels); check "
-                             "the coordinates and --points-unit")
-        return zyx
+        return task.points
 
     def _copick_source(self, task: Task) -> Any:
         c = dict(task.copick or {})
@@ -199,12 +188,31 @@ def changed(out: Path, state: dict[str, Any]) -> str | None:
     return None
 
 
+def finished_here(task: Task, batch_id: str) -> Outcome | None:
+    """``task`` as ``done`` when batch ``batch_id`` completed its output folder (its run.json
+    says so and lists only files that are there), else None: for an outcome lost to an
+    interrupt."""
+    out = Path(task.out)
+    try:
+        record = json.loads((out / "run.json").read_text(encoding="utf-8"))
+        ours = record["batch"]["batch_id"] == batch_id
+        complete = all((out / n).is_file() for n in record["outputs"])
+        picks, seconds = int(record["counts"]["picks"]), float(record.get("total_seconds", 0))
+        reason = str(record["batch"]["reason"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not (ours and complete):
+        return None
+    return Outcome(task.name, "done", picks=picks, seconds=seconds, reason=reason)
+
+
 class InProcess:
     """One worker in this process, tasks one after another."""
 
     def __init__(self, config: CryosamConfig, options: Options,
                  query: SavedQuery | None = None) -> None:
         started = time.perf_counter()
+        self.options = options
         self.worker = Worker(config.to_dict(), options, query)
         self.workers, self.threads = 1, self.worker.ping()
         self.startup_seconds = time.perf_counter() - started
@@ -236,6 +244,7 @@ class RayEngine:
         import logging
 
         ray = self.ray = import_ray()
+        self.options = options
         started = time.perf_counter()
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         gpu_wanted = config.device != "cpu"
@@ -286,7 +295,7 @@ class RayEngine:
                                f"{text[-1][:300] if text else ''})") from None
         self.workers, self.threads = n, threads
         self.startup_seconds = time.perf_counter() - started
-        where = f"Ray cluster {address}" if address else "embedded Ray"
+        where = f"on Ray cluster {address}" if address else "on embedded Ray"
         self.description = (f"{where}, {n} worker(s) x {threads} thread(s)"
                             + (f", {gpu_share:g} GPU each" if gpus else ", CPU"))
 
@@ -330,9 +339,29 @@ def _restore(handler: Any) -> None:
 def run_batch(tasks: list[Task], engine: InProcess | RayEngine, table: Path, *,
               say: Callable[[str], None] | None = None) -> list[Outcome]:
     """Run ``tasks`` on ``engine``, rewriting ``table`` after each; ``say`` gets one line per
-    tomogram with an ETA. Returns the outcomes in task order."""
+    tomogram with an ETA. Returns the outcomes in task order.
+
+    Interrupted (Ctrl-C, SIGTERM), it closes ``engine`` (what still runs ends or finishes),
+    records as ``done`` the tasks this batch completed on disk whose outcome had not come back
+    (:func:`finished_here`), rewrites ``table`` and re-raises; the others stay ``pending``.
+    """
     rows = {t.name: Outcome(t.name, "pending") for t in tasks}
     write_table(table, rows)
+    try:
+        _run(tasks, engine, table, rows, say)
+    except (KeyboardInterrupt, Terminated):
+        engine.close()
+        for task in tasks:
+            if rows[task.name].status == "pending":
+                rows[task.name] = finished_here(task, engine.options.batch_id) or rows[task.name]
+        write_table(table, rows)
+        raise
+    return [rows[t.name] for t in tasks]
+
+
+def _run(tasks: list[Task], engine: InProcess | RayEngine, table: Path,
+         rows: dict[str, Outcome], say: Callable[[str], None] | None) -> None:
+    """The loop of :func:`run_batch`: each outcome into ``rows`` and ``table``, and said."""
     started, finished, heavy = time.perf_counter(), 0, 0
     bar = progress.enabled()
 
@@ -362,7 +391,6 @@ def run_batch(tasks: list[Task], engine: InProcess | RayEngine, table: Path, *,
             f"{outcome.seconds:.1f} s{why}{eta}")
         for line in outcome.warnings:
             say(f"  warning: {line}")
-    return [rows[t.name] for t in tasks]
 
 
 def _clock(seconds: float) -> str:

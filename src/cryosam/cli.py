@@ -13,7 +13,7 @@ import typer
 
 import cryosam
 from cryosam.commands import batch, bench, demo, evaluate, info, query, segment, simulate, weights
-from cryosam.errors import CryosamError, Terminated
+from cryosam.errors import CryosamError, Stopped, Terminated
 
 # in --help order
 COMMANDS = (segment, query, batch, demo, simulate, evaluate, info, weights, bench)
@@ -113,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     except Terminated:
         typer.echo("terminated (SIGTERM); nothing was written", err=True)
         return 143
+    except Stopped as exc:  # the command has said what it kept
+        typer.echo(exc.message, err=True)
+        return exc.code
     except Exception as exc:  # usage errors from click (or typer's own copy of it)
         if callable(getattr(exc, "show", None)) and hasattr(exc, "exit_code"):
             if type(exc).__name__ == "NoArgsIsHelpError" or not callable(

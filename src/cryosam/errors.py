@@ -35,3 +35,12 @@ class CryosamWarning(UserWarning):
 class Terminated(BaseException):
     """Raised in the main thread when the process gets SIGTERM (what SLURM sends at the time
     limit), so that every ``finally`` and cleanup runs before the exit code 143."""
+
+
+class Stopped(Exception):  # noqa: N818 - a stop, not an error
+    """A command stopped by Ctrl-C or SIGTERM that has said what it kept: the CLI prints
+    ``message`` as the one line and exits with ``code`` (130 or 143)."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.message, self.code = message, int(code)

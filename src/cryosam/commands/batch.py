@@ -15,7 +15,7 @@ from typing import Any
 import typer
 
 from cryosam.commands.query import segment_values, with_segment_options
-from cryosam.errors import InputError, Terminated
+from cryosam.errors import InputError, Stopped, Terminated
 
 # segment options that name one tomogram, or that batch defines itself
 BATCH_EXCLUDED = frozenset({"tomo", "points", "query", "out", "overwrite", "copick", "run",
@@ -127,15 +127,15 @@ def register(app: typer.Typer) -> None:
                     engine = batch_ray.RayEngine(cfg, options, saved, workers=workers,
                                                  address=ray_address)
                 if say:
-                    say(f"{len(tasks)} tomogram(s) from {dataset} on {engine.description} "
+                    say(f"{len(tasks)} tomogram(s) from {dataset} {engine.description} "
                         f"(ready in {engine.startup_seconds:.1f} s)")
                 outcomes = batch_ray.run_batch(tasks, engine, table, say=say)
             except (KeyboardInterrupt, Terminated) as exc:
                 sigterm = isinstance(exc, Terminated)
-                typer.echo(f"{'terminated (SIGTERM)' if sigterm else 'interrupted (Ctrl-C)'}: "
-                           f"the finished tomograms are complete in {out} (see {table.name}); "
-                           "run the same command again to resume", err=True)
-                raise typer.Exit(143 if sigterm else 130) from None
+                raise Stopped(f"{'terminated (SIGTERM)' if sigterm else 'interrupted (Ctrl-C)'}"
+                              f": the finished tomograms are complete in {out} (see "
+                              f"{table.name}); run the same command again to resume",
+                              143 if sigterm else 130) from None
             finally:
                 if engine is not None:
                     engine.close()

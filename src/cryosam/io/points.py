@@ -116,6 +116,7 @@ def read_points(
     star_pixel_size: float | None = None,
     pixel_size: float | None = None,
     own_tomo_name: str | None = None,
+    every_tomogram: bool = False,
 ) -> PointSet:
     """Read points (prompts or picks) from CSV or STAR as (z, y, x) voxels.
 
@@ -129,7 +130,8 @@ def read_points(
     (needs ``shape`` and ``voxel_size``: voxel = centered Å / voxel size + size / 2, RELION's
     own decentring). A tomogram-name column (STAR ``rlnTomoName``/``rlnMicrographName``, CSV
     ``tomo_name``, ``tomogram``, ...) selects the rows of ``tomo_name``, else of
-    ``own_tomo_name`` (the tomogram's file stem; see :mod:`cryosam.io.names`). When the STAR
+    ``own_tomo_name`` (the tomogram's file stem; see :mod:`cryosam.io.names`); with
+    ``every_tomogram`` (CSV) all rows are kept, names in ``columns``. When the STAR
     states the pixel size of its coordinates (``rlnTomoTiltSeriesPixelSize`` or
     ``rlnMicrographPixelSize`` in the optics block, ``rlnPixelSize``, or
     ``rlnDetectorPixelSize``/``rlnMagnification``) and it differs from ``voxel_size``, the
@@ -170,7 +172,7 @@ def read_points(
     else:
         zyx, columns, labels = _read_csv_points(p, text, unit, vs)
         column = next((c for c in CSV_NAME_COLUMNS if c in columns), None)
-        if column is not None:
+        if column is not None and not every_tomogram:
             keep = select_tomogram(p, list(columns[column]), tomo_name, own_tomo_name)
             zyx, labels = zyx[keep], [lb for lb, k in zip(labels, keep, strict=True) if k]
             columns = {k: np.asarray(v)[keep] for k, v in columns.items()}
