@@ -31,7 +31,7 @@ import scipy.fft as sfft
 from scipy import ndimage as ndi
 from scipy.spatial.transform import Rotation
 
-from cryosam.metrics import ranked_metrics
+from cryosam.metrics import mean_per_kind, ranked_metrics
 from cryosam.simulate import SimulationConfig, simulate
 from cryosam.simulate.crowded import CROWDED_KINDS, ctf_transfer, kind_clicks
 from cryosam.simulate.scene import crowded_scene
@@ -117,12 +117,7 @@ def ceiling(seeds: Sequence[int], snr: float, shape: tuple[int, int, int], n_rot
     """Per variant, per kind: best F1 averaged over ``seeds``, and the mean over kinds."""
     rotations = Rotation.random(n_rotations, random_state=0).as_matrix()
     runs = [scene_ceiling(s, snr, shape, rotations, mask_factor) for s in seeds]
-    out: dict[str, dict[str, float]] = {}
-    for v in VARIANTS:
-        per_kind = {k: float(np.mean([r[v][k] for r in runs if k in r[v]]))
-                    for k in CROWDED_KINDS if any(k in r[v] for r in runs)}
-        out[v] = {**per_kind, "mean": float(np.mean(list(per_kind.values())))}
-    return out
+    return mean_per_kind(runs, VARIANTS, CROWDED_KINDS)
 
 
 def main() -> None:

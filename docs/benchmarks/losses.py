@@ -28,7 +28,7 @@ from cryosam import backends, matching, score, stages
 from cryosam.benchmarks.accuracy import _crowded_run
 from cryosam.config import CryosamConfig, EncoderConfig, SegmenterConfig
 from cryosam.errors import InputError
-from cryosam.metrics import ranked_metrics
+from cryosam.metrics import mean_per_kind, ranked_metrics
 from cryosam.pipeline import CryoSAM
 from cryosam.simulate import SimulationConfig, simulate
 from cryosam.simulate.crowded import CROWDED_KINDS, kind_clicks
@@ -92,13 +92,7 @@ def losses(seeds: list[int], snr: float, shape: tuple[int, int, int],
     model = weight_free_model()
     with tempfile.TemporaryDirectory(prefix="cryosam-losses-") as cache:  # features once
         runs = [scene_losses(model, s, snr, shape, cache, pipeline) for s in seeds]
-    out: dict[str, dict[str, float]] = {}
-    for part in PARTS:
-        per_kind = {k: float(np.mean([r[part][k] for r in runs if k in r[part]]))
-                    for k in CROWDED_KINDS if any(k in r[part] for r in runs)}
-        if per_kind:
-            out[part] = {**per_kind, "mean": float(np.mean(list(per_kind.values())))}
-    return out
+    return mean_per_kind(runs, PARTS, CROWDED_KINDS)
 
 
 def main() -> None:

@@ -17,6 +17,7 @@ interpolation; scikit-learn's ``average_precision_score`` definition).
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -356,3 +357,17 @@ def evaluate_picks(picks: np.ndarray, truth: np.ndarray, radius: float,
     match = match_points(picks, truth, radius)
     ranked = ranked_metrics(picks, scores, truth, radius) if scores is not None else None
     return PickEvaluation(match=match, ranked=ranked)
+
+
+def mean_per_kind(runs: Sequence[Mapping[str, Mapping[str, float]]], parts: Sequence[str],
+                  kinds: Sequence[str]) -> dict[str, dict[str, float]]:
+    """Per part, per kind: the mean over the ``runs`` (e.g. seeds) that measured it, and
+    ``"mean"`` over those kinds; a part no run measured is left out. The benchmark scripts'
+    tables (``docs/benchmarks/ceiling.py``, ``losses.py``)."""
+    out: dict[str, dict[str, float]] = {}
+    for part in parts:
+        per_kind = {k: float(np.mean([r[part][k] for r in runs if k in r[part]]))
+                    for k in kinds if any(k in r[part] for r in runs)}
+        if per_kind:
+            out[part] = {**per_kind, "mean": float(np.mean(list(per_kind.values())))}
+    return out
