@@ -352,6 +352,7 @@ def test_debug_shows_the_traceback_before_or_after_the_command(where: str, small
 @pytest.mark.parametrize(("args", "words"), [
     (["segment", "T", "--min-score", "1.5"], "'--min-score'"),
     (["segment", "T", "--threads", "0"], "'--threads'"),
+    (["segment", "T", "--top-k", "-1"], "'--top-k'"),
     (["segment", "T", "--no-such-option"], "--no-such-option"),
     (["segmnt"], "segment"),
 ])
@@ -362,3 +363,16 @@ def test_usage_errors_are_one_line_exit_2(args: list[str], words: str, run_cli) 
     assert code == 2 and not out.strip()
     (line,) = err.strip().splitlines()
     assert line.startswith("error: ") and words in line and "--help" in line
+
+
+def test_top_k_zero_is_no_cap_as_in_the_configuration(small_sim, tmp_path: Path,
+                                                      run_cli) -> None:
+    """`--top-k 0` means no cap (MatchingConfig's 0); the record says so."""
+    _, files = small_sim
+    out = tmp_path / "out"
+    code, _, err = run_cli("segment", files["tomo.mrc"], "--points", files["prompt.csv"],
+                           "--encoder", "filterbank", "--segmenter", "threshold", "--device",
+                           "cpu", "--top-k", "0", "--out", out, "-q")
+    assert code == 0, err
+    record = json.loads((out / "run.json").read_text())
+    assert record["parameters"]["matching"]["top_k"] == 0

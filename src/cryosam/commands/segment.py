@@ -151,8 +151,9 @@ def register(app: typer.Typer) -> None:
         sam_model: str = typer.Option(default["sam_model"], "--sam-model",
                                       help="vit_h, vit_l, vit_b or a .pth path."),
         device: str = typer.Option(default["device"], "--device", help="auto, cpu or cuda."),
-        top_k: int = typer.Option(default["top_k"], "--top-k", min=1,
-                                  help="At most this many matches."),
+        top_k: int = typer.Option(default["top_k"], "--top-k", min=0,
+                                  help="At most this many matches (0: no cap, as in the "
+                                  "configuration)."),
         sim_threshold: float = typer.Option(default["sim_threshold"], "--sim-threshold",
                                             min=-1.0, max=1.0,
                                             help="Cosine similarity a match must reach."),
