@@ -283,3 +283,16 @@ def test_fraction_picked_counts_points_with_a_pick_nearby() -> None:
     assert fraction_picked(points, picks, 3.0) == 0.5
     assert fraction_picked(points, picks, 0.4) == 0.0
     assert fraction_picked(points, np.zeros((0, 3)), 3.0) == 0.0
+
+
+def test_cli_evaluate_a_run_that_picked_nothing_scores_zero(pick_files, tmp_path, run_cli):
+    """picks.csv with only its header (a run that wrote no pick) is P = R = F1 = 0, not an
+    error; a truth file without points still is one."""
+    _, truth = pick_files
+    empty = _write(tmp_path / "none.csv", "x,y,z,score,instance_id\n")
+    code, out, err = run_cli("evaluate", empty, truth, "--radius", "3", "--json")
+    assert code == 0, err
+    rep = json.loads(out)
+    assert (rep["n_picks"], rep["tp"], rep["fn"], rep["f1"]) == (0, 0, 5, 0.0)
+    code, _, err = run_cli("evaluate", truth, empty, "--radius", "3")
+    assert code == 2 and "a header but no points" in err

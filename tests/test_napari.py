@@ -273,6 +273,12 @@ def test_reader_opens_mrc_and_output_folder(make_napari_viewer, sim, tmp_path) -
     np.testing.assert_allclose(kinds["Points"].data, result.picks_zyx, atol=1e-3)
     np.testing.assert_allclose(kinds["Points"].features["score"], result.pick_scores,
                                atol=1e-5)
+    # a run that picked nothing still opens: its picks layer is empty
+    header = (out / "picks.csv").read_text().splitlines()[0]
+    (out / "picks.csv").write_text(header + "\n")
+    layers = viewer.open(out, plugin="cryosam")
+    points = next(ly for ly in layers if type(ly).__name__ == "Points")
+    assert len(points.data) == 0
 
 
 _AFTER_THE_VIEWER = """

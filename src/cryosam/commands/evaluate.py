@@ -70,7 +70,7 @@ def evaluate(
     size = parse_shape(shape) if shape is not None else None
     opts = {"shape": size, "voxel_size": voxel_size, "tomo_name": tomo_name,
             "check_bounds": False}
-    pk = read_points(picks, **opts)
+    pk = read_points(picks, **opts, empty_ok=True)  # a run that picked nothing scores 0
     tr = read_points(truth, **opts)
     t_zyx, p_zyx = tr.zyx, pk.zyx
     p_keep = np.ones(len(p_zyx), dtype=bool)

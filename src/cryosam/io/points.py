@@ -117,6 +117,7 @@ def read_points(
     pixel_size: float | None = None,
     own_tomo_name: str | None = None,
     every_tomogram: bool = False,
+    empty_ok: bool = False,
 ) -> PointSet:
     """Read points (prompts or picks) from CSV or STAR as (z, y, x) voxels.
 
@@ -131,7 +132,8 @@ def read_points(
     own decentring). A tomogram-name column (STAR ``rlnTomoName``/``rlnMicrographName``, CSV
     ``tomo_name``, ``tomogram``, ...) selects the rows of ``tomo_name``, else of
     ``own_tomo_name`` (the tomogram's file stem; see :mod:`cryosam.io.names`); with
-    ``every_tomogram`` (CSV) all rows are kept, names in ``columns``. When the STAR
+    ``every_tomogram`` (CSV) all rows are kept, names in ``columns``. ``empty_ok``: a CSV
+    header without rows is zero points (a run that picked nothing), not an error. When the STAR
     states the pixel size of its coordinates (``rlnTomoTiltSeriesPixelSize`` or
     ``rlnMicrographPixelSize`` in the optics block, ``rlnPixelSize``, or
     ``rlnDetectorPixelSize``/``rlnMagnification``) and it differs from ``voxel_size``, the
@@ -170,7 +172,7 @@ def read_points(
         zyx, columns, labels = read_star_points(p, shape, vs, tomo_name,
                                                 star_pixel_size or pixel_size, own_tomo_name)
     else:
-        zyx, columns, labels = _read_csv_points(p, text, unit, vs)
+        zyx, columns, labels = _read_csv_points(p, text, unit, vs, empty_ok)
         column = next((c for c in CSV_NAME_COLUMNS if c in columns), None)
         if column is not None and not every_tomogram:
             keep = select_tomogram(p, list(columns[column]), tomo_name, own_tomo_name)
@@ -296,13 +298,14 @@ def _header_axes(path: Path, first: list[str], names: list[str], unit: str) -> d
     return axis_col
 
 
-def _read_csv_points(path: Path, text: str, unit: str, vs: np.ndarray | None) -> ParsedPoints:
+def _read_csv_points(path: Path, text: str, unit: str, vs: np.ndarray | None,
+                     empty_ok: bool = False) -> ParsedPoints:
     rows = _csv_rows(path, text)
     first_line, first = rows[0]
     if all(_parse_float(f) is None for f in first):  # a header
         names = [f.strip().strip('"').strip().lower() for f in first]
         data_rows = rows[1:]
-        if not data_rows:
+        if not data_rows and not empty_ok:
             raise InputError(f"{path}: a header but no points; add at least one point below it")
         axis_col = _header_axes(path, first, names, unit)
     else:

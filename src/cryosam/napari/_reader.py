@@ -138,7 +138,7 @@ def read_output_folder(path: str | os.PathLike[str]) -> list[LayerData]:
                        "labels"))
     scale = _scale(voxel_size)
     if (folder / "picks.csv").is_file():
-        picks = io.read_points(folder / "picks.csv")
+        picks = io.read_points(folder / "picks.csv", empty_ok=True)  # a run may pick none
         features = pick_features(picks.columns, len(picks))
         size = pick_size(features.get("n_voxels"))
         layers.append((picks.zyx, points_kwargs(f"{name} picks", scale, features, size),
