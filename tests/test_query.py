@@ -123,6 +123,30 @@ def test_other_voxel_size_or_polarity_warns(saved, other_sim, weight_free) -> No
     with pytest.warns(CryosamWarning, match="voxel"):
         CryoSAM(weight_free).segment(sim.volume, query=q, voxel_size=15.0)
     assert q.warn_data(10.2, "dark") == []  # within 5 %, same contrast
+    assert q.warn_data(10.0, "bright", flips=True) == []  # the encoder sees it flipped
+
+
+def test_a_query_on_inverted_contrast_says_what_to_try(saved, other_sim, weight_free) -> None:
+    """Tomogram B with its contrast the other way round: the dark query matches (almost)
+    nothing there, and says so with the fix (--polarity bright), which then picks like on B,
+    without a warning that the contrast differs (the weight-free encoder flips B)."""
+    from cryosam import config as config_mod
+
+    _, q = saved
+    sim, _ = other_sim
+    inverted = (-sim.volume).astype(np.float32)
+    truth = sim.points(sim.target_kind)
+    with pytest.warns(CryosamWarning, match="in this tomogram matched.*--polarity bright"):
+        few = CryoSAM(weight_free).segment(inverted, query=q, voxel_size=sim.voxel_size)
+    assert len(few.picks_zyx) < 4
+    bright = config_mod.CryosamConfig.from_dict({**weight_free.to_dict(), "polarity": "bright"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CryosamWarning)
+        found = CryoSAM(bright).segment(inverted, query=q, voxel_size=sim.voxel_size)
+    same = CryoSAM(weight_free).segment(sim.volume, query=q, voxel_size=sim.voxel_size)
+    assert evaluate_picks(found.picks_zyx, truth, sim.target_radius).f1 == pytest.approx(
+        evaluate_picks(same.picks_zyx, truth, sim.target_radius).f1, abs=0.15)
+    assert len(found.picks_zyx) > 0
 
 
 def test_damaged_or_newer_files_are_one_line(saved, tmp_path: Path) -> None:

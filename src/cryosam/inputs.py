@@ -154,12 +154,14 @@ def probe(volume: np.ndarray, inputs: Inputs, cfg: CryosamConfig) -> ClickProbe:
                         estimate_size=cfg.propagation.target == "particle")
 
 
-def probe_from_query(saved: SavedQuery, inputs: Inputs, cfg: CryosamConfig) -> ClickProbe:
+def probe_from_query(saved: SavedQuery, inputs: Inputs, cfg: CryosamConfig,
+                     flips: bool = False) -> ClickProbe:
     """Polarity and size for a tomogram without clicks: the saved query's (``polarity`` and
     ``diameter`` still override them), with a warning when this tomogram's voxel size or
-    the polarity differ from the query's source."""
+    the polarity differ from the query's source (not the polarity when the encoder
+    ``flips`` every tomogram to dark particles: :meth:`SavedQuery.warn_data`)."""
     polarity = cfg.polarity if cfg.polarity != "auto" else saved.polarity
-    saved.warn_data(inputs.tomogram.mean_voxel_size, polarity)
+    saved.warn_data(inputs.tomogram.mean_voxel_size, polarity, flips)
     radius, source = saved.radius, "query"
     if cfg.diameter is not None:
         vs = inputs.tomogram.mean_voxel_size

@@ -18,7 +18,7 @@ import numpy as np
 import cryosam
 from cryosam import backends, stages
 from cryosam.config import CryosamConfig, PropagationConfig
-from cryosam.cut import BACKGROUND, background_message, choose_cut
+from cryosam.cut import BACKGROUND, MIN_MATCHES, background_message, choose_cut
 from cryosam.device import resolve_device, set_threads
 from cryosam.encoders.base import SliceEncoder
 from cryosam.errors import CryosamWarning, InputError, MissingWeightsError
@@ -256,7 +256,7 @@ class CryoSAM:
         with timer("normalise"):
             volume = stages.normalise(inputs.tomogram, cfg.propagation)
         with timer("probe"):
-            found = stages.probe_from_query(saved, inputs, cfg)
+            found = stages.probe_from_query(saved, inputs, cfg, self._wants_dark("encoder"))
             work = stages.prepare(volume, inputs.tomogram.data, inputs, found,
                                   dataclasses.replace(cfg, binning=saved.binning),
                                   encoder_dark=self._wants_dark("encoder"),
@@ -283,6 +283,10 @@ class CryoSAM:
                               True, negatives if negatives.clicks else None)
         result.record["inputs"]["points"] = None
         result.record["query"] = saved.report()
+        if len(result.picks_zyx) < MIN_MATCHES:  # too few to be the query's kind at all
+            warnings.warn(saved.nothing_matched(len(result.picks_zyx), cfg.polarity != "auto",
+                                                self._wants_dark("encoder")),
+                          CryosamWarning, stacklevel=3)
         return result
 
     def _result(self, timer: StageTimer, inputs: stages.Inputs, found: ClickProbe,

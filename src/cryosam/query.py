@@ -255,9 +255,12 @@ class SavedQuery:
             raise InputError(f"{self._where()}: query vectors have {self.vectors.shape[1]} "
                              f"channels, this tomogram's features {dim}; save the query again")
 
-    def warn_data(self, voxel_size: float | None, polarity: str) -> list[str]:
+    def warn_data(self, voxel_size: float | None, polarity: str,
+                  flips: bool = False) -> list[str]:
         """Warn (and return the lines) when this tomogram's voxel size or the polarity in
-        use differ from the query's source: the query assumes the same kind of data."""
+        use differ from the query's source: the query assumes the same kind of data.
+        ``flips``: the encoder sees particles dark whatever the tomogram's contrast (the
+        weight-free one), so another polarity is made up for and not warned of."""
         lines = []
         theirs = self.source.get("voxel_size")
         if theirs and voxel_size and abs(voxel_size - theirs) > VOXEL_SIZE_TOLERANCE * theirs:
@@ -267,12 +270,28 @@ class SavedQuery:
         elif theirs and not voxel_size:
             lines.append(f"{self._where()}: made on {theirs:g} Å voxels, this tomogram's "
                          "voxel size is unknown; the query assumes the same voxel size")
-        if polarity in ("dark", "bright") and polarity != self.polarity:
+        if polarity in ("dark", "bright") and polarity != self.polarity and not flips:
             lines.append(f"{self._where()}: made on {self.polarity} particles, this run says "
                          f"--polarity {polarity}; the query assumes the same contrast")
         for line in lines:
             warnings.warn(line, CryosamWarning, stacklevel=3)
         return lines
+
+    def nothing_matched(self, picks: int, polarity_given: bool, flips: bool) -> str:
+        """Why a tomogram may show (almost) no match of this query, and what to try: most
+        often its contrast is the other way round (particles bright where the query's were
+        dark)."""
+        other = "bright" if self.polarity == "dark" else "dark"
+        what = "nothing" if picks == 0 else f"only {picks} match(es)"
+        head = (f"{self._where()}: {what} in this tomogram matched the query (made on "
+                f"{self.polarity} particles)")
+        if polarity_given:
+            return f"{head}; check --polarity and that the particles are here"
+        if flips:
+            return (f"{head}; if this tomogram's particles are {other} (its contrast the "
+                    f"other way round), pass --polarity {other}")
+        return (f"{head}; if this tomogram's contrast is the other way round, make the query "
+                "on a tomogram of this contrast (this encoder sees the contrast as it is)")
 
     def report(self) -> dict[str, Any]:
         """What the run record keeps about the query (``query`` in run.json)."""
