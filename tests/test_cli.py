@@ -376,3 +376,23 @@ def test_top_k_zero_is_no_cap_as_in_the_configuration(small_sim, tmp_path: Path,
     assert code == 0, err
     record = json.loads((out / "run.json").read_text())
     assert record["parameters"]["matching"]["top_k"] == 0
+
+
+def test_global_quiet_silences_the_command_and_cryosams_log(small_sim, tmp_path: Path,
+                                                            run_cli) -> None:
+    """`cryosam -q segment ...` (as `cryosam --help` lists -q) prints nothing, like
+    `segment -q`, and keeps cryosam's INFO log lines off a terminal another library set
+    up for logging."""
+    import logging
+
+    _, files = small_sim
+    args = [files["tomo.mrc"], "--points", files["prompt.csv"], "--no-match", "--segmenter",
+            "threshold", "--device", "cpu"]
+    code, out, err = run_cli("segment", *args, "--out", tmp_path / "loud")
+    assert code == 0 and "click(s)" in out
+    code, out, err = run_cli("-q", "segment", *args, "--out", tmp_path / "quiet")
+    assert code == 0 and not out.strip(), out
+    assert not logging.getLogger("cryosam.features.extract").isEnabledFor(logging.INFO)
+    code, out, _ = run_cli("segment", *args, "--out", tmp_path / "loud2")  # reset per run
+    assert "click(s)" in out
+    assert logging.getLogger("cryosam").level == logging.NOTSET

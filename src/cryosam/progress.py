@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
@@ -12,9 +13,16 @@ _QUIET = False
 
 
 def set_quiet(quiet: bool) -> None:
-    """Silence (or re-enable) every progress bar in this process."""
+    """Silence (or re-enable) every progress bar in this process, and cryosam's own log
+    lines below warnings (another library may have sent INFO logs to the terminal)."""
     global _QUIET
     _QUIET = quiet
+    logging.getLogger("cryosam").setLevel(logging.WARNING if quiet else logging.NOTSET)
+
+
+def quiet() -> bool:
+    """Whether ``--quiet`` was given (before or after the command)."""
+    return _QUIET
 
 
 def enabled() -> bool:

@@ -64,7 +64,7 @@ def register(app: typer.Typer) -> None:
         from cryosam.commands.segment import check_cache_dir
 
         values, given = segment_values(ctx)
-        quiet = bool(values.get("quiet"))
+        quiet = bool(values.get("quiet")) or progress.quiet()  # cryosam -q batch ... too
         if quiet:
             progress.set_quiet(True)
         copick = batching.is_copick_config(dataset)
