@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import csv as csv_module
 import json
 import subprocess
 import sys
@@ -307,3 +308,14 @@ def test_batch_with_a_saved_query_picks_in_a_project_without_clicks(small_sim,
     assert record["copick"]["clicks"]["n"] == 0
     source = io.open_copick(config, "TS_01", "ribosome", clicks=False)
     assert source.clicks_zyx.shape == (0, 3) and source.shape == sim.volume.shape
+    # a rerun skips it while copick holds its results, and redoes it once they are deleted
+    batch = ["batch", config, "--object", "ribosome", "--query", query, "--no-ray", "--out",
+             out, "-q"]
+    assert _cli(*batch) == 0
+    assert next(csv_module.DictReader(open(out / "batch.csv")))["status"] == "skipped"
+    sets[0].delete()
+    assert _cli(*batch) == 0
+    row = next(csv_module.DictReader(open(out / "batch.csv")))
+    assert row["status"] == "done" and "pick set" in row["reason"] and "missing" in row["reason"]
+    run = copick.from_file(str(config)).get_run("TS_01")
+    assert len(run.get_picks(object_name="ribosome", user_id=io.COPICK_USER)) == 1

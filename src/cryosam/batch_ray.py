@@ -114,6 +114,9 @@ class Worker:
                  "query_sha256": self.query.meta.get("sha256") if self.query else None,
                  "options": opts.record(), "parameters": _result_parameters(self.config)}
         reason = "--force" if opts.force else changed(Path(task.out), state)
+        if reason is None and source is not None:  # its results live in copick too
+            record = json.loads((Path(task.out) / "run.json").read_text(encoding="utf-8"))
+            reason = io.copick_results_missing(source, record.get("copick", {}).get("written"))
         if reason is None:
             record = json.loads((Path(task.out) / "run.json").read_text(encoding="utf-8"))
             return Outcome(task.name, "skipped", picks=int(record["counts"]["picks"]),
@@ -126,11 +129,12 @@ class Worker:
         result.record["batch"] = {"tomogram": task.name, **state, "batch_id": opts.batch_id,
                                   "reason": reason}
         if source is not None:
-            result.record["copick"] = source.report()
             particles = result.target == "particle"
-            io.write_copick(source, result.labels, result.picks_zyx if particles else None,
-                            result.pick_scores if particles else None,
-                            result.pick_instance_ids if particles else None)
+            written = io.write_copick(source, result.labels,
+                                      result.picks_zyx if particles else None,
+                                      result.pick_scores if particles else None,
+                                      result.pick_instance_ids if particles else None)
+            result.record["copick"] = {**source.report(), "written": written}
         write_outputs(result, task.out, overwrite=True, tomo_name=task.name,
                       star=io.StarOutputs(opts.star, None, opts.tilt_series_pixel_size))
         return Outcome(task.name, "done", picks=int(len(result.picks_zyx)), reason=reason)

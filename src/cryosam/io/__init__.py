@@ -19,7 +19,13 @@ from __future__ import annotations
 
 from cryosam.errors import CryosamWarning, InputError
 from cryosam.io._common import VoxelSize
-from cryosam.io.copick import COPICK_USER, CopickSource, open_copick, write_copick
+from cryosam.io.copick import (
+    COPICK_USER,
+    CopickSource,
+    copick_results_missing,
+    open_copick,
+    write_copick,
+)
 from cryosam.io.mrc import Tomogram, read_tomogram, write_mrc
 from cryosam.io.points import (
     PointSet,
@@ -48,6 +54,7 @@ __all__ = [
     "Tomogram",
     "VoxelSize",
     "negative_rows",
+    "copick_results_missing",
     "open_copick",
     "read_points",
     "read_tomogram",

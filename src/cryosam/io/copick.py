@@ -288,3 +288,21 @@ def write_copick(
                          f"failed ({type(exc).__name__}: {exc}); check that the project's "
                          "overlay is writable") from exc
     return out
+
+
+def copick_results_missing(source: CopickSource, written: dict[str, Any] | None) -> str | None:
+    """What of an earlier :func:`write_copick` (its returned ``written``) is no longer in
+    the project, or None when all of it is: a batch rerun redoes a run whose pick set or
+    segmentation was deleted from copick."""
+    if not written or "session_id" not in written:
+        return "no record of what was written to copick"
+    run, name, session = source._run, source.object_name, str(written["session_id"])
+    with third_party_quiet():
+        if "picks" in written and not run.get_picks(object_name=name, user_id=COPICK_USER,
+                                                    session_id=session):
+            return f"copick pick set {COPICK_USER}/{session}/{name} missing"
+        if "segmentation" in written and not run.get_segmentations(
+                user_id=COPICK_USER, session_id=session, name=name,
+                voxel_size=written["segmentation"]["voxel_size"], is_instance=True):
+            return f"copick segmentation {COPICK_USER}/{session}/{name} missing"
+    return None
