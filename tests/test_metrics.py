@@ -194,6 +194,7 @@ def test_cli_evaluate_json(pick_files, run_cli):
     picks, truth = pick_files
     code, out, err = run_cli("evaluate", picks, truth, "--radius", "3", "--json")
     assert code == 0, err
+    assert "holds 2 kinds (blob, ribosome)" in err and "--kind" in err  # all rows counted
     rep = json.loads(out)
     assert (rep["tp"], rep["fp"], rep["fn"]) == (4, 1, 1)
     assert rep["f1"] == pytest.approx(0.8)

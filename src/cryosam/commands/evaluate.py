@@ -62,8 +62,11 @@ def evaluate(
 
     With a score column: also the best F1 over score thresholds and average precision.
     """
+    import warnings
+
     import numpy as np
 
+    from cryosam.errors import CryosamWarning
     from cryosam.io import read_points
     from cryosam.metrics import evaluate_picks
 
@@ -74,6 +77,11 @@ def evaluate(
     tr = read_points(truth, **opts)
     t_zyx, p_zyx = tr.zyx, pk.zyx
     p_keep = np.ones(len(p_zyx), dtype=bool)
+    present = sorted({str(k) for k in tr.columns.get("kind", [])})
+    if kind is None and len(present) > 1:
+        warnings.warn(f"{truth}: holds {len(present)} kinds ({', '.join(present)}); every "
+                      "row counts as truth: pass --kind to score one", CryosamWarning,
+                      stacklevel=2)
     if kind is not None:
         kinds = tr.columns.get("kind")
         if kinds is None:
