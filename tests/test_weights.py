@@ -592,3 +592,39 @@ def test_cli_verify_skips_folders_without_manifest(isolated: Path, run_cli) -> N
     code, out, _ = run_cli("weights", "list")
     line = next(x for x in out.splitlines() if x.startswith("dinov2-base"))
     assert "present" in line and "no manifest" in line
+
+
+def test_dinov2_download_without_internet_fails_at_once(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hub host that does not resolve (no internet, no proxy) is one line at once, not
+    after the hub client's retries, and leaves no folder behind."""
+    import time
+
+    for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    spec = w.get_spec("dinov2-small")
+    started = time.monotonic()
+    with pytest.raises(CryosamError, match=r"cannot reach nothing\.invalid .*no internet"):
+        w.download_dinov2(spec, tmp_path / "ck", endpoint="https://nothing.invalid")
+    assert time.monotonic() - started < 10 and not (tmp_path / "ck").exists()
+
+
+@pytest.mark.parametrize("partial", [False, True])
+def test_a_failed_dinov2_download_mentions_partial_files_only_when_there_are(
+        partial: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub
+
+    def failing(repo_id, *, local_dir, **kwargs):  # noqa: ANN001, ANN003 - the hub's call
+        if partial:  # the hub made its folder and fetched one file before the cut
+            Path(local_dir).mkdir(parents=True, exist_ok=True)
+            Path(local_dir, "config.json").write_text("{}")
+        raise OSError("connection reset")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", failing)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # the hub is replaced: no network
+    spec = w.get_spec("dinov2-small")
+    with pytest.raises(CryosamError, match="cannot download") as info:
+        w.download_dinov2(spec, tmp_path, endpoint="http://127.0.0.1:9")
+    part = tmp_path / f".{spec.name}.part"
+    assert ("partial files kept" in str(info.value)) is partial
+    assert part.exists() is partial

@@ -294,7 +294,10 @@ def download_dinov2(spec: WeightSpec, dest_dir: str | Path, *, endpoint: str | N
         )
     from huggingface_hub import snapshot_download
 
+    _check_reachable(endpoint or os.environ.get("HF_ENDPOINT") or "https://huggingface.co",
+                     spec)
     part = Path(dest_dir) / f".{spec.name}.part"
+    existed = part.exists()
     part.parent.mkdir(parents=True, exist_ok=True)
     try:
         if not progress.enabled():
@@ -307,14 +310,40 @@ def download_dinov2(spec: WeightSpec, dest_dir: str | Path, *, endpoint: str | N
     except CryosamError:
         raise
     except Exception as exc:  # noqa: BLE001 - network/hub failures become one line
+        kept = part.is_dir() and any(p.is_file() for p in part.rglob("*"))
+        if not kept and not existed:
+            shutil.rmtree(part, ignore_errors=True)  # nothing came: leave no empty folder
         raise CryosamError(
             f"cannot download {spec.repo_id}@{(spec.revision or '?')[:12]} from the Hugging "
             f"Face hub ({type(exc).__name__}: {_reason(exc)}); check the network or proxy "
-            f"(HF_ENDPOINT for a mirror); partial files kept in {part} for the next attempt; "
-            f"without internet, run `{spec.download_command}` on a machine with internet and "
-            f"copy checkpoints/{spec.name}/ into {dest_dir} here"
+            "(HF_ENDPOINT for a mirror)"
+            + (f"; partial files kept in {part} for the next attempt" if kept else "")
+            + f"; without internet, run `{spec.download_command}` on a machine with internet "
+            f"and copy checkpoints/{spec.name}/ into {dest_dir} here"
         ) from exc
     return install_snapshot(spec, part, final, expected)
+
+
+def _check_reachable(endpoint: str, spec: WeightSpec) -> None:
+    """Fail at once, in one line, when the hub's host name does not resolve and no proxy is
+    set (a machine without internet), instead of after the hub client's own retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY",
+                                         "all_proxy")):
+        return  # the proxy resolves names
+    host = urlparse(endpoint).hostname
+    if not host:
+        return
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        raise CryosamError(
+            f"cannot reach {host} (its name does not resolve: no internet here?), so "
+            f"{spec.repo_id} cannot be downloaded; run `{spec.download_command}` on a machine "
+            f"with internet and copy checkpoints/{spec.name}/ here (or set HF_ENDPOINT to a "
+            "mirror, HTTPS_PROXY to a proxy)") from None
 
 
 def _file_digests(path: Path, kind: str, label: str) -> tuple[str, str]:
