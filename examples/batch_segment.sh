@@ -8,6 +8,11 @@ dir="${1:?usage: batch_segment.sh TOMO_DIR CLICKED_TOMO CLICKS [options]}"
 tomo="${2:?the tomogram the clicks were made on}"
 clicks="${3:?the clicks file (CSV x,y,z voxels, STAR, or IMOD model2point)}"
 shift 3
-cryosam query "$tomo" --points "$clicks" --out "$dir/particle.cryosam-query" --overwrite "$@"
-cryosam batch "$dir" --out "$dir/picks" --query "$dir/particle.cryosam-query" "$@"
+query="$dir/particle.cryosam-query"
+# made once: a rebuilt query is a new file (its record holds when it was made), and the
+# batch would redo every tomogram for it; delete the file to make it again from new clicks
+if [ ! -f "$query" ]; then
+  cryosam query "$tomo" --points "$clicks" --out "$query" "$@"
+fi
+cryosam batch "$dir" --out "$dir/picks" --query "$query" "$@"
 column -s, -t < "$dir/picks/batch.csv"

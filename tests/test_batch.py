@@ -303,3 +303,19 @@ def test_a_combined_csv_gives_each_tomogram_its_own_rows(dataset: Path, tmp_path
     for name, n in (("TS_01", 2), ("TS_02", 1)):
         record = json.loads((out / name / "run.json").read_text())
         assert record["counts"]["prompts"] == n, (name, record["counts"])
+
+
+def test_the_batch_example_script_resumes(dataset: Path, tmp_path: Path) -> None:
+    """examples/batch_segment.sh run twice: the second run skips every tomogram (its header
+    promises resuming; rebuilding the query each time made every tomogram 'query changed')."""
+    script = Path(__file__).resolve().parents[1] / "examples" / "batch_segment.sh"
+    tomos = tmp_path / "tomos"
+    shutil.copytree(dataset / "tomos", tomos)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    args = ["bash", str(script), str(tomos), str(tomos / "TS_01.mrc"),
+            str(dataset / "clicks.star"), *FAST[:-1]]
+    for _ in range(2):
+        proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr
+    rows = _table(tomos / "picks")
+    assert [rows[n]["status"] for n in NAMES] == ["skipped"] * 3, rows
