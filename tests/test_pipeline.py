@@ -180,3 +180,19 @@ def test_mrc_outputs_carry_the_first_voxel_index(small_sim, tmp_path: Path, run_
             h = mrc.header
             assert (int(h.nxstart), int(h.nystart), int(h.nzstart)) == (5, -6, 7), name
             assert (float(h.origin.x), float(h.origin.z)) == (10.0, 30.0)
+
+
+@pytest.mark.parametrize("where", ["clicks", "negatives"])
+def test_api_points_outside_are_one_line_in_the_input_voxels(where: str, small_sim,
+                                                            weight_free) -> None:
+    """Clicks or negative clicks given as (z, y, x) arrays beyond the tomogram: one error
+    naming which and the input's own size (not the binned grid's, nor a 'prompt point')."""
+    from cryosam.errors import InputError
+
+    sim, _ = small_sim
+    far = [[20.0, 90.0, 400.0]]
+    clicks, negatives = (far, None) if where == "clicks" else (sim.prompt_points[:1], far)
+    word = "click 0" if where == "clicks" else "negative click 0"
+    with pytest.raises(InputError, match=rf"^{word} at z,y,x = 20,90,400 voxels lies outside "
+                                         r"the tomogram \(z,y,x size 40×96×112\)"):
+        CryoSAM(weight_free).segment(sim.volume, clicks, negative_points=negatives)

@@ -21,7 +21,7 @@ from cryosam.probe import probe_clicks as probe_volume
 from cryosam.query import SavedQuery
 from cryosam.record import file_info
 from cryosam.rescale import bin_volume, to_binned
-from cryosam.utils import tomo_stem
+from cryosam.utils import outside_volume, tomo_stem
 
 TomogramLike = io.Tomogram | str | os.PathLike[str] | np.ndarray
 PointsLike = np.ndarray | str | os.PathLike[str] | list[list[float]]
@@ -94,6 +94,7 @@ def load_inputs(tomogram: TomogramLike, points: PointsLike, *, voxel_size: float
         negatives = np.zeros((0, 3))
         if not len(prompts):
             raise InputError("no points given; click at least one particle")
+        _check_array(prompts, tomo.shape, "click")
     neg_source = None
     if negative_points is not None:
         if isinstance(negative_points, str | os.PathLike):
@@ -102,10 +103,24 @@ def load_inputs(tomogram: TomogramLike, points: PointsLike, *, voxel_size: float
                                 pixel_size=points_pixel_size, own_tomo_name=own)
             more, neg_source = np.asarray(ns.zyx, float), Path(negative_points)
         else:
-            more = np.asarray(negative_points, dtype=float)
+            more = np.asarray(negative_points, dtype=float).reshape(-1, 3)
+            _check_array(more, tomo.shape, "negative click")
         negatives = np.vstack([negatives, more.reshape(-1, 3)])
     name = tomo_name or (tomo_stem(tomo.path) if tomo.path else "tomo")
     return Inputs(tomo, prompts, source, points_unit, name, negatives, neg_source)
+
+
+def _check_array(zyx: np.ndarray, shape: tuple[int, int, int], what: str) -> None:
+    """Points given as an array (the Python API's (z, y, x) voxels) must be finite and inside
+    the tomogram; one line naming the first that is not."""
+    bad = ~np.isfinite(zyx).all(axis=1) | outside_volume(np.nan_to_num(zyx, nan=-1e9), shape)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        z, y, x = zyx[i]
+        raise InputError(
+            f"{what} {i} at z,y,x = {z:g},{y:g},{x:g} voxels lies outside the tomogram (z,y,x "
+            f"size {shape[0]}×{shape[1]}×{shape[2]}); give (z, y, x) voxels of this tomogram "
+            "(point files are x,y,z)")
 
 
 def load_tomogram(tomogram: TomogramLike, *, voxel_size: float | None = None,

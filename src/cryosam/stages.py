@@ -96,8 +96,10 @@ def segment_clicks(work: Work, segmenter: Segmenter, cfg: PropagationConfig,
     stats = dict(res.stats)
     stats["duplicate_clicks"] = int(len(work.prompts) - len(rows))
     if stats["duplicate_clicks"]:
-        warnings.warn(f"{stats['duplicate_clicks']} click(s) repeat an earlier click's voxel "
-                      "and were merged with it", CryosamWarning, stacklevel=3)
+        binned = (f" of the {work.factor}x binned grid the run works on" if work.factor > 1
+                  else "")
+        warnings.warn(f"{stats['duplicate_clicks']} click(s) repeat an earlier click's voxel"
+                      f"{binned} and were merged with it", CryosamWarning, stacklevel=3)
     return Clicks(instances, stats)
 
 
