@@ -41,11 +41,13 @@ def main(out_dir: Path) -> None:
     print(f"score cut {cut['threshold']:.3g} ({cut['method']}); {len(result.below_cut)} "
           "match(es) below it, in picks_below_cut.csv")
 
-    # a click on something NOT to pick (here a distractor blob; z, y, x voxels)
+    # a click on something NOT to pick (here the first distractor, a blob or a filament;
+    # z, y, x voxels)
     blob = next(p for p in sim.particles if p.kind != sim.target_kind)
     cleaner = model.segment(files["tomo.mrc"], files["prompt.csv"],
                             negative_points=[list(blob.zyx)], cache_dir=out_dir / "feature_cache")
-    print(f"with one negative click: {len(cleaner.picks_zyx)} picks; matches it removed: "
+    print(f"with one negative click ({blob.kind}): {len(cleaner.picks_zyx)} picks; candidate "
+          f"matches it dropped, not all of which would have been picks: "
           f"{cleaner.record['negatives']['dropped']}")
 
     # a second query on the same tomogram reuses the cached features: five clicks this time
