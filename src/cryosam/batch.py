@@ -21,7 +21,7 @@ from typing import Any
 from cryosam import io
 from cryosam._atomic import atomic_write_text
 from cryosam.errors import InputError
-from cryosam.io.names import CSV_NAME_COLUMNS, name_key
+from cryosam.io.names import csv_name_column, name_key
 from cryosam.utils import tomo_stem
 
 TOMO_SUFFIXES = (".mrc", ".rec", ".map")
@@ -187,7 +187,7 @@ def _names_in(points: Path) -> list[str] | None:
     if points.suffix.lower() == ".star" or "data_" in text[:4096]:
         return io.star_tomo_names(points) or None
     ps = io.read_points(points, check_bounds=False, every_tomogram=True)
-    column = next((c for c in CSV_NAME_COLUMNS if c in ps.columns), None)
+    column = csv_name_column(ps.columns)
     return None if column is None else list(dict.fromkeys(str(v) for v in ps.columns[column]))
 
 

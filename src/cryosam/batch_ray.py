@@ -114,11 +114,11 @@ class Worker:
                  "query_sha256": self.query.meta.get("sha256") if self.query else None,
                  "options": opts.record(), "parameters": _result_parameters(self.config)}
         reason = "--force" if opts.force else changed(Path(task.out), state)
-        if reason is None and source is not None:  # its results live in copick too
-            record = json.loads((Path(task.out) / "run.json").read_text(encoding="utf-8"))
-            reason = io.copick_results_missing(source, record.get("copick", {}).get("written"))
         if reason is None:
             record = json.loads((Path(task.out) / "run.json").read_text(encoding="utf-8"))
+            if source is not None:  # its results live in copick too
+                reason = io.copick_results_missing(source, record.get("copick", {}).get("written"))
+        if reason is None:
             return Outcome(task.name, "skipped", picks=int(record["counts"]["picks"]),
                            reason="same inputs and parameters")
         result = self.runner.segment(

@@ -106,7 +106,7 @@ def load_inputs(tomogram: TomogramLike, points: PointsLike, *, voxel_size: float
             more = np.asarray(negative_points, dtype=float).reshape(-1, 3)
             _check_array(more, tomo.shape, "negative click")
         negatives = np.vstack([negatives, more.reshape(-1, 3)])
-    name = tomo_name or (tomo_stem(tomo.path) if tomo.path else "tomo")
+    name = tomo_name or own or "tomo"
     return Inputs(tomo, prompts, source, points_unit, name, negatives, neg_source)
 
 

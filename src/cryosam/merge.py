@@ -84,16 +84,14 @@ def merge_instances(
         free = inst.mask.mask & (region == 0)
         if len(taken):
             ids, counts = np.unique(taken, return_counts=True)
-            owner = int(ids[int(np.argmax(counts))])
-            if counts.max() < merge_iou * inst.n_voxels and free.any():
-                if not inst.is_prompt and _centred_in(region, free):  # a shell around one
-                    continue  # leakage, not a particle: dropped, its voxels stay free
-                owner = 0
-            if owner:
+            if counts.max() >= merge_iou * inst.n_voxels or not free.any():
+                owner = int(ids[int(np.argmax(counts))])
                 region[free] = owner
                 host = kept[owner - 1]
                 kept[owner - 1] = dataclasses.replace(host, mask=host.mask.union(inst.mask))
                 continue
+            if not inst.is_prompt and _centred_in(region, free):  # a shell around one
+                continue  # leakage, not a particle: dropped, its voxels stay free
         kept.append(inst)
         region[free] = len(kept)
     return [_painted(inst, labels, k + 1) for k, inst in enumerate(kept)], labels

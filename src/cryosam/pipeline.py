@@ -251,15 +251,16 @@ class CryoSAM:
             segmenter = self.segmenter
             encoder = self.encoder
             saved.check_encoder(encoder.id)
+            flips = self._wants_dark("encoder")  # the encoder sees every tomogram dark
         with timer("load"):
             inputs = stages.load_tomogram(tomogram, voxel_size=voxel_size, tomo_name=tomo_name)
         with timer("normalise"):
             volume = stages.normalise(inputs.tomogram, cfg.propagation)
         with timer("probe"):
-            found = stages.probe_from_query(saved, inputs, cfg, self._wants_dark("encoder"))
+            found = stages.probe_from_query(saved, inputs, cfg, flips)
             work = stages.prepare(volume, inputs.tomogram.data, inputs, found,
                                   dataclasses.replace(cfg, binning=saved.binning),
-                                  encoder_dark=self._wants_dark("encoder"),
+                                  encoder_dark=flips,
                                   segmenter_dark=self._wants_dark("segmenter"))
             del volume
         clicks = stages.Clicks([], {})
@@ -285,7 +286,7 @@ class CryoSAM:
         result.record["query"] = saved.report()
         if len(result.picks_zyx) < MIN_MATCHES:  # too few to be the query's kind at all
             warnings.warn(saved.nothing_matched(len(result.picks_zyx), cfg.polarity != "auto",
-                                                self._wants_dark("encoder")),
+                                                flips),
                           CryosamWarning, stacklevel=3)
         return result
 

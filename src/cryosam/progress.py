@@ -20,8 +20,11 @@ def set_quiet(quiet: bool) -> None:
     logging.getLogger("cryosam").setLevel(logging.WARNING if quiet else logging.NOTSET)
 
 
-def quiet() -> bool:
-    """Whether ``--quiet`` was given (before or after the command)."""
+def settle_quiet(asked: bool) -> bool:
+    """A command's ``-q`` joins ``cryosam -q`` (given before the command): returns whether
+    either asked for quiet, and silences the process when one did."""
+    if asked:
+        set_quiet(True)
     return _QUIET
 
 

@@ -64,9 +64,7 @@ def register(app: typer.Typer) -> None:
         from cryosam.commands.segment import check_cache_dir
 
         values, given = segment_values(ctx)
-        quiet = bool(values.get("quiet")) or progress.quiet()  # cryosam -q batch ... too
-        if quiet:
-            progress.set_quiet(True)
+        quiet = progress.settle_quiet(bool(values.get("quiet")))
         copick = batching.is_copick_config(dataset)
         check_modes(dataset, copick, points, query, values, workers, no_ray, ray_address)
         if out.exists() and not out.is_dir():

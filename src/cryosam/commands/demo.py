@@ -53,9 +53,7 @@ def register(app: typer.Typer) -> None:
         from cryosam.simulate import SimulationConfig, simulate, write_simulation
         from cryosam.utils import parse_shape
 
-        quiet = quiet or progress.quiet()  # cryosam -q demo ... too
-        if quiet:
-            progress.set_quiet(True)
+        quiet = progress.settle_quiet(quiet)
         if weight_free:
             encoder, segmenter, why = (backends.weight_free("encoder"),
                                        backends.weight_free("segmenter"),

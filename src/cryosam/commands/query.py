@@ -99,8 +99,7 @@ def register(app: typer.Typer) -> None:
         from cryosam.query import is_query_file
 
         values, given = segment_values(ctx)
-        if values.get("quiet"):
-            progress.set_quiet(True)
+        quiet = progress.settle_quiet(bool(values.get("quiet")))
         if values.get("points") is None:
             raise InputError("cryosam query needs the clicks: --points CLICKS")
         if out.exists() and (out.is_dir() or not overwrite or not is_query_file(out)):
@@ -121,7 +120,7 @@ def register(app: typer.Typer) -> None:
             points_bin=values.get("points_bin"),
             negative_points=values.get("negative_points"))
         saved.save(out)
-        if not values.get("quiet"):
+        if not quiet:
             s = saved.summary()
             typer.echo(f"query saved to {out}: {s['queries']} vector(s) of {s['dim']} from "
                        f"{saved.source.get('clicks')} click(s) on {saved.source.get('name')}, "

@@ -278,9 +278,7 @@ def register(app: typer.Typer) -> None:
         from cryosam.export import check_out_dir, default_out_dir, write_outputs
         from cryosam.pipeline import CryoSAM
 
-        quiet = quiet or progress.quiet()  # cryosam -q segment ... too
-        if quiet:
-            progress.set_quiet(True)
+        quiet = progress.settle_quiet(quiet)
         values = locals()
         given = {p: values[p] for p in OPTION_PATHS if _given(ctx, p)}
         saved = None

@@ -8,7 +8,7 @@ its rows, so ``cryosam segment TS_01.mrc --points all.star`` reads TS_01's point
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +18,12 @@ from cryosam.io._common import warn
 
 # lower-case CSV headers that name the tomogram a row belongs to, in order of preference
 CSV_NAME_COLUMNS = ("rlntomoname", "rlnmicrographname", "tomo_name", "tomogram", "tomo")
+
+
+def csv_name_column(columns: Iterable[str]) -> str | None:
+    """The lower-case CSV column (of ``columns``) that names each row's tomogram, if any."""
+    present = set(columns)
+    return next((c for c in CSV_NAME_COLUMNS if c in present), None)
 
 
 def name_key(name: str) -> str:

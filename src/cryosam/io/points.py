@@ -21,7 +21,7 @@ import numpy as np
 from cryosam._atomic import atomic_write_text
 from cryosam.errors import InputError
 from cryosam.io._common import ParsedPoints, as_column, as_voxel_size, as_zyx, warn
-from cryosam.io.names import CSV_NAME_COLUMNS, select_tomogram
+from cryosam.io.names import csv_name_column, select_tomogram
 from cryosam.io.star import read_star_points
 from cryosam.utils import outside_volume
 
@@ -173,7 +173,7 @@ def read_points(
                                                 star_pixel_size or pixel_size, own_tomo_name)
     else:
         zyx, columns, labels = _read_csv_points(p, text, unit, vs, empty_ok)
-        column = next((c for c in CSV_NAME_COLUMNS if c in columns), None)
+        column = csv_name_column(columns)
         if column is not None and not every_tomogram:
             keep = select_tomogram(p, list(columns[column]), tomo_name, own_tomo_name)
             zyx, labels = zyx[keep], [lb for lb, k in zip(labels, keep, strict=True) if k]
