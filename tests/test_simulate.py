@@ -231,6 +231,24 @@ def test_cli_simulate(tmp_path, run_cli):
     assert code == 2 and "--shape" in err
 
 
+def test_cli_simulate_quiet(tmp_path, run_cli):
+    """`simulate -q` and `cryosam -q simulate` write the files and print nothing, like
+    segment's -q; an error still prints its line; the next plain run prints again."""
+    args = ("--shape", "32,96,96", "--n-targets", "2", "--n-distractors", "1", "--no-membrane")
+    code, out, err = run_cli("simulate", tmp_path / "a", *args, "-q")
+    assert code == 0, err
+    assert out == "" and err == ""
+    assert (tmp_path / "a" / "tomo.mrc").is_file() and (tmp_path / "a" / "truth.csv").is_file()
+    code, out, err = run_cli("-q", "simulate", tmp_path / "b", *args)
+    assert code == 0, err
+    assert out == "" and (tmp_path / "b" / "labels.mrc").is_file()
+    code, out, err = run_cli("simulate", tmp_path / "a", *args, "--quiet")  # exists already
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and "--overwrite" in err
+    code, out, _ = run_cli("simulate", tmp_path / "c", *args)
+    assert code == 0 and "wrote:" in out
+
+
 def test_crowded_preset_packs_every_kind_without_overlap() -> None:
     from cryosam.simulate.crowded import CROWDED_KINDS, kind_clicks
 

@@ -38,8 +38,11 @@ def simulate_command(
                                         help="Outer radius of the target particles, voxels "
                                         "(before --zoom)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing files."),
+    quiet: bool = typer.Option(False, "--quiet", "-q",
+                               help="No summary (errors still print)."),
 ) -> None:
     """Simulate a tomogram with known particles and membranes; write it with its truth."""
+    from cryosam import progress
     from cryosam.simulate import (
         TARGET_KIND,
         SimulationConfig,
@@ -49,6 +52,7 @@ def simulate_command(
     )
     from cryosam.utils import parse_shape
 
+    quiet = progress.settle_quiet(quiet)  # also `cryosam -q simulate`
     config = SimulationConfig(
         shape=parse_shape(shape), voxel_size=voxel_size, snr=snr, seed=seed,
         n_targets=n_targets, n_blobs=n_distractors, n_filaments=n_distractors,
@@ -56,6 +60,8 @@ def simulate_command(
         target_radius=target_radius, preset=preset, per_kind=per_kind)
     sim = simulate(config)
     paths = write_simulation(sim, out_dir, overwrite=overwrite)
+    if quiet:
+        return
     d, h, w = sim.shape
     kinds = dict.fromkeys(p.kind for p in sim.particles) or (TARGET_KIND,)
     counts = ", ".join(f"{len(sim.ids(k))} {k}" for k in kinds)
