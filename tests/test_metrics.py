@@ -264,6 +264,78 @@ def test_cli_evaluate_mask(tmp_path, run_cli):
     assert code == 2 and "shape" in err
 
 
+def test_cli_evaluate_mask_scores_one_label(tmp_path, run_cli):
+    """--truth-label / --pred-label: only voxels equal to that label are inside; a label no
+    voxel holds is one line naming the file and the labels present, exit 2."""
+    from cryosam.io import write_mrc
+
+    truth = np.zeros((8, 8, 8), dtype=np.int16)
+    truth[:2], truth[3:5], truth[6:] = 1, 2, 3
+    write_mrc(tmp_path / "labels.mrc", truth, voxel_size=10)
+    write_mrc(tmp_path / "mask.mrc", (truth == 2).astype(np.int8), voxel_size=10)
+    relabelled = np.where(truth == 2, 5, np.where(truth == 3, 7, 0)).astype(np.int16)
+    write_mrc(tmp_path / "pred.mrc", relabelled, voxel_size=10)
+
+    def dice_of(*args: object) -> float:
+        code, out, err = run_cli("evaluate-mask", *args, "--json")
+        assert code == 0, err
+        return json.loads(out)["dice"]
+
+    # without a label option every labelled voxel is inside: 128 of the 384 are label 2
+    assert dice_of(tmp_path / "mask.mrc", tmp_path / "labels.mrc") == pytest.approx(0.5)
+    assert dice_of(tmp_path / "mask.mrc", tmp_path / "labels.mrc", "--truth-label", "2") == 1.0
+    assert dice_of(tmp_path / "pred.mrc", tmp_path / "labels.mrc", "--pred-label", "5",
+                   "--truth-label", "2") == 1.0
+    assert dice_of(tmp_path / "pred.mrc", tmp_path / "labels.mrc",
+                   "--truth-label", "2") == pytest.approx(2 * 128 / (256 + 128))
+    code, out, _ = run_cli("evaluate-mask", tmp_path / "mask.mrc", tmp_path / "labels.mrc",
+                           "--truth-label", "2")
+    assert code == 0 and "truth label 2" in out and "1.0000" in out
+    code, out, err = run_cli("evaluate-mask", tmp_path / "mask.mrc", tmp_path / "labels.mrc",
+                             "--truth-label", "9")
+    assert code == 2 and out == "" and err.count("\n") == 1, err
+    assert "labels.mrc" in err and "--truth-label 9" in err
+    assert "pass one of its labels: 1, 2, 3" in err
+    code, _, err = run_cli("evaluate-mask", tmp_path / "pred.mrc", tmp_path / "labels.mrc",
+                           "--pred-label", "2")
+    assert code == 2 and err.count("\n") == 1 and "pred.mrc" in err and "5, 7" in err
+    code, _, err = run_cli("evaluate-mask", tmp_path / "mask.mrc", tmp_path / "labels.mrc",
+                           "--truth-label", "2", "--kind", "ribosome")
+    assert code == 2 and err.count("\n") == 1 and "give one of them" in err
+
+
+def test_cli_evaluate_mask_scores_one_kind_of_a_simulation(small_sim, tmp_path, run_cli):
+    """--kind K: TRUTH's voxels labelled with a particle id of kind K in the truth.csv that
+    cryosam simulate writes beside labels.mrc."""
+    from cryosam.io import write_mrc
+
+    sim, files = small_sim
+    ribosomes = sim.ids("ribosome")
+    assert len(ribosomes) and len(ribosomes) < len(sim.particles)
+    pred = tmp_path / "ribosomes.mrc"
+    write_mrc(pred, np.isin(sim.labels, ribosomes).astype(np.int8), voxel_size=10)
+    rep = {}
+    for name, extra in (("kind", ["--kind", "ribosome"]), ("all", []),
+                        ("one", ["--truth-label", str(ribosomes[0])])):
+        code, out, err = run_cli("evaluate-mask", pred, files["labels.mrc"], *extra, "--json")
+        assert code == 0, err
+        rep[name] = json.loads(out)
+    assert rep["kind"]["dice"] == 1.0 and rep["kind"]["kind"] == "ribosome"
+    assert rep["all"]["dice"] < 0.9 and rep["one"]["dice"] < rep["kind"]["dice"]
+    code, _, err = run_cli("evaluate-mask", pred, files["labels.mrc"], "--kind", "virus")
+    assert code == 2 and err.count("\n") == 1
+    assert "truth.csv" in err and "'virus'" in err and "ribosome" in err
+    alone = tmp_path / "alone" / "labels.mrc"  # no truth.csv beside it
+    alone.parent.mkdir()
+    alone.write_bytes(files["labels.mrc"].read_bytes())
+    code, _, err = run_cli("evaluate-mask", pred, alone, "--kind", "ribosome")
+    assert code == 2 and err.count("\n") == 1 and "--truth-label" in err
+    (alone.parent / "truth.csv").write_bytes(files["truth.csv"].read_bytes())
+    write_mrc(alone, np.zeros_like(sim.labels), voxel_size=10)  # not that table's labels
+    code, _, err = run_cli("evaluate-mask", pred, alone, "--kind", "ribosome")
+    assert code == 2 and err.count("\n") == 1 and "give the labels.mrc" in err
+
+
 def test_evaluate_picks_combines_both():
     from cryosam.metrics import evaluate_picks
 

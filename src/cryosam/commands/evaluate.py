@@ -117,28 +117,114 @@ def evaluate(
     _print_table(title, rows)
 
 
+def _label_fix(data: Any) -> str:
+    """What to pass instead, for an error line: a few of the volume's integer labels, or why
+    it has none."""
+    import numpy as np
+
+    values = np.unique(data[data != 0])
+    if not len(values):
+        return "it holds only zeros: is it the right file?"
+    if not np.all(values == np.round(values)):
+        return "its values are not integer labels: score it with --threshold"
+    shown = ", ".join(str(int(v)) for v in values[:10])
+    more = f", ... ({len(values)} labels)" if len(values) > 10 else ""
+    return f"pass one of its labels: {shown}{more}"
+
+
+def _inside(data: Any, path: Path, label: int | None, threshold: float, option: str) -> Any:
+    """Which voxels count as inside: those equal to ``label``, else those above
+    ``threshold``; a label that no voxel holds is an error naming the file."""
+    if label is None:
+        return data > threshold
+    inside = data == label
+    if not inside.any():
+        raise InputError(f"{path}: no voxel holds label {label} ({option} {label}); "
+                         f"{_label_fix(data)}")
+    return inside
+
+
+def _kind_ids(truth: Path, kind: str) -> list[int]:
+    """Ids of the particles of ``kind`` in the ``truth.csv`` beside ``truth`` (the id,kind
+    table that ``cryosam simulate`` writes beside ``labels.mrc``)."""
+    import csv
+
+    table = truth.parent / "truth.csv"
+    if not table.is_file():
+        raise InputError(f"{truth}: --kind {kind} reads the id,kind table beside it, as "
+                         f"cryosam simulate writes it, and there is no {table}; score one "
+                         "label with --truth-label instead")
+    with table.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows or not {"id", "kind"} <= set(rows[0]):
+        raise InputError(f"{table}: --kind needs rows with 'id' and 'kind' columns, as "
+                         "cryosam simulate writes them")
+    try:
+        ids = [int(r["id"]) for r in rows if r["kind"] == kind]
+    except (TypeError, ValueError):
+        raise InputError(f"{table}: column 'id' holds a value that is not an integer "
+                         "label") from None
+    if not ids:
+        found = ", ".join(sorted({r["kind"] for r in rows}))
+        raise InputError(f"{table}: no particle of kind {kind!r}; kinds present: {found}")
+    return ids
+
+
 def evaluate_mask(
     pred: Path = typer.Argument(..., help="Predicted mask or label volume (MRC)."),
     truth: Path = typer.Argument(..., help="True mask or label volume (MRC)."),
-    threshold: float = typer.Option(0.5, "--threshold",
-                                    help="Voxels above this count as inside (both volumes)."),
+    threshold: float = typer.Option(
+        0.5, "--threshold", help="Voxels above this count as inside (each volume scored "
+        "without a label option)."),
+    pred_label: int | None = typer.Option(
+        None, "--pred-label", help="Only PRED's voxels equal to this label count as inside "
+        "(e.g. an instance_id of instances.mrc)."),
+    truth_label: int | None = typer.Option(
+        None, "--truth-label", help="Only TRUTH's voxels equal to this label count as inside "
+        "(e.g. a particle id of cryosam simulate's labels.mrc, listed in its truth.csv)."),
+    kind: str | None = typer.Option(
+        None, "--kind", help="Only TRUTH's particles of this kind count as inside: their ids "
+        "from the truth.csv beside TRUTH (cryosam simulate's labels.mrc and truth.csv)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
-    """Dice and IoU of a predicted mask against the true one (same shape)."""
+    """Dice and IoU of a predicted mask against the true one (same shape).
+
+    Inside is above --threshold, or one label of a label volume (--pred-label,
+    --truth-label), or one kind of cryosam simulate's labels.mrc (--kind).
+    """
+    import numpy as np
+
     from cryosam.io import read_tomogram
     from cryosam.metrics import mask_metrics
 
+    if kind is not None and truth_label is not None:
+        raise InputError(f"--kind {kind} and --truth-label {truth_label} both choose TRUTH's "
+                         "voxels: give one of them")
+    ids = _kind_ids(truth, kind) if kind is not None else None
     a = read_tomogram(pred)
     b = read_tomogram(truth)
     if a.shape != b.shape:
         raise InputError(f"{pred}: shape {a.shape} differs from {truth}: {b.shape} (z,y,x); "
                          "compare masks of the same tomogram")
-    result = mask_metrics(a.data > threshold, b.data > threshold)
-    report = {"pred": str(pred), "truth": str(truth), **result.summary()}
+    inside_pred = _inside(a.data, pred, pred_label, threshold, "--pred-label")
+    if ids is None:
+        inside_truth = _inside(b.data, truth, truth_label, threshold, "--truth-label")
+    else:
+        inside_truth = np.isin(b.data, ids)
+        if not inside_truth.any():
+            raise InputError(f"{truth}: no voxel holds the id of a particle of kind {kind!r} "
+                             f"({', '.join(map(str, ids[:10]))}{', ...' if len(ids) > 10 else ''}"
+                             f" in {truth.parent / 'truth.csv'}); give the labels.mrc "
+                             "written with that truth.csv")
+    result = mask_metrics(inside_pred, inside_truth)
+    chosen = {"pred_label": pred_label, "truth_label": truth_label, "kind": kind}
+    report = {"pred": str(pred), "truth": str(truth), **chosen, **result.summary()}
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return
-    _print_table("mask vs truth", [(k, _fmt(v)) for k, v in result.summary().items()])
+    which = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in chosen.items() if v is not None)
+    _print_table(f"mask vs truth{f' ({which})' if which else ''}",
+                 [(k, _fmt(v)) for k, v in result.summary().items()])
 
 
 def register(app: typer.Typer) -> None:
