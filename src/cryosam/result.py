@@ -121,10 +121,6 @@ class SegmentationResult:
         return self._picked("confidence", float)
 
     @property
-    def pick_agreement(self) -> np.ndarray:
-        return self._picked("agreement", float)
-
-    @property
     def pick_is_prompt(self) -> np.ndarray:
         return self._picked("is_prompt", bool)
 
