@@ -174,10 +174,13 @@ def test_the_same_click_works_on_any_tomogram(variants, variant: str, reference:
 
 def test_crowded_bench_prints_what_no_cut_can_exceed(run_cli) -> None:
     """The crowded table's *found* (recall over every scored match) bounds the recall as
-    written, and best F1 cannot beat what a perfect ranking of the found matches gives."""
+    written, and best F1 cannot beat what a perfect ranking of the found matches gives.
+    The settings line names the density tolerance the models were built with."""
     code, out, err = run_cli("bench", "accuracy", "--preset", "crowded", "--seeds", "0",
-                             "--shape", "32,80,80", "--query-mode", "mean", "--no-negatives")
+                             "--shape", "32,80,80", "--query-mode", "mean", "--no-negatives",
+                             "--density-tolerance", "0.004")
     assert code == 0, err
+    assert "density tolerance 0.004," in out, out
     from cryosam.simulate.crowded import CROWDED_KINDS
 
     heads = {"kind", "mean", *CROWDED_KINDS}  # the table only: a log line may precede it

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import typer
 
+from cryosam.config import CryosamConfig, ScoreConfig
+
 
 def register(app: typer.Typer) -> None:
     """Add ``accuracy`` to the ``cryosam bench`` group."""
@@ -32,20 +34,29 @@ def register(app: typer.Typer) -> None:
         turns: bool = typer.Option(True, "--turns/--no-turns",
                                    help="Also match the query turned about the beam axis "
                                    "(cryosam segment's default)."),
+        density_tolerance: float = typer.Option(
+            ScoreConfig.density_tolerance, "--density-tolerance", min=0.001,
+            help="As cryosam segment's: 1 - density correlation that divides a match's score "
+            "by e (smaller: stricter on look-alikes)."),
     ) -> None:
         """Picks as written (precision, recall, F1) and ranked, per seed or per kind."""
         if preset == "crowded":
             from cryosam.config import QUERY_MODES
 
             modes = QUERY_MODES if query_mode == "both" else (query_mode,)
-            _crowded(seeds, shape, device, snr, modes, negatives, turns)
+            _crowded(seeds, shape, device, snr, modes, negatives, turns, density_tolerance)
             return
         import dataclasses
 
         import numpy as np
 
         from cryosam import backends
-        from cryosam.config import CryosamConfig, EncoderConfig, MatchingConfig, SegmenterConfig
+        from cryosam.config import (
+            CryosamConfig,
+            EncoderConfig,
+            MatchingConfig,
+            SegmenterConfig,
+        )
         from cryosam.metrics import evaluate_picks, fraction_picked, mask_metrics
         from cryosam.pipeline import CryoSAM
         from cryosam.simulate import SimulationConfig, simulate
@@ -54,11 +65,13 @@ def register(app: typer.Typer) -> None:
         cfg = CryosamConfig(
             encoder=EncoderConfig(name=backends.weight_free("encoder")),
             segmenter=SegmenterConfig(name=backends.weight_free("segmenter")), device=device,
-            matching=MatchingConfig(turns=turns))
+            matching=MatchingConfig(turns=turns),
+            score=ScoreConfig(density_tolerance=density_tolerance))
         membrane_cfg = dataclasses.replace(
             cfg, propagation=dataclasses.replace(cfg.propagation, target="membrane"))
         model, membrane_model = CryoSAM(cfg), CryoSAM(membrane_cfg)
         dims = parse_shape(shape)
+        typer.echo(_settings(cfg))
         typer.echo("seed  1 click: P     R     F1  distractors  5 clicks: P     R     F1  "
                    "membrane Dice: 3 clicks  5 clicks")
         rows = []
@@ -85,6 +98,14 @@ def register(app: typer.Typer) -> None:
         typer.echo(_default_row("mean", list(np.nanmean(np.array(rows, dtype=float), axis=0))))
 
 
+def _settings(cfg: CryosamConfig) -> str:
+    """One line naming the backends and the score settings the figures were made with."""
+    sc = cfg.score
+    return (f"encoder {cfg.encoder.name}, segmenter {cfg.segmenter.name}, turns "
+            f"{'on' if cfg.matching.turns else 'off'}, density tolerance "
+            f"{sc.density_tolerance:g}, density range {sc.density_range:g}")
+
+
 def _default_row(head: str, row: list[float]) -> str:
     """precision, recall, F1 (1 click), distractors, the same for 5 clicks, membrane Dice
     from 3 and from 5 clicks."""
@@ -93,7 +114,8 @@ def _default_row(head: str, row: list[float]) -> str:
 
 
 def _crowded(seeds: str, shape: str, device: str, snr: float, modes: tuple[str, ...],
-             negatives: bool, turns: bool = True) -> None:
+             negatives: bool, turns: bool = True,
+             density_tolerance: float = ScoreConfig.density_tolerance) -> None:
     """Per kind of the crowded preset: one and five clicks, picks as written and ranked, for
     each query mode; then one negative click on the most confused kind."""
     import tempfile
@@ -101,7 +123,12 @@ def _crowded(seeds: str, shape: str, device: str, snr: float, modes: tuple[str, 
     import numpy as np
 
     from cryosam import backends
-    from cryosam.config import CryosamConfig, EncoderConfig, MatchingConfig, SegmenterConfig
+    from cryosam.config import (
+        CryosamConfig,
+        EncoderConfig,
+        MatchingConfig,
+        SegmenterConfig,
+    )
     from cryosam.pipeline import CryoSAM
     from cryosam.simulate import SimulationConfig, simulate
     from cryosam.simulate.crowded import CROWDED_KINDS
@@ -110,7 +137,8 @@ def _crowded(seeds: str, shape: str, device: str, snr: float, modes: tuple[str, 
     models = {mode: CryoSAM(CryosamConfig(
         encoder=EncoderConfig(name=backends.weight_free("encoder")),
         segmenter=SegmenterConfig(name=backends.weight_free("segmenter")), device=device,
-        matching=MatchingConfig(query=mode, turns=turns)))  # type: ignore[arg-type]
+        matching=MatchingConfig(query=mode, turns=turns),  # type: ignore[arg-type]
+        score=ScoreConfig(density_tolerance=density_tolerance)))
         for mode in modes}
     rows: dict[tuple[str, int, str], list[list[float]]] = {}
     neg_rows: dict[str, list[list[float]]] = {}
@@ -134,6 +162,7 @@ def _crowded(seeds: str, shape: str, device: str, snr: float, modes: tuple[str, 
                                  _share(kinds_after, other)])
     finally:  # also when a run fails or is interrupted
         cache.cleanup()
+    typer.echo(_settings(next(iter(models.values())).config))
     typer.echo(f"{'kind':12s} query clicks  precision  recall     F1  best F1     AP  found")
     for mode in modes:
         for k in (1, 5):
