@@ -112,6 +112,7 @@ def test_widget_segments_finds_similar_filters_and_saves(
     assert tuple(labels.scale) == tuple(image.scale)
     assert len(viewer.layers[PICKS_NAME].data) == 1
 
+    widget.tolerance_box.setValue(0.01)  # stricter on look-alikes; reaches the run's record
     _press(qtbot, widget, widget.similar_button)
     result = widget.result
     n = len(result.instances)
@@ -145,6 +146,7 @@ def test_widget_segments_finds_similar_filters_and_saves(
     assert int(io.read_tomogram(out / "instances.mrc").data.max()) == shown
     record = json.loads((out / "run.json").read_text())
     assert record["napari_filter"]["kept"] == shown
+    assert record["parameters"]["score"]["density_tolerance"] == pytest.approx(0.01)
     assert record["score"]["cut"]["method"] == "napari score filter"
     assert len(io.read_points(out / "picks_below_cut.csv")) == n - shown  # what it hid
 

@@ -26,6 +26,7 @@ from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import (
     QComboBox,
+    QDoubleSpinBox,
     QFileDialog,
     QFormLayout,
     QHBoxLayout,
@@ -38,6 +39,7 @@ from qtpy.QtWidgets import (
 )
 
 from cryosam import backends
+from cryosam.config import ScoreConfig
 from cryosam.errors import CryosamError
 from cryosam.napari._reader import pick_size, points_kwargs
 from cryosam.napari._results import (
@@ -100,7 +102,7 @@ class CryosamWidget(QWidget):
         self._source: Image | None = None  # the image layer the result belongs to
         self._clicks: Points | None = None  # and its clicks
         self._full_labels: np.ndarray | None = None  # labels before the score filter
-        self._models: dict[tuple[str, str, str], Any] = {}
+        self._models: dict[tuple[str, str, str, float], Any] = {}
         # the feature cache: kept while the widget lives, removed when it is collected
         self.cache_dir = tempfile.mkdtemp(prefix="cryosam-napari-")
         weakref.finalize(self, shutil.rmtree, self.cache_dir, ignore_errors=True)
@@ -141,6 +143,14 @@ class CryosamWidget(QWidget):
                          (self.segmenter_box, "2-D promptable segmenter"),
                          (self.device_box, "auto = CUDA when available")):
             box.setToolTip(f"{tip}; default: {why}")
+        self.tolerance_box = QDoubleSpinBox()
+        self.tolerance_box.setDecimals(3)
+        self.tolerance_box.setRange(0.001, 0.2)
+        self.tolerance_box.setSingleStep(0.001)
+        self.tolerance_box.setValue(ScoreConfig.density_tolerance)
+        self.tolerance_box.setToolTip("Density tolerance (cryosam segment --density-tolerance): "
+                                      "smaller is stricter on look-alikes of the clicked size "
+                                      "(README: crowded tomograms), at some recall elsewhere")
 
         self.segment_button = QPushButton("Segment clicks")
         self.segment_button.setToolTip("3-D masks of the clicked particles only (seconds)")
@@ -186,6 +196,7 @@ class CryosamWidget(QWidget):
         form.addRow("Encoder", self.encoder_box)
         form.addRow("Segmenter", self.segmenter_box)
         form.addRow("Device", self.device_box)
+        form.addRow("Density tolerance", self.tolerance_box)
         buttons = QHBoxLayout()
         buttons.addWidget(self.segment_button)
         buttons.addWidget(self.similar_button)
@@ -292,17 +303,17 @@ class CryosamWidget(QWidget):
         return image, tomo, clicks, neg
 
     def _model(self) -> Any:
-        from cryosam.config import CryosamConfig, EncoderConfig, ScoreConfig, SegmenterConfig
+        from cryosam.config import CryosamConfig, EncoderConfig, SegmenterConfig
         from cryosam.pipeline import CryoSAM
 
         key = (self.encoder_box.currentText(), self.segmenter_box.currentText(),
-               self.device_box.currentText())
+               self.device_box.currentText(), round(self.tolerance_box.value(), 3))
         if key not in self._models:
             # every match is kept: the score slider starts at the automatic cut and can go
             # below it; "Save" writes the ones under the slider to picks_below_cut.csv
             cfg = CryosamConfig(encoder=EncoderConfig(name=key[0]),
                                 segmenter=SegmenterConfig(name=key[1]), device=key[2],
-                                score=ScoreConfig(min_score=0.0))
+                                score=ScoreConfig(min_score=0.0, density_tolerance=key[3]))
             self._models[key] = CryoSAM(cfg)
         return self._models[key]
 
