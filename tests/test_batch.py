@@ -319,3 +319,32 @@ def test_the_batch_example_script_resumes(dataset: Path, tmp_path: Path) -> None
         assert proc.returncode == 0, proc.stderr
     rows = _table(tomos / "picks")
     assert [rows[n]["status"] for n in NAMES] == ["skipped"] * 3, rows
+
+
+def test_a_worker_sharing_a_gpu_takes_its_share_of_the_cache_budget(monkeypatch) -> None:
+    """When workers outnumber GPUs, Ray gives each a fraction of one; each worker's automatic
+    SAM cache budget is that fraction of what one process alone would take, so that together
+    they leave the GPU the same working memory."""
+    import torch
+
+    from cryosam import backends
+    from cryosam.batch import Options
+    from cryosam.batch_ray import Worker
+    from cryosam.config import CryosamConfig, EncoderConfig, SegmenterConfig
+    from cryosam.device import cache_budget_mb, hold_gpu_share
+
+    gib = 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (30 * gib, 80 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 0)
+    cfg = CryosamConfig(encoder=EncoderConfig(name=backends.weight_free("encoder")),
+                        segmenter=SegmenterConfig(name=backends.weight_free("segmenter")),
+                        device="cpu").to_dict()
+    cuda = torch.device("cuda")
+    try:
+        Worker(cfg, Options(), gpu_share=0.5)  # two workers per GPU
+        assert cache_budget_mb(cuda, None) == 10 * 1024 // 2
+        Worker(cfg, Options())  # alone on its GPU: a third of what is free
+        assert cache_budget_mb(cuda, None) == 10 * 1024
+    finally:
+        hold_gpu_share(1.0)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from cryosam.config import SegmenterConfig
-from cryosam.device import CPU_CACHE_MB, cache_budget_mb
+from cryosam.device import CPU_CACHE_MB, cache_budget_mb, hold_gpu_share
 from cryosam.errors import CryosamError, InputError, MissingWeightsError
 from cryosam.segmenters import PromptBatch, Segmenter, build_segmenter
 from cryosam.segmenters.base import ByteLRU, slice_of, to_slice, to_volume
@@ -257,6 +257,16 @@ def test_automatic_cache_budget_follows_the_device(monkeypatch):
     assert cache_budget_mb(torch.device("cuda"), None) == 16 * 1024  # at most 16 GiB
     mem["free"], mem["reserved"] = 2 * gib, mem["allocated"]
     assert cache_budget_mb(torch.device("cuda"), None) == 1024  # never below 1 GiB
+    mem["free"] = 30 * gib
+    try:  # a batch worker holding a quarter of the GPU takes a quarter of the budget
+        hold_gpu_share(0.25)
+        assert cache_budget_mb(torch.device("cuda"), None) == 10 * 1024 // 4
+        assert cache_budget_mb(torch.device("cuda"), 512) == 512  # a given budget stays
+        with pytest.raises(ValueError, match="GPU share"):
+            hold_gpu_share(0.0)
+    finally:
+        hold_gpu_share(1.0)
+    assert cache_budget_mb(torch.device("cuda"), None) == 10 * 1024
     seg = ThresholdSegmenter(SegmenterConfig(name="threshold"))
     assert seg.cache_budget_mb == CPU_CACHE_MB  # its slices live in host memory
     for bad in (-1, "auto", 1.5):

@@ -57,9 +57,11 @@ class Worker:
     """Holds one CryoSAM (models loaded once) and runs tasks; a Ray actor wraps it as is."""
 
     def __init__(self, config: dict[str, Any], options: Options,
-                 query: SavedQuery | None = None) -> None:
+                 query: SavedQuery | None = None, gpu_share: float = 1.0) -> None:
+        from cryosam.device import hold_gpu_share
         from cryosam.pipeline import CryoSAM
 
+        hold_gpu_share(gpu_share)  # workers sharing a GPU share its automatic cache budget
         self.config = CryosamConfig.from_dict(config)
         self.options = options
         self.query = query
@@ -288,7 +290,7 @@ class RayEngine:
                 _restore(handler)
         remote = ray.remote(Worker)
         self._new = lambda: remote.options(num_cpus=threads, num_gpus=gpu_share).remote(
-            replace(config, threads=threads).to_dict(), options, query)
+            replace(config, threads=threads).to_dict(), options, query, gpu_share or 1.0)
         try:
             self.actors = [self._new() for _ in range(n)]
             ray.get([a.ping.remote() for a in self.actors])  # every worker has its models

@@ -59,20 +59,34 @@ GPU_CACHE_RANGE_MB = (1024, 16384)  # kept within these bounds (every slice of a
 # tomogram's SAM-H embeddings takes 4.3 GiB in bf16)
 
 
+_gpu_held = 1.0  # the share of its GPU this process holds (see :func:`hold_gpu_share`)
+
+
+def hold_gpu_share(share: float) -> None:
+    """Say that this process holds only ``share`` of its GPU: Ray gives each batch worker a
+    fraction of one when workers outnumber GPUs. The automatic cache budget is scaled by it,
+    so that the workers on one GPU keep, together, to what one process alone would."""
+    global _gpu_held
+    if not 0.0 < share <= 1.0:
+        raise ValueError(f"a GPU share is in (0, 1], not {share}")
+    _gpu_held = float(share)
+
+
 def cache_budget_mb(device: torch.device, mb: int | None) -> int:
     """The memory budget, in MiB, of a cache of per-slice model outputs kept on ``device``.
 
     ``mb`` None is automatic: on a GPU, a third of the memory free now (what no process holds,
     plus what this one's allocator holds unused), from 1 to 16 GiB, so a large GPU keeps every
     slice of a tomogram and a small one leaves room for the image encoder's working memory;
-    4096 MiB of host memory on a CPU."""
+    a worker holding part of a GPU takes that part of it (:func:`hold_gpu_share`); 4096 MiB
+    of host memory on a CPU."""
     if mb is not None:
         return int(mb)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
         low, high = GPU_CACHE_RANGE_MB
-        return int(min(high, max(low, free * GPU_CACHE_SHARE // 2**20)))
+        return int(min(high, max(low, free * GPU_CACHE_SHARE // 2**20)) * _gpu_held)
     return CPU_CACHE_MB
 
 
