@@ -196,6 +196,14 @@ def test_unreadable_tomogram_fails_alone_then_fixed_and_changed_are_redone(
     rows = _table(out)
     assert [rows[n]["status"] for n in NAMES] == ["skipped", "done", "done"]
     assert rows["TS_03"]["reason"] == "clicks changed"
+    tuning = tmp_path / "smaller-gpu.json"  # speed and memory only: nothing to redo
+    tuning.write_text(json.dumps({"encoder": {"batch_size": 2},
+                                  "segmenter": {"decoder_batch_size": 8,
+                                                "embedding_cache_mb": 64},
+                                  "matching": {"chunk_size": 1024, "backend": "torch"}}))
+    code, _, err = run_cli(*args, "--config", tuning)
+    assert code == 0, err
+    assert {r["status"] for r in _table(out).values()} == {"skipped"}
     code, _, _ = run_cli(*args, "--top-k", "3")  # another parameter: everything again
     assert {r["reason"] for r in _table(out).values()} == {"parameters changed"}
 

@@ -51,6 +51,10 @@ from cryosam.query import MACHINE_PARAMETERS, SavedQuery
 from cryosam.utils import sha256_file
 
 CPU_THREADS_PER_WORKER = 8  # default CPU workers: one per this many CPUs (at least one)
+# how fast a run goes and in how much memory, not what it finds (up to rounding)
+TUNING_PARAMETERS = (("encoder", "batch_size"), ("segmenter", "embedding_cache_mb"),
+                     ("segmenter", "encoder_batch_size"), ("segmenter", "decoder_batch_size"),
+                     ("matching", "chunk_size"), ("matching", "backend"))
 
 
 class Worker:
@@ -166,8 +170,12 @@ class Worker:
 
 
 def _result_parameters(cfg: CryosamConfig) -> dict[str, Any]:
-    """The parameters that change results, as plain JSON (the machine's left out)."""
+    """The parameters that change results, as plain JSON: the machine's (device, threads) and
+    the speed and memory tuning (:data:`TUNING_PARAMETERS`) left out, so that a batch resumed
+    on another machine, or with smaller batches on a smaller GPU, does not start over."""
     params = json.loads(json.dumps(cfg.to_dict(), default=list))
+    for section, key in TUNING_PARAMETERS:
+        params.get(section, {}).pop(key, None)
     return {k: v for k, v in params.items() if k not in MACHINE_PARAMETERS}
 
 
