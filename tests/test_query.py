@@ -112,6 +112,30 @@ def test_other_encoder_id_and_width_are_refused(saved) -> None:
         q.check_dim(q.vectors.shape[1] + 1)
 
 
+def test_a_query_leaves_its_machine_settings_behind(saved) -> None:
+    """A query made on a big GPU with big batches and a big cache travels without them: the
+    machine that uses it starts from its own defaults; what decides the picks travels."""
+    import copy
+    import dataclasses
+
+    from cryosam.config import CryosamConfig
+
+    _, q = saved
+    moved = dataclasses.replace(q, parameters=copy.deepcopy(q.parameters))
+    moved.parameters.update(device="cuda", threads=64)
+    moved.parameters["encoder"]["batch_size"] = 64
+    moved.parameters["segmenter"].update(embedding_cache_mb=40000, decoder_batch_size=512)
+    moved.parameters["matching"].update(chunk_size=1 << 20, top_k=7)
+    cfg, default = moved.config(), CryosamConfig()
+    assert (cfg.device, cfg.threads) == (default.device, default.threads)
+    assert cfg.encoder.batch_size == default.encoder.batch_size
+    assert cfg.segmenter.embedding_cache_mb is None
+    assert cfg.segmenter.decoder_batch_size == default.segmenter.decoder_batch_size
+    assert cfg.matching.chunk_size == default.matching.chunk_size
+    assert cfg.matching.top_k == 7  # a result parameter travels
+    assert cfg.encoder.name == q.parameters["encoder"]["name"]
+
+
 def test_other_voxel_size_or_polarity_warns(saved, other_sim, weight_free) -> None:
     _, q = saved
     sim, _ = other_sim

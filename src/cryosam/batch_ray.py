@@ -44,17 +44,13 @@ import numpy as np
 
 from cryosam import io, progress
 from cryosam.batch import Options, Outcome, Task, write_table
-from cryosam.config import CryosamConfig
+from cryosam.config import CryosamConfig, result_parameters
 from cryosam.device import resolve_threads
 from cryosam.errors import CryosamError, CryosamWarning, InputError, Terminated
-from cryosam.query import MACHINE_PARAMETERS, SavedQuery
+from cryosam.query import SavedQuery
 from cryosam.utils import sha256_file
 
 CPU_THREADS_PER_WORKER = 8  # default CPU workers: one per this many CPUs (at least one)
-# how fast a run goes and in how much memory, not what it finds (up to rounding)
-TUNING_PARAMETERS = (("encoder", "batch_size"), ("segmenter", "embedding_cache_mb"),
-                     ("segmenter", "encoder_batch_size"), ("segmenter", "decoder_batch_size"),
-                     ("matching", "chunk_size"), ("matching", "backend"))
 
 
 class Worker:
@@ -170,13 +166,9 @@ class Worker:
 
 
 def _result_parameters(cfg: CryosamConfig) -> dict[str, Any]:
-    """The parameters that change results, as plain JSON: the machine's (device, threads) and
-    the speed and memory tuning (:data:`TUNING_PARAMETERS`) left out, so that a batch resumed
-    on another machine, or with smaller batches on a smaller GPU, does not start over."""
-    params = json.loads(json.dumps(cfg.to_dict(), default=list))
-    for section, key in TUNING_PARAMETERS:
-        params.get(section, {}).pop(key, None)
-    return {k: v for k, v in params.items() if k not in MACHINE_PARAMETERS}
+    """The parameters that change results, as plain JSON (:func:`config.result_parameters`):
+    a batch resumed on another machine, or with smaller batches on a smaller GPU, carries on."""
+    return result_parameters(json.loads(json.dumps(cfg.to_dict(), default=list)))
 
 
 def changed(out: Path, state: dict[str, Any]) -> str | None:

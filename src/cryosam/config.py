@@ -289,3 +289,22 @@ def get_path(config: Any, path: str) -> Any:
 def default_config() -> CryosamConfig:
     """Today's defaults; the CLI takes every option's default from here."""
     return CryosamConfig()
+
+
+MACHINE_PARAMETERS = ("device", "threads")  # where a run happens, not what it computes
+# how fast a run goes and in how much memory, not what it finds (up to rounding)
+TUNING_PARAMETERS = (("encoder", "batch_size"), ("segmenter", "embedding_cache_mb"),
+                     ("segmenter", "encoder_batch_size"), ("segmenter", "decoder_batch_size"),
+                     ("matching", "chunk_size"), ("matching", "backend"))
+
+
+def result_parameters(params: dict[str, Any]) -> dict[str, Any]:
+    """``params`` (a :meth:`CryosamConfig.to_dict`) without what only the machine decides:
+    the device, threads, batch sizes, cache budget and matching backend. A batch resumes and
+    a saved query travels on that, so another GPU or smaller batches change neither."""
+    out = {k: v for k, v in params.items() if k not in MACHINE_PARAMETERS}
+    for section, key in TUNING_PARAMETERS:
+        if isinstance(out.get(section), dict):
+            out[section] = {k: v for k, v in out[section].items() if k != key}
+    return out
+

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from cryosam._atomic import atomic_path
-from cryosam.config import CryosamConfig, ScoreConfig
+from cryosam.config import CryosamConfig, ScoreConfig, result_parameters
 from cryosam.errors import CryosamWarning, InputError
 from cryosam.merge import elongation
 from cryosam.propagation import InstanceMask
@@ -45,7 +45,6 @@ from cryosam.score import References, learn_references
 FORMAT = "cryosam-query"
 FORMAT_VERSION = 2  # 2: negative clicks and the clicks' density descriptions
 SUFFIX = ".cryosam-query"
-MACHINE_PARAMETERS = ("device", "threads")  # where a run happens, not what it computes
 VOXEL_SIZE_TOLERANCE = 0.05  # relative difference that earns a warning
 
 
@@ -205,9 +204,10 @@ class SavedQuery:
     # ------------------------------------------------------------------ compatibility
 
     def config(self) -> CryosamConfig:
-        """The parameters of the run that made the query, with this machine's device and
-        threads left at their defaults: the starting point of ``segment --query``."""
-        params = {k: v for k, v in self.parameters.items() if k not in MACHINE_PARAMETERS}
+        """The parameters of the run that made the query, with what only its machine decided
+        (device, threads, batch sizes, cache budget: :func:`config.result_parameters`) left at
+        this machine's defaults: the starting point of ``segment --query``."""
+        params = result_parameters(self.parameters)
         try:
             return CryosamConfig.from_dict(params)
         except InputError as exc:
