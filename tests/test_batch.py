@@ -204,6 +204,12 @@ def test_unreadable_tomogram_fails_alone_then_fixed_and_changed_are_redone(
     code, _, err = run_cli(*args, "--config", tuning)
     assert code == 0, err
     assert {r["status"] for r in _table(out).values()} == {"skipped"}
+    record = json.loads((out / "TS_01" / "run.json").read_text())  # as an older cryosam
+    record["batch"]["parameters"]["segmenter"]["embedding_cache_mb"] = None  # wrote it
+    (out / "TS_01" / "run.json").write_text(json.dumps(record))
+    code, _, err = run_cli(*args)
+    assert code == 0, err
+    assert _table(out)["TS_01"]["status"] == "skipped"
     code, _, _ = run_cli(*args, "--top-k", "3")  # another parameter: everything again
     assert {r["reason"] for r in _table(out).values()} == {"parameters changed"}
 

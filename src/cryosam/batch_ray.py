@@ -188,6 +188,8 @@ def changed(out: Path, state: dict[str, Any]) -> str | None:
     labels = {"tomogram_sha256": "tomogram changed", "prompts_zyx": "clicks changed",
               "query_sha256": "query changed", "options": "options changed",
               "parameters": "parameters changed"}
+    if isinstance(before.get("parameters"), dict):  # made before tuning was left out of it
+        before = {**before, "parameters": result_parameters(before["parameters"])}
     for key, label in labels.items():
         if before.get(key) != state[key]:
             return label
