@@ -11,6 +11,7 @@ from cryosam.simulate import SimulationConfig, simulate
 
 
 def main() -> None:
+    """Segment the simulated membranes from a few clicks and print their Dice."""
     sim = simulate(SimulationConfig(seed=0))
     config = CryosamConfig(segmenter=SegmenterConfig(name="threshold"),
                            propagation=PropagationConfig(target="membrane"))

@@ -20,6 +20,7 @@ from cryosam.simulate import SimulationConfig, simulate, write_simulation
 
 
 def main(out_dir: Path) -> None:
+    """Simulate a tomogram into ``out_dir``, segment it through the API and print picks."""
     sim = simulate(SimulationConfig(shape=(64, 160, 160), seed=1))
     files = write_simulation(sim, out_dir / "data", overwrite=True)
 

@@ -121,6 +121,7 @@ def ceiling(seeds: Sequence[int], snr: float, shape: tuple[int, int, int], n_rot
 
 
 def main() -> None:
+    """Parse the options, rank each kind's copies and print the table."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--snr", type=float, default=0.5)

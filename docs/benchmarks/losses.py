@@ -96,6 +96,7 @@ def losses(seeds: list[int], snr: float, shape: tuple[int, int, int],
 
 
 def main() -> None:
+    """Parse the options, rank each kind's copies by each part and print the table."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--snr", type=float, default=0.5)

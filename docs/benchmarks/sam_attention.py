@@ -19,6 +19,7 @@ from cryosam.segmenters import sam as cryosam_sam
 
 
 def main() -> None:
+    """Parse the options, time both attention paths and print their figures."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="auto")
     ap.add_argument("--model", default="vit_h", choices=("vit_b", "vit_l", "vit_h"))

@@ -309,7 +309,7 @@ class _Engine:
     """The step-synchronous propagation state shared by batched and one-at-a-time runs."""
 
     def __init__(self, shape: tuple[int, ...], segmenter: Segmenter, cfg: PropagationConfig,
-                 radius: float | None = None):
+                 radius: float | None = None) -> None:
         self.shape = tuple(int(s) for s in shape)
         self.seg = segmenter
         self.cfg = cfg

@@ -15,6 +15,7 @@ import torch
 import typer
 
 from cryosam.device import peak_memory_bytes, reset_peak_memory, resolve_device
+from cryosam.encoders.base import SliceEncoder
 from cryosam.errors import CryosamError
 from cryosam.features import (
     PLANE_DIMS,
@@ -35,7 +36,7 @@ class _GridOnly:
     memory can be measured (the values are not the point; the allocation is).
     """
 
-    def __init__(self, encoder) -> None:
+    def __init__(self, encoder: SliceEncoder) -> None:
         self.inner = encoder
         self.id, self.patch_size, self.channels = encoder.id, encoder.patch_size, encoder.channels
         self.grid_shape = encoder.grid_shape
@@ -52,7 +53,7 @@ class _GridOnly:
         return torch.zeros((len(slices), gh, gw, self.channels), dtype=torch.float16)
 
 
-def _throughput(encoder, shape: tuple[int, int, int], n_slices: int, batch_size: int,
+def _throughput(encoder: SliceEncoder, shape: tuple[int, int, int], n_slices: int, batch_size: int,
                 device: torch.device) -> dict[str, float]:
     """Slices per second along each axis, after warm-up batches of the timed sizes (a GPU
     picks its kernels per shape: warming up with one slice left the first timed axis slow)."""
@@ -82,7 +83,7 @@ def _throughput(encoder, shape: tuple[int, int, int], n_slices: int, batch_size:
     return rates
 
 
-def _memory(encoder, shape: tuple[int, int, int]) -> None:
+def _memory(encoder: SliceEncoder, shape: tuple[int, int, int]) -> None:
     """Estimated vs measured FeatureVolume memory for a tomogram of ``shape``."""
     est = estimate_nbytes(shape, encoder)
     volume = np.zeros(shape, dtype=np.float32)

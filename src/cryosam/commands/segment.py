@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
@@ -20,6 +20,10 @@ from cryosam import backends
 from cryosam import config as configuration
 from cryosam.config import TARGETS, CryosamConfig, get_path
 from cryosam.errors import InputError
+
+if TYPE_CHECKING:
+    from cryosam.io.copick import CopickSource
+    from cryosam.result import SegmentationResult
 
 # CLI parameter -> dotted path in CryosamConfig
 OPTION_PATHS: dict[str, str] = {
@@ -69,6 +73,8 @@ QueryModeChoice = StrEnum("QueryModeChoice",  # type: ignore[misc]
 
 
 class UnitChoice(StrEnum):
+    """Units of the clicks file's coordinates (--points-unit)."""
+
     voxel = "voxel"
     angstrom = "angstrom"
 
@@ -379,7 +385,8 @@ def check_input_mode(ctx: typer.Context, values: dict[str, Any]) -> None:
                          "--clicks-session")
 
 
-def write_copick_result(source, result, out_dir: Path) -> str:  # noqa: ANN001
+def write_copick_result(source: CopickSource, result: SegmentationResult,
+                        out_dir: Path) -> str:
     """Write the picks (particles only) and the instance labels back; one summary line."""
     from cryosam import io
 
@@ -422,7 +429,7 @@ def check_cache_dir(cache_dir: Path, out_dir: Path | None = None) -> None:
                          "another folder")
 
 
-def print_summary(result, written: dict[str, Path], out_dir: Path) -> None:  # noqa: ANN001
+def print_summary(result: SegmentationResult, written: dict[str, Path], out_dir: Path) -> None:
     """One screen: counts, times per stage, where the outputs are."""
     from rich.console import Console
     from rich.markup import escape

@@ -25,6 +25,8 @@ from cryosam.encoders.base import as_batch, grid_for_long_side
 from cryosam.errors import CryosamError
 
 if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
     from cryosam.backends import Dinov2Options
     from cryosam.config import EncoderConfig
 
@@ -199,7 +201,7 @@ ARCHITECTURES: dict[str, tuple[int, int, int, bool]] = {
 _SIZE_WORDS = {"small": "vits14", "base": "vitb14", "large": "vitl14", "giant": "vitg14"}
 
 
-def architecture_config(arch: str, *, registers: bool = True):  # -> transformers config
+def architecture_config(arch: str, *, registers: bool = True) -> PretrainedConfig:
     """The transformers config of a published ViT/14 (518 px) without downloading anything."""
     from transformers import Dinov2Config, Dinov2WithRegistersConfig
 

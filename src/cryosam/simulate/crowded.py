@@ -18,12 +18,16 @@ import scipy.fft as sfft
 
 from cryosam.errors import CryosamError
 from cryosam.simulate.shapes import (
+    Membrane,
     Shape,
     make_membranes,
     offsets,
     render_membranes,
     ribosome_shape,
 )
+
+# a placed particle: kind, shape, centre (z, y, x), where its mask sits, its mask
+Placed = tuple[str, Shape, np.ndarray, tuple[slice, ...], np.ndarray]
 
 # kind -> nominal outer radius in voxels
 CROWDED_KINDS: dict[str, float] = {
@@ -104,7 +108,8 @@ def ctf_transfer(shape: tuple[int, int, int], tilt_range: float, first_zero: flo
 
 
 def place_crowded(shape: tuple[int, int, int], counts: dict[str, int], membrane: bool,
-                  rng: np.random.Generator):
+                  rng: np.random.Generator
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[Membrane], list[Placed]]:
     """Membranes, then every particle without overlap. Returns (density, labels, membrane
     mask, membranes, [(kind, Shape, centre, mask slice, mask)])."""
     density = np.zeros(shape, dtype=np.float32)
@@ -145,7 +150,7 @@ def kind_clicks(sim, kind: str, n: int = 1) -> np.ndarray:  # noqa: ANN001 - a S
     radii = np.asarray([p.radius for p in sim.particles])
     dims = np.asarray(sim.volume.shape, dtype=np.float64)
 
-    def clearance(p) -> float:  # noqa: ANN001
+    def clearance(p) -> float:  # noqa: ANN001 - a Particle (scene imports this module)
         c = np.asarray(p.zyx)
         gaps = np.linalg.norm(centres - c, axis=1) - radii - p.radius
         gaps[p.id - 1] = np.inf

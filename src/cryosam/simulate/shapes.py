@@ -152,12 +152,14 @@ class Membrane:
 
 
 def bilayer(sd: np.ndarray) -> np.ndarray:
+    """Density across a membrane at signed distance ``sd``: two leaflets (Gaussians)."""
     s2 = 2 * _LEAFLET_SIGMA**2
     return 0.9 * (np.exp(-((sd - _LEAFLET_OFFSET) ** 2) / s2)
                   + np.exp(-((sd + _LEAFLET_OFFSET) ** 2) / s2))
 
 
 def make_membranes(shape: tuple[int, int, int], rng: np.random.Generator) -> list[Membrane]:
+    """A gently curved sheet and a vesicle that fit in ``shape`` (none in a small one)."""
     d, h, w = shape
     out: list[Membrane] = []
     sheet_xmax = 0.0
@@ -179,7 +181,8 @@ def make_membranes(shape: tuple[int, int, int], rng: np.random.Generator) -> lis
     return out
 
 
-def offsets(centre: np.ndarray, extent: float, shape: tuple[int, int, int]):  # noqa: ANN201
+def offsets(centre: np.ndarray, extent: float, shape: tuple[int, int, int]
+            ) -> tuple[tuple[slice, ...], tuple[np.ndarray, ...]]:
     """Bounding-box slices around ``centre`` and the voxel offsets from it (open grids)."""
     lo = np.maximum(np.floor(centre - extent - 1).astype(int), 0)
     hi = np.minimum(np.ceil(centre + extent + 2).astype(int), np.asarray(shape))
