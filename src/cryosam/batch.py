@@ -80,6 +80,8 @@ class Outcome:
     detail: str = ""  # the traceback of an unexpected failure (shown with --debug)
 
     def row(self) -> dict[str, Any]:
+        """This outcome as a row of ``batch.csv`` (:data:`COLUMNS`): picks blank when unknown,
+        seconds to 0.01 s; the warnings and the traceback stay out of the table."""
         return {"tomogram": self.tomogram, "status": self.status,
                 "picks": "" if self.picks is None else self.picks,
                 "seconds": f"{self.seconds:.2f}", "error": self.error, "reason": self.reason}

@@ -227,6 +227,7 @@ class InProcess:
         self.description = f"in this process, {self.threads} thread(s)"
 
     def outcomes(self, tasks: list[Task]) -> Iterator[Outcome]:
+        """Run ``tasks`` one after another on the one worker, yielding each outcome as it ends."""
         for task in tasks:
             yield self.worker.run(task)
 

@@ -43,6 +43,8 @@ class Cut:
     separation: float | None = None  # the mixture's separation in pooled stds
 
     def report(self) -> dict[str, object]:
+        """The cut for the run record's ``score.cut``: threshold (6 decimals), method, and the
+        mixture's separation in pooled stds (None when no mixture was fitted)."""
         return {"threshold": round(self.threshold, 6), "method": self.method,
                 "separation": None if self.separation is None else round(self.separation, 3)}
 
@@ -117,7 +119,9 @@ class ScoredMatch(Protocol):
     """What the cut needs of a match (:class:`cryosam.result.Instance` is one)."""
 
     @property
-    def score(self) -> float: ...
+    def score(self) -> float:
+        """The match's score in [0, 1] (:mod:`cryosam.score`), the value the cut is placed among."""
+        ...
 
     outside: bool  # beyond the clicked kind's density range: decided already
 

@@ -43,6 +43,8 @@ class Inputs:
     negatives_source: Path | None = None
 
     def report(self) -> dict[str, Any]:
+        """The run record's ``inputs``: the files' path, size and SHA-256, the tomogram's shape,
+        voxel size and origin (Å), the clicks and the negatives (voxels), each along z, y, x."""
         tomo = self.tomogram
         return {
             "negative_points": (file_info(self.negatives_source) if self.negatives_source
@@ -202,6 +204,8 @@ class Work:
     negatives: np.ndarray = field(default_factory=lambda: np.zeros((0, 3)))  # work voxels
 
     def report(self) -> dict[str, Any]:
+        """The run record's ``work``: the binning factor, the work grid's shape (z, y, x), the
+        particle radius in work voxels and which models were given the flipped volume."""
         return {"binning": self.factor, "shape_zyx": list(self.segmenter_volume.shape),
                 "radius_voxels": None if self.radius is None else round(self.radius, 3),
                 "flipped": self.flipped}

@@ -41,15 +41,23 @@ class FeatureSource(Protocol):
     shape: tuple[int, int, int]
     dim: int
 
-    def sample(self, zyx: np.ndarray | torch.Tensor) -> torch.Tensor: ...
+    def sample(self, zyx: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Features (N, dim) float32 at (N, 3) voxel coordinates (z, y, x), un-normalised."""
+        ...
 
-    def grid_shape(self, ratio: int) -> tuple[int, int, int]: ...
+    def grid_shape(self, ratio: int) -> tuple[int, int, int]:
+        """Shape of the ``ratio``-times coarser grid: ceil(D/r), ceil(H/r), ceil(W/r)."""
+        ...
 
-    def cell_centres(self, ratio: int, cells: np.ndarray) -> np.ndarray: ...
+    def cell_centres(self, ratio: int, cells: np.ndarray) -> np.ndarray:
+        """Voxel centres (n, 3) (z, y, x) of cells (n, 3) of the ``ratio``-times coarser grid."""
+        ...
 
     def iter_grid(
         self, ratio: int, cells: np.ndarray | None = None, chunk_size: int = 65536
-    ) -> Iterator[tuple[np.ndarray, torch.Tensor]]: ...
+    ) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+        """Chunks of (cells (n, 3), features (n, dim)) of the ``ratio`` grid (``cells`` or all)."""
+        ...
 
     def pooled(self, ratio: int) -> FeatureSource:
         """The same features averaged over ``ratio``-voxel cells (coarse levels)."""

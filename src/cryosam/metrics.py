@@ -310,26 +310,32 @@ class PickEvaluation:
 
     @property
     def precision(self) -> float:
+        """TP / picks over all picks, whatever their score (0 without picks)."""
         return self.match.precision
 
     @property
     def recall(self) -> float:
+        """TP / true particles over all picks (0 without particles)."""
         return self.match.recall
 
     @property
     def f1(self) -> float:
+        """2 TP / (picks + true particles) over all picks (0 when both are empty)."""
         return self.match.f1
 
     @property
     def tp(self) -> int:
+        """Picks paired one-to-one with a true particle within the radius."""
         return self.match.tp
 
     @property
     def fp(self) -> int:
+        """Picks left without a true particle (false positives)."""
         return self.match.fp
 
     @property
     def fn(self) -> int:
+        """True particles left without a pick (missed)."""
         return self.match.fn
 
     @property

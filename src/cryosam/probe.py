@@ -40,6 +40,8 @@ class ClickProbe:
                 "bright": sum(r < 0 for r in self.responses)}
 
     def report(self) -> dict[str, Any]:
+        """The run record's ``probe``: polarity and radius (voxels) with their sources, the votes,
+        and each probed click's radius (None where not found) and ``sigma^2 * LoG`` response."""
         return {
             "polarity": self.polarity, "polarity_source": self.polarity_source,
             "votes": self.votes, "radius_voxels": self.radius, "radius_source": self.radius_source,

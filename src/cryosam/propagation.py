@@ -14,8 +14,7 @@ decoder pass, which for SAM may span several slices), and every slice is encoded
 slice at a time, the baseline the batching is measured against; both give the same masks.
 
 The volume passed in is the RAW tomogram: it is rescaled per tomogram to [0, 1] from robust
-percentiles (``clip_percentiles``) unless ``normalise=False``, in which case it must already
-be in [0, 1].
+percentiles (``clip_percentiles``) unless ``normalise=False``, when it must already be in [0, 1].
 
 Membranes (``target="membrane"``) are sheets: their slices are thin curves, so consecutive
 masks are compared after dilating both by ``membrane_tolerance`` pixels (a curve that moves by
@@ -54,6 +53,7 @@ class InstanceMask:
 
     @classmethod
     def empty(cls) -> InstanceMask:
+        """A mask with no voxels: a (0, 0, 0) crop at the origin."""
         return cls((0, 0, 0), np.zeros((0, 0, 0), bool))
 
     @classmethod
@@ -68,6 +68,7 @@ class InstanceMask:
 
     @property
     def n_voxels(self) -> int:
+        """How many voxels the mask holds (0 for an empty one)."""
         return int(self.mask.sum())
 
     @property
@@ -100,6 +101,7 @@ class InstanceMask:
         into[a[0] : b[0], a[1] : b[1], a[2] : b[2]][crop] = value
 
     def to_dense(self, shape: tuple[int, int, int]) -> np.ndarray:
+        """The mask as a full bool volume of ``shape`` (z, y, x), clipped to it."""
         out = np.zeros(shape, bool)
         self.paste(out, True)
         return out
@@ -268,9 +270,8 @@ def propagate(volume: np.ndarray, points: np.ndarray, segmenter: Segmenter,
     t0 = time.perf_counter()
     volume = np.asarray(volume)
     pts = _check(volume, points)
-    # normalise=False: the caller's [0, 1] volume is used as it is (no copy of a big tomogram)
     vol = normalise_volume(volume, cfg.clip_percentiles) if cfg.normalise else \
-        np.asarray(volume, np.float32)
+        np.asarray(volume, np.float32)  # normalise=False: the caller's [0, 1] volume (no copy)
     segmenter.set_volume(vol)
     before = {k: getattr(segmenter, k, 0) for k in COUNTERS}
     engine = _Engine(vol.shape, segmenter, cfg, radius)
@@ -399,8 +400,7 @@ class _Engine:
         """Propagate ``particles`` (indices into ``pts``) to completion."""
         cfg = self.cfg
         fixed_cap = min(float(cfg.max_area) if cfg.max_area else np.inf, self.size_cap)
-        # step 0: the three planes through each point
-        first: list = []
+        first: list = []  # step 0: the three planes through each point
         for i in particles:
             for axis in self.axes:
                 idx, rc = to_slice(pts[i : i + 1], axis)

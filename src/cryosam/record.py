@@ -39,6 +39,8 @@ class StageTimer:
 
     @contextlib.contextmanager
     def __call__(self, name: str) -> Iterator[None]:
+        """Time the ``with`` block as stage ``name`` (seconds add up over repeats; peak memory in
+        bytes, the largest seen), synchronising the GPU at both ends (not after an error)."""
         self.sync()
         reset_peak_memory(self.device)
         start = time.perf_counter()

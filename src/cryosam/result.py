@@ -43,6 +43,7 @@ class Instance:
 
     @property
     def n_voxels(self) -> int:
+        """Size of its mask in voxels (0 only for a click whose mask came out empty)."""
         return self.mask.n_voxels
 
     def position(self) -> np.ndarray:
@@ -87,6 +88,7 @@ class SegmentationResult:
     # per instance, in label order
     @property
     def instance_scores(self) -> np.ndarray:
+        """:attr:`Instance.score` of every instance, clicks included, in label order."""
         return np.array([i.score for i in self.instances], dtype=float)
 
     # picks: one per instance at its centroid, best score first (particles only)
@@ -110,18 +112,22 @@ class SegmentationResult:
 
     @property
     def pick_scores(self) -> np.ndarray:
+        """:attr:`Instance.score` of each pick, best first."""
         return self._picked("score", float)
 
     @property
     def pick_similarity(self) -> np.ndarray:
+        """Matching similarity of each pick with the query (1 for clicks), in pick order."""
         return self._picked("similarity", float)
 
     @property
     def pick_confidence(self) -> np.ndarray:
+        """Segmenter confidence of each pick, in [0, 1], in pick order."""
         return self._picked("confidence", float)
 
     @property
     def pick_is_prompt(self) -> np.ndarray:
+        """True for each pick that is a click rather than a match, in pick order."""
         return self._picked("is_prompt", bool)
 
     @property
@@ -136,6 +142,7 @@ class SegmentationResult:
 
     @cached_property
     def pick_n_voxels(self) -> np.ndarray:
+        """Mask size of each pick in voxels, in pick order (napari sizes its points by it)."""
         return self._picked("n_voxels", np.int64)
 
 

@@ -66,6 +66,8 @@ class Clicks:
         return [i.mask for i in self.instances if i.n_voxels > 0]
 
     def report(self) -> dict[str, Any]:
+        """The run record's ``propagation.prompts``: propagation's counters for the clicks and
+        ``duplicate_clicks``, the clicks merged with an earlier one on the same voxel."""
         return dict(self.stats)
 
 
@@ -113,6 +115,8 @@ class Negatives:
                                                               "agreement": 0})
 
     def report(self) -> dict[str, Any]:
+        """The run record's ``negatives``: negative clicks, how many gave a mask, and how many
+        matches each test dropped (inside a mask, more similar, better agreement)."""
         return {"clicks": self.clicks, "masks": len(self.masks), "dropped": dict(self.dropped)}
 
 
@@ -154,6 +158,8 @@ class Features:
     encoder_id: str
 
     def report(self) -> dict[str, Any]:
+        """The run record's ``features``: encoder, feature dim, bytes held, whether the feature
+        cache had them, and the encoder's voxels per patch and grids."""
         fv = self.volume
         return {
             "encoder": self.encoder_id,
@@ -250,6 +256,8 @@ class Matches:
     query: Query
 
     def report(self) -> dict[str, Any]:
+        """The run record's ``matching``: NMS radius (input and work voxels), query vectors,
+        proposals, the matching stats and how many proposals fell inside the clicked masks."""
         return {
             "enabled": True,
             "nms_radius": self.query.nms_radius * self.query.factor,  # the input's voxels
@@ -298,6 +306,8 @@ class ProposalMasks:
     references: dict[str, Any] = field(default_factory=dict)
 
     def report(self) -> dict[str, Any]:
+        """The run record's ``propagation.proposals``: propagation's counters for the matches
+        (the masks rejected are counted in ``matching.rejected``)."""
         return dict(self.stats)
 
 

@@ -26,7 +26,9 @@ _MIB = 1 << 20
 class Digest(Protocol):
     """What :mod:`hashlib` objects offer (so several digests can share one read)."""
 
-    def update(self, data: bytes, /) -> None: ...
+    def update(self, data: bytes, /) -> None:
+        """Add ``data`` to what the digest hashes (one call per chunk read)."""
+        ...
 
 
 def hash_file(path: str | os.PathLike[str], *digests: Digest,

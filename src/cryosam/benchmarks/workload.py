@@ -79,17 +79,22 @@ class Workload:
     # ---- files
 
     def to_json(self) -> dict[str, Any]:
+        """The workload as plain JSON, headed by :data:`FORMAT` and :data:`VERSION` (what
+        :meth:`load` checks)."""
         out = asdict(self)
         out["shape"] = list(self.shape)
         return {"format": FORMAT, "version": VERSION, **out}
 
     def save(self, path: str | os.PathLike[str]) -> None:
+        """Write :meth:`to_json` to ``path`` as compact JSON, atomically."""
         from cryosam._atomic import atomic_write_text
 
         atomic_write_text(Path(path), json.dumps(self.to_json(), separators=(",", ":")))
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Workload:
+        """Read a workload written by :meth:`save`; a one-line :class:`InputError` when the file
+        cannot be read, is not a workload or is of another :data:`VERSION`."""
         from cryosam.errors import InputError
 
         try:
@@ -126,10 +131,13 @@ class WorkloadRecorder:
         return getattr(self.inner, name)
 
     def set_volume(self, volume: np.ndarray) -> None:
+        """Open the list of calls of the next stage of :data:`STAGES`, then pass the volume on."""
         self.stages.append([])
         self.inner.set_volume(volume)
 
     def segment_batch(self, batches: list[Any]) -> list[Any]:
+        """Record the call (per batch: axis, index, points rounded to 0.1 px, whether previous
+        masks came, ``min_iou``), then let the wrapped segmenter answer it."""
         self.stages[-1].append([
             [b.axis, int(b.index), np.round(np.asarray(b.points, float).reshape(-1, 2), 1).tolist(),
              b.prev_masks is not None, b.min_iou] for b in batches])

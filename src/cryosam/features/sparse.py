@@ -34,15 +34,18 @@ class SparseStack:
 
     @property
     def shape(self) -> torch.Size:
+        """(n, h, w, C): the shape of the dense stack this one stands in for."""
         n, h, w = self.index.shape
         return torch.Size((n, h, w, self.table.shape[1]))
 
     @property
     def dtype(self) -> torch.dtype:
+        """The vectors' dtype, the table's (fp16 when built by :class:`SparseStackBuilder`)."""
         return self.table.dtype
 
     @property
     def device(self) -> torch.device:
+        """Where the table and the index live (:meth:`to` moves both)."""
         return self.table.device
 
     @property
@@ -52,9 +55,11 @@ class SparseStack:
 
     @property
     def nbytes(self) -> int:
+        """Bytes held by the table and the index (what :func:`stack_nbytes` reports for it)."""
         return sum(t.element_size() * t.nelement() for t in (self.table, self.index))
 
     def to(self, device: torch.device | str) -> SparseStack:
+        """This stack with its table and index on ``device`` (one already there is not copied)."""
         return SparseStack(self.table.to(device), self.index.to(device))
 
     def take(self, flat: torch.Tensor) -> torch.Tensor:
@@ -92,6 +97,7 @@ class SparseStack:
 
     @classmethod
     def from_payload(cls, payload: dict[str, Any]) -> SparseStack:
+        """The stack that :meth:`to_payload` saved (how ``FeatureVolume.load`` reads it back)."""
         return cls(payload["table"], payload["index"])
 
 
@@ -123,6 +129,8 @@ class SparseStackBuilder:
         self.count += m
 
     def build(self) -> SparseStack:
+        """The finished stack: background rows, then the coded cells' rows in the order added.
+        Call it once: the stack takes over the builder's index, and the builder drops its rows."""
         table = torch.cat([self.background, *self.rows])
         self.rows = []
         return SparseStack(table, self.index)

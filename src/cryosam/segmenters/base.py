@@ -168,6 +168,7 @@ class ByteLRU:
 
     @property
     def budget(self) -> int:
+        """The budget in bytes (0 at least); a budget function is called here, once."""
         if callable(self._budget):
             self._budget = self._budget()
         return max(0, int(self._budget))
@@ -179,6 +180,7 @@ class ByteLRU:
         return len(self._items)
 
     def get(self, key: Any) -> Any | None:
+        """The value under ``key``, which becomes the most recently used, or None."""
         item = self._items.get(key)
         if item is None:
             return None
@@ -186,6 +188,8 @@ class ByteLRU:
         return item[0]
 
     def put(self, key: Any, value: Any, nbytes: int) -> None:
+        """Store ``value`` (``nbytes``) under ``key``, then evict the least recently used items
+        until within the budget; the newest stays even if it alone exceeds it."""
         if key in self._items:
             self.nbytes -= self._items.pop(key)[1]
         self._items[key] = (value, int(nbytes))
@@ -202,6 +206,7 @@ class ByteLRU:
             self.nbytes -= item[1]
 
     def clear(self) -> None:
+        """Drop every item (not counted as evictions)."""
         self._items.clear()
         self.nbytes = 0
 
@@ -258,6 +263,8 @@ class SliceSegmenterBase:
             self._cache.clear()
 
     def set_slice(self, axis: str, index: int, image: np.ndarray) -> None:
+        """Use ``image`` (2-D, in [0, 1]) as slice (axis, index), before the volume's own;
+        its cached encoding, if any, is dropped."""
         image = np.asarray(image, dtype=np.float32)
         if image.ndim != 2:
             raise InputError(f"slice image must be 2-D, got shape {image.shape}")
@@ -275,6 +282,7 @@ class SliceSegmenterBase:
         return np.asarray(slice_of(self._volume, axis, index), dtype=np.float32)
 
     def image_shape(self, axis: str, index: int) -> tuple[int, int]:
+        """(rows, cols) of slice (axis, index) from the shapes alone (``prepare`` groups by it)."""
         key = (axis, int(index))
         if key in self._images:
             return self._images[key].shape  # type: ignore[return-value]
@@ -290,6 +298,8 @@ class SliceSegmenterBase:
         raise NotImplementedError
 
     def prepare(self, keys: Sequence[tuple[str, int]]) -> None:
+        """Encode the slices of ``keys`` not cached yet, ``encode_batch`` at a time per axis
+        and slice shape, and cache them (counted in ``encoder_calls`` and ``slices_encoded``)."""
         missing: dict[tuple[str, tuple[int, int]], list[int]] = {}
         seen: set[tuple[str, int]] = set()
         for axis, index in keys:
@@ -320,6 +330,7 @@ class SliceSegmenterBase:
 
     # -- prompts --------------------------------------------------------------------------
     def segment_batch(self, batches: Sequence[PromptBatch]) -> list[SegmentResult]:
+        """Segment the prompts of several slices, one result per batch in order (each backend's)."""
         raise NotImplementedError  # pragma: no cover
 
     def segment(
@@ -331,6 +342,7 @@ class SliceSegmenterBase:
         prev_logits: np.ndarray | None = None,
         max_area: np.ndarray | None = None,
     ) -> SegmentResult:
+        """Every prompt on one slice as one :class:`PromptBatch` (no ``min_iou``, no radius)."""
         batch = PromptBatch(axis, int(index), np.asarray(points, dtype=np.float64).reshape(-1, 2),
                             prev_masks, prev_logits, max_area)
         return self.segment_batch([batch])[0]

@@ -231,6 +231,7 @@ class SamSegmenter(SliceSegmenterBase):
         return cls(sam, device, config, model_id=f"{kind}:{Path(path).name}")
 
     def geometry(self, h: int, w: int) -> SamGeometry:
+        """The :class:`SamGeometry` of an h x w slice, made once per slice size."""
         key = (int(h), int(w))
         if key not in self._geoms:
             self._geoms[key] = SamGeometry(key[0], key[1], self.img_size, self.lowres)

@@ -107,6 +107,7 @@ class ThresholdSegmenter(SliceSegmenterBase):
 
     # -- prompts --------------------------------------------------------------------------
     def segment_batch(self, batches: Sequence[PromptBatch]) -> list[SegmentResult]:
+        """Encode the batches' slices not cached yet, then grow every prompt's mask on its slice."""
         self.prepare([(b.axis, b.index) for b in batches])
         return [self._segment_slice(b, self.encoding(b.axis, b.index)) for b in batches]
 

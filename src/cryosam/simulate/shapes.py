@@ -120,6 +120,8 @@ class Membrane:
     params: dict[str, float]
 
     def signed_distance(self, z: np.ndarray, y: np.ndarray, x: np.ndarray) -> np.ndarray:
+        """Signed distance (voxels) of points (z, y, x) to the mid-surface: exact for the
+        vesicle (positive outside), to first order for the sheet (positive towards larger x)."""
         p = self.params
         if self.kind == "vesicle":
             return np.sqrt((z - p["cz"]) ** 2 + (y - p["cy"]) ** 2 + (x - p["cx"]) ** 2) - p["r"]
