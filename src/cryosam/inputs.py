@@ -230,9 +230,7 @@ def prepare(volume: np.ndarray, raw: np.ndarray, inputs: Inputs, found: ClickPro
         encoder_base = volume if shared else normalise_volume(raw, enc.clip_percentiles)
     if seg_flip and (encoder_base is None or (enc_flip and encoder_base is volume)):
         np.subtract(1.0, volume, out=volume)  # nobody needs the unflipped copy
-        seg_vol = volume
-        if encoder_base is not None and encoder_base is not volume:
-            encoder_base = 1.0 - encoder_base
+        seg_vol = volume  # an encoder base that is this volume is flipped with it
     else:
         seg_vol = 1.0 - volume if seg_flip else volume
         if encoder_base is not None and enc_flip:

@@ -27,9 +27,9 @@ class ClickProbe:
     """Polarity and size of the clicked structures, with the evidence behind them."""
 
     polarity: Polarity
-    polarity_source: str  # "clicks" (decided here) or "given"
+    polarity_source: str  # "clicks" (decided here), "given" or "query" (a saved query's)
     radius: float | None  # voxels (equivalent ball); None when unknown
-    radius_source: str  # "clicks", "diameter" or "none"
+    radius_source: str  # "clicks", "diameter", "query" or "none"
     responses: list[float] = field(default_factory=list)  # per probed click, at its scale
     radii: list[float] = field(default_factory=list)  # per probed click
 

@@ -124,7 +124,6 @@ class WorkloadRecorder:
         self.inner = inner
         entry = backends.entry_of(inner)
         self.wants_dark = bool(entry.wants_dark) if entry else False
-        self.calls: list[list[list[Any]]] = []
         self.stages: list[list[list[list[Any]]]] = []
 
     def __getattr__(self, name: str) -> Any:

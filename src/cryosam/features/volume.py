@@ -322,7 +322,7 @@ class FeatureVolume:
             payload = torch.load(path, map_location=device, weights_only=True)
             if payload.get("format") != FORMAT or payload.get("version") != FORMAT_VERSION:
                 raise ValueError("not a cryosam feature file of this version")
-            positions = {a: p.numpy() for a, p in payload["positions"].items()}
+            positions = {a: p.cpu().numpy() for a, p in payload["positions"].items()}
             stacks = {a: SparseStack.from_payload(s) if isinstance(s, dict) else s
                       for a, s in payload["stacks"].items()}
             return cls(stacks, payload["shape"], positions, json.loads(payload["meta"]))
