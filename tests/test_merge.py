@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from cryosam.instance_mask import InstanceMask
 from cryosam.merge import merge_instances
-from cryosam.propagation import InstanceMask
 from cryosam.result import Instance
 
 

@@ -10,10 +10,10 @@ import pytest
 
 from cryosam.config import CryosamConfig, EncoderConfig, SegmenterConfig
 from cryosam.device import resolve_threads
+from cryosam.instance_mask import InstanceMask
 from cryosam.normalise import normalise_volume
 from cryosam.pipeline import CryoSAM
 from cryosam.probe import bin_factor, probe_clicks
-from cryosam.propagation import InstanceMask
 from cryosam.rescale import bin_volume, from_binned, to_binned, upsample_labels, upsample_mask
 from cryosam.simulate import SimulationConfig, simulate
 

@@ -8,7 +8,8 @@ import torch
 
 from cryosam.config import PropagationConfig, SegmenterConfig
 from cryosam.errors import InputError
-from cryosam.propagation import InstanceMask, propagate
+from cryosam.instance_mask import InstanceMask
+from cryosam.propagation import propagate
 from cryosam.segmenters.sam import SamSegmenter
 from cryosam.segmenters.threshold import ThresholdSegmenter
 from cryosam.simulate import SimulationConfig, simulate

@@ -17,9 +17,9 @@ from cryosam.config import CryosamConfig, ScoreConfig
 from cryosam.cut import FLOOR, automatic_cut, otsu
 from cryosam.errors import CryosamWarning, InputError
 from cryosam.export import write_outputs
+from cryosam.instance_mask import InstanceMask
 from cryosam.io import PointSet, negative_rows
 from cryosam.pipeline import CryoSAM
-from cryosam.propagation import InstanceMask
 from cryosam.score import OUTSIDE, describe, learn_references, principal_log_axes
 
 FAST = ("--encoder", "filterbank", "--segmenter", "threshold", "--device", "cpu")

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from cryosam.propagation import InstanceMask
+from cryosam.instance_mask import InstanceMask
 from cryosam.result import Instance
 
 

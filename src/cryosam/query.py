@@ -38,8 +38,8 @@ import numpy as np
 from cryosam._atomic import atomic_path
 from cryosam.config import CryosamConfig, ScoreConfig, result_parameters
 from cryosam.errors import CryosamWarning, InputError
+from cryosam.instance_mask import InstanceMask
 from cryosam.merge import elongation
-from cryosam.propagation import InstanceMask
 from cryosam.score import References, learn_references
 
 FORMAT = "cryosam-query"

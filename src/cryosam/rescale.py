@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from cryosam.propagation import InstanceMask
+from cryosam.instance_mask import InstanceMask
 
 
 def bin_volume(volume: np.ndarray, factor: int) -> np.ndarray:

@@ -11,8 +11,8 @@ from typing import Any
 import numpy as np
 
 from cryosam.backends import Target
+from cryosam.instance_mask import InstanceMask
 from cryosam.io import Tomogram
-from cryosam.propagation import InstanceMask
 
 
 @dataclass

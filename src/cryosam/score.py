@@ -37,7 +37,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from cryosam.config import ScoreConfig
-from cryosam.propagation import InstanceMask
+from cryosam.instance_mask import InstanceMask
 
 DEGREES = 6  # spherical-harmonic degrees of the density description
 SHELL_REACH = 1.5  # shells out to this many particle radii

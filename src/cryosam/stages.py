@@ -38,9 +38,10 @@ from cryosam.inputs import (  # noqa: F401 - the first stages, re-exported
     probe,
     probe_from_query,
 )
+from cryosam.instance_mask import InstanceMask
 from cryosam.merge import off_point, outside_instances
 from cryosam.probe import ClickProbe
-from cryosam.propagation import InstanceMask, propagate
+from cryosam.propagation import propagate
 from cryosam.query import SavedQuery
 from cryosam.rescale import (
     from_binned,

@@ -53,7 +53,8 @@ def register(app: typer.Typer) -> None:
         from cryosam.config import PropagationConfig
         from cryosam.device import resolve_device
         from cryosam.errors import InputError
-        from cryosam.propagation import InstanceMask, propagate
+        from cryosam.instance_mask import InstanceMask
+        from cryosam.propagation import propagate
         from cryosam.simulate import SimulationConfig, simulate
         from cryosam.utils import parse_shape
 
