@@ -362,3 +362,33 @@ def test_a_worker_sharing_a_gpu_takes_its_share_of_the_cache_budget(monkeypatch)
         assert cache_budget_mb(cuda, None) == 10 * 1024
     finally:
         hold_gpu_share(1.0)
+
+
+def test_a_speed_config_keeps_the_query_and_resumes(dataset: Path, tmp_path: Path,
+                                                    run_cli) -> None:
+    """A --config that only sets batch sizes goes on top of a saved query's parameters: the
+    query's own (encoder, top-K, threshold) stay, and a batch resumed with it skips all."""
+    query = tmp_path / "q.cryosam-query"
+    code, _, err = run_cli("query", dataset / "tomos" / "TS_01.mrc", "--points",
+                           dataset / "clicks.star", "--tomo-name", "TS_01", "--top-k", "100",
+                           "--sim-threshold", "0.55", "--out", query, *FAST)
+    assert code == 0, err
+    out = tmp_path / "out"
+    args = ("batch", dataset / "tomos", "--out", out, "--query", query, "--no-ray", "--device",
+            "cpu", "-q")
+    code, _, err = run_cli(*args)
+    assert code == 0, err
+    speed = tmp_path / "speed.json"
+    speed.write_text(json.dumps({"segmenter": {"decoder_batch_size": 8},
+                                 "encoder": {"batch_size": 2}}))
+    code, _, err = run_cli(*args, "--config", speed)
+    assert code == 0, err
+    assert {r["status"] for r in _table(out).values()} == {"skipped"}
+    seg = tmp_path / "seg"
+    code, _, err = run_cli("segment", dataset / "tomos" / "TS_02.mrc", "--query", query,
+                           "--config", speed, "--out", seg, "--device", "cpu", "-q")
+    assert code == 0, err
+    params = json.loads((seg / "run.json").read_text())["parameters"]
+    assert params["encoder"]["name"] == "filterbank" and params["encoder"]["batch_size"] == 2
+    assert params["segmenter"]["decoder_batch_size"] == 8
+    assert (params["matching"]["top_k"], params["matching"]["sim_threshold"]) == (100, 0.55)

@@ -245,8 +245,11 @@ class CryosamConfig:
         return build_dataclass(cls, {**top, **blocks}, "configuration")
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike[str]) -> CryosamConfig:
-        """Read a run record (``run.json``, its ``parameters``) or a bare parameters JSON."""
+    def from_file(cls, path: str | os.PathLike[str],
+                  base: CryosamConfig | None = None) -> CryosamConfig:
+        """Read a run record (``run.json``, its ``parameters``) or a bare parameters JSON;
+        what a partial file leaves out keeps ``base``'s values (a saved query's, say), else
+        the defaults."""
         p = Path(path)
         try:
             data = json.loads(p.read_text(encoding="utf-8"))
@@ -255,6 +258,8 @@ class CryosamConfig:
         except ValueError as exc:
             raise InputError(f"--config {p}: not valid JSON ({exc})") from None
         params = data.get("parameters", data) if isinstance(data, dict) else data
+        if base is not None and isinstance(params, dict):
+            params = _layered(base.to_dict(), params)
         try:
             return cls.from_dict(params)
         except InputError as exc:
@@ -265,6 +270,16 @@ class CryosamConfig:
         ``encoder.backends.dinov2.model``."""
         head, _, rest = path.partition(".")
         return _replace(self, head, rest, value)
+
+
+def _layered(under: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``under`` with ``over``'s keys put on top, nested blocks merged key by key."""
+    out = dict(under)
+    for key, value in over.items():
+        below = out.get(key)
+        out[key] = (_layered(below, value) if isinstance(below, dict) and isinstance(value, dict)
+                    else value)
+    return out
 
 
 def _replace(obj: Any, head: str, rest: str, value: Any) -> Any:

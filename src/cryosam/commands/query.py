@@ -72,11 +72,11 @@ def segment_values(ctx: typer.Context) -> tuple[dict[str, Any], dict[str, Any]]:
 
 def build_config(values: dict[str, Any], given: dict[str, Any],
                  base: CryosamConfig | None = None) -> CryosamConfig:
-    """``--config`` (else ``base``, else the defaults) with the options given applied."""
+    """``base`` (a saved query's parameters, else the defaults), then ``--config`` on top of
+    it, then the options given."""
+    start = base or configuration.default_config()
     if values.get("config") is not None:
-        start = CryosamConfig.from_file(Path(values["config"]))
-    else:
-        start = base or configuration.default_config()
+        start = CryosamConfig.from_file(Path(values["config"]), base=start)
     return segment_command.config_from_cli(start, given)
 
 

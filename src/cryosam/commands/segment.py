@@ -292,8 +292,9 @@ def register(app: typer.Typer) -> None:
             from cryosam.query import SavedQuery
 
             saved = SavedQuery.load(query)
-        base = (CryosamConfig.from_file(config) if config is not None
-                else saved.config() if saved is not None else configuration.default_config())
+        base = saved.config() if saved is not None else configuration.default_config()
+        if config is not None:  # on top of the query's own parameters
+            base = CryosamConfig.from_file(config, base=base)
         cfg = config_from_cli(base, given)
         check_input_mode(ctx, values)
         if saved is not None:
