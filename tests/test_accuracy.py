@@ -180,7 +180,9 @@ def test_crowded_bench_prints_what_no_cut_can_exceed(run_cli) -> None:
                              "--shape", "32,80,80", "--query-mode", "mean", "--no-negatives",
                              "--density-tolerance", "0.004")
     assert code == 0, err
-    assert "density tolerance 0.004," in out, out
+    first = out.splitlines()[0]  # before any figure: what the figures were made with
+    assert first.startswith("preset crowded, shape 32,80,80, seeds 0, snr 0.5,"), out
+    assert "density tolerance 0.004," in first, out
     from cryosam.simulate.crowded import CROWDED_KINDS
 
     heads = {"kind", "mean", *CROWDED_KINDS}  # the table only: a log line may precede it

@@ -47,6 +47,7 @@ def register(app: typer.Typer) -> None:
             _crowded(seeds, shape, device, snr, modes, negatives, turns, density_tolerance)
             return
         import dataclasses
+        import warnings
 
         import numpy as np
 
@@ -71,7 +72,8 @@ def register(app: typer.Typer) -> None:
             cfg, propagation=dataclasses.replace(cfg.propagation, target="membrane"))
         model, membrane_model = CryoSAM(cfg), CryoSAM(membrane_cfg)
         dims = parse_shape(shape)
-        typer.echo(_settings(cfg))
+        typer.echo(_settings(cfg, preset="default", shape=shape, seeds=seeds,
+                             membranes="on" if membranes else "off"))
         typer.echo("seed  1 click: P     R     F1  distractors  5 clicks: P     R     F1  "
                    "membrane Dice: 3 clicks  5 clicks")
         rows = []
@@ -95,13 +97,18 @@ def register(app: typer.Typer) -> None:
                 row.append(dice)
             rows.append(row)
             typer.echo(_default_row(f"{seed:4d}", row))
-        typer.echo(_default_row("mean", list(np.nanmean(np.array(rows, dtype=float), axis=0))))
+        with warnings.catch_warnings():  # a column of NaN (no membranes) has no mean
+            warnings.simplefilter("ignore", RuntimeWarning)
+            means = np.nanmean(np.array(rows, dtype=float), axis=0)
+        typer.echo(_default_row("mean", list(means)))
 
 
-def _settings(cfg: CryosamConfig) -> str:
-    """One line naming the backends and the score settings the figures were made with."""
+def _settings(cfg: CryosamConfig, **run: object) -> str:
+    """One line naming what the figures were made with: the bench's own settings (``run``),
+    the backends and the score settings."""
     sc = cfg.score
-    return (f"encoder {cfg.encoder.name}, segmenter {cfg.segmenter.name}, turns "
+    head = "".join(f"{k.replace('_', ' ')} {v}, " for k, v in run.items())
+    return (f"{head}encoder {cfg.encoder.name}, segmenter {cfg.segmenter.name}, turns "
             f"{'on' if cfg.matching.turns else 'off'}, density tolerance "
             f"{sc.density_tolerance:g}, density range {sc.density_range:g}")
 
@@ -109,8 +116,9 @@ def _settings(cfg: CryosamConfig) -> str:
 def _default_row(head: str, row: list[float]) -> str:
     """precision, recall, F1 (1 click), distractors, the same for 5 clicks, membrane Dice
     from 3 and from 5 clicks."""
+    dice = [f"{v:.3f}" if v == v else "-" for v in row[7:9]]  # NaN: membranes not run
     return (f"{head:4s}  {row[0]:13.3f} {row[1]:5.3f} {row[2]:5.3f}  {100 * row[3]:9.0f} %  "
-            f"{row[4]:14.3f} {row[5]:5.3f} {row[6]:5.3f}  {row[7]:22.3f}  {row[8]:8.3f}")
+            f"{row[4]:14.3f} {row[5]:5.3f} {row[6]:5.3f}  {dice[0]:>22s}  {dice[1]:>8s}")
 
 
 def _crowded(seeds: str, shape: str, device: str, snr: float, modes: tuple[str, ...],
@@ -140,6 +148,9 @@ def _crowded(seeds: str, shape: str, device: str, snr: float, modes: tuple[str, 
         matching=MatchingConfig(query=mode, turns=turns),  # type: ignore[arg-type]
         score=ScoreConfig(density_tolerance=density_tolerance)))
         for mode in modes}
+    typer.echo(_settings(next(iter(models.values())).config, preset="crowded", shape=shape,
+                         seeds=seeds, snr=f"{snr:g}", query="/".join(modes),
+                         negatives="on" if negatives else "off"))
     rows: dict[tuple[str, int, str], list[list[float]]] = {}
     neg_rows: dict[str, list[list[float]]] = {}
     cache = tempfile.TemporaryDirectory(prefix="cryosam-bench-")  # features once per seed
@@ -162,7 +173,6 @@ def _crowded(seeds: str, shape: str, device: str, snr: float, modes: tuple[str, 
                                  _share(kinds_after, other)])
     finally:  # also when a run fails or is interrupted
         cache.cleanup()
-    typer.echo(_settings(next(iter(models.values())).config))
     typer.echo(f"{'kind':12s} query clicks  precision  recall     F1  best F1     AP  found")
     for mode in modes:
         for k in (1, 5):
@@ -195,20 +205,29 @@ def _crowded_run(model, sim, kind: str, k: int, negative: str | None = None,  # 
     each written pick landed on (None: background). *found* is the recall of every scored
     match, written or not: what no score or cut can raise. ``negative``: one negative click on that
     kind."""
+    import warnings
+
     import numpy as np
 
-    from cryosam.errors import InputError
+    from cryosam.errors import CryosamWarning, InputError
     from cryosam.metrics import evaluate_picks
     from cryosam.simulate.crowded import kind_clicks
 
     truth = sim.points(kind)
     radius = float(np.median([p.radius for p in sim.particles if p.kind == kind]))
     neg = None if negative is None else kind_clicks(sim, negative, 1)
+    run = (f"seed {sim.config.seed}, {kind}, {k} click(s)"
+           + (f", a negative click on a {negative}" if negative else ""))
     try:
-        res = model.segment(sim.volume, kind_clicks(sim, kind, k), voxel_size=sim.voxel_size,
-                            negative_points=neg, cache_dir=cache_dir)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", CryosamWarning)
+            res = model.segment(sim.volume, kind_clicks(sim, kind, k), voxel_size=sim.voxel_size,
+                                negative_points=neg, cache_dir=cache_dir)
     except InputError:  # every click empty: nothing picked
         return [0.0, 0.0, 0.0, 0.0, 0.0, 0.0], []
+    finally:  # the warnings say which run they come from
+        for w in caught:
+            warnings.warn(f"{run}: {w.message}", w.category, stacklevel=2)
     ev = evaluate_picks(res.picks_zyx, truth, radius)
     every, ranking = res.every_scored_pick()  # written or below the cut, clicks first
     everything = evaluate_picks(every, truth, radius, scores=ranking)
