@@ -259,9 +259,17 @@ def test_cli_evaluate_mask(tmp_path, run_cli):
     assert rep["dice"] == pytest.approx(0.5) and rep["iou"] == pytest.approx(1 / 3)
     code, out, err = run_cli("evaluate-mask", tmp_path / "a.mrc", tmp_path / "a.mrc")
     assert code == 0 and "dice" in out and "1.0000" in out
+    assert rep["threshold"] == 0.5  # what counted as inside is recorded
     write_mrc(tmp_path / "c.mrc", np.zeros((4, 8, 8), np.int8), voxel_size=10)
     code, _, err = run_cli("evaluate-mask", tmp_path / "a.mrc", tmp_path / "c.mrc")
     assert code == 2 and "shape" in err
+    code, out, err = run_cli("evaluate-mask", tmp_path / "a.mrc", tmp_path / "b.mrc",
+                             "--threshold", "5", "--json")  # nothing inside either
+    assert code == 0 and json.loads(out)["n_pred"] == 0
+    assert "no voxel is inside either mask" in err
+    write_mrc(tmp_path / "b5.mrc", b, voxel_size=5)
+    code, _, err = run_cli("evaluate-mask", tmp_path / "a.mrc", tmp_path / "b5.mrc")
+    assert code == 0 and "10 Å voxels" in err and "same tomogram" in err
 
 
 def test_cli_evaluate_mask_scores_one_label(tmp_path, run_cli):
@@ -334,6 +342,9 @@ def test_cli_evaluate_mask_scores_one_kind_of_a_simulation(small_sim, tmp_path, 
     write_mrc(alone, np.zeros_like(sim.labels), voxel_size=10)  # not that table's labels
     code, _, err = run_cli("evaluate-mask", pred, alone, "--kind", "ribosome")
     assert code == 2 and err.count("\n") == 1 and "give the labels.mrc" in err
+    write_mrc(alone, sim.membrane.astype(np.int8), voxel_size=10)  # 0/1: a mask, not ids
+    code, _, err = run_cli("evaluate-mask", pred, alone, "--kind", "ribosome")
+    assert code == 2 and err.count("\n") == 1 and "a mask rather than" in err
 
 
 def test_evaluate_picks_combines_both():

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
 import typer
 
-from cryosam.errors import InputError
+from cryosam.errors import CryosamWarning, InputError
 from cryosam.utils import parse_shape
 
 
@@ -62,11 +63,8 @@ def evaluate(
 
     With a score column: also the best F1 over score thresholds and average precision.
     """
-    import warnings
-
     import numpy as np
 
-    from cryosam.errors import CryosamWarning
     from cryosam.io import read_points
     from cryosam.metrics import evaluate_picks
 
@@ -144,9 +142,10 @@ def _inside(data: Any, path: Path, label: int | None, threshold: float, option: 
     return inside
 
 
-def _kind_ids(truth: Path, kind: str) -> list[int]:
+def _kind_ids(truth: Path, kind: str) -> tuple[list[int], int]:
     """Ids of the particles of ``kind`` in the ``truth.csv`` beside ``truth`` (the id,kind
-    table that ``cryosam simulate`` writes beside ``labels.mrc``)."""
+    table that ``cryosam simulate`` writes beside ``labels.mrc``), and how many particles
+    the table lists."""
     import csv
 
     table = truth.parent / "truth.csv"
@@ -167,7 +166,16 @@ def _kind_ids(truth: Path, kind: str) -> list[int]:
     if not ids:
         found = ", ".join(sorted({r["kind"] for r in rows}))
         raise InputError(f"{table}: no particle of kind {kind!r}; kinds present: {found}")
-    return ids
+    return ids, len(rows)
+
+
+def _warn_if_unlike(pred: Path, a: Any, truth: Path, b: Any) -> None:
+    """Warn when the two volumes' headers give different voxel sizes: masks of one shape from
+    tomograms sampled differently are not of the same tomogram."""
+    va, vb = a.mean_voxel_size, b.mean_voxel_size
+    if va and vb and abs(va - vb) > 0.01 * max(va, vb):
+        warnings.warn(f"{pred} has {va:g} Å voxels and {truth} {vb:g} Å: are they masks of "
+                      "the same tomogram?", CryosamWarning, stacklevel=3)
 
 
 def evaluate_mask(
@@ -200,7 +208,7 @@ def evaluate_mask(
     if kind is not None and truth_label is not None:
         raise InputError(f"--kind {kind} and --truth-label {truth_label} both choose TRUTH's "
                          "voxels: give one of them")
-    ids = _kind_ids(truth, kind) if kind is not None else None
+    ids, listed = _kind_ids(truth, kind) if kind is not None else (None, 0)
     a = read_tomogram(pred)
     b = read_tomogram(truth)
     if a.shape != b.shape:
@@ -210,15 +218,26 @@ def evaluate_mask(
     if ids is None:
         inside_truth = _inside(b.data, truth, truth_label, threshold, "--truth-label")
     else:
+        if listed > 1 and set(np.unique(b.data).tolist()) == {0, 1}:
+            raise InputError(f"{truth}: holds only 0 and 1, a mask rather than the particle "
+                             f"ids of the {listed} particles in {truth.parent / 'truth.csv'}; "
+                             "--kind needs the labels.mrc written with it")
         inside_truth = np.isin(b.data, ids)
         if not inside_truth.any():
             raise InputError(f"{truth}: no voxel holds the id of a particle of kind {kind!r} "
                              f"({', '.join(map(str, ids[:10]))}{', ...' if len(ids) > 10 else ''}"
                              f" in {truth.parent / 'truth.csv'}); give the labels.mrc "
                              "written with that truth.csv")
+    _warn_if_unlike(pred, a, truth, b)
     result = mask_metrics(inside_pred, inside_truth)
+    if not result.n_pred and not result.n_truth:
+        warnings.warn(f"{pred} and {truth}: no voxel is inside either mask (Dice and IoU "
+                      "count that as 1); check --threshold or the labels", CryosamWarning,
+                      stacklevel=2)
     chosen = {"pred_label": pred_label, "truth_label": truth_label, "kind": kind}
-    report = {"pred": str(pred), "truth": str(truth), **chosen, **result.summary()}
+    report = {"pred": str(pred), "truth": str(truth), **chosen,
+              "threshold": threshold,
+              **result.summary()}
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return
