@@ -89,6 +89,11 @@ def test_cli_query_then_segment_with_it(run_cli, small_sim, other_sim, tmp_path:
     assert record["query"]["path"] == str(qfile.resolve())
     assert record["parameters"]["encoder"]["name"] == "filterbank"
     assert (tmp_path / "B" / "picks.csv").is_file()
+    code, out, err = run_cli("segment", b["tomo.mrc"], "--query", qfile, "--out",
+                             tmp_path / "B2")  # the summary says where the query came in
+    assert code == 0, err
+    assert "cryosam: a saved query →" in out and "clicks included" not in out
+    assert "(as the query's clicks)" in out
 
 
 @pytest.mark.parametrize("option", [("--encoder", "dinov2"), ("--slice-stride", "2"),

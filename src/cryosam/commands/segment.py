@@ -443,10 +443,12 @@ def print_summary(result: SegmentationResult, written: dict[str, Path], out_dir:
     counts = rec["counts"]
     models = ", ".join(str(m) for m in (rec["models"]["segmenter"], rec["models"].get("encoder"),
                                         rec["device"]["type"]) if m)
+    start = (f"{counts['prompts']} click(s)" if counts["prompts"] else "a saved query")
     console.print(
-        f"[bold]cryosam[/bold]: {counts['prompts']} click(s) → "
+        f"[bold]cryosam[/bold]: {start} → "
         f"{counts['proposals']} proposal(s) → {counts['instances']} instance(s), "
-        f"{counts['picks']} pick(s), clicks included  " + escape(f"[{models}]")
+        f"{counts['picks']} pick(s){', clicks included' if counts['prompts'] else ''}  "
+        + escape(f"[{models}]")
     )
     cut = (rec.get("score") or {}).get("cut")
     if cut:
@@ -467,9 +469,12 @@ def print_summary(result: SegmentationResult, written: dict[str, Path], out_dir:
     probe, work = rec.get("probe") or {}, rec.get("work") or {}
     if probe:
         size = probe.get("radius_voxels")
+        votes = probe["votes"]
+        why = (f"{votes['dark']} dark / {votes['bright']} bright click(s)"
+               if probe["polarity_source"] == "clicks" else "as the query's clicks"
+               if probe["polarity_source"] == "query" else "as given")
         console.print(
-            f"particles {probe['polarity']} ({probe['polarity_source']}: "
-            f"{probe['votes']['dark']} dark / {probe['votes']['bright']} bright click(s))"
+            f"particles {probe['polarity']} ({why})"
             + (f", radius {size:.1f} voxels ({probe['radius_source']})" if size else "")
             + (f", worked binned {work['binning']}x" if work.get("binning", 1) > 1 else ""))
     console.print(f"outputs in [bold]{escape(str(out_dir))}[/bold]: " + ", ".join(sorted(written)))
