@@ -196,6 +196,7 @@ def test_unreadable_tomogram_fails_alone_then_fixed_and_changed_are_redone(
     rows = _table(out)
     assert [rows[n]["status"] for n in NAMES] == ["skipped", "done", "done"]
     assert rows["TS_03"]["reason"] == "clicks changed"
+    assert rows["TS_02"]["reason"] == "failed before"  # not "new": it was tried
     tuning = tmp_path / "smaller-gpu.json"  # speed and memory only: nothing to redo
     tuning.write_text(json.dumps({"encoder": {"batch_size": 2},
                                   "segmenter": {"decoder_batch_size": 8,
@@ -211,7 +212,8 @@ def test_unreadable_tomogram_fails_alone_then_fixed_and_changed_are_redone(
     assert code == 0, err
     assert _table(out)["TS_01"]["status"] == "skipped"
     code, _, _ = run_cli(*args, "--top-k", "3")  # another parameter: everything again
-    assert {r["reason"] for r in _table(out).values()} == {"parameters changed"}
+    assert {r["reason"] for r in _table(out).values()} == {
+        "parameters changed (matching.top_k 512 -> 3)"}  # names what changed
 
 
 def test_query_over_the_dataset_and_a_shard(dataset: Path, tmp_path: Path, run_cli) -> None:

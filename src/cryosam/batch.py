@@ -243,3 +243,14 @@ def write_table(path: Path, rows: dict[str, Outcome]) -> None:
     for outcome in rows.values():
         writer.writerow(outcome.row())
     atomic_write_text(path, buffer.getvalue())
+
+
+def failed_before(path: Path) -> set[str]:
+    """The tomograms an earlier ``batch.csv`` at ``path`` lists as failed (none when there
+    is no such table or it cannot be read), so that a rerun can say why it retries them."""
+    try:
+        with path.open(newline="", encoding="utf-8") as fh:
+            return {row["tomogram"] for row in csv.DictReader(fh)
+                    if row.get("status") == "failed" and row.get("tomogram")}
+    except (OSError, ValueError, KeyError, csv.Error):
+        return set()

@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 
 from cryosam import io, progress
-from cryosam.batch import Options, Outcome, Task, write_table
+from cryosam.batch import Options, Outcome, Task, failed_before, write_table
 from cryosam.config import CryosamConfig, result_parameters
 from cryosam.device import resolve_threads
 from cryosam.errors import CryosamError, CryosamWarning, InputError, Terminated
@@ -171,6 +171,15 @@ def _result_parameters(cfg: CryosamConfig) -> dict[str, Any]:
     return result_parameters(json.loads(json.dumps(cfg.to_dict(), default=list)))
 
 
+def _difference(before: Any, now: Any, path: str = "") -> str:
+    """The first parameter that differs, as ``matching.top_k 512 -> 3``."""
+    if isinstance(before, dict) and isinstance(now, dict):
+        for key in sorted(set(before) | set(now), key=str):
+            if before.get(key) != now.get(key):
+                return _difference(before.get(key), now.get(key), f"{path}{key}.")
+    return f"{path.rstrip('.')} {json.dumps(before)} -> {json.dumps(now)}"
+
+
 def changed(out: Path, state: dict[str, Any]) -> str | None:
     """Why ``out`` must be (re)made for ``state``, or None when it is complete and the same."""
     record_path = out / "run.json"
@@ -192,6 +201,8 @@ def changed(out: Path, state: dict[str, Any]) -> str | None:
         before = {**before, "parameters": result_parameters(before["parameters"])}
     for key, label in labels.items():
         if before.get(key) != state[key]:
+            if key == "parameters":
+                return f"{label} ({_difference(before.get(key), state[key])})"
             return label
     return None
 
@@ -354,10 +365,11 @@ def run_batch(tasks: list[Task], engine: InProcess | RayEngine, table: Path, *,
     records as ``done`` the tasks this batch completed on disk whose outcome had not come back
     (:func:`finished_here`), rewrites ``table`` and re-raises; the others stay ``pending``.
     """
+    retried = failed_before(table)  # read before the table is rewritten
     rows = {t.name: Outcome(t.name, "pending") for t in tasks}
     write_table(table, rows)
     try:
-        _run(tasks, engine, table, rows, say)
+        _run(tasks, engine, table, rows, say, retried)
     except (KeyboardInterrupt, Terminated):
         engine.close()
         for task in tasks:
@@ -369,8 +381,11 @@ def run_batch(tasks: list[Task], engine: InProcess | RayEngine, table: Path, *,
 
 
 def _run(tasks: list[Task], engine: InProcess | RayEngine, table: Path,
-         rows: dict[str, Outcome], say: Callable[[str], None] | None) -> None:
-    """The loop of :func:`run_batch`: each outcome into ``rows`` and ``table``, and said."""
+         rows: dict[str, Outcome], say: Callable[[str], None] | None,
+         retried: set[str]) -> None:
+    """The loop of :func:`run_batch`: each outcome into ``rows`` and ``table``, and said;
+    a tomogram of ``retried`` (failed in the table before) without outputs is "failed before"
+    rather than "new"."""
     started, finished, heavy = time.perf_counter(), 0, 0
     bar = progress.enabled()
 
@@ -384,6 +399,8 @@ def _run(tasks: list[Task], engine: InProcess | RayEngine, table: Path,
                 progress.set_quiet(False)
 
     for outcome in progress.track(inner(), "tomograms", total=len(tasks)):
+        if outcome.reason == "new" and outcome.tomogram in retried:
+            outcome.reason = "failed before"
         rows[outcome.tomogram] = outcome
         write_table(table, rows)
         finished += 1
