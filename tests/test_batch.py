@@ -386,6 +386,25 @@ def test_a_speed_config_keeps_the_query_and_resumes(dataset: Path, tmp_path: Pat
     code, _, err = run_cli(*args, "--config", speed)
     assert code == 0, err
     assert {r["status"] for r in _table(out).values()} == {"skipped"}
+    time.sleep(1.1)  # the same query saved again: another file (its time is in it) ...
+    again = tmp_path / "again.cryosam-query"
+    code, _, err = run_cli("query", dataset / "tomos" / "TS_01.mrc", "--points",
+                           dataset / "clicks.star", "--tomo-name", "TS_01", "--top-k", "100",
+                           "--sim-threshold", "0.55", "--out", again, *FAST)
+    assert code == 0, err
+    from cryosam.utils import sha256_file
+
+    assert sha256_file(again) != sha256_file(query)
+    code, _, err = run_cli(*args[:5], again, *args[6:])  # ... but the same query: all skipped
+    assert code == 0, err
+    assert {r["status"] for r in _table(out).values()} == {"skipped"}
+    record_path = out / "TS_02" / "run.json"  # as cryosam wrote it before the content digest
+    record = json.loads(record_path.read_text())
+    record["batch"]["query_sha256"] = sha256_file(query)
+    record_path.write_text(json.dumps(record))
+    code, _, err = run_cli(*args)
+    assert code == 0, err
+    assert _table(out)["TS_02"]["status"] == "skipped"
     seg = tmp_path / "seg"
     code, _, err = run_cli("segment", dataset / "tomos" / "TS_02.mrc", "--query", query,
                            "--config", speed, "--out", seg, "--device", "cpu", "-q")

@@ -113,7 +113,8 @@ class Worker:
         digest = (sha256_file(tomo.path) if tomo.path is not None
                   else hashlib.sha256(np.ascontiguousarray(tomo.data).tobytes()).hexdigest())
         state = {"tomogram_sha256": digest, "prompts_zyx": np.round(prompts, 4).tolist(),
-                 "query_sha256": self.query.meta.get("sha256") if self.query else None,
+                 "query_sha256": self.query.meta.get("content_sha256") if self.query else None,
+                 "query_file_sha256": self.query.meta.get("sha256") if self.query else None,
                  "options": opts.record(), "parameters": _result_parameters(self.config)}
         reason = "--force" if opts.force else changed(Path(task.out), state)
         if reason is None:
@@ -199,6 +200,8 @@ def changed(out: Path, state: dict[str, Any]) -> str | None:
               "parameters": "parameters changed"}
     if isinstance(before.get("parameters"), dict):  # made before tuning was left out of it
         before = {**before, "parameters": result_parameters(before["parameters"])}
+    if before.get("query_sha256") == state.get("query_file_sha256"):  # from before the
+        before = {**before, "query_sha256": state["query_sha256"]}  # content digest
     for key, label in labels.items():
         if before.get(key) != state[key]:
             if key == "parameters":

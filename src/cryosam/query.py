@@ -24,6 +24,7 @@ query assumes the same kind of data).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -189,7 +190,8 @@ class SavedQuery:
         if vectors.ndim != 2 or not len(vectors) or not np.isfinite(vectors).all():
             raise InputError(f"{where}: its query vectors are damaged; save the query again")
         info = {k: meta.get(k) for k in ("version", "created", "cryosam_version")}
-        info.update(path=str(p.resolve()), sha256=sha256_file(p))
+        info.update(path=str(p.resolve()), sha256=sha256_file(p),
+                    content_sha256=_content_digest(arrays, meta))
         def optional(key: str) -> np.ndarray | None:
             return np.asarray(arrays[key], dtype=np.float32) if key in arrays else None
 
@@ -300,6 +302,22 @@ class SavedQuery:
                 "queries": int(self.vectors.shape[0]), "polarity": self.polarity,
                 "binning": self.binning, "nms_radius": self.nms_radius,
                 "source": self.source}
+
+
+def _content_digest(arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> str:
+    """SHA-256 of what a query matches with: its arrays and description, without when and by
+    which cryosam it was saved or its machine's settings. The same clicks saved twice give one
+    digest (the files differ: the time is in them), so a batch does not redo its tomograms."""
+    digest = hashlib.sha256()
+    for key in sorted(k for k in arrays if k != "meta"):
+        a = np.ascontiguousarray(arrays[key])
+        digest.update(f"{key}:{a.dtype.str}:{a.shape}".encode())
+        digest.update(a.tobytes())
+    described = {k: v for k, v in meta.items() if k not in ("created", "cryosam_version")}
+    if isinstance(described.get("parameters"), dict):
+        described["parameters"] = result_parameters(described["parameters"])
+    digest.update(json.dumps(described, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
 
 
 _OPTIONAL = ("negatives", "neg_mask_shapes", "neg_mask_bits", "densities",
