@@ -153,6 +153,35 @@ def test_other_voxel_size_or_polarity_warns(saved, other_sim, weight_free) -> No
         CryoSAM(weight_free).segment(sim.volume, query=q, voxel_size=15.0)
     assert q.warn_data(10.2, "dark") == []  # within 5 %, same contrast
     assert q.warn_data(10.0, "bright", flips=True) == []  # the encoder sees it flipped
+    # a whole binning puts a finer tomogram on the query's 10 A grid: no warning
+    assert (q.binning, q.source["voxel_size"]) == (1, 10.0)
+    assert [q.binning_for(v) for v in (10.2, 5.0, 2.5, 3.4, 13.0, None)] == [1, 2, 4, 3, 1, 1]
+    assert q.warn_data(5.0, "dark") == [] and q.warn_data(2.5, "dark") == []
+    with pytest.warns(CryosamWarning, match="--binning 2"):  # coarser: bin the query
+        q.warn_data(20.0, "dark")
+    with pytest.warns(CryosamWarning, match="resample the tomogram to 10 Å"):
+        q.warn_data(13.0, "dark")
+
+
+def test_a_query_picks_in_a_finer_tomogram_on_its_own_grid(saved, other_sim,
+                                                          weight_free) -> None:
+    """Tomogram B sampled twice as finely (5 A): the 10 A query bins it 2x onto its own grid
+    and picks the same particles as in B at 10 A, without a voxel-size warning."""
+    from cryosam.simulate import SimulationConfig, simulate
+
+    _, q = saved
+    sim, files = other_sim
+    fine = simulate(SimulationConfig(shape=(40, 96, 112), seed=5, zoom=2.0))
+    assert fine.voxel_size == 5.0 and fine.shape == (80, 192, 224)
+    model = CryoSAM(weight_free)
+    coarse = model.segment(files["tomo.mrc"], query=q)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CryosamWarning)
+        found = model.segment(fine.volume, query=q, voxel_size=fine.voxel_size)
+    assert found.record["work"]["binning"] == 2
+    by_coarse = evaluate_picks(coarse.picks_zyx, sim.points(sim.target_kind), sim.target_radius)
+    by_fine = evaluate_picks(found.picks_zyx, fine.points(fine.target_kind), fine.target_radius)
+    assert by_coarse.f1 >= 0.5 and by_fine.f1 >= by_coarse.f1 - 0.15, (by_fine, by_coarse)
 
 
 def test_a_query_on_inverted_contrast_says_what_to_try(saved, other_sim, weight_free) -> None:

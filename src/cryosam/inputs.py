@@ -180,6 +180,9 @@ def probe_from_query(saved: SavedQuery, inputs: Inputs, cfg: CryosamConfig,
     polarity = cfg.polarity if cfg.polarity != "auto" else saved.polarity
     saved.warn_data(inputs.tomogram.mean_voxel_size, polarity, flips)
     radius, source = saved.radius, "query"
+    theirs, mine = saved.source.get("voxel_size"), inputs.tomogram.mean_voxel_size
+    if radius is not None and theirs and mine:  # the query's particle in this tomogram's voxels
+        radius = float(radius) * float(theirs) / float(mine)
     if cfg.diameter is not None:
         vs = inputs.tomogram.mean_voxel_size
         if vs is None:

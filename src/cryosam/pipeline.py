@@ -258,8 +258,9 @@ class CryoSAM:
             volume = stages.normalise(inputs.tomogram, cfg.propagation)
         with timer("probe"):
             found = stages.probe_from_query(saved, inputs, cfg, flips)
+            binning = saved.binning_for(inputs.tomogram.mean_voxel_size)  # the query's grid
             work = stages.prepare(volume, inputs.tomogram.data, inputs, found,
-                                  dataclasses.replace(cfg, binning=saved.binning),
+                                  dataclasses.replace(cfg, binning=binning),
                                   encoder_dark=flips,
                                   segmenter_dark=self._wants_dark("segmenter"))
             del volume

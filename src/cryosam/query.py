@@ -257,18 +257,39 @@ class SavedQuery:
             raise InputError(f"{self._where()}: query vectors have {self.vectors.shape[1]} "
                              f"channels, this tomogram's features {dim}; save the query again")
 
+    def binning_for(self, voxel_size: float | None) -> int:
+        """The binning that puts a tomogram of ``voxel_size`` Å on this query's work grid (its
+        source's voxel size times its binning, within 5 %): a query made on 10 Å voxels picks
+        in a 5 Å tomogram binned 2x. The query's own binning when a voxel size is unknown or
+        no whole binning fits (:meth:`warn_data` then warns)."""
+        theirs = self.source.get("voxel_size")
+        if not theirs or not voxel_size:
+            return self.binning
+        grid = float(theirs) * self.binning
+        b = max(1, round(grid / float(voxel_size)))
+        fits = abs(b * float(voxel_size) - grid) <= VOXEL_SIZE_TOLERANCE * grid
+        return b if fits else self.binning
+
     def warn_data(self, voxel_size: float | None, polarity: str,
                   flips: bool = False) -> list[str]:
-        """Warn (and return the lines) when this tomogram's voxel size or the polarity in
-        use differ from the query's source: the query assumes the same kind of data.
-        ``flips``: the encoder sees particles dark whatever the tomogram's contrast (the
-        weight-free one), so another polarity is made up for and not warned of."""
+        """Warn (and return the lines) when this tomogram cannot be put on the query's grid
+        (:meth:`binning_for`) or the polarity in use differs from the query's source: the
+        query assumes the same kind of data. ``flips``: the encoder sees particles dark
+        whatever the tomogram's contrast (the weight-free one), so another polarity is made
+        up for and not warned of."""
         lines = []
         theirs = self.source.get("voxel_size")
-        if theirs and voxel_size and abs(voxel_size - theirs) > VOXEL_SIZE_TOLERANCE * theirs:
-            lines.append(f"{self._where()}: made on {theirs:g} Å voxels, this tomogram has "
-                         f"{voxel_size:g} Å; particles look another size here, so expect "
-                         "fewer matches (use tomograms of the same voxel size)")
+        grid = float(theirs or 0) * self.binning
+        if (theirs and voxel_size and abs(self.binning_for(voxel_size) * voxel_size - grid)
+                > VOXEL_SIZE_TOLERANCE * grid):
+            k = max(1, round(voxel_size / theirs))  # a query binned k x would fit this grid
+            fix = (f"make the query again with --binning {k}"
+                   if abs(k * theirs - voxel_size) <= VOXEL_SIZE_TOLERANCE * voxel_size
+                   else f"resample the tomogram to {grid:g} Å, or a whole fraction of it")
+            lines.append(f"{self._where()}: made on a {grid:g} Å grid ({theirs:g} Å voxels "
+                         f"binned {self.binning}x) and no whole binning of this tomogram's "
+                         f"{voxel_size:g} Å voxels gives it; particles look another size "
+                         f"here, so expect fewer matches ({fix})")
         elif theirs and not voxel_size:
             lines.append(f"{self._where()}: made on {theirs:g} Å voxels, this tomogram's "
                          "voxel size is unknown; the query assumes the same voxel size")
