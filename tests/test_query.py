@@ -194,7 +194,8 @@ def test_a_query_on_inverted_contrast_says_what_to_try(saved, other_sim, weight_
     sim, _ = other_sim
     inverted = (-sim.volume).astype(np.float32)
     truth = sim.points(sim.target_kind)
-    with pytest.warns(CryosamWarning, match="in this tomogram matched.*--polarity bright"):
+    with pytest.warns(CryosamWarning, match="in this tomogram matched.*dense matter looks "
+                      "bright: pass --polarity bright"):  # B's own contrast says so
         few = CryoSAM(weight_free).segment(inverted, query=q, voxel_size=sim.voxel_size)
     assert len(few.picks_zyx) < 4
     bright = config_mod.CryosamConfig.from_dict({**weight_free.to_dict(), "polarity": "bright"})
@@ -284,3 +285,26 @@ def test_three_clicks_range_travels_with_the_query(small_sim, weight_free,
     back = SavedQuery.load(q.save(tmp_path / "three.cryosam-query"))
     refs = back.references(weight_free.score)
     assert refs is not None and refs.density_limit == pytest.approx(limit, abs=1e-5)
+
+
+@pytest.mark.parametrize("preset", ["default", "crowded"])
+def test_a_tomogram_without_clicks_shows_its_contrast(preset: str, saved) -> None:
+    """Dense matter gives the strongest particle-scale LoG responses one sign: a simulated
+    tomogram reads dark, its inverse bright, and noise alone neither (also at SNR 0.1)."""
+    from cryosam.probe import looks_polarity
+    from cryosam.simulate import SimulationConfig, simulate
+
+    for snr in (0.5, 0.1):
+        sim = simulate(SimulationConfig(shape=(40, 96, 112), seed=1, snr=snr, preset=preset))
+        radius = float(np.median([p.radius for p in sim.particles]))
+        assert looks_polarity(sim.volume, radius)[0] == "dark", snr
+        assert looks_polarity(-sim.volume, radius)[0] == "bright", snr
+    noise = np.random.default_rng(0).normal(size=(40, 96, 112)).astype(np.float32)
+    assert looks_polarity(noise, 4.0)[0] is None
+    _, q = saved  # what the warning says in each case (the query was made on dark particles)
+    assert q.polarity == "dark"
+    assert "looks dark too" in q.nothing_matched(0, False, True, "dark")
+    assert "--polarity bright" in q.nothing_matched(0, False, True, "bright")
+    assert "make the query on a tomogram" in q.nothing_matched(0, False, False, "bright")
+    assert "if this tomogram's particles are bright" in q.nothing_matched(0, False, True, None)
+

@@ -23,7 +23,7 @@ from cryosam.device import resolve_device, set_threads
 from cryosam.encoders.base import SliceEncoder
 from cryosam.errors import CryosamWarning, InputError, MissingWeightsError
 from cryosam.merge import merge_instances, split_at_cut
-from cryosam.probe import ClickProbe
+from cryosam.probe import ClickProbe, looks_polarity
 from cryosam.query import SavedQuery, check_query_config
 from cryosam.record import StageTimer, device_record, file_info, started_stamp, versions
 from cryosam.rescale import from_binned
@@ -286,8 +286,10 @@ class CryoSAM:
         result.record["inputs"]["points"] = None
         result.record["query"] = saved.report()
         if len(result.picks_zyx) < MIN_MATCHES:  # too few to be the query's kind at all
+            looks = (looks_polarity(inputs.tomogram.data, found.radius)[0]
+                     if found.radius and cfg.polarity == "auto" else None)
             warnings.warn(saved.nothing_matched(len(result.picks_zyx), cfg.polarity != "auto",
-                                                flips),
+                                                flips, looks),
                           CryosamWarning, stacklevel=3)
         return result
 

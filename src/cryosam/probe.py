@@ -162,3 +162,25 @@ def bin_factor(radius: float | None, largest: float = 12.0, aim: float = 8.0) ->
     if radius is None or radius <= largest:
         return 1
     return int(math.ceil(radius / aim))
+
+
+TAIL = 1e-3  # share of voxels in each tail of the LoG responses compared by looks_polarity
+CLEAR = 0.1  # log-ratio of the tails from which a tomogram's contrast counts as clear
+
+
+def looks_polarity(volume: np.ndarray, radius: float) -> tuple[Polarity | None, float]:
+    """How a tomogram without clicks looks at the particle scale: dense matter (particles,
+    membranes, gold) makes the strongest ``sigma^2 * LoG`` responses of one sign, noise of
+    both. The log-ratio of the two tails (``TAIL`` of the voxels each) is positive when dark
+    blobs dominate; beyond ``CLEAR`` either way it names the polarity, else None."""
+    v = np.asarray(volume, dtype=np.float32)
+    med = float(np.median(v))
+    mad = 1.4826 * float(np.median(np.abs(v - med))) or 1.0
+    sigma = max(float(radius) / math.sqrt(3.0), 0.8)
+    response = sigma * sigma * ndi.gaussian_laplace((v - med) / mad, sigma)
+    low, high = np.quantile(response, [TAIL, 1.0 - TAIL])
+    if not (high > 0 > low):
+        return None, 0.0
+    ratio = math.log(float(high) / -float(low))
+    return ("dark" if ratio > 0 else "bright") if abs(ratio) > CLEAR else None, ratio
+

@@ -300,16 +300,25 @@ class SavedQuery:
             warnings.warn(line, CryosamWarning, stacklevel=3)
         return lines
 
-    def nothing_matched(self, picks: int, polarity_given: bool, flips: bool) -> str:
+    def nothing_matched(self, picks: int, polarity_given: bool, flips: bool,
+                        looks: str | None = None) -> str:
         """Why a tomogram may show (almost) no match of this query, and what to try: most
         often its contrast is the other way round (particles bright where the query's were
-        dark)."""
+        dark). ``looks``: the tomogram's own contrast where it is clear
+        (:func:`cryosam.probe.looks_polarity`)."""
         other = "bright" if self.polarity == "dark" else "dark"
         what = "nothing" if picks == 0 else f"only {picks} match(es)"
         head = (f"{self._where()}: {what} in this tomogram matched the query (made on "
                 f"{self.polarity} particles)")
         if polarity_given:
             return f"{head}; check --polarity and that the particles are here"
+        if looks == self.polarity:
+            return (f"{head}; this tomogram's dense matter looks {looks} too, so check that "
+                    "the particles are here, or make the query from more clicks")
+        if looks == other:
+            return (f"{head}; this tomogram's dense matter looks {other}: "
+                    + (f"pass --polarity {other}" if flips else "make the query on a tomogram "
+                       "of this contrast (this encoder sees the contrast as it is)"))
         if flips:
             return (f"{head}; if this tomogram's particles are {other} (its contrast the "
                     f"other way round), pass --polarity {other}")
