@@ -159,6 +159,40 @@ def test_widget_segments_finds_similar_filters_and_saves(
                                   np.arange(1, len(kept) + 1))
 
 
+def test_widget_saves_a_query_and_picks_with_it(make_napari_viewer, qtbot, sim, tmp_path,
+                                                one_thread, monkeypatch) -> None:
+    """Save query… writes the clicks' query as cryosam query would; Pick with query… picks
+    with it in a tomogram without clicks, as cryosam segment --query does."""
+    from cryosam.query import SavedQuery
+
+    viewer = make_napari_viewer()
+    widget, _ = _widget(viewer, sim)
+    widget.add_clicks_layer().add(sim.prompt_points[0])
+    path = tmp_path / "tomo.cryosam-query"
+    monkeypatch.setattr(QFileDialog, "getSaveFileName", lambda *a, **k: (str(path), ""))
+    _press(qtbot, widget, widget.save_query_button)
+    assert path.is_file() and str(path) in widget.status.text(), widget.status.text()
+    saved = SavedQuery.load(path)
+    assert saved.parameters["encoder"]["name"] == "filterbank"
+    assert saved.parameters["score"]["min_score"] is None  # the slider's keep-all stays here
+
+    other = viewer.add_image(sim.volume.copy(), name="another tomo",
+                             scale=tuple(viewer.layers["tomo"].scale))
+    widget.image_box.setCurrentText(other.name)
+    monkeypatch.setattr(QFileDialog, "getOpenFileName", lambda *a, **k: (str(path), ""))
+    _press(qtbot, widget, widget.query_button)
+    result = widget.result
+    assert result is not None, widget.status.text()
+    assert result.record["query"]["sha256"] == saved.meta["sha256"]
+    assert not result.pick_is_prompt.any() and len(result.picks_zyx) > 1
+    assert len(viewer.layers[PICKS_NAME].data) == len(result.picks_zyx)
+    truth = sim.points(sim.target_kind)
+    from cryosam.metrics import evaluate_picks
+
+    shown = result.picks_zyx[viewer.layers[PICKS_NAME].shown]  # above the automatic cut
+    assert evaluate_picks(shown, truth, sim.target_radius).recall >= 0.5
+
+
 def test_widget_negative_clicks_drop_what_they_name(make_napari_viewer, qtbot, sim,
                                                     one_thread) -> None:
     """A negative click on a filament drops the look-alike matches and keeps every target

@@ -4,8 +4,11 @@ Pick the tomogram's image layer and a points layer of clicks, then "Segment clic
 clicked particles only, seconds) or "Find similar" (the whole pipeline). The result is a labels
 layer and a points layer whose ``score`` feature the slider filters live; "Save" writes the
 usual outputs (picks.csv/.star/_napari.csv, semantic.mrc, instances.mrc, preview.png,
-run.json) of what the slider keeps. Work runs in a napari worker thread; the models and an
-on-disk feature cache live as long as the widget, so a second press reuses them.
+run.json) of what the slider keeps. "Save query…" writes the clicks' query (as ``cryosam
+query``) and "Pick with query…" picks with a saved one instead of clicks (as ``segment
+--query``). Work runs in a napari worker thread (:mod:`._jobs`); the models and an on-disk
+feature cache live as long as the widget, so a second press reuses them. The controls are laid
+out in :mod:`._ui`.
 """
 
 from __future__ import annotations
@@ -23,36 +26,33 @@ import numpy as np
 from napari.layers import Image, Labels, Points
 from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error, show_info
-from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import (
     QComboBox,
-    QDoubleSpinBox,
     QFileDialog,
-    QFormLayout,
-    QHBoxLayout,
-    QLabel,
-    QProgressBar,
-    QPushButton,
-    QSlider,
-    QVBoxLayout,
     QWidget,
 )
 
-from cryosam import backends
 from cryosam.config import ScoreConfig
 from cryosam.errors import CryosamError
+from cryosam.napari._jobs import (
+    query_job,
+    query_model,
+    save_job,
+    save_query_job,
+    segment_job,
+)
 from cryosam.napari._reader import pick_size, points_kwargs
 from cryosam.napari._results import (
     background_note,
     check_clicks,
     filtered_result,
-    finite,
     hidden_labels,
     kept_picks,
     starting_score,
     tomogram_from_array,
 )
 from cryosam.napari._triton import guard_triton
+from cryosam.napari._ui import SLIDER_STEPS, build_ui
 from cryosam.result import SegmentationResult, negatives_summary
 
 LABELS_NAME = "cryosam instances"
@@ -60,32 +60,6 @@ PICKS_NAME = "cryosam picks"
 CLICKS_NAME = "clicks"
 NEGATIVES_NAME = "negative clicks"
 NO_LAYER = "(none)"  # the negative-clicks choice when no layer is used
-SLIDER_STEPS = 1000  # score filter resolution: 0.001
-
-
-def default_backends() -> tuple[str, str, str]:
-    """(encoder, segmenter, why): DINOv2 + SAM when their weights are here, else the
-    weight-free backends (the same choice as ``cryosam demo``)."""
-    from cryosam.commands.demo import pick_backends
-
-    return pick_backends()
-
-
-def _segment_job(model: Any, tomo: Any, clicks: np.ndarray, match: bool, cache_dir: str,
-                 tomo_name: str, negatives: np.ndarray | None = None,
-                 ) -> tuple[SegmentationResult, float]:
-    """Run in the worker thread: check the volume, segment, and time it."""
-    t0 = time.perf_counter()
-    result = model.segment(finite(tomo), clicks, match=match, cache_dir=cache_dir,
-                           tomo_name=tomo_name, negative_points=negatives)
-    return result, time.perf_counter() - t0
-
-
-def _save_job(result: SegmentationResult, out_dir: str) -> Path:
-    from cryosam.export import write_outputs
-
-    write_outputs(result, out_dir, overwrite=True)
-    return Path(out_dir)
 
 
 class CryosamWidget(QWidget):
@@ -117,99 +91,7 @@ class CryosamWidget(QWidget):
     # ------------------------------------------------------------------ interface
 
     def _build_ui(self) -> None:
-        self.image_box = QComboBox()
-        self.points_box = QComboBox()
-        self.new_clicks_button = QPushButton("New clicks layer")
-        self.new_clicks_button.setToolTip("Add an empty points layer in add mode on the image")
-        self.new_clicks_button.clicked.connect(self.add_clicks_layer)
-        self.negatives_box = QComboBox()
-        self.negatives_box.setToolTip("Clicks on structures that must not be picked (Find "
-                                      "similar drops matches more like them than like the "
-                                      "clicks); optional")
-        self.new_negatives_button = QPushButton("New negative clicks layer")
-        self.new_negatives_button.setToolTip("Add an empty points layer for clicks on "
-                                             "look-alikes that must not be picked")
-        self.new_negatives_button.clicked.connect(self.add_negatives_layer)
-        encoder, segmenter, why = default_backends()
-        self.encoder_box = QComboBox()
-        self.encoder_box.addItems(list(backends.names("encoder")))
-        self.encoder_box.setCurrentText(encoder)
-        self.segmenter_box = QComboBox()
-        self.segmenter_box.addItems(list(backends.names("segmenter")))
-        self.segmenter_box.setCurrentText(segmenter)
-        self.device_box = QComboBox()
-        self.device_box.addItems(["auto", "cpu", "cuda"])
-        for box, tip in ((self.encoder_box, "feature encoder (Find similar)"),
-                         (self.segmenter_box, "2-D promptable segmenter"),
-                         (self.device_box, "auto = CUDA when available")):
-            box.setToolTip(f"{tip}; default: {why}")
-        self.tolerance_box = QDoubleSpinBox()
-        self.tolerance_box.setDecimals(3)
-        self.tolerance_box.setRange(0.001, 0.2)
-        self.tolerance_box.setSingleStep(0.001)
-        self.tolerance_box.setValue(ScoreConfig.density_tolerance)
-        self.tolerance_box.setToolTip("Density tolerance (cryosam segment --density-tolerance): "
-                                      "smaller is stricter on look-alikes of the clicked size "
-                                      "(README: crowded tomograms), at some recall elsewhere")
-
-        self.segment_button = QPushButton("Segment clicks")
-        self.segment_button.setToolTip("3-D masks of the clicked particles only (seconds)")
-        self.segment_button.clicked.connect(self.segment_clicks)
-        self.similar_button = QPushButton("Find similar")
-        self.similar_button.setToolTip("The whole pipeline: features, matching, masks of "
-                                       "every similar particle (features are cached)")
-        self.similar_button.clicked.connect(self.find_similar)
-        self.progress = QProgressBar()
-        self.progress.setRange(0, 0)  # busy indicator: the pipeline has no fixed step count
-        self.progress.setVisible(False)
-        self.status = QLabel(f"Backends: {why}.")
-        self.status.setWordWrap(True)
-
-        self.score_slider = QSlider(Qt.Orientation.Horizontal)
-        self.score_slider.setRange(0, SLIDER_STEPS)
-        self.score_slider.setEnabled(False)
-        self.score_slider.setToolTip("Hide picks whose score (similarity above the "
-                                     "threshold × confidence × agreement; starts at the "
-                                     "automatic cut) is "
-                                     "below this; clicked particles always stay")
-        self.score_slider.valueChanged.connect(self._apply_filter)
-        self.score_label = QLabel("min score 0.000")
-        self.save_button = QPushButton("Save…")
-        self.save_button.setToolTip("Write picks, masks, preview and run.json of the picks "
-                                    "kept by the score filter")
-        self.save_button.setEnabled(False)
-        self.save_button.clicked.connect(lambda: self.save())
-        self._tick = QTimer(self)
-        self._tick.setInterval(500)
-        self._tick.timeout.connect(self._show_elapsed)
-        self._labels_timer = QTimer(self)
-        self._labels_timer.setSingleShot(True)
-        self._labels_timer.setInterval(150)
-        self._labels_timer.timeout.connect(self._filter_labels)
-
-        form = QFormLayout()
-        form.addRow("Tomogram", self.image_box)
-        form.addRow("Clicks", self.points_box)
-        form.addRow("", self.new_clicks_button)
-        form.addRow("Negative clicks", self.negatives_box)
-        form.addRow("", self.new_negatives_button)
-        form.addRow("Encoder", self.encoder_box)
-        form.addRow("Segmenter", self.segmenter_box)
-        form.addRow("Device", self.device_box)
-        form.addRow("Density tolerance", self.tolerance_box)
-        buttons = QHBoxLayout()
-        buttons.addWidget(self.segment_button)
-        buttons.addWidget(self.similar_button)
-        layout = QVBoxLayout(self)
-        layout.addLayout(form)
-        layout.addLayout(buttons)
-        layout.addWidget(self.progress)
-        layout.addWidget(self.status)
-        layout.addWidget(QLabel("Score filter"))
-        layout.addWidget(self.score_slider)
-        layout.addWidget(self.score_label)
-        layout.addWidget(self.save_button)
-        layout.addStretch(1)
+        build_ui(self)
 
     def _refresh_layers(self, *_: Any) -> None:
         """Fill the layer choices, keeping the current ones; skip cryosam's own outputs."""
@@ -329,8 +211,52 @@ class CryosamWidget(QWidget):
             return
         self._source = image
         task = "Finding similar particles" if match else "Segmenting the clicks"
-        self._launch(_segment_job, (model, tomo, clicks, match, self.cache_dir, image.name,
-                                    negatives), task, self._on_result)
+        self._launch(segment_job, (model, tomo, clicks, match, self.cache_dir, image.name,
+                                   negatives), task, self._on_result)
+
+    def pick_with_query(self, path: str | Path | None = None) -> None:
+        """Every particle like a saved query's (``cryosam query``) in the chosen tomogram,
+        with the query's own parameters; the clicks are not used."""
+        if self.busy:
+            show_info("cryosam is still working; wait for it to finish")
+            return
+        if path is None:
+            path, _ = QFileDialog.getOpenFileName(self, "Pick with a saved query", "",
+                                                  "cryosam query (*.cryosam-query);;All (*)")
+            if not path:
+                return
+        try:
+            image = self._layer(self.image_box, Image, "tomogram (image)")
+            data = image.data[0] if image.multiscale else image.data
+            tomo = tomogram_from_array(data, image.scale, image.metadata)
+            saved, model = query_model(str(path), self.device_box.currentText(), self._models)
+        except CryosamError as exc:
+            self._fail(exc)
+            return
+        self._source, self._clicks = image, None
+        self._launch(query_job, (model, tomo, saved, self.cache_dir, image.name),
+                     f"Picking with {Path(path).name}", self._on_result)
+
+    def save_query(self, path: str | Path | None = None) -> None:
+        """Save what matching needs from the clicks (and negative clicks) as a query file,
+        to pick in other tomograms (``cryosam segment/batch --query``)."""
+        if self.busy:
+            show_info("cryosam is still working; wait for it to finish")
+            return
+        try:
+            image, tomo, clicks, negatives = self._inputs()
+            model = self._model()
+        except CryosamError as exc:
+            self._fail(exc)
+            return
+        if path is None:
+            path, _ = QFileDialog.getSaveFileName(self, "Save the query", f"{image.name}"
+                                                  ".cryosam-query", "cryosam query "
+                                                  "(*.cryosam-query)")
+            if not path:
+                return
+        self._launch(save_query_job, (model, tomo, clicks, self.cache_dir, image.name,
+                                      negatives, str(path)), "Saving the query", self._on_saved)
 
     def save(self, out_dir: str | Path | None = None) -> None:
         """Write the outputs of the picks the score filter keeps into ``out_dir`` (asked for
@@ -350,7 +276,7 @@ class CryosamWidget(QWidget):
                 return
             out_dir = chosen
         result = filtered_result(self.result, self.min_score)
-        self._launch(_save_job, (result, str(out_dir)), "Saving", self._on_saved)
+        self._launch(save_job, (result, str(out_dir)), "Saving", self._on_saved)
 
     def _default_out_dir(self) -> Path:
         tomo = self.result.tomogram if self.result is not None else None
@@ -379,6 +305,7 @@ class CryosamWidget(QWidget):
 
     def _set_busy(self, busy: bool) -> None:
         for w in (self.segment_button, self.similar_button, self.save_button,
+                  self.save_query_button, self.query_button,
                   self.encoder_box, self.segmenter_box, self.device_box):
             w.setEnabled(not busy)
         self.save_button.setEnabled(not busy and self.result is not None)
