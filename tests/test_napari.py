@@ -192,6 +192,26 @@ def test_widget_saves_a_query_and_picks_with_it(make_napari_viewer, qtbot, sim, 
     shown = result.picks_zyx[viewer.layers[PICKS_NAME].shown]  # above the automatic cut
     assert evaluate_picks(shown, truth, sim.target_radius).recall >= 0.5
 
+    # the contrast the other way round: the query's warning reaches the status line, and
+    # the Polarity box does what it says
+    inverted = viewer.add_image(-sim.volume, name="inverted",
+                                scale=tuple(viewer.layers["tomo"].scale))
+    widget.image_box.setCurrentText(inverted.name)
+    _press(qtbot, widget, widget.query_button)
+    assert "warning(s)" in widget.status.text() and "looks bright" in widget.status.text()
+    widget.polarity_box.setCurrentText("bright")
+    _press(qtbot, widget, widget.query_button)
+    assert "warning" not in widget.status.text(), widget.status.text()
+    assert widget.result.record["parameters"]["polarity"] == "bright"
+    shown = widget.result.picks_zyx[viewer.layers[PICKS_NAME].shown]
+    assert evaluate_picks(shown, truth, sim.target_radius).recall >= 0.5
+    monkeypatch.setattr(QFileDialog, "getOpenFileName",  # not a query: one line, its name
+                        lambda *a, **k: (str(tmp_path / "junk.cryosam-query"), ""))
+    (tmp_path / "junk.cryosam-query").write_text("x,y,z\n")
+    _press(qtbot, widget, widget.query_button)
+    assert widget.status.text().startswith(f"Error: {tmp_path / 'junk.cryosam-query'}: not a")
+    assert "Save query…" in widget.status.text()
+
 
 def test_widget_negative_clicks_drop_what_they_name(make_napari_viewer, qtbot, sim,
                                                     one_thread) -> None:

@@ -96,8 +96,7 @@ def test_cli_query_then_segment_with_it(run_cli, small_sim, other_sim, tmp_path:
     assert "(as the query's clicks)" in out
 
 
-@pytest.mark.parametrize("option", [("--encoder", "dinov2"), ("--slice-stride", "2"),
-                                    ("--binning", "2")])
+@pytest.mark.parametrize("option", [("--encoder", "dinov2"), ("--slice-stride", "2")])
 def test_other_features_are_refused_with_one_line(run_cli, saved, other_sim, tmp_path: Path,
                                                   option: tuple[str, str]) -> None:
     path, _ = saved
@@ -153,14 +152,20 @@ def test_other_voxel_size_or_polarity_warns(saved, other_sim, weight_free) -> No
         CryoSAM(weight_free).segment(sim.volume, query=q, voxel_size=15.0)
     assert q.warn_data(10.2, "dark") == []  # within 5 %, same contrast
     assert q.warn_data(10.0, "bright", flips=True) == []  # the encoder sees it flipped
-    # a whole binning puts a finer tomogram on the query's 10 A grid: no warning
-    assert (q.binning, q.source["voxel_size"]) == (1, 10.0)
-    assert [q.binning_for(v) for v in (10.2, 5.0, 2.5, 3.4, 13.0, None)] == [1, 2, 4, 3, 1, 1]
+    # the whole binning closest to the query's 10 A grid: no warning within 5 %
+    assert (q.binning, q.grid) == (1, 10.0)
+    assert [q.binning_for(v) for v in (10.2, 5.0, 2.5, 3.4, 4.7, 13.0, 6.5, None)] == \
+        [1, 2, 4, 3, 2, 1, 2, 1]
+    assert q.binning_for(5.0, given=1) == 1  # --binning wins
     assert q.warn_data(5.0, "dark") == [] and q.warn_data(2.5, "dark") == []
+    with pytest.warns(CryosamWarning, match="binned 2x give 9.4 Å, 6% off"):
+        q.warn_data(4.7, "dark")  # the nearest binning, with how far off it is
     with pytest.warns(CryosamWarning, match="--binning 2"):  # coarser: bin the query
         q.warn_data(20.0, "dark")
     with pytest.warns(CryosamWarning, match="resample the tomogram to 10 Å"):
         q.warn_data(13.0, "dark")
+    with pytest.warns(CryosamWarning, match="drop --binning"):  # a given binning off grid
+        q.warn_data(5.0, "dark", binning=1, given=True)
 
 
 def test_a_query_picks_in_a_finer_tomogram_on_its_own_grid(saved, other_sim,
@@ -179,9 +184,24 @@ def test_a_query_picks_in_a_finer_tomogram_on_its_own_grid(saved, other_sim,
         warnings.simplefilter("error", CryosamWarning)
         found = model.segment(fine.volume, query=q, voxel_size=fine.voxel_size)
     assert found.record["work"]["binning"] == 2
+    nms = (coarse.record["matching"]["nms_radius"], found.record["matching"]["nms_radius"])
+    assert nms[1] == pytest.approx(2 * nms[0])  # the same radius in Å: twice the voxels
     by_coarse = evaluate_picks(coarse.picks_zyx, sim.points(sim.target_kind), sim.target_radius)
     by_fine = evaluate_picks(found.picks_zyx, fine.points(fine.target_kind), fine.target_radius)
     assert by_coarse.f1 >= 0.5 and by_fine.f1 >= by_coarse.f1 - 0.15, (by_fine, by_coarse)
+
+
+def test_a_query_without_a_voxel_size_says_it_cannot_move(small_sim, other_sim,
+                                                         weight_free) -> None:
+    """A query made on a tomogram whose voxel size is unknown warns when it is made and when
+    it is used on a tomogram that has one."""
+    a, files = small_sim
+    with pytest.warns(CryosamWarning, match="no voxel size.*--voxel-size"):
+        q = CryoSAM(weight_free).make_query(a.volume, files["prompt.csv"])
+    assert q.grid is None and q.binning_for(5.0) == q.binning
+    sim, _ = other_sim
+    with pytest.warns(CryosamWarning, match="unknown voxel size, so it assumes this one's 10 Å"):
+        CryoSAM(weight_free).segment(sim.volume, query=q, voxel_size=sim.voxel_size)
 
 
 def test_a_query_on_inverted_contrast_says_what_to_try(saved, other_sim, weight_free) -> None:
@@ -194,7 +214,7 @@ def test_a_query_on_inverted_contrast_says_what_to_try(saved, other_sim, weight_
     sim, _ = other_sim
     inverted = (-sim.volume).astype(np.float32)
     truth = sim.points(sim.target_kind)
-    with pytest.warns(CryosamWarning, match="in this tomogram matched.*dense matter looks "
+    with pytest.warns(CryosamWarning, match="pick.* in this tomogram.*dense matter looks "
                       "bright: pass --polarity bright"):  # B's own contrast says so
         few = CryoSAM(weight_free).segment(inverted, query=q, voxel_size=sim.voxel_size)
     assert len(few.picks_zyx) < 4

@@ -172,13 +172,14 @@ def probe(volume: np.ndarray, inputs: Inputs, cfg: CryosamConfig) -> ClickProbe:
 
 
 def probe_from_query(saved: SavedQuery, inputs: Inputs, cfg: CryosamConfig,
-                     flips: bool = False) -> ClickProbe:
+                     flips: bool = False, binning: int | None = None) -> ClickProbe:
     """Polarity and size for a tomogram without clicks: the saved query's (``polarity`` and
     ``diameter`` still override them), with a warning when this tomogram's voxel size or
     the polarity differ from the query's source (not the polarity when the encoder
     ``flips`` every tomogram to dark particles: :meth:`SavedQuery.warn_data`)."""
     polarity = cfg.polarity if cfg.polarity != "auto" else saved.polarity
-    saved.warn_data(inputs.tomogram.mean_voxel_size, polarity, flips)
+    saved.warn_data(inputs.tomogram.mean_voxel_size, polarity, flips, binning,
+                    given=cfg.binning is not None)
     radius, source = saved.radius, "query"
     theirs, mine = saved.source.get("voxel_size"), inputs.tomogram.mean_voxel_size
     if radius is not None and theirs and mine:  # the query's particle in this tomogram's voxels

@@ -24,7 +24,7 @@ from cryosam.encoders.base import SliceEncoder
 from cryosam.errors import CryosamWarning, InputError, MissingWeightsError
 from cryosam.merge import merge_instances, split_at_cut
 from cryosam.probe import ClickProbe, looks_polarity
-from cryosam.query import SavedQuery, check_query_config
+from cryosam.query import VOXEL_SIZE_TOLERANCE, SavedQuery, check_query_config
 from cryosam.record import StageTimer, device_record, file_info, started_stamp, versions
 from cryosam.rescale import from_binned
 from cryosam.result import Instance, SegmentationResult
@@ -207,6 +207,10 @@ class CryoSAM:
             neg_refs = stages.references_of(work, negatives.masks, cfg,
                                             reach=refs.reach if refs else None)
         tomo = inputs.tomogram
+        if tomo.mean_voxel_size is None:
+            warnings.warn("the query's tomogram has no voxel size, so the query cannot be "
+                          "moved onto tomograms of other voxel sizes; pass --voxel-size",
+                          CryosamWarning, stacklevel=2)
         source = {"tomogram": inputs.report()["tomogram"], "name": inputs.name,
                   "shape_zyx": list(tomo.shape), "voxel_size": tomo.mean_voxel_size,
                   "clicks": len(inputs.prompts),
@@ -257,8 +261,9 @@ class CryoSAM:
         with timer("normalise"):
             volume = stages.normalise(inputs.tomogram, cfg.propagation)
         with timer("probe"):
-            found = stages.probe_from_query(saved, inputs, cfg, flips)
-            binning = saved.binning_for(inputs.tomogram.mean_voxel_size)  # the query's grid
+            vs = inputs.tomogram.mean_voxel_size
+            binning = saved.binning_for(vs, cfg.binning)  # onto the query's grid
+            found = stages.probe_from_query(saved, inputs, cfg, flips, binning)
             work = stages.prepare(volume, inputs.tomogram.data, inputs, found,
                                   dataclasses.replace(cfg, binning=binning),
                                   encoder_dark=flips,
@@ -271,7 +276,7 @@ class CryoSAM:
         # their vectors and their references only, never by where their masks were
         negatives = stages.Negatives([], len(saved.negative_crops))
         with timer("matching"):
-            query_ = stages.query_from_saved(saved, features, cfg)
+            query_ = stages.query_from_saved(saved, features, cfg, work.factor)
             matches = stages.match_query(features, query_, clicks, cfg.matching, self.device,
                                          negatives if negatives.clicks else None)
         proposals = None
@@ -286,10 +291,11 @@ class CryoSAM:
         result.record["inputs"]["points"] = None
         result.record["query"] = saved.report()
         if len(result.picks_zyx) < MIN_MATCHES:  # too few to be the query's kind at all
+            off_grid = saved.grid_gap(vs, work.factor) > VOXEL_SIZE_TOLERANCE
             looks = (looks_polarity(inputs.tomogram.data, found.radius)[0]
-                     if found.radius and cfg.polarity == "auto" else None)
+                     if found.radius and cfg.polarity == "auto" and not off_grid else None)
             warnings.warn(saved.nothing_matched(len(result.picks_zyx), cfg.polarity != "auto",
-                                                flips, looks),
+                                                flips, looks, off_grid),
                           CryosamWarning, stacklevel=3)
         return result
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import time
 import warnings
@@ -220,7 +221,8 @@ class SavedQuery:
 
     def check_config(self, cfg: CryosamConfig) -> None:
         """Refuse (before any work) a configuration whose features cannot be compared with
-        the query's: another encoder, other encoder options, clip, stride or binning."""
+        the query's: another encoder, other encoder options, clip or stride. (A binning is
+        this tomogram's choice: :meth:`binning_for`, :meth:`warn_data`.)"""
         mine = CryosamConfig.from_dict(self.parameters).encoder
         enc = cfg.encoder
         fix = ("drop that option (a query's own parameters are the defaults) or save a new "
@@ -238,9 +240,6 @@ class SavedQuery:
         if enc.reduce_to:
             raise InputError(f"{self._where()}: encoder.reduce_to fits a PCA per tomogram; "
                              "run without it")
-        if cfg.binning is not None and cfg.binning != self.binning:
-            raise InputError(f"{self._where()}: made on a grid binned {self.binning}x, this run "
-                             f"has --binning {cfg.binning}; {fix}")
         if cfg.propagation.target != "particle":
             raise InputError(f"{self._where()}: saved queries find particles; drop --target")
 
@@ -257,42 +256,64 @@ class SavedQuery:
             raise InputError(f"{self._where()}: query vectors have {self.vectors.shape[1]} "
                              f"channels, this tomogram's features {dim}; save the query again")
 
-    def binning_for(self, voxel_size: float | None) -> int:
-        """The binning that puts a tomogram of ``voxel_size`` Å on this query's work grid (its
-        source's voxel size times its binning, within 5 %): a query made on 10 Å voxels picks
-        in a 5 Å tomogram binned 2x. The query's own binning when a voxel size is unknown or
-        no whole binning fits (:meth:`warn_data` then warns)."""
+    @property
+    def grid(self) -> float | None:
+        """Å per voxel of the grid the query was made on (its tomogram's voxel size times its
+        binning); None when that tomogram's voxel size was unknown."""
         theirs = self.source.get("voxel_size")
-        if not theirs or not voxel_size:
-            return self.binning
-        grid = float(theirs) * self.binning
-        b = max(1, round(grid / float(voxel_size)))
-        fits = abs(b * float(voxel_size) - grid) <= VOXEL_SIZE_TOLERANCE * grid
-        return b if fits else self.binning
+        return float(theirs) * self.binning if theirs else None
 
-    def warn_data(self, voxel_size: float | None, polarity: str,
-                  flips: bool = False) -> list[str]:
-        """Warn (and return the lines) when this tomogram cannot be put on the query's grid
-        (:meth:`binning_for`) or the polarity in use differs from the query's source: the
-        query assumes the same kind of data. ``flips``: the encoder sees particles dark
-        whatever the tomogram's contrast (the weight-free one), so another polarity is made
-        up for and not warned of."""
+    def binning_for(self, voxel_size: float | None, given: int | None = None) -> int:
+        """The binning of a tomogram of ``voxel_size`` Å that comes closest to this query's
+        grid: a query made on 10 Å voxels picks in a 5 Å tomogram binned 2x. ``given`` (the
+        user's ``--binning``) wins; the query's own binning when a voxel size is unknown.
+        :meth:`grid_gap` says how far from the grid the choice is."""
+        if given is not None:
+            return int(given)
+        if self.grid is None or not voxel_size:
+            return self.binning
+        ratio = self.grid / float(voxel_size)
+        below = max(1, math.floor(ratio))
+        return min((below, below + 1), key=lambda b: abs(math.log(b / ratio)))
+
+    def grid_gap(self, voxel_size: float | None, binning: int) -> float:
+        """How far ``voxel_size`` binned ``binning`` times lies from the query's grid, as a
+        share of it (0 when either voxel size is unknown)."""
+        if self.grid is None or not voxel_size:
+            return 0.0
+        return abs(binning * float(voxel_size) - self.grid) / self.grid
+
+    def warn_data(self, voxel_size: float | None, polarity: str, flips: bool = False,
+                  binning: int | None = None, given: bool = False) -> list[str]:
+        """Warn (and return the lines) when this tomogram, binned ``binning`` times (``given``:
+        by the user), lies off the query's grid by more than 5 % (:meth:`grid_gap`), or the
+        polarity in use differs from the query's source: the query assumes the same kind of
+        data. ``flips``: the encoder sees particles dark whatever the tomogram's contrast
+        (the weight-free one), so another polarity is made up for and not warned of."""
         lines = []
-        theirs = self.source.get("voxel_size")
-        grid = float(theirs or 0) * self.binning
-        if (theirs and voxel_size and abs(self.binning_for(voxel_size) * voxel_size - grid)
-                > VOXEL_SIZE_TOLERANCE * grid):
+        theirs, grid = self.source.get("voxel_size"), self.grid
+        b = self.binning_for(voxel_size) if binning is None else int(binning)
+        if grid is not None and voxel_size and self.grid_gap(voxel_size, b) > \
+                VOXEL_SIZE_TOLERANCE:
             k = max(1, round(voxel_size / theirs))  # a query binned k x would fit this grid
-            fix = (f"make the query again with --binning {k}"
-                   if abs(k * theirs - voxel_size) <= VOXEL_SIZE_TOLERANCE * voxel_size
+            fix = ("drop --binning" if given and self.grid_gap(
+                       voxel_size, self.binning_for(voxel_size)) <= VOXEL_SIZE_TOLERANCE
+                   else f"make the query again with --binning {k}"
+                   if voxel_size > grid and abs(k * theirs - voxel_size)
+                   <= VOXEL_SIZE_TOLERANCE * voxel_size
                    else f"resample the tomogram to {grid:g} Å, or a whole fraction of it")
             lines.append(f"{self._where()}: made on a {grid:g} Å grid ({theirs:g} Å voxels "
-                         f"binned {self.binning}x) and no whole binning of this tomogram's "
-                         f"{voxel_size:g} Å voxels gives it; particles look another size "
-                         f"here, so expect fewer matches ({fix})")
+                         f"binned {self.binning}x); this tomogram's {voxel_size:g} Å voxels "
+                         f"binned {b}x give {b * voxel_size:g} Å, "
+                         f"{self.grid_gap(voxel_size, b):.0%} off: particles look another "
+                         f"size here, so expect fewer matches ({fix})")
         elif theirs and not voxel_size:
             lines.append(f"{self._where()}: made on {theirs:g} Å voxels, this tomogram's "
                          "voxel size is unknown; the query assumes the same voxel size")
+        elif not theirs and voxel_size:
+            lines.append(f"{self._where()}: made on a tomogram of unknown voxel size, so it "
+                         f"assumes this one's {voxel_size:g} Å; make it again with "
+                         "--voxel-size to use it on other voxel sizes")
         if polarity in ("dark", "bright") and polarity != self.polarity and not flips:
             lines.append(f"{self._where()}: made on {self.polarity} particles, this run says "
                          f"--polarity {polarity}; the query assumes the same contrast")
@@ -301,15 +322,18 @@ class SavedQuery:
         return lines
 
     def nothing_matched(self, picks: int, polarity_given: bool, flips: bool,
-                        looks: str | None = None) -> str:
+                        looks: str | None = None, off_grid: bool = False) -> str:
         """Why a tomogram may show (almost) no match of this query, and what to try: most
         often its contrast is the other way round (particles bright where the query's were
         dark). ``looks``: the tomogram's own contrast where it is clear
         (:func:`cryosam.probe.looks_polarity`)."""
         other = "bright" if self.polarity == "dark" else "dark"
-        what = "nothing" if picks == 0 else f"only {picks} match(es)"
-        head = (f"{self._where()}: {what} in this tomogram matched the query (made on "
+        what = "no pick" if picks == 0 else f"only {picks} pick(s)"
+        head = (f"{self._where()}: {what} in this tomogram (the query was made on "
                 f"{self.polarity} particles)")
+        if off_grid:
+            return (f"{head}; this tomogram is off the query's grid (see the voxel-size "
+                    "warning above), the likeliest reason")
         if polarity_given:
             return f"{head}; check --polarity and that the particles are here"
         if looks == self.polarity:

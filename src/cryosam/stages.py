@@ -233,17 +233,19 @@ def build_query(features: Features, clicks: Clicks, cfg: CryosamConfig,
                  int(factor))
 
 
-def query_from_saved(saved: SavedQuery, features: Features, cfg: CryosamConfig) -> Query:
-    """The saved query's vectors and radii (``matching.nms_radius`` still overrides); the
-    run is binned as the query was."""
+def query_from_saved(saved: SavedQuery, features: Features, cfg: CryosamConfig,
+                     factor: int) -> Query:
+    """The saved query's vectors and radii (on its grid, which is this run's work grid:
+    ``matching.nms_radius``, in the input's voxels, still overrides). ``factor``: this run's
+    binning (:meth:`SavedQuery.binning_for`)."""
     saved.check_dim(int(features.volume.dim))
-    radius = given_nms_radius(cfg, saved.binning)
+    radius = given_nms_radius(cfg, factor)
     if radius is None:
         radius = saved.nms_radius
     neg = (torch.from_numpy(np.array(saved.negatives, dtype=np.float32))
            if saved.negatives is not None and len(saved.negatives) else None)
     return Query(torch.from_numpy(np.array(saved.vectors, dtype=np.float32)), float(radius),
-                 float(saved.particle_radius), neg, int(saved.binning))
+                 float(saved.particle_radius), neg, int(factor))
 
 
 @dataclass

@@ -31,19 +31,25 @@ def segment_job(model: Any, tomo: Any, clicks: np.ndarray, match: bool, cache_di
     return result, time.perf_counter() - t0
 
 
-def query_model(path: str, device: str, models: dict[Any, Any]) -> tuple[Any, Any]:
-    """The saved query at ``path`` and a model with its own parameters on ``device``,
-    keeping every match (the score slider starts at the automatic cut); models are reused
-    from ``models`` by their parameters."""
+def query_model(path: str, device: str, polarity: str, models: dict[Any, Any]
+                ) -> tuple[Any, Any]:
+    """The saved query at ``path`` and a model with its own parameters on ``device`` (and
+    ``polarity``), keeping every match (the score slider starts at the automatic cut);
+    models are reused from ``models`` by their parameters."""
     import dataclasses
     import json
 
+    from cryosam.errors import InputError
     from cryosam.pipeline import CryoSAM
     from cryosam.query import SavedQuery
 
-    saved = SavedQuery.load(path)
+    try:
+        saved = SavedQuery.load(path)
+    except InputError as exc:  # the CLI's wording, for the widget
+        raise InputError(str(exc).replace(f"--query {path}", str(path)).replace(
+            "save one with `cryosam query`", "save one with Save query…")) from None
     cfg = saved.config()
-    cfg = dataclasses.replace(cfg, device=device,
+    cfg = dataclasses.replace(cfg, device=device, polarity=polarity,
                               score=dataclasses.replace(cfg.score, min_score=0.0))
     key = json.dumps(cfg.to_dict(), sort_keys=True, default=str)
     if key not in models:

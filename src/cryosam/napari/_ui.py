@@ -48,6 +48,10 @@ def build_ui(w: Any) -> None:
     w.segmenter_box = QComboBox()
     w.segmenter_box.addItems(list(backends.names("segmenter")))
     w.segmenter_box.setCurrentText(segmenter)
+    w.polarity_box = QComboBox()
+    w.polarity_box.addItems(["auto", "dark", "bright"])
+    w.polarity_box.setToolTip("Particles darker (dark) or brighter than their surroundings "
+                              "(--polarity); auto: from the clicks, or the saved query's")
     w.device_box = QComboBox()
     w.device_box.addItems(["auto", "cpu", "cuda"])
     for box, tip in ((w.encoder_box, "feature encoder (Find similar)"),
@@ -115,6 +119,7 @@ def build_ui(w: Any) -> None:
     form.addRow("Encoder", w.encoder_box)
     form.addRow("Segmenter", w.segmenter_box)
     form.addRow("Device", w.device_box)
+    form.addRow("Polarity", w.polarity_box)
     form.addRow("Density tolerance", w.tolerance_box)
     buttons = QHBoxLayout()
     buttons.addWidget(w.segment_button)

@@ -25,7 +25,7 @@ import napari
 import numpy as np
 from napari.layers import Image, Labels, Points
 from napari.qt.threading import create_worker
-from napari.utils.notifications import show_error, show_info
+from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtWidgets import (
     QComboBox,
     QFileDialog,
@@ -33,7 +33,7 @@ from qtpy.QtWidgets import (
 )
 
 from cryosam.config import ScoreConfig
-from cryosam.errors import CryosamError
+from cryosam.errors import CryosamError, CryosamWarning
 from cryosam.napari._jobs import (
     query_job,
     query_model,
@@ -76,7 +76,8 @@ class CryosamWidget(QWidget):
         self._source: Image | None = None  # the image layer the result belongs to
         self._clicks: Points | None = None  # and its clicks
         self._full_labels: np.ndarray | None = None  # labels before the score filter
-        self._models: dict[tuple[str, str, str, float], Any] = {}
+        self._models: dict[Any, Any] = {}  # by the boxes' settings, or a query's parameters
+        self._warnings: list[str] = []  # cryosam's warnings from the last job
         # the feature cache: kept while the widget lives, removed when it is collected
         self.cache_dir = tempfile.mkdtemp(prefix="cryosam-napari-")
         weakref.finalize(self, shutil.rmtree, self.cache_dir, ignore_errors=True)
@@ -189,12 +190,14 @@ class CryosamWidget(QWidget):
         from cryosam.pipeline import CryoSAM
 
         key = (self.encoder_box.currentText(), self.segmenter_box.currentText(),
-               self.device_box.currentText(), round(self.tolerance_box.value(), 3))
+               self.device_box.currentText(), round(self.tolerance_box.value(), 3),
+               self.polarity_box.currentText())
         if key not in self._models:
             # every match is kept: the score slider starts at the automatic cut and can go
             # below it; "Save" writes the ones under the slider to picks_below_cut.csv
             cfg = CryosamConfig(encoder=EncoderConfig(name=key[0]),
                                 segmenter=SegmenterConfig(name=key[1]), device=key[2],
+                                polarity=key[4],
                                 score=ScoreConfig(min_score=0.0, density_tolerance=key[3]))
             self._models[key] = CryoSAM(cfg)
         return self._models[key]
@@ -229,7 +232,8 @@ class CryosamWidget(QWidget):
             image = self._layer(self.image_box, Image, "tomogram (image)")
             data = image.data[0] if image.multiscale else image.data
             tomo = tomogram_from_array(data, image.scale, image.metadata)
-            saved, model = query_model(str(path), self.device_box.currentText(), self._models)
+            saved, model = query_model(str(path), self.device_box.currentText(),
+                                       self.polarity_box.currentText(), self._models)
         except CryosamError as exc:
             self._fail(exc)
             return
@@ -294,6 +298,8 @@ class CryosamWidget(QWidget):
         worker = create_worker(func, *args, _progress={"desc": f"cryosam: {task}"},
                                _ignore_errors=True)
         worker.returned.connect(on_done)
+        worker.warned.connect(self._warned)
+        self._warnings = []
         worker.errored.connect(self._fail)
         worker.finished.connect(self._on_finished)
         self.worker = worker
@@ -303,10 +309,19 @@ class CryosamWidget(QWidget):
         self._show_elapsed()
         worker.start()
 
+    def _warned(self, args: tuple) -> None:
+        """A warning from the worker thread: cryosam's own are shown and counted in the
+        status line (libraries' deprecation notes are not)."""
+        if isinstance(args[0], CryosamWarning) or (
+                isinstance(args[1], type) and issubclass(args[1], CryosamWarning)):
+            self._warnings.append(str(args[0]))
+            show_warning(str(args[0]))
+
     def _set_busy(self, busy: bool) -> None:
         for w in (self.segment_button, self.similar_button, self.save_button,
                   self.save_query_button, self.query_button,
-                  self.encoder_box, self.segmenter_box, self.device_box):
+                  self.encoder_box, self.segmenter_box, self.device_box, self.polarity_box,
+                  self.tolerance_box):
             w.setEnabled(not busy)
         self.save_button.setEnabled(not busy and self.result is not None)
         self.progress.setVisible(busy)
@@ -353,8 +368,10 @@ class CryosamWidget(QWidget):
             self._apply_filter()
         n = len(result.instances)
         clicked = sum(i.is_prompt for i in result.instances)
+        warned = (f" | {len(self._warnings)} warning(s): {self._warnings[-1]}"
+                  if self._warnings else "")
         self.status.setText(f"{n} found: {clicked} clicked + {n - clicked} similar, "
-                            f"{seconds:.1f} s{negatives_summary(result.record)}")
+                            f"{seconds:.1f} s{negatives_summary(result.record)}{warned}")
         note = background_note(result)
         if note is not None:
             show_info(note)
