@@ -116,11 +116,9 @@ class Worker:
                  "query_sha256": self.query.meta.get("content_sha256") if self.query else None,
                  "query_file_sha256": self.query.meta.get("sha256") if self.query else None,
                  "options": opts.record(), "parameters": _result_parameters(self.config)}
-        reason = "--force" if opts.force else changed(Path(task.out), state)
-        if reason is None:
-            record = json.loads((Path(task.out) / "run.json").read_text(encoding="utf-8"))
-            if source is not None:  # its results live in copick too
-                reason = io.copick_results_missing(source, record.get("copick", {}).get("written"))
+        reason, record = ("--force", {}) if opts.force else changed(Path(task.out), state)
+        if reason is None and source is not None:  # its results live in copick too
+            reason = io.copick_results_missing(source, record.get("copick", {}).get("written"))
         if reason is None:
             return Outcome(task.name, "skipped", picks=int(record["counts"]["picks"]),
                            reason="same inputs and parameters")
@@ -181,20 +179,21 @@ def _difference(before: Any, now: Any, path: str = "") -> str:
     return f"{path.rstrip('.')} {json.dumps(before)} -> {json.dumps(now)}"
 
 
-def changed(out: Path, state: dict[str, Any]) -> str | None:
-    """Why ``out`` must be (re)made for ``state``, or None when it is complete and the same."""
+def changed(out: Path, state: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
+    """Why ``out`` must be (re)made for ``state`` (None when it is complete and the same),
+    and its earlier run.json as read here ({} when there is none to read)."""
     record_path = out / "run.json"
     if not record_path.is_file():
-        return "new"
+        return "new", {}
     try:
         record = json.loads(record_path.read_text(encoding="utf-8"))
         before = record["batch"]
         outputs = list(record["outputs"])
     except (OSError, ValueError, KeyError, TypeError):
-        return "earlier output unreadable or not from cryosam batch"
+        return "earlier output unreadable or not from cryosam batch", {}
     missing = [n for n in outputs if not (out / n).is_file()]
     if missing:
-        return f"outputs incomplete ({missing[0]} missing)"
+        return f"outputs incomplete ({missing[0]} missing)", record
     labels = {"tomogram_sha256": "tomogram changed", "prompts_zyx": "clicks changed",
               "query_sha256": "query changed", "options": "options changed",
               "parameters": "parameters changed"}
@@ -205,9 +204,9 @@ def changed(out: Path, state: dict[str, Any]) -> str | None:
     for key, label in labels.items():
         if before.get(key) != state[key]:
             if key == "parameters":
-                return f"{label} ({_difference(before.get(key), state[key])})"
-            return label
-    return None
+                return f"{label} ({_difference(before.get(key), state[key])})", record
+            return label, record
+    return None, record
 
 
 def finished_here(task: Task, batch_id: str) -> Outcome | None:

@@ -24,9 +24,9 @@ from cryosam.encoders.base import SliceEncoder
 from cryosam.errors import CryosamWarning, InputError, MissingWeightsError
 from cryosam.merge import merge_instances, split_at_cut
 from cryosam.probe import ClickProbe, looks_polarity
-from cryosam.query import VOXEL_SIZE_TOLERANCE, SavedQuery, check_query_config
+from cryosam.query import SavedQuery, check_query_config
 from cryosam.record import StageTimer, device_record, file_info, started_stamp, versions
-from cryosam.rescale import from_binned
+from cryosam.rescale import bin_volume, from_binned
 from cryosam.result import Instance, SegmentationResult
 from cryosam.segmenters.base import Segmenter
 
@@ -291,9 +291,11 @@ class CryoSAM:
         result.record["inputs"]["points"] = None
         result.record["query"] = saved.report()
         if len(result.picks_zyx) < MIN_MATCHES:  # too few to be the query's kind at all
-            off_grid = saved.grid_gap(vs, work.factor) > VOXEL_SIZE_TOLERANCE
-            looks = (looks_polarity(inputs.tomogram.data, found.radius)[0]
-                     if found.radius and cfg.polarity == "auto" and not off_grid else None)
+            off_grid = saved.off_grid(vs, work.factor)
+            looks = None  # the tomogram's own contrast, on the work grid (cheaper when binned)
+            if found.radius and cfg.polarity == "auto" and not off_grid:
+                looks = looks_polarity(bin_volume(inputs.tomogram.data, work.factor),
+                                       found.radius / work.factor)[0]
             warnings.warn(saved.nothing_matched(len(result.picks_zyx), cfg.polarity != "auto",
                                                 flips, looks, off_grid),
                           CryosamWarning, stacklevel=3)

@@ -283,6 +283,21 @@ class SavedQuery:
             return 0.0
         return abs(binning * float(voxel_size) - self.grid) / self.grid
 
+    def off_grid(self, voxel_size: float | None, binning: int) -> bool:
+        """Whether ``voxel_size`` binned ``binning`` times is more than 5 % off the grid."""
+        return self.grid_gap(voxel_size, binning) > VOXEL_SIZE_TOLERANCE
+
+    def _grid_fix(self, voxel_size: float, given: bool) -> str:
+        """What to do about a tomogram off the query's grid (for :meth:`warn_data`)."""
+        if given and not self.off_grid(voxel_size, self.binning_for(voxel_size)):
+            return "drop --binning"
+        theirs = float(self.source["voxel_size"])
+        k = max(1, round(voxel_size / theirs))  # a query binned k x would have this grid
+        if voxel_size > self.grid and abs(k * theirs - voxel_size) <= \
+                VOXEL_SIZE_TOLERANCE * voxel_size:
+            return f"make the query again with --binning {k}"
+        return f"resample the tomogram to {self.grid:g} Å, or a whole fraction of it"
+
     def warn_data(self, voxel_size: float | None, polarity: str, flips: bool = False,
                   binning: int | None = None, given: bool = False) -> list[str]:
         """Warn (and return the lines) when this tomogram, binned ``binning`` times (``given``:
@@ -293,20 +308,13 @@ class SavedQuery:
         lines = []
         theirs, grid = self.source.get("voxel_size"), self.grid
         b = self.binning_for(voxel_size) if binning is None else int(binning)
-        if grid is not None and voxel_size and self.grid_gap(voxel_size, b) > \
-                VOXEL_SIZE_TOLERANCE:
-            k = max(1, round(voxel_size / theirs))  # a query binned k x would fit this grid
-            fix = ("drop --binning" if given and self.grid_gap(
-                       voxel_size, self.binning_for(voxel_size)) <= VOXEL_SIZE_TOLERANCE
-                   else f"make the query again with --binning {k}"
-                   if voxel_size > grid and abs(k * theirs - voxel_size)
-                   <= VOXEL_SIZE_TOLERANCE * voxel_size
-                   else f"resample the tomogram to {grid:g} Å, or a whole fraction of it")
+        if grid is not None and voxel_size and self.off_grid(voxel_size, b):
             lines.append(f"{self._where()}: made on a {grid:g} Å grid ({theirs:g} Å voxels "
                          f"binned {self.binning}x); this tomogram's {voxel_size:g} Å voxels "
                          f"binned {b}x give {b * voxel_size:g} Å, "
                          f"{self.grid_gap(voxel_size, b):.0%} off: particles look another "
-                         f"size here, so expect fewer matches ({fix})")
+                         f"size here, so expect fewer matches "
+                         f"({self._grid_fix(voxel_size, given)})")
         elif theirs and not voxel_size:
             lines.append(f"{self._where()}: made on {theirs:g} Å voxels, this tomogram's "
                          "voxel size is unknown; the query assumes the same voxel size")

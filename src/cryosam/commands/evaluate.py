@@ -146,27 +146,26 @@ def _kind_ids(truth: Path, kind: str) -> tuple[list[int], int]:
     """Ids of the particles of ``kind`` in the ``truth.csv`` beside ``truth`` (the id,kind
     table that ``cryosam simulate`` writes beside ``labels.mrc``), and how many particles
     the table lists."""
-    import csv
+    import numpy as np
+
+    from cryosam.io import read_points
 
     table = truth.parent / "truth.csv"
     if not table.is_file():
         raise InputError(f"{truth}: --kind {kind} reads the id,kind table beside it, as "
                          f"cryosam simulate writes it, and there is no {table}; score one "
                          "label with --truth-label instead")
-    with table.open(newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    if not rows or not {"id", "kind"} <= set(rows[0]):
+    columns = read_points(table, check_bounds=False).columns
+    if not {"id", "kind"} <= set(columns):
         raise InputError(f"{table}: --kind needs rows with 'id' and 'kind' columns, as "
                          "cryosam simulate writes them")
-    try:
-        ids = [int(r["id"]) for r in rows if r["kind"] == kind]
-    except (TypeError, ValueError):
-        raise InputError(f"{table}: column 'id' holds a value that is not an integer "
-                         "label") from None
-    if not ids:
-        found = ", ".join(sorted({r["kind"] for r in rows}))
+    kinds, ids = np.asarray(columns["kind"]).astype(str), np.asarray(columns["id"])
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise InputError(f"{table}: column 'id' holds a value that is not an integer label")
+    if kind not in kinds:
+        found = ", ".join(sorted(set(kinds)))
         raise InputError(f"{table}: no particle of kind {kind!r}; kinds present: {found}")
-    return ids, len(rows)
+    return [int(i) for i in ids[kinds == kind]], len(ids)
 
 
 def _warn_if_unlike(pred: Path, a: Any, truth: Path, b: Any) -> None:

@@ -470,9 +470,8 @@ def print_summary(result: SegmentationResult, written: dict[str, Path], out_dir:
     if probe:
         size = probe.get("radius_voxels")
         votes = probe["votes"]
-        why = (f"{votes['dark']} dark / {votes['bright']} bright click(s)"
-               if probe["polarity_source"] == "clicks" else "as the query's clicks"
-               if probe["polarity_source"] == "query" else "as given")
+        why = {"clicks": f"{votes['dark']} dark / {votes['bright']} bright click(s)",
+               "query": "as the query's clicks"}.get(probe["polarity_source"], "as given")
         console.print(
             f"particles {probe['polarity']} ({why})"
             + (f", radius {size:.1f} voxels ({probe['radius_source']})" if size else "")

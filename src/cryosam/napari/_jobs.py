@@ -21,12 +21,13 @@ def default_backends() -> tuple[str, str, str]:
     return pick_backends()
 
 
-def segment_job(model: Any, tomo: Any, clicks: np.ndarray, match: bool, cache_dir: str,
-                tomo_name: str, negatives: np.ndarray | None = None,
+def segment_job(model: Any, tomo: Any, cache_dir: str, tomo_name: str,
+                clicks: np.ndarray | None, match: bool = True,
+                negatives: np.ndarray | None = None, query: Any = None,
                 ) -> tuple[SegmentationResult, float]:
-    """Check the volume, segment, and time it."""
+    """Check the volume, segment it from the clicks or with a saved ``query``, and time it."""
     t0 = time.perf_counter()
-    result = model.segment(finite(tomo), clicks, match=match, cache_dir=cache_dir,
+    result = model.segment(finite(tomo), clicks, query=query, match=match, cache_dir=cache_dir,
                            tomo_name=tomo_name, negative_points=negatives)
     return result, time.perf_counter() - t0
 
@@ -55,14 +56,6 @@ def query_model(path: str, device: str, polarity: str, models: dict[Any, Any]
     if key not in models:
         models[key] = CryoSAM(cfg)
     return saved, models[key]
-
-
-def query_job(model: Any, tomo: Any, saved: Any, cache_dir: str, tomo_name: str
-              ) -> tuple[SegmentationResult, float]:
-    """Pick every particle like the saved query's in the tomogram, and time it."""
-    t0 = time.perf_counter()
-    result = model.segment(finite(tomo), query=saved, cache_dir=cache_dir, tomo_name=tomo_name)
-    return result, time.perf_counter() - t0
 
 
 def save_query_job(model: Any, tomo: Any, clicks: np.ndarray, cache_dir: str, tomo_name: str,

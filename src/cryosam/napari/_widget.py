@@ -35,7 +35,6 @@ from qtpy.QtWidgets import (
 from cryosam.config import ScoreConfig
 from cryosam.errors import CryosamError, CryosamWarning
 from cryosam.napari._jobs import (
-    query_job,
     query_model,
     save_job,
     save_query_job,
@@ -165,15 +164,19 @@ class CryosamWidget(QWidget):
         """The whole pipeline: the clicked particles and every similar one."""
         self._run(match=True)
 
+    def _tomogram(self) -> tuple[Image, Any]:
+        """The chosen image layer and its tomogram (voxel size from the layer's scale)."""
+        image = self._layer(self.image_box, Image, "tomogram (image)")
+        data = image.data[0] if image.multiscale else image.data
+        return image, tomogram_from_array(data, image.scale, image.metadata)
+
     def _inputs(self, negatives: bool = True) -> tuple[Image, Any, np.ndarray, np.ndarray | None]:
         """The image layer, its tomogram, the clicks and the negative clicks (None without
         a layer or a point, or when ``negatives`` is False: Segment clicks ignores them) in
         its voxels (z, y, x)."""
-        image = self._layer(self.image_box, Image, "tomogram (image)")
+        image, tomo = self._tomogram()
         clicks_layer = self._layer(self.points_box, Points, "points (clicks)")
         self._clicks = clicks_layer
-        data = image.data[0] if image.multiscale else image.data
-        tomo = tomogram_from_array(data, image.scale, image.metadata)
         clicks = check_clicks(_voxels(image, clicks_layer), tomo.shape, clicks_layer.name)
         neg = None
         if negatives and self.negatives_box.currentText() not in ("", NO_LAYER):
@@ -214,7 +217,7 @@ class CryosamWidget(QWidget):
             return
         self._source = image
         task = "Finding similar particles" if match else "Segmenting the clicks"
-        self._launch(segment_job, (model, tomo, clicks, match, self.cache_dir, image.name,
+        self._launch(segment_job, (model, tomo, self.cache_dir, image.name, clicks, match,
                                    negatives), task, self._on_result)
 
     def pick_with_query(self, path: str | Path | None = None) -> None:
@@ -229,17 +232,15 @@ class CryosamWidget(QWidget):
             if not path:
                 return
         try:
-            image = self._layer(self.image_box, Image, "tomogram (image)")
-            data = image.data[0] if image.multiscale else image.data
-            tomo = tomogram_from_array(data, image.scale, image.metadata)
+            image, tomo = self._tomogram()
             saved, model = query_model(str(path), self.device_box.currentText(),
                                        self.polarity_box.currentText(), self._models)
         except CryosamError as exc:
             self._fail(exc)
             return
         self._source, self._clicks = image, None
-        self._launch(query_job, (model, tomo, saved, self.cache_dir, image.name),
-                     f"Picking with {Path(path).name}", self._on_result)
+        self._launch(segment_job, (model, tomo, self.cache_dir, image.name, None, True, None,
+                                   saved), f"Picking with {Path(path).name}", self._on_result)
 
     def save_query(self, path: str | Path | None = None) -> None:
         """Save what matching needs from the clicks (and negative clicks) as a query file,
@@ -312,8 +313,7 @@ class CryosamWidget(QWidget):
     def _warned(self, args: tuple) -> None:
         """A warning from the worker thread: cryosam's own are shown and counted in the
         status line (libraries' deprecation notes are not)."""
-        if isinstance(args[0], CryosamWarning) or (
-                isinstance(args[1], type) and issubclass(args[1], CryosamWarning)):
+        if issubclass(args[1], CryosamWarning):  # (message, category, file, line, ...)
             self._warnings.append(str(args[0]))
             show_warning(str(args[0]))
 
