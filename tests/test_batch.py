@@ -413,3 +413,37 @@ def test_a_speed_config_keeps_the_query_and_resumes(dataset: Path, tmp_path: Pat
     assert params["encoder"]["name"] == "filterbank" and params["encoder"]["batch_size"] == 2
     assert params["segmenter"]["decoder_batch_size"] == 8
     assert (params["matching"]["top_k"], params["matching"]["sim_threshold"]) == (100, 0.55)
+
+
+def test_batch_csv_and_run_json_keep_each_tomograms_warnings(dataset: Path, tmp_path: Path,
+                                                            run_cli) -> None:
+    import starfile
+
+    clicks = tmp_path / "clicks"
+    clicks.mkdir()
+    table = starfile.read(dataset / "clicks.star")
+    for i, name in enumerate(("TS_01", "TS_02")):
+        row = table.iloc[i]
+        line = f"{row.rlnCoordinateX},{row.rlnCoordinateY},{row.rlnCoordinateZ}\n"
+        # TS_02's click twice: the run warns that it repeats and was merged
+        (clicks / f"{name}.csv").write_text("x,y,z\n" + line * (1 + i))
+    out = tmp_path / "out"
+    args = ("batch", dataset / "tomos", "--out", out, "--points", clicks, "--no-ray",
+            "--no-match", "--encoder", "filterbank", "--segmenter", "threshold", "--device",
+            "cpu")
+    code, said_first, err = run_cli(*args)
+    assert code == 0, err
+    rows = _table(out)
+    assert rows["TS_01"]["warnings"] == "" and rows["TS_03"]["warnings"] == ""
+    assert "repeat an earlier click" in rows["TS_02"]["warnings"]
+    assert "  warning: 1 click(s) repeat" in said_first + err
+    said = json.loads((out / "TS_02" / "run.json").read_text())["warnings"]
+    assert len(said) == 1 and said[0] in rows["TS_02"]["warnings"]
+    assert json.loads((out / "TS_01" / "run.json").read_text())["warnings"] == []
+
+    code, said_again, err = run_cli(*args)  # resumed: skipped, the earlier warning kept
+    assert code == 0, err
+    rows = _table(out)
+    assert rows["TS_02"]["status"] == "skipped"
+    assert "repeat an earlier click" in rows["TS_02"]["warnings"]
+    assert "repeat" not in said_again + err  # not said again for a tomogram not run again

@@ -248,6 +248,7 @@ def test_duplicate_and_overlapping_clicks_agree_with_the_labels(small_sim, tmp_p
     clicks = np.array([p, p, p + [0, 0.4, 0.3], p + [0, 1.5, 0], sim.prompt_points[1]])
     with pytest.warns(UserWarning, match="repeat an earlier click"):
         res = CryoSAM(cfg).segment(sim.volume, clicks, voxel_size=sim.voxel_size, match=False)
+    assert [w for w in res.record["warnings"] if "repeat an earlier click" in w]  # run.json
     assert len(res.picks_zyx) == 2  # one particle per clicked particle, no phantoms
     for pick, label, n in zip(res.picks_zyx, res.pick_instance_ids, res.pick_n_voxels,
                               strict=True):

@@ -27,7 +27,8 @@ from cryosam.utils import tomo_stem
 TOMO_SUFFIXES = (".mrc", ".rec", ".map")
 CLICK_SUFFIXES = (".csv", ".star", ".txt", ".tsv")
 STATUSES = ("done", "skipped", "failed", "no-clicks", "pending")  # pending: not run (yet)
-COLUMNS = ("tomogram", "status", "picks", "seconds", "error", "reason")  # batch.csv
+# batch.csv
+COLUMNS = ("tomogram", "status", "picks", "seconds", "error", "reason", "warnings")
 
 
 @dataclass(frozen=True)
@@ -81,10 +82,11 @@ class Outcome:
 
     def row(self) -> dict[str, Any]:
         """This outcome as a row of ``batch.csv`` (:data:`COLUMNS`): picks blank when unknown,
-        seconds to 0.01 s; the warnings and the traceback stay out of the table."""
+        seconds to 0.01 s, the warnings joined by `` | ``; the traceback stays out."""
         return {"tomogram": self.tomogram, "status": self.status,
                 "picks": "" if self.picks is None else self.picks,
-                "seconds": f"{self.seconds:.2f}", "error": self.error, "reason": self.reason}
+                "seconds": f"{self.seconds:.2f}", "error": self.error, "reason": self.reason,
+                "warnings": " | ".join(self.warnings)}
 
 
 # --------------------------------------------------------------------------- the dataset
@@ -236,7 +238,8 @@ def shard(tasks: list[Task], spec: str | None) -> list[Task]:
 
 
 def write_table(path: Path, rows: dict[str, Outcome]) -> None:
-    """``batch.csv``: one row per tomogram (tomogram, status, picks, seconds, error, reason)."""
+    """``batch.csv``: one row per tomogram (tomogram, status, picks, seconds, error, reason,
+    warnings)."""
     buffer = _stringio.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
     writer.writeheader()

@@ -46,7 +46,13 @@ from cryosam import io, progress
 from cryosam.batch import Options, Outcome, Task, failed_before, write_table
 from cryosam.config import CryosamConfig, result_parameters
 from cryosam.device import resolve_threads
-from cryosam.errors import CryosamError, CryosamWarning, InputError, Terminated
+from cryosam.errors import (
+    CryosamError,
+    CryosamWarning,
+    InputError,
+    Terminated,
+    collect_warnings,
+)
 from cryosam.query import SavedQuery
 from cryosam.utils import sha256_file
 
@@ -81,7 +87,8 @@ class Worker:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", CryosamWarning)
             try:
-                outcome = self._run(task)
+                with collect_warnings() as seen_here:  # for run.json, while still caught
+                    outcome = self._run(task, seen_here)
             except CryosamError as exc:
                 outcome = Outcome(task.name, "failed", error=str(exc))
             except Exception as exc:  # noqa: BLE001 - one tomogram never stops the others
@@ -89,12 +96,12 @@ class Worker:
                 outcome = Outcome(task.name, "failed", error=f"{type(exc).__name__}: {line}",
                                   detail=traceback.format_exc())
         outcome.seconds = round(time.perf_counter() - start, 3)
-        seen = dict.fromkeys(str(w.message) for w in caught
-                             if issubclass(w.category, CryosamWarning))
-        outcome.warnings = list(seen)
+        if outcome.status != "skipped":  # a skipped one keeps its earlier run's warnings
+            outcome.warnings = list(dict.fromkeys(str(w.message) for w in caught
+                                                  if issubclass(w.category, CryosamWarning)))
         return outcome
 
-    def _run(self, task: Task) -> Outcome:
+    def _run(self, task: Task, seen: list[str]) -> Outcome:
         from cryosam import stages
         from cryosam.export import write_outputs
 
@@ -121,7 +128,8 @@ class Worker:
             reason = io.copick_results_missing(source, record.get("copick", {}).get("written"))
         if reason is None:
             return Outcome(task.name, "skipped", picks=int(record["counts"]["picks"]),
-                           reason="same inputs and parameters")
+                           reason="same inputs and parameters",
+                           warnings=[str(w) for w in record.get("warnings", [])])
         result = self.runner.segment(
             tomo, points, query=self.query, match=opts.match, cache_dir=opts.cache_dir,
             tomo_name=task.name if task.points_name is None else task.points_name,
@@ -136,6 +144,7 @@ class Worker:
                                       result.pick_scores if particles else None,
                                       result.pick_instance_ids if particles else None)
             result.record["copick"] = {**source.report(), "written": written}
+        result.record["warnings"] = list(seen)  # the tomogram's and clicks' reading included
         write_outputs(result, task.out, overwrite=True, tomo_name=task.name,
                       star=io.StarOutputs(opts.star, None, opts.tilt_series_pixel_size))
         return Outcome(task.name, "done", picks=int(len(result.picks_zyx)), reason=reason)
@@ -220,11 +229,13 @@ def finished_here(task: Task, batch_id: str) -> Outcome | None:
         complete = all((out / n).is_file() for n in record["outputs"])
         picks, seconds = int(record["counts"]["picks"]), float(record.get("total_seconds", 0))
         reason = str(record["batch"]["reason"])
+        said = [str(w) for w in record.get("warnings", [])]
     except (OSError, ValueError, KeyError, TypeError):
         return None
     if not (ours and complete):
         return None
-    return Outcome(task.name, "done", picks=picks, seconds=seconds, reason=reason)
+    return Outcome(task.name, "done", picks=picks, seconds=seconds, reason=reason,
+                   warnings=said)
 
 
 class InProcess:
@@ -417,7 +428,7 @@ def _run(tasks: list[Task], engine: InProcess | RayEngine, table: Path,
             f" ({outcome.reason})" if outcome.status in ("skipped", "no-clicks") else "")
         say(f"[{finished}/{len(tasks)}] {outcome.tomogram}: {outcome.status}{picks}, "
             f"{outcome.seconds:.1f} s{why}{eta}")
-        for line in outcome.warnings:
+        for line in outcome.warnings if outcome.status != "skipped" else ():
             say(f"  warning: {line}")
 
 

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
 
 class CryosamError(Exception):
     """An error caused by the user's input or environment, reported as one line.
@@ -44,3 +49,22 @@ class Stopped(Exception):  # noqa: N818 - a stop, not an error
     def __init__(self, message: str, code: int) -> None:
         super().__init__(message)
         self.message, self.code = message, int(code)
+
+
+@contextmanager
+def collect_warnings() -> Iterator[list[str]]:
+    """Collect the messages of the :class:`CryosamWarning` s shown inside the block (once
+    each, in order) so that a run record can keep them; they are still shown as before
+    (the CLI's one line, napari's notification, a batch worker's own collection)."""
+    seen: list[str] = []
+    with warnings.catch_warnings():
+        shown = warnings.showwarning
+
+        def show(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                 file: Any = None, line: str | None = None) -> None:
+            if issubclass(category, CryosamWarning) and str(message) not in seen:
+                seen.append(str(message))
+            shown(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        yield seen

@@ -8,10 +8,12 @@ tomogram) reuse them, and runs the stages of :mod:`cryosam.stages` in order, tim
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import warnings
-from typing import Any
+from collections.abc import Callable
+from typing import Any, ParamSpec
 
 import numpy as np
 
@@ -21,7 +23,7 @@ from cryosam.config import CryosamConfig, PropagationConfig
 from cryosam.cut import BACKGROUND, MIN_MATCHES, background_message, choose_cut
 from cryosam.device import resolve_device, set_threads
 from cryosam.encoders.base import SliceEncoder
-from cryosam.errors import CryosamWarning, InputError, MissingWeightsError
+from cryosam.errors import CryosamWarning, InputError, MissingWeightsError, collect_warnings
 from cryosam.merge import merge_instances, split_at_cut
 from cryosam.probe import ClickProbe, looks_polarity
 from cryosam.query import SavedQuery, check_query_config
@@ -33,6 +35,23 @@ from cryosam.segmenters.base import Segmenter
 SCORE_RULE = ("similarity above the matching threshold (rescaled to 0..1) x segmenter "
               "confidence x agreement with the clicked particles' size, shape and density "
               "(clicks: similarity and agreement 1)")
+
+
+_P = ParamSpec("_P")
+
+
+def _keeps_warnings(run: Callable[_P, SegmentationResult]) -> Callable[_P, SegmentationResult]:
+    """Record the run's warnings in ``run.json`` (``warnings``) as well as showing them: on a
+    cluster nobody reads every log, and the record stays beside the picks."""
+
+    @functools.wraps(run)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> SegmentationResult:
+        with collect_warnings() as seen:
+            result = run(*args, **kwargs)
+        result.record["warnings"] = list(seen)
+        return result
+
+    return wrapper
 
 
 class CryoSAM:
@@ -100,6 +119,7 @@ class CryoSAM:
         if missing:
             raise MissingWeightsError(combined_missing_message(missing))
 
+    @_keeps_warnings
     def segment(
         self,
         tomogram: stages.TomogramLike,
