@@ -213,6 +213,40 @@ def test_widget_saves_a_query_and_picks_with_it(make_napari_viewer, qtbot, sim, 
     assert "Save query…" in widget.status.text()
 
 
+def test_widget_membranes_and_binning(make_napari_viewer, qtbot, sim, tmp_path, one_thread,
+                                     monkeypatch) -> None:
+    """Target membranes follows the vesicle from three clicks on it (no picks, no score
+    filter) and refuses to save a query; the Binning box is the run's --binning."""
+    from cryosam.metrics import dice
+
+    viewer = make_napari_viewer()
+    widget, _ = _widget(viewer, sim)
+    widget.target_box.setCurrentText("membranes")
+    clicks = widget.add_clicks_layer()
+    for point in sim.membrane_clicks[:3]:
+        clicks.add(point)
+    _press(qtbot, widget, widget.segment_button)
+    result = widget.result
+    assert result is not None, widget.status.text()
+    assert result.record["parameters"]["propagation"]["target"] == "membrane"
+    assert len(result.picks_zyx) == 0 and not widget.score_slider.isEnabled()
+    assert dice(np.asarray(viewer.layers[LABELS_NAME].data) > 0, sim.membrane) > 0.5
+    path = tmp_path / "membrane.cryosam-query"
+    monkeypatch.setattr(QFileDialog, "getSaveFileName", lambda *a, **k: (str(path), ""))
+    _press(qtbot, widget, widget.save_query_button)
+    assert not path.exists()
+    assert "set Target to particles" in widget.status.text(), widget.status.text()
+
+    widget.target_box.setCurrentText("particles")
+    widget.binning_box.setCurrentText("2")
+    clicks.data = sim.prompt_points[:1]
+    _press(qtbot, widget, widget.segment_button)
+    record = widget.result.record
+    assert widget.score_slider.isEnabled()
+    assert record["parameters"]["binning"] == 2 and record["work"]["binning"] == 2
+    assert widget.result.labels.shape == sim.volume.shape  # on the tomogram's own voxels
+
+
 def test_widget_negative_clicks_drop_what_they_name(make_napari_viewer, qtbot, sim,
                                                     one_thread) -> None:
     """A negative click on a filament drops the look-alike matches and keeps every target

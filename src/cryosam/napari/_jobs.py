@@ -32,11 +32,12 @@ def segment_job(model: Any, tomo: Any, cache_dir: str, tomo_name: str,
     return result, time.perf_counter() - t0
 
 
-def query_model(path: str, device: str, polarity: str, models: dict[Any, Any]
-                ) -> tuple[Any, Any]:
+def query_model(path: str, device: str, polarity: str, models: dict[Any, Any],
+                binning: int | None = None) -> tuple[Any, Any]:
     """The saved query at ``path`` and a model with its own parameters on ``device`` (and
-    ``polarity``), keeping every match (the score slider starts at the automatic cut);
-    models are reused from ``models`` by their parameters."""
+    ``polarity``, and ``binning`` when given: None puts the tomogram on the query's grid),
+    keeping every match (the score slider starts at the automatic cut); models are reused
+    from ``models`` by their parameters."""
     import dataclasses
     import json
 
@@ -51,6 +52,7 @@ def query_model(path: str, device: str, polarity: str, models: dict[Any, Any]
             "save one with `cryosam query`", "save one with Save query…")) from None
     cfg = saved.config()
     cfg = dataclasses.replace(cfg, device=device, polarity=polarity,
+                              binning=cfg.binning if binning is None else binning,
                               score=dataclasses.replace(cfg.score, min_score=0.0))
     key = json.dumps(cfg.to_dict(), sort_keys=True, default=str)
     if key not in models:

@@ -23,6 +23,7 @@ from cryosam.config import ScoreConfig
 from cryosam.napari._jobs import default_backends
 
 SLIDER_STEPS = 1000  # score filter resolution: 0.001
+TARGET_CHOICES = {"particles": "particle", "membranes": "membrane"}  # shown: --target
 
 
 def build_ui(w: Any) -> None:
@@ -52,6 +53,16 @@ def build_ui(w: Any) -> None:
     w.polarity_box.addItems(["auto", "dark", "bright"])
     w.polarity_box.setToolTip("Particles darker (dark) or brighter than their surroundings "
                               "(--polarity); auto: from the clicks, or the saved query's")
+    w.target_box = QComboBox()
+    w.target_box.addItems(list(TARGET_CHOICES))
+    w.target_box.setToolTip("What the clicks are on (--target): membranes follow the "
+                            "bilayer from a few clicks on it (Segment clicks; Find similar "
+                            "also looks for other sheets), with no picks")
+    w.binning_box = QComboBox()
+    w.binning_box.addItems(["auto", "1", "2", "3", "4"])
+    w.binning_box.setToolTip("Work on a copy binned N times (--binning); auto: from the "
+                             "clicked particle's size (1: never). Masks and picks are always "
+                             "on the tomogram's own voxels")
     w.device_box = QComboBox()
     w.device_box.addItems(["auto", "cpu", "cuda"])
     for box, tip in ((w.encoder_box, "feature encoder (Find similar)"),
@@ -66,6 +77,9 @@ def build_ui(w: Any) -> None:
     w.tolerance_box.setToolTip("Density tolerance (cryosam segment --density-tolerance): "
                                "smaller is stricter on look-alikes of the clicked size "
                                "(README: crowded tomograms), at some recall elsewhere")
+
+    w.settings = (w.encoder_box, w.segmenter_box, w.device_box, w.target_box,
+                  w.polarity_box, w.binning_box, w.tolerance_box)  # fixed while it works
 
     w.segment_button = QPushButton("Segment clicks")
     w.segment_button.setToolTip("3-D masks of the clicked particles only (seconds)")
@@ -119,7 +133,9 @@ def build_ui(w: Any) -> None:
     form.addRow("Encoder", w.encoder_box)
     form.addRow("Segmenter", w.segmenter_box)
     form.addRow("Device", w.device_box)
+    form.addRow("Target", w.target_box)
     form.addRow("Polarity", w.polarity_box)
+    form.addRow("Binning", w.binning_box)
     form.addRow("Density tolerance", w.tolerance_box)
     buttons = QHBoxLayout()
     buttons.addWidget(w.segment_button)

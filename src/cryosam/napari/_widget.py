@@ -51,7 +51,7 @@ from cryosam.napari._results import (
     tomogram_from_array,
 )
 from cryosam.napari._triton import guard_triton
-from cryosam.napari._ui import SLIDER_STEPS, build_ui
+from cryosam.napari._ui import SLIDER_STEPS, TARGET_CHOICES, build_ui
 from cryosam.result import SegmentationResult, negatives_summary
 
 LABELS_NAME = "cryosam instances"
@@ -188,19 +188,42 @@ class CryosamWidget(QWidget):
                 neg = check_clicks(_voxels(image, neg_layer), tomo.shape, neg_layer.name)
         return image, tomo, clicks, neg
 
+    @property
+    def target(self) -> str:
+        """The Target box as ``--target`` says it: particle or membrane."""
+        return TARGET_CHOICES[self.target_box.currentText()]
+
+    @property
+    def binning(self) -> int | None:
+        """The Binning box as ``--binning``: None for auto."""
+        text = self.binning_box.currentText()
+        return None if text == "auto" else int(text)
+
+    def _particles_only(self, what: str) -> None:
+        """Saved queries find particles: refuse ``what`` with membranes as the target."""
+        if self.target != "particle":
+            raise CryosamError(f"{what}: saved queries find particles; set Target to "
+                               "particles")
+
     def _model(self) -> Any:
-        from cryosam.config import CryosamConfig, EncoderConfig, SegmenterConfig
+        from cryosam.config import (
+            CryosamConfig,
+            EncoderConfig,
+            PropagationConfig,
+            SegmenterConfig,
+        )
         from cryosam.pipeline import CryoSAM
 
         key = (self.encoder_box.currentText(), self.segmenter_box.currentText(),
                self.device_box.currentText(), round(self.tolerance_box.value(), 3),
-               self.polarity_box.currentText())
+               self.polarity_box.currentText(), self.target, self.binning)
         if key not in self._models:
             # every match is kept: the score slider starts at the automatic cut and can go
             # below it; "Save" writes the ones under the slider to picks_below_cut.csv
             cfg = CryosamConfig(encoder=EncoderConfig(name=key[0]),
                                 segmenter=SegmenterConfig(name=key[1]), device=key[2],
-                                polarity=key[4],
+                                polarity=key[4], binning=key[6],
+                                propagation=PropagationConfig(target=key[5]),
                                 score=ScoreConfig(min_score=0.0, density_tolerance=key[3]))
             self._models[key] = CryoSAM(cfg)
         return self._models[key]
@@ -232,9 +255,11 @@ class CryosamWidget(QWidget):
             if not path:
                 return
         try:
+            self._particles_only("Pick with query")
             image, tomo = self._tomogram()
             saved, model = query_model(str(path), self.device_box.currentText(),
-                                       self.polarity_box.currentText(), self._models)
+                                       self.polarity_box.currentText(), self._models,
+                                       self.binning)
         except CryosamError as exc:
             self._fail(exc)
             return
@@ -249,6 +274,7 @@ class CryosamWidget(QWidget):
             show_info("cryosam is still working; wait for it to finish")
             return
         try:
+            self._particles_only("Save query")
             image, tomo, clicks, negatives = self._inputs()
             model = self._model()
         except CryosamError as exc:
@@ -319,9 +345,7 @@ class CryosamWidget(QWidget):
 
     def _set_busy(self, busy: bool) -> None:
         for w in (self.segment_button, self.similar_button, self.save_button,
-                  self.save_query_button, self.query_button,
-                  self.encoder_box, self.segmenter_box, self.device_box, self.polarity_box,
-                  self.tolerance_box):
+                  self.save_query_button, self.query_button, *self.settings):
             w.setEnabled(not busy)
         self.save_button.setEnabled(not busy and self.result is not None)
         self.progress.setVisible(busy)
@@ -360,7 +384,7 @@ class CryosamWidget(QWidget):
         translate = tuple(image.translate[-3:]) if image is not None else (0.0, 0.0, 0.0)
         self._show_labels(result, scale, translate)
         self._show_picks(result, scale, translate)
-        self.score_slider.setEnabled(True)
+        self.score_slider.setEnabled(result.target == "particle")  # membranes: no picks
         start = int(np.floor(starting_score(result) * SLIDER_STEPS))
         if self.score_slider.value() != start:
             self.score_slider.setValue(start)  # filters through valueChanged
