@@ -314,6 +314,11 @@ def test_widget_from_manifest_reports_bad_input(make_napari_viewer, qtbot, sim,
     widget.find_similar()
     assert not widget.busy and "both the clicks and the negative clicks" in widget.status.text()
     widget.negatives_box.setCurrentText("(none)")
+    viewer.add_points(np.array([[40.0, 50.0]]), name="flat")  # 2-D points: refused
+    widget.points_box.setCurrentText("flat")
+    widget.find_similar()
+    assert not widget.busy and "holds 2-D points" in widget.status.text()
+    widget.points_box.setCurrentText("clicks in Å")
     viewer.layers["clicks in Å"].add(np.array([0.0, 0.0, 1e6]))
     widget.find_similar()
     assert not widget.busy

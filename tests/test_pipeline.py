@@ -135,6 +135,16 @@ def test_existing_output_needs_overwrite(small_run, tmp_path: Path) -> None:
     assert (out / "mine.txt").read_text() == "keep!"
 
 
+def test_an_unwritable_output_folder_is_one_line(small_run) -> None:
+    """Where no folder can be made (here /proc, unwritable even for root), one line names the
+    folder the user chose, not cryosam's lock file beside it."""
+    result, _, _ = small_run
+    if not Path("/proc").is_dir():
+        pytest.skip("needs Linux's /proc as a place where nothing can be written")
+    with pytest.raises(io.InputError, match=r"^/proc/cryosam_out: cannot write there"):
+        write_outputs(result, "/proc/cryosam_out")
+
+
 def test_click_with_empty_mask_is_kept_at_the_click(small_sim, small_run, weight_free,
                                                     tmp_path: Path) -> None:
     sim, _ = small_sim
@@ -196,3 +206,83 @@ def test_api_points_outside_are_one_line_in_the_input_voxels(where: str, small_s
     with pytest.raises(InputError, match=rf"^{word} at z,y,x = 20,90,400 voxels lies outside "
                                          r"the tomogram \(z,y,x size 40×96×112\)"):
         CryoSAM(weight_free).segment(sim.volume, clicks, negative_points=negatives)
+
+
+@pytest.mark.parametrize("clicks, message", [
+    (lambda p: p[:2].T, r"^clicks: an array of shape \(3, 2\); give one \(z, y, x\) row per "
+                        r"click, shape \(N, 3\) \(transpose it\?\)"),
+    (lambda p: p[:2].ravel(), r"^clicks: an array of shape \(6,\)"),
+    (lambda p: [[10.0, 10.0]], r"^clicks: an array of shape \(1, 2\)"),
+    (lambda p: [[np.nan, 10.0, 10.0]], r"^click 0 is not finite"),
+    (lambda p: "not a file.csv", r"not a file.csv: file not found"),
+])
+def test_api_clicks_of_the_wrong_shape_are_one_line(clicks, message, small_sim,
+                                                    weight_free) -> None:
+    """A (3, N) array, a flat list of two clicks, two coordinates or NaN are refused in one
+    line, not read as other clicks (reshape(-1, 3) used to turn a (3, 2) array into two
+    wrong clicks)."""
+    from cryosam.errors import InputError
+
+    sim, _ = small_sim
+    with pytest.raises(InputError, match=message):
+        CryoSAM(weight_free).segment(sim.volume, clicks(sim.prompt_points), match=False)
+
+
+def test_api_clicks_convert_as_a_files_do(small_sim, weight_free) -> None:
+    """Array clicks in Å, on a 2x binned copy, or as a DataFrame with x, y, z and negative
+    columns land on the same voxels as the same clicks written to a file."""
+    import pandas as pd
+
+    from cryosam.errors import InputError
+
+    sim, _ = small_sim
+    model = CryoSAM(weight_free)
+    p = np.asarray(sim.prompt_points[:1], float)
+    vs = float(sim.voxel_size)
+
+    def clicked(points: object, **kw: object) -> np.ndarray:
+        return model.segment(sim.volume, points, voxel_size=vs, match=False, **kw).prompt_zyx
+
+    np.testing.assert_allclose(clicked(p * vs, points_unit="angstrom"), p)
+    np.testing.assert_allclose(clicked(p / 2, points_bin=2), p)
+    np.testing.assert_allclose(clicked(p / 2, points_pixel_size=2 * vs), p)
+    far = sim.prompt_points[1]
+    table = pd.DataFrame({"X": [p[0, 2], far[2]], "Y": [p[0, 1], far[1]],
+                          "Z": [p[0, 0], far[0]], "negative": [0, 1]})
+    result = model.segment(sim.volume, table, voxel_size=vs)  # x, y, z read by name
+    np.testing.assert_allclose(result.prompt_zyx, p)
+    assert result.record["inputs"]["negatives_zyx"] == [list(map(float, far))]
+    with pytest.raises(InputError, match="name the coordinate columns x, y, z"):
+        model.segment(sim.volume, pd.DataFrame({"a": [1.0], "b": [2.0], "c": [3.0]}))
+    with pytest.raises(InputError, match="'nm' is not known"):
+        clicked(p, points_unit="nm")
+
+
+@pytest.mark.parametrize("voxel_size", [0, -5, float("nan"), "ten"])
+def test_api_voxel_size_is_checked_before_any_work(voxel_size, small_sim,
+                                                   weight_free) -> None:
+    """A voxel size that is not a positive number is refused for an array and a Tomogram as
+    for a file (an array used to run the whole pipeline with -5 Å and fail when written)."""
+    import cryosam
+    from cryosam.errors import InputError
+
+    sim, files = small_sim
+    for tomo in (sim.volume, cryosam.read_tomogram(files["tomo.mrc"])):
+        with pytest.raises(InputError, match="voxel_size"):
+            CryoSAM(weight_free).segment(tomo, sim.prompt_points[:1], voxel_size=voxel_size)
+    three = CryoSAM(weight_free).segment(sim.volume, sim.prompt_points[:1], match=False,
+                                         voxel_size=(10.0, 10.0, 12.0))
+    assert three.tomogram.voxel_size == (10.0, 10.0, 12.0)
+
+
+def test_config_paths_and_values_are_one_line() -> None:
+    from cryosam.config import CryosamConfig
+    from cryosam.errors import InputError
+
+    with pytest.raises(InputError, match="^matching.topk: no such parameter"):
+        CryosamConfig().replace_path("matching.topk", 3)
+    with pytest.raises(InputError, match="^matchin.top_k: no such parameter"):
+        CryosamConfig().replace_path("matchin.top_k", 3)
+    with pytest.raises(InputError, match="^matching.top_k = '100': not a valid value"):
+        CryosamConfig().replace_path("matching.top_k", "100")
+    assert CryosamConfig().replace_path("matching.top_k", 100).matching.top_k == 100

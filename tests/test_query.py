@@ -274,7 +274,8 @@ def test_query_keeps_negatives_and_densities(small_sim, other_sim, weight_free,
     refs = back.references(weight_free.score)
     assert refs is not None and refs.density is not None
     other, other_files = other_sim
-    res = model.segment(other_files["tomo.mrc"], query=back)
+    res = model.segment(other_files["tomo.mrc"], query=str(path))  # the file itself
+    assert res.record["query"]["sha256"] == back.meta["sha256"]
     assert res.record["negatives"]["clicks"] == 1
     # the masks were on the query's tomogram: nothing here is dropped for lying "inside" them
     assert res.record["negatives"]["dropped"]["inside"] == 0

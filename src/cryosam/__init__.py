@@ -6,6 +6,7 @@ cosine matching, and SAM cross-plane self-prompting. The public surface:
 - :class:`CryoSAM` — holds loaded models; ``CryoSAM(config).segment(tomo, points)``;
 - :func:`segment` — the one-call form;
 - :class:`CryosamConfig` and its blocks — every parameter, with the paper's defaults;
+- :class:`SavedQuery` — ``CryoSAM.make_query`` saves one, ``segment(..., query=)`` uses it;
 - :func:`read_tomogram`, :func:`read_points`, :func:`write_outputs` — file I/O.
 """
 
@@ -21,6 +22,8 @@ __all__ = [
     "EncoderConfig",
     "MatchingConfig",
     "PropagationConfig",
+    "SavedQuery",
+    "ScoreConfig",
     "SegmentationResult",
     "SegmenterConfig",
     "read_points",
@@ -38,6 +41,8 @@ _LAZY = {
     "MatchingConfig": "cryosam.config",
     "PropagationConfig": "cryosam.config",
     "SegmenterConfig": "cryosam.config",
+    "ScoreConfig": "cryosam.config",
+    "SavedQuery": "cryosam.query",
     "read_tomogram": "cryosam.io",
     "read_points": "cryosam.io",
     "write_outputs": "cryosam.export",

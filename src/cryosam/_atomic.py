@@ -185,9 +185,9 @@ def output_lock(out: str | os.PathLike[str]) -> Iterator[None]:
             yield
             return
     created = [p for p in (out.parent, *out.parent.parents) if not p.exists()]
-    out.parent.mkdir(parents=True, exist_ok=True)
     for _ in range(2):
         try:
+            out.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
             if _lock_alive(lock):
@@ -199,6 +199,9 @@ def output_lock(out: str | os.PathLike[str]) -> Iterator[None]:
             with contextlib.suppress(FileNotFoundError):
                 lock.unlink()  # stale: its run was killed
             continue
+        except OSError as exc:  # a folder that cannot be made or written in
+            raise InputError(f"{out}: cannot write there ({exc.strerror or exc}); choose "
+                             "a folder you can write in") from None
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(mine)
         break

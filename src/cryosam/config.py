@@ -268,8 +268,17 @@ class CryosamConfig:
     def replace_path(self, path: str, value: Any) -> CryosamConfig:
         """A copy with one dotted parameter changed, e.g. ``matching.top_k`` or
         ``encoder.backends.dinov2.model``."""
+        try:
+            get_path(self, path)
+        except (KeyError, AttributeError, TypeError):
+            raise InputError(f"{path}: no such parameter; CryosamConfig().to_dict() lists "
+                             "them (e.g. matching.top_k)") from None
         head, _, rest = path.partition(".")
-        return _replace(self, head, rest, value)
+        try:
+            return _replace(self, head, rest, value)
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"{path} = {value!r}: not a valid value ({exc}); give it as "
+                             f"the default {get_path(self, path)!r} is given") from None
 
 
 def _layered(under: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:

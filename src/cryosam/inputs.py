@@ -24,7 +24,8 @@ from cryosam.rescale import bin_volume, to_binned
 from cryosam.utils import outside_volume, tomo_stem
 
 TomogramLike = io.Tomogram | str | os.PathLike[str] | np.ndarray
-PointsLike = np.ndarray | str | os.PathLike[str] | list[list[float]]
+# an (N, 3) z, y, x array or list of rows, a file, or a pandas DataFrame with x, y, z columns
+PointsLike = np.ndarray | str | os.PathLike[str] | list[list[float]] | Any
 
 
 # --------------------------------------------------------------------------- load
@@ -74,6 +75,7 @@ def load_inputs(tomogram: TomogramLike, points: PointsLike, *, voxel_size: float
     not be picked) come from ``negative_points`` and from rows of the points file whose
     ``negative`` column is 1/true/yes or whose ``label`` column says negative."""
     tomo = _as_tomogram(tomogram, voxel_size)
+    points_unit = io.normalise_unit(points_unit)
     if points_bin is not None:
         if tomo.mean_voxel_size is None:
             raise InputError("--points-bin needs the tomogram's voxel size; the header has "
@@ -92,11 +94,16 @@ def load_inputs(tomogram: TomogramLike, points: PointsLike, *, voxel_size: float
             raise InputError(f"{points}: every row is a negative click; click at least one "
                              "particle to find (a row without the negative flag)")
     else:
-        prompts, source = np.asarray(points, dtype=float).reshape(-1, 3), None
-        negatives = np.zeros((0, 3))
-        if not len(prompts):
+        ps, source = points_from_api(points, tomo, points_unit, points_pixel_size, "clicks"), None
+        flagged = io.negative_rows(ps)
+        prompts, negatives = ps.zyx[~flagged], ps.zyx[flagged]
+        if not len(ps):
             raise InputError("no points given; click at least one particle")
+        if not len(prompts):
+            raise InputError("every click is flagged negative; give at least one particle "
+                             "to find")
         _check_array(prompts, tomo.shape, "click")
+        _check_array(negatives, tomo.shape, "negative click")
     neg_source = None
     if negative_points is not None:
         if isinstance(negative_points, str | os.PathLike):
@@ -105,17 +112,61 @@ def load_inputs(tomogram: TomogramLike, points: PointsLike, *, voxel_size: float
                                 pixel_size=points_pixel_size, own_tomo_name=own)
             more, neg_source = np.asarray(ns.zyx, float), Path(negative_points)
         else:
-            more = np.asarray(negative_points, dtype=float).reshape(-1, 3)
+            more = points_from_api(negative_points, tomo, points_unit, points_pixel_size,
+                                   "negative_points").zyx
             _check_array(more, tomo.shape, "negative click")
         negatives = np.vstack([negatives, more.reshape(-1, 3)])
     name = tomo_name or own or "tomo"
     return Inputs(tomo, prompts, source, points_unit, name, negatives, neg_source)
 
 
+def points_from_api(points: Any, tomo: io.Tomogram, unit: str = "voxel",
+                    pixel_size: float | None = None, what: str = "clicks") -> io.PointSet:
+    """Points given to the Python API as (z, y, x): an (N, 3) array or list of rows (one
+    click may be a flat [z, y, x]), or a pandas DataFrame whose x, y, z columns (any case) are
+    read by name and whose other columns are kept (a ``negative`` or ``label`` column flags
+    negative clicks, as in a clicks file). ``unit`` angstrom and ``pixel_size`` (the clicks
+    are pixels of that many Å) convert to this tomogram's voxels as they do for a file."""
+    columns: dict[str, np.ndarray] = {}
+    if hasattr(points, "columns") and hasattr(points, "to_numpy"):  # a DataFrame
+        names = {str(c).strip().lower(): c for c in points.columns}
+        if not {"x", "y", "z"} <= names.keys():
+            raise InputError(f"{what}: a table with columns {', '.join(map(str, names))}; "
+                             "name the coordinate columns x, y, z")
+        zyx = points[[names["z"], names["y"], names["x"]]].to_numpy(dtype=float)
+        columns = {k: points[c].to_numpy() for k, c in names.items() if k not in "xyz"}
+    else:
+        try:
+            zyx = np.asarray(points, dtype=float)
+        except (TypeError, ValueError):
+            raise InputError(f"{what}: give (N, 3) z, y, x voxels as an array or a list of "
+                             "rows, a pandas DataFrame with x, y, z columns, or a CSV/STAR "
+                             f"file; got {type(points).__name__}") from None
+        if zyx.ndim == 1 and zyx.size == 3:
+            zyx = zyx.reshape(1, 3)
+        if zyx.size == 0:
+            zyx = zyx.reshape(0, 3)
+        if zyx.ndim != 2 or zyx.shape[1] != 3:
+            raise InputError(f"{what}: an array of shape {zyx.shape}; give one (z, y, x) row "
+                             "per click, shape (N, 3)" + (" (transpose it?)" if zyx.ndim == 2
+                                                          and zyx.shape[0] == 3 else ""))
+    if unit == "angstrom" or pixel_size is not None:
+        vs = tomo.voxel_size
+        if vs is None:
+            raise InputError(f"{what} in Å need the tomogram's voxel size; pass voxel_size")
+        zyx = zyx * (float(pixel_size) if pixel_size is not None else 1.0) / np.asarray(vs)
+    return io.PointSet(zyx=zyx, columns=columns)
+
+
 def _check_array(zyx: np.ndarray, shape: tuple[int, int, int], what: str) -> None:
     """Points given as an array (the Python API's (z, y, x) voxels) must be finite and inside
     the tomogram; one line naming the first that is not."""
-    bad = ~np.isfinite(zyx).all(axis=1) | outside_volume(np.nan_to_num(zyx, nan=-1e9), shape)
+    finite = np.isfinite(zyx).all(axis=1)
+    if not finite.all():
+        i = int(np.flatnonzero(~finite)[0])
+        raise InputError(f"{what} {i} is not finite (z,y,x = {', '.join(map(str, zyx[i]))}); "
+                         "drop it or give its coordinates")
+    bad = outside_volume(zyx, shape)
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
         z, y, x = zyx[i]
@@ -134,20 +185,21 @@ def load_tomogram(tomogram: TomogramLike, *, voxel_size: float | None = None,
 
 
 def _as_tomogram(tomogram: TomogramLike, voxel_size: float | None) -> io.Tomogram:
+    if isinstance(tomogram, str | os.PathLike):
+        return io.read_tomogram(tomogram, voxel_size=voxel_size)
+    vs = None if voxel_size is None else io.voxel_size_zyx(voxel_size, "tomogram", "voxel_size")
     if isinstance(tomogram, io.Tomogram):
-        if voxel_size is not None:
-            return dataclasses.replace(tomogram, voxel_size=(float(voxel_size),) * 3)
-        return tomogram
-    if isinstance(tomogram, np.ndarray):
-        if tomogram.ndim != 3:
-            raise InputError(f"tomogram array has shape {tomogram.shape}; need a 3-D (z, y, x) "
-                             "volume")
-        data = np.asarray(tomogram, dtype=np.float32)
-        if not np.isfinite(data).all():
-            raise InputError("tomogram array holds NaN or inf values; clean it first")
-        vs = (float(voxel_size),) * 3 if voxel_size else None
-        return io.Tomogram(data=data, voxel_size=vs, origin=(0.0, 0.0, 0.0), path=None)
-    return io.read_tomogram(tomogram, voxel_size=voxel_size)
+        return tomogram if vs is None else dataclasses.replace(tomogram, voxel_size=vs)
+    if not isinstance(tomogram, np.ndarray):
+        raise InputError(f"tomogram: a {type(tomogram).__name__}; give a 3-D numpy array "
+                         "(z, y, x), an MRC file's path or a cryosam.read_tomogram() result")
+    if tomogram.ndim != 3:
+        raise InputError(f"tomogram array has shape {tomogram.shape}; need a 3-D (z, y, x) "
+                         "volume")
+    data = np.asarray(tomogram, dtype=np.float32)
+    if not np.isfinite(data).all():
+        raise InputError("tomogram array holds NaN or inf values; clean it first")
+    return io.Tomogram(data=data, voxel_size=vs, origin=(0.0, 0.0, 0.0), path=None)
 
 
 def normalise(tomogram: io.Tomogram, cfg: PropagationConfig) -> np.ndarray:

@@ -125,7 +125,7 @@ class CryoSAM:
         tomogram: stages.TomogramLike,
         points: stages.PointsLike | None = None,
         *,
-        query: SavedQuery | None = None,
+        query: SavedQuery | str | os.PathLike[str] | None = None,
         match: bool | None = None,
         cache_dir: str | os.PathLike[str] | None = None,
         voxel_size: float | None = None,
@@ -142,11 +142,13 @@ class CryoSAM:
         usually name the membranes wanted; matching finds other sheet-like structures too).
         ``points_pixel_size`` (Å): the clicks are pixels of that size, scaled to the tomogram's;
         ``points_bin``: the clicks were made on a copy binned that many times.
-        ``query`` (instead of ``points``): a :class:`~cryosam.query.SavedQuery` from another
-        tomogram; every similar particle is found here with no clicks. ``negative_points``:
-        clicks on structures that must not be picked (also rows flagged negative in
-        ``points``).
-        """
+        ``query`` (instead of ``points``): a :class:`~cryosam.query.SavedQuery` (or its
+        file) from another tomogram; every similar particle is found here with no clicks.
+        ``negative_points``: clicks on structures that must not be picked (also rows flagged
+        negative in ``points``). Clicks given as an array or a DataFrame are converted by
+        ``points_unit``, ``points_pixel_size`` and ``points_bin`` as a file's are."""
+        if isinstance(query, str | os.PathLike):  # a saved query's file
+            query = SavedQuery.load(query)
         if query is not None:
             if points is not None or negative_points is not None:
                 raise InputError("give clicks or a saved query, not both (a query keeps the "
@@ -412,11 +414,15 @@ def _prop_cfg(cfg: CryosamConfig, factor: int) -> PropagationConfig:
 
 def segment(
     tomogram: stages.TomogramLike,
-    points: stages.PointsLike,
+    points: stages.PointsLike | None = None,
     config: CryosamConfig | None = None,
     **kwargs: Any,
 ) -> SegmentationResult:
-    """One-call form of :meth:`CryoSAM.segment` (models are loaded for this call only)."""
+    """One-call form of :meth:`CryoSAM.segment` (models are loaded for this call only).
+
+    ``kwargs`` are that method's: ``query``, ``match``, ``cache_dir``, ``voxel_size``,
+    ``points_unit``, ``tomo_name``, ``points_pixel_size``, ``points_bin`` and
+    ``negative_points``."""
     return CryoSAM(config).segment(tomogram, points, **kwargs)
 
 

@@ -26,10 +26,11 @@ from cryosam.io.copick import (
     open_copick,
     write_copick,
 )
-from cryosam.io.mrc import Tomogram, read_tomogram, write_mrc
+from cryosam.io.mrc import Tomogram, read_tomogram, voxel_size_zyx, write_mrc
 from cryosam.io.points import (
     PointSet,
     negative_rows,
+    normalise_unit,
     read_points,
     write_napari_csv,
     write_picks_csv,
@@ -54,12 +55,14 @@ __all__ = [
     "Tomogram",
     "VoxelSize",
     "negative_rows",
+    "normalise_unit",
     "copick_results_missing",
     "open_copick",
     "read_points",
     "read_tomogram",
     "star_tomo_name",
     "star_tomo_names",
+    "voxel_size_zyx",
     "write_copick",
     "write_flavour_star",
     "write_mrc",

@@ -290,16 +290,18 @@ def _header_voxel_size(path: Path, voxel_xyz: tuple[float, float, float]) -> Vox
     return zyx  # type: ignore[return-value]
 
 
-def _voxel_size_override(path: Path, voxel_size: float | Sequence[float]) -> VoxelSize:
-    """The user's --voxel-size as (z, y, x) Å; refuse what is not positive numbers."""
+def voxel_size_zyx(voxel_size: float | Sequence[float], where: object,
+                   option: str = "--voxel-size") -> VoxelSize:
+    """A user's voxel size (one number or z, y, x) as (z, y, x) Å; refuse, naming ``where``
+    and the ``option`` it came from, what is not positive finite numbers."""
     try:
         vs = as_triple(voxel_size)
     except (TypeError, ValueError):
         raise InputError(
-            f"{path}: --voxel-size {voxel_size!r} is not a number; give Å per voxel, e.g. 10.0"
-        ) from None
+            f"{where}: {option} {voxel_size!r} is not a number; give Å per voxel, e.g. 10.0 "
+            "(or three, z, y, x)") from None
     if not sizes_ok(vs):
-        raise InputError(f"{path}: --voxel-size must be a positive number of Å, got {voxel_size}")
+        raise InputError(f"{where}: {option} must be a positive number of Å, got {voxel_size}")
     return float(vs[0]), float(vs[1]), float(vs[2])
 
 
@@ -347,7 +349,7 @@ def read_tomogram(
     value_range = _scan_values(p, data)
 
     if voxel_size is not None:
-        vs: VoxelSize | None = _voxel_size_override(p, voxel_size)
+        vs: VoxelSize | None = voxel_size_zyx(voxel_size, p)
     else:
         vs = _header_voxel_size(p, hdr.voxel_xyz)
     org = header.origin

@@ -87,7 +87,8 @@ def negative_rows(points: PointSet) -> np.ndarray:
     return out
 
 
-def _normalise_unit(unit: str) -> str:
+def normalise_unit(unit: str) -> str:
+    """``voxel`` or ``angstrom`` for any of their spellings (px, Å, ...); refuse others."""
     key = str(unit).strip().lower()
     if key not in _UNIT_ALIASES:
         raise InputError(f"--points-unit {unit!r} is not known; use 'voxel' or 'angstrom'")
@@ -155,7 +156,7 @@ def read_points(
     if not p.is_file():  # a pipe would block forever, a device read without end
         raise InputError(f"{p}: not a regular file (a pipe or a device?); give a CSV or STAR "
                          "points file")
-    unit = _normalise_unit(unit)
+    unit = normalise_unit(unit)
     vs = as_voxel_size(voxel_size)
     try:
         text = p.read_text(encoding="utf-8-sig")

@@ -460,6 +460,9 @@ class CryosamWidget(QWidget):
 
 def _voxels(image: Image, layer: Points) -> np.ndarray:
     """A points layer's points as (z, y, x) voxels of ``image`` (the layers may differ in
-    scale and translation)."""
+    scale and translation); a layer of fewer than three dimensions is refused in one line."""
+    if layer.ndim < 3:
+        raise CryosamError(f"layer {layer.name!r} holds {layer.ndim}-D points; click on the "
+                           "tomogram in a 3-D points layer (New clicks layer)")
     world = [layer.data_to_world(p) for p in np.asarray(layer.data)]
     return np.array([image.world_to_data(w)[-3:] for w in world], dtype=float).reshape(-1, 3)
