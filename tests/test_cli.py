@@ -112,6 +112,28 @@ def test_cli_bad_options_fail_before_any_work(args: list[str], small_sim, tmp_pa
     assert "Traceback" not in err and err.strip()
 
 
+@pytest.mark.parametrize("command, out, message", [
+    ("simulate", "FILE", "OUT_DIR {FILE}: exists and is not a folder"),
+    ("simulate", "FILE/sub", "OUT_DIR {FILE}/sub: cannot write under"),
+    ("simulate", "/proc/cryosam_nope", "OUT_DIR /proc/cryosam_nope: cannot write there"),
+    ("query", "FILE/q.cryosam-query", "--out {FILE}/q.cryosam-query: cannot write under"),
+    ("query", "/proc/q.cryosam-query", "--out /proc/q.cryosam-query: cannot write there"),
+])
+def test_cli_unwritable_outputs_are_one_line(command: str, out: str, message: str,
+                                             small_sim, tmp_path: Path, run_cli) -> None:
+    """simulate's folder and query's file: one line naming the place, exit 2 (they were
+    tracebacks; query's after all its work)."""
+    _, files = small_sim
+    (tmp_path / "FILE").write_text("not a folder")
+    out = out.replace("FILE", str(tmp_path / "FILE"))
+    args = (["simulate", out, "--shape", "24,48,48"] if command == "simulate" else
+            ["query", files["tomo.mrc"], "--points", files["prompt.csv"], "--out", out,
+             "--encoder", "filterbank", "--segmenter", "threshold", "--device", "cpu"])
+    code, _, err = run_cli(*args)
+    assert code == 2 and "Traceback" not in err
+    assert err.startswith("error: " + message.format(FILE=tmp_path / "FILE")), err
+
+
 # --------------------------------------------------------------------------- defaults
 
 

@@ -380,3 +380,29 @@ def test_cli_evaluate_a_run_that_picked_nothing_scores_zero(pick_files, tmp_path
     assert (rep["n_picks"], rep["tp"], rep["fn"], rep["f1"]) == (0, 0, 5, 0.0)
     code, _, err = run_cli("evaluate", truth, empty, "--radius", "3")
     assert code == 2 and "a header but no points" in err
+
+
+def test_cli_evaluate_angstrom_csv_score_column_and_relion5(pick_files, run_cli, tmp_path):
+    """Å CSVs (TARDIS, the CryoET Data Portal) score with --points-unit angstrom; a chosen
+    --score-column that is not there is one line; cryosam's RELION-5 STAR is read with the
+    pixel size it states when no --voxel-size is given."""
+    from cryosam.io import write_flavour_star
+
+    picks, truth = pick_files
+    in_a = tmp_path / "picks_A.csv"
+    in_a.write_text("X [A],Y [A],Z [A]\n110,100,100\n400,110,100\n")
+    code, _, err = run_cli("evaluate", in_a, truth, "--radius", "3", "--kind", "ribosome")
+    assert code == 2 and "--points-unit angstrom" in err
+    code, out, err = run_cli("evaluate", in_a, truth, "--radius", "3", "--kind", "ribosome",
+                             "--points-unit", "angstrom", "--voxel-size", "10", "--json")
+    assert code == 0, err
+    assert json.loads(out)["tp"] == 2  # (11, 10, 10) and (40, 11, 10) voxels
+    code, _, err = run_cli("evaluate", picks, truth, "--radius", "3", "--score-column", "fom")
+    assert code == 2 and "no column 'fom'" in err and "score" in err
+    star = tmp_path / "picks_relion5.star"
+    write_flavour_star(star, "relion5", np.array([[10.0, 10, 11], [10, 11, 40]]),
+                       tomo_name="tomo", voxel_size=10.0, shape=(50, 60, 60))
+    code, out, err = run_cli("evaluate", star, truth, "--radius", "3", "--kind", "ribosome",
+                             "--shape", "50,60,60", "--json")
+    assert code == 0, err
+    assert "rlnPixelSize 10 Å" in err and json.loads(out)["tp"] == 2

@@ -217,3 +217,30 @@ def output_lock(out: str | os.PathLike[str]) -> Iterator[None]:
             for folder in created:
                 with contextlib.suppress(OSError):
                     folder.rmdir()
+
+
+def check_writable(path: str | os.PathLike[str], what: str, folder: bool = True) -> None:
+    """Refuse, before any work, an output ``path`` that cannot be made there: a file where a
+    folder goes (or a folder where a file goes), or a place under a file or under a folder
+    without write permission. ``what`` (e.g. ``--out``) starts the one-line message."""
+    p = Path(path)
+    if p.exists() and folder and not p.is_dir():
+        raise InputError(f"{what} {p}: exists and is not a folder; choose another {what}")
+    if p.exists() and not folder and p.is_dir():
+        raise InputError(f"{what} {p}: is a folder; give a file name")
+    parent = p.resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"{what} {p}: cannot write under {parent}; choose another {what}")
+
+
+@contextlib.contextmanager
+def writing(path: str | os.PathLike[str], what: str) -> Iterator[None]:
+    """Turn a failed write of ``path`` (a folder that cannot be made, a full disk) into one
+    line naming it, as the option ``what`` gave it."""
+    try:
+        yield
+    except OSError as exc:
+        raise InputError(f"{what} {path}: cannot write there ({exc.strerror or exc}); "
+                         "choose a place you can write in") from None

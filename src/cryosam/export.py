@@ -17,7 +17,14 @@ from typing import Any
 import numpy as np
 
 from cryosam import io
-from cryosam._atomic import atomic_path, output_lock, replace_dir, sweep_stale, temp_dir
+from cryosam._atomic import (
+    atomic_path,
+    check_writable,
+    output_lock,
+    replace_dir,
+    sweep_stale,
+    temp_dir,
+)
 from cryosam.errors import CryosamWarning, InputError
 from cryosam.result import Instance, SegmentationResult
 from cryosam.utils import tomo_stem
@@ -75,12 +82,7 @@ def check_out_dir(
     if out.is_dir() and os.path.ismount(out):
         raise InputError(f"--out {out_dir}: is a mount point; cryosam replaces --out as a "
                          "whole, so name a folder inside it")
-    # the nearest existing ancestor must let us create folders (nothing is created here)
-    parent = resolved.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise InputError(f"{out}: cannot write under {parent}; choose another --out")
+    check_writable(out, "--out")  # nothing is created here
     sweep_stale(resolved.parent, out.name)  # what killed runs left beside it
     return out
 

@@ -57,6 +57,11 @@ def evaluate(
         None, "--shape", help="Tomogram size z,y,x (needed for RELION-5 STAR coordinates)."),
     tomo_name: str | None = typer.Option(None, "--tomo-name",
                                          help="Tomogram to use from a multi-tomogram STAR."),
+    points_unit: str = typer.Option(
+        "voxel", "--points-unit", help="Unit of the PICKS CSV's coordinates: voxel or "
+        "angstrom (with --voxel-size; TARDIS and CryoET Data Portal files are in Å)."),
+    truth_unit: str = typer.Option(
+        "voxel", "--truth-unit", help="Unit of the TRUTH CSV's coordinates: voxel or angstrom."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """Precision, recall and F1 of picks against the truth, one-to-one within --radius.
@@ -71,8 +76,8 @@ def evaluate(
     size = parse_shape(shape) if shape is not None else None
     opts = {"shape": size, "voxel_size": voxel_size, "tomo_name": tomo_name,
             "check_bounds": False}
-    pk = read_points(picks, **opts, empty_ok=True)  # a run that picked nothing scores 0
-    tr = read_points(truth, **opts)
+    pk = read_points(picks, **opts, unit=points_unit, empty_ok=True)  # none picked scores 0
+    tr = read_points(truth, **opts, unit=truth_unit)
     t_zyx, p_zyx = tr.zyx, pk.zyx
     p_keep = np.ones(len(p_zyx), dtype=bool)
     present = sorted({str(k) for k in tr.columns.get("kind", [])})
@@ -93,6 +98,10 @@ def evaluate(
             p_keep = np.asarray([str(k) == kind for k in pk.columns["kind"]], dtype=bool)
             p_zyx = p_zyx[p_keep]
     scores = pk.columns.get(score_column.lower())
+    if scores is None and score_column != "score":  # the default may be absent; a choice not
+        have = ", ".join(pk.columns) or "none besides x, y, z"
+        raise InputError(f"{picks}: no column {score_column!r} for --score-column; "
+                         f"columns: {have}")
     values = None
     if scores is not None:
         try:

@@ -14,6 +14,7 @@ import typer
 from typer.core import TyperCommand, TyperOption
 
 from cryosam import config as configuration
+from cryosam._atomic import check_writable, writing
 from cryosam.commands import segment as segment_command
 from cryosam.config import CryosamConfig
 from cryosam.errors import InputError
@@ -106,6 +107,7 @@ def register(app: typer.Typer) -> None:
             why = ("is a folder" if out.is_dir() else "exists; pass --overwrite" if not
                    overwrite else "is not a query file, so --overwrite leaves it")
             raise InputError(f"--out {out}: {why}; choose another name")
+        check_writable(out, "--out", folder=False)
         if values.get("points_pixel_size") is not None and values.get("points_bin") is not None:
             raise InputError("--points-pixel-size and --points-bin say the same thing; give one")
         cfg = build_config(values, given)
@@ -119,7 +121,8 @@ def register(app: typer.Typer) -> None:
             tomo_name=values.get("tomo_name"), points_pixel_size=values.get("points_pixel_size"),
             points_bin=values.get("points_bin"),
             negative_points=values.get("negative_points"))
-        saved.save(out)
+        with writing(out, "--out"):
+            saved.save(out)
         if not quiet:
             s = saved.summary()
             typer.echo(f"query saved to {out}: {s['queries']} vector(s) of {s['dim']} from "

@@ -9,7 +9,6 @@ the command line override them.
 
 from __future__ import annotations
 
-import os
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,6 +17,7 @@ import typer
 
 from cryosam import backends
 from cryosam import config as configuration
+from cryosam._atomic import check_writable
 from cryosam.config import TARGETS, CryosamConfig, get_path
 from cryosam.errors import InputError
 
@@ -422,12 +422,7 @@ def check_cache_dir(cache_dir: Path, out_dir: Path | None = None) -> None:
         if resolved == out or out in resolved.parents:
             raise InputError(f"--cache-dir {cache_dir}: is inside --out {out_dir}, which the run "
                              "replaces; keep the cache outside it")
-    existing = resolved
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise InputError(f"--cache-dir {cache_dir}: cannot write under {existing}; choose "
-                         "another folder")
+    check_writable(cache_dir, "--cache-dir")
 
 
 def print_summary(result: SegmentationResult, written: dict[str, Path], out_dir: Path) -> None:

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from cryosam._atomic import check_writable, writing
+
 
 def simulate_command(
     out_dir: Path = typer.Argument(..., help="Folder to write the tomogram and its truth into."),
@@ -53,13 +55,15 @@ def simulate_command(
     from cryosam.utils import parse_shape
 
     quiet = progress.settle_quiet(quiet)  # also `cryosam -q simulate`
+    check_writable(out_dir, "OUT_DIR")
     config = SimulationConfig(
         shape=parse_shape(shape), voxel_size=voxel_size, snr=snr, seed=seed,
         n_targets=n_targets, n_blobs=n_distractors, n_filaments=n_distractors,
         tilt_range=tilt_range, blur_sigma=blur, membrane=membrane, invert=invert, zoom=zoom,
         target_radius=target_radius, preset=preset, per_kind=per_kind)
     sim = simulate(config)
-    paths = write_simulation(sim, out_dir, overwrite=overwrite)
+    with writing(out_dir, "OUT_DIR"):
+        paths = write_simulation(sim, out_dir, overwrite=overwrite)
     if quiet:
         return
     d, h, w = sim.shape

@@ -274,6 +274,12 @@ def read_star_points(
                 )
         _warn_unapplied_origins(path, df)
     else:
+        if vs is None:  # the file's own statement of the tomogram's pixel size, if one
+            sizes, source = _star_pixel_sizes(df, optics)
+            if sizes is not None and len(np.unique(sizes)) == 1 and float(sizes[0]) > 0:
+                vs = np.full(3, float(sizes[0]))
+                warn(f"{path}: no voxel size given; using the file's {source} "
+                     f"{float(sizes[0]):g} Å for its centered Å coordinates")
         if shape is None or vs is None:
             raise InputError(
                 f"{path}: RELION-5 centered coordinates (rlnCenteredCoordinateX/Y/ZAngst) need "
