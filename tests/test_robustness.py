@@ -314,3 +314,31 @@ def test_a_header_naming_an_axis_twice_is_refused(tmp_path: Path) -> None:
     path.write_text("x,x,y,z\n1,2,3,4\n")
     with pytest.raises(io.InputError, match="names x twice"):
         io.read_points(path)
+
+
+# --------------------------------------------------------------------------- progress
+
+
+def test_a_log_gets_a_progress_line_while_a_long_step_runs(small_sim, weight_free, capsys,
+                                                          monkeypatch) -> None:
+    """Not on a terminal (a SLURM log, nohup): plain lines while a step runs, none with
+    --quiet, and none at all for a step shorter than LOG_EVERY (here 0 s: every item)."""
+    from cryosam import progress
+
+    monkeypatch.setattr(progress, "LOG_EVERY", 0.0)
+    assert list(progress.track(range(3), "encoding slices")) == [0, 1, 2]
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == "cryosam: encoding slices 1/3 (33%) after 0:00, about 0:00 left"
+    assert lines[-1] == "cryosam: encoding slices 3/3 (100%) done in 0:00"
+    sim, _ = small_sim
+    CryoSAM(weight_free).segment(sim.volume, sim.prompt_points[:1], voxel_size=sim.voxel_size)
+    assert "cryosam: encoding slices" in capsys.readouterr().err  # the pipeline's own steps
+    progress.set_quiet(True)
+    try:
+        list(progress.track(range(3), "encoding slices"))
+    finally:
+        progress.set_quiet(False)
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(progress, "LOG_EVERY", 3600.0)
+    list(progress.track(range(3), "encoding slices"))
+    assert capsys.readouterr().err == ""

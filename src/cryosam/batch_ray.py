@@ -411,7 +411,7 @@ def _run(tasks: list[Task], engine: InProcess | RayEngine, table: Path,
             if bar:
                 progress.set_quiet(False)
 
-    for outcome in progress.track(inner(), "tomograms", total=len(tasks)):
+    for outcome in progress.track(inner(), "tomograms", total=len(tasks), log=False):
         if outcome.reason == "new" and outcome.tomogram in retried:
             outcome.reason = "failed before"
         rows[outcome.tomogram] = outcome
@@ -422,7 +422,7 @@ def _run(tasks: list[Task], engine: InProcess | RayEngine, table: Path,
             continue
         elapsed = time.perf_counter() - started
         left = len(tasks) - finished
-        eta = f", ETA {_clock(elapsed / heavy * left)}" if left and heavy else ""
+        eta = f", ETA {progress.clock(elapsed / heavy * left)}" if left and heavy else ""
         picks = "" if outcome.picks is None else f", {outcome.picks} picks"
         why = f": {outcome.error}" if outcome.error else (
             f" ({outcome.reason})" if outcome.status in ("skipped", "no-clicks") else "")
@@ -432,7 +432,3 @@ def _run(tasks: list[Task], engine: InProcess | RayEngine, table: Path,
             say(f"  warning: {line}")
 
 
-def _clock(seconds: float) -> str:
-    s = int(round(seconds))
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else \
-        f"{s // 60}:{s % 60:02d}"

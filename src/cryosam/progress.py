@@ -1,15 +1,19 @@
-"""Progress bars for long steps: shown on a terminal, silent in logs and with --quiet."""
+"""Progress of long steps: a bar on a terminal; in a log (a SLURM job, nohup, a pipe) one
+plain line every ``LOG_EVERY`` seconds while a step runs, so short steps add nothing and a
+long one shows it is alive; nothing with --quiet."""
 
 from __future__ import annotations
 
 import logging
 import sys
+import time
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
 T = TypeVar("T")
 
 _QUIET = False
+LOG_EVERY = 30.0  # seconds between two progress lines in a log
 
 
 def set_quiet(quiet: bool) -> None:
@@ -33,10 +37,17 @@ def enabled() -> bool:
     return not _QUIET and sys.stderr.isatty()
 
 
-def track(iterable: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
-    """Iterate over ``iterable`` with a rich progress bar when :func:`enabled`."""
+def track(iterable: Iterable[T], description: str, total: int | None = None,
+          log: bool = True) -> Iterator[T]:
+    """Iterate over ``iterable`` with a rich progress bar when :func:`enabled`; else, unless
+    quiet or ``log`` is False, with a line on stderr every :data:`LOG_EVERY` seconds."""
+    if total is None and hasattr(iterable, "__len__"):
+        total = len(iterable)  # type: ignore[arg-type]
     if not enabled():
-        yield from iterable
+        if _QUIET or not log:
+            yield from iterable
+        else:
+            yield from _logged(iterable, description, total)
         return
     from rich.progress import (
         BarColumn,
@@ -47,11 +58,42 @@ def track(iterable: Iterable[T], description: str, total: int | None = None) -> 
         TimeRemainingColumn,
     )
 
-    if total is None and hasattr(iterable, "__len__"):
-        total = len(iterable)  # type: ignore[arg-type]
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), TimeRemainingColumn(), transient=True) as bar:
         task = bar.add_task(description, total=total)
         for item in iterable:
             yield item
             bar.advance(task)
+
+
+def _logged(iterable: Iterable[T], description: str, total: int | None) -> Iterator[T]:
+    """``iterable`` with a plain progress line every :data:`LOG_EVERY` seconds (done, share,
+    elapsed and an estimate of what is left), and one when it ends if any was written."""
+    start = last = time.perf_counter()
+    done = 0
+    for item in iterable:
+        yield item
+        done += 1
+        now = time.perf_counter()
+        if now - last >= LOG_EVERY:
+            last = now
+            _line(description, done, total, now - start)
+    if last > start:
+        _line(description, done, total, time.perf_counter() - start, finished=True)
+
+
+def _line(description: str, done: int, total: int | None, elapsed: float,
+          finished: bool = False) -> None:
+    of = f"/{total} ({done / total:.0%})" if total else ""
+    left = (f", about {clock(elapsed / done * (total - done))} left"
+            if total and done and not finished else "")
+    state = "done in" if finished else "after"
+    print(f"cryosam: {description} {done}{of} {state} {clock(elapsed)}{left}",
+          file=sys.stderr, flush=True)
+
+
+def clock(seconds: float) -> str:
+    """``m:ss`` or ``h:mm:ss``."""
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else \
+        f"{s // 60}:{s % 60:02d}"

@@ -345,7 +345,7 @@ class _Engine:
                         chains.append(_Chain(i, axis, 1 if d[0] == "+" else -1, piece.index,
                                              piece, np.asarray(point, np.float64), logits, cap))
         for _ in track(self._steps(chains, max_prompts), "propagating" if show else "",
-                       total=None):
+                       total=None, log=bool(show)):
             pass
         if self.membrane:  # sheets: a second sweep across the slices the first one missed
             list(self._steps([c for i in particles if self.pieces.get(i)
