@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import numpy as np
@@ -238,3 +239,21 @@ def test_our_star_matches_cylindra_and_chlamy_conventions(interop_dir, tmp_path)
     for axis in "XYZ":
         column = f"rlnCenteredCoordinate{axis}Angst"
         np.testing.assert_allclose(df[column], ts02[column], atol=1e-5)
+
+
+def test_a_click_on_the_imod_crop_warns_that_its_mask_is_no_particle(interop_dir, run_cli,
+                                                                     tmp_path):
+    """A real IMOD tomogram crop (78x64x32): the probe used to read a 26-voxel 'particle'
+    (as wide as the crop) and write a mask of 63 % of it as pick 1 without a word. The size
+    is now unknown, and a clicked mask over a tenth of the tomogram is warned of."""
+    clicks = tmp_path / "click.csv"
+    clicks.write_text("x,y,z\n16,32,39\n")
+    out = tmp_path / "out"
+    code, _, err = run_cli("segment", interop_dir / "tardis_mrc3D.mrc", "--points", clicks,
+                           "--encoder", "filterbank", "--segmenter", "threshold", "--device",
+                           "cpu", "--out", out)
+    assert code == 0, err
+    record = json.loads((out / "run.json").read_text())
+    assert record["probe"]["radius_voxels"] is None
+    assert "of the tomogram: that is no single particle" in err
+    assert any("no single particle" in w for w in record["warnings"])

@@ -286,3 +286,13 @@ def test_config_paths_and_values_are_one_line() -> None:
     with pytest.raises(InputError, match="^matching.top_k = '100': not a valid value"):
         CryosamConfig().replace_path("matching.top_k", "100")
     assert CryosamConfig().replace_path("matching.top_k", 100).matching.top_k == 100
+
+
+def test_a_negative_click_on_a_click_is_one_line(small_sim, run_cli) -> None:
+    """The same point as a click and a negative click: refused, naming both (it used to run
+    as if no negative had been given)."""
+    _, files = small_sim
+    code, _, err = run_cli("segment", files["tomo.mrc"], "--points", files["prompt.csv"],
+                           "--negative-points", files["prompt.csv"], "--encoder",
+                           "filterbank", "--segmenter", "threshold", "--device", "cpu")
+    assert code == 2 and "negative click 0 at" in err and "lies on click 0" in err

@@ -326,6 +326,7 @@ def test_a_log_gets_a_progress_line_while_a_long_step_runs(small_sim, weight_fre
     from cryosam import progress
 
     monkeypatch.setattr(progress, "LOG_EVERY", 0.0)
+    monkeypatch.setattr(progress, "_QUIET", False)  # an earlier -q in this process
     assert list(progress.track(range(3), "encoding slices")) == [0, 1, 2]
     lines = capsys.readouterr().err.splitlines()
     assert lines[0] == "cryosam: encoding slices 1/3 (33%) after 0:00, about 0:00 left"
@@ -342,3 +343,47 @@ def test_a_log_gets_a_progress_line_while_a_long_step_runs(small_sim, weight_fre
     monkeypatch.setattr(progress, "LOG_EVERY", 3600.0)
     list(progress.track(range(3), "encoding slices"))
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("option, message", [
+    (("--binning", "8"), "binned 8x, the 4.7-voxel particle is 0.6 voxels, too small to "
+                         "segment; use --binning 2 or less"),
+    (("--diameter", "2000"), "--diameter makes the particle's radius 100.0 voxels, but at "
+                             "the clicks it looks like 4.7"),
+])
+def test_a_size_that_loses_the_particle_says_so(option, message, small_sim, run_cli,
+                                                tmp_path) -> None:
+    """A forced binning or a diameter far from the clicks' own size: the one line names it
+    (it used to say the clicks look like background and to check the axis order)."""
+    _, files = small_sim
+    code, _, err = run_cli("segment", files["tomo.mrc"], "--points", files["prompt.csv"],
+                           *WF, *option, "--out", tmp_path / "o")
+    assert code == 2 and message in err, err
+
+
+def test_a_diameter_far_from_the_clicks_is_warned(small_sim, run_cli, tmp_path) -> None:
+    _, files = small_sim
+    code, _, err = run_cli("segment", files["tomo.mrc"], "--points", files["prompt.csv"],
+                           *WF, "--diameter", "300", "--no-match", "--out", tmp_path / "o")
+    assert code == 0, err
+    assert "--diameter 300 Å is a radius of 15.0 voxels, but at the clicks" in err
+
+
+def test_a_signal_after_the_outputs_are_written_changes_nothing() -> None:
+    """Inside committed() (the summary after the outputs are on disk) Ctrl-C and SIGTERM are
+    ignored, so a late signal cannot turn a finished query or segment into exit 130/143;
+    after it, Ctrl-C interrupts again."""
+    import os
+    import signal
+
+    from cryosam.utils import committed
+
+    before = signal.getsignal(signal.SIGINT)
+    with committed():
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)
+    assert signal.getsignal(signal.SIGINT) is before
+    with pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)

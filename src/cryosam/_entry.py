@@ -24,7 +24,10 @@ def main() -> int:
         if exc.code == 143:
             print("terminated (SIGTERM) while starting; nothing was written", file=sys.stderr)
         raise
-    return cli_main()
+    code = cli_main()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # done: a late signal changes no exit code
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    return code
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ import numpy as np
 
 from cryosam import io
 from cryosam.config import CryosamConfig, PropagationConfig
-from cryosam.errors import InputError
+from cryosam.errors import CryosamWarning, InputError
 from cryosam.normalise import normalise_volume
 from cryosam.probe import ClickProbe, bin_factor
 from cryosam.probe import probe_clicks as probe_volume
@@ -116,6 +117,7 @@ def load_inputs(tomogram: TomogramLike, points: PointsLike, *, voxel_size: float
                                    "negative_points").zyx
             _check_array(more, tomo.shape, "negative click")
         negatives = np.vstack([negatives, more.reshape(-1, 3)])
+    _check_apart(prompts, negatives)
     name = tomo_name or own or "tomo"
     return Inputs(tomo, prompts, source, points_unit, name, negatives, neg_source)
 
@@ -156,6 +158,20 @@ def points_from_api(points: Any, tomo: io.Tomogram, unit: str = "voxel",
             raise InputError(f"{what} in Å need the tomogram's voxel size; pass voxel_size")
         zyx = zyx * (float(pixel_size) if pixel_size is not None else 1.0) / np.asarray(vs)
     return io.PointSet(zyx=zyx, columns=columns)
+
+
+def _check_apart(prompts: np.ndarray, negatives: np.ndarray) -> None:
+    """A negative click within a voxel of a click names the same structure as both: refuse
+    it (it would silently change nothing, or drop the clicked particle's own matches)."""
+    if not len(prompts) or not len(negatives):
+        return
+    gaps = np.linalg.norm(negatives[:, None, :] - prompts[None, :, :], axis=2)
+    near = np.argwhere(gaps < 1.0)
+    if len(near):
+        j, i = (int(v) for v in near[0])
+        z, y, x = negatives[j]
+        raise InputError(f"negative click {j} at z,y,x = {z:g},{y:g},{x:g} voxels lies on "
+                         f"click {i}: a structure cannot be both; remove one of them")
 
 
 def _check_array(zyx: np.ndarray, shape: tuple[int, int, int], what: str) -> None:
@@ -219,8 +235,15 @@ def probe(volume: np.ndarray, inputs: Inputs, cfg: CryosamConfig) -> ClickProbe:
             raise InputError("--diameter is in Å but the tomogram has no voxel size; pass "
                              "--voxel-size")
         radius = cfg.diameter / 2.0 / vs
-    return probe_volume(volume, inputs.prompts, polarity=cfg.polarity, radius=radius,
-                        estimate_size=cfg.propagation.target == "particle")
+    found = probe_volume(volume, inputs.prompts, polarity=cfg.polarity, radius=radius,
+                         estimate_size=cfg.propagation.target == "particle")
+    seen = found.clicks_radius
+    if radius is not None and seen and not 1 / 3 < radius / seen < 3:
+        warnings.warn(f"--diameter {cfg.diameter:g} Å is a radius of {radius:.1f} voxels, but "
+                      f"at the clicks the particle looks like {seen:.1f}; check --diameter "
+                      "(in Å, the whole particle) or leave it out", CryosamWarning,
+                      stacklevel=3)
+    return found
 
 
 def probe_from_query(saved: SavedQuery, inputs: Inputs, cfg: CryosamConfig,

@@ -34,6 +34,13 @@ class ClickProbe:
     radii: list[float] = field(default_factory=list)  # per probed click
 
     @property
+    def clicks_radius(self) -> float | None:
+        """The radius the clicks themselves show (median of the probed clicks' finite radii;
+        None without any): compared with a given ``--diameter``."""
+        finite = [r for r in self.radii if math.isfinite(r)]
+        return float(np.median(finite)) if finite else None
+
+    @property
     def votes(self) -> dict[str, int]:
         """How many probed clicks look dark and how many bright."""
         return {"dark": sum(r > 0 for r in self.responses),
@@ -134,9 +141,11 @@ def probe_clicks(volume: np.ndarray, prompts: np.ndarray, *, polarity: str = "au
         curve = scale_response(pyramid, p)
         best = particle_extremum(curve)
         responses.append(float(curve[best]))
-        # a peak at the largest scale is no particle (a gradient, a slab): size unknown
-        radii.append(float(_peak_sigma(np.abs(curve), best) * math.sqrt(3.0))
-                     if best < len(SIGMAS) - 1 else math.nan)
+        # a peak at the largest scale is no particle (a gradient, a slab), nor is one as
+        # wide as the tomogram: size unknown
+        r = (float(_peak_sigma(np.abs(curve), best) * math.sqrt(3.0))
+             if best < len(SIGMAS) - 1 else math.nan)
+        radii.append(r if r <= min(volume.shape) / 4.0 else math.nan)
     if polarity in ("dark", "bright"):
         pol, pol_source = polarity, "given"
     else:

@@ -51,6 +51,9 @@ from cryosam.rescale import (
 from cryosam.result import Instance
 from cryosam.segmenters.base import Segmenter
 
+MIN_WORK_RADIUS = 2.0  # voxels: a particle binned smaller than this has no shape left
+LARGEST_SHARE = 0.1  # a clicked particle's mask over this share of the tomogram is warned of
+
 # --------------------------------------------------------------------------- clicks
 
 
@@ -88,8 +91,15 @@ def segment_clicks(work: Work, segmenter: Segmenter, cfg: PropagationConfig,
                                             strict=True)]
     empty = [i.click_row for i in instances if i.n_voxels == 0]
     if instances and len(empty) == len(instances):
-        message = nothing_found_message(found)
+        message = nothing_found_message(found, work.factor)
         raise InputError(f"{source}: {message}" if source is not None else message)
+    huge = [i for i in instances if i.n_voxels > LARGEST_SHARE * work.segmenter_volume.size]
+    if huge and cfg.target == "particle":
+        share = huge[0].n_voxels / work.segmenter_volume.size
+        warnings.warn(f"click row {huge[0].click_row}'s mask holds {share:.0%} of the "
+                      "tomogram: that is no single particle; check that the click sits on one, "
+                      "the contrast (--polarity) and the size (--diameter)", CryosamWarning,
+                      stacklevel=3)
     if empty:
         listed = ", ".join(str(r) for r in empty[:10]) + (", ..." if len(empty) > 10 else "")
         warnings.warn(
@@ -134,8 +144,8 @@ def segment_negatives(work: Work, segmenter: Segmenter, cfg: PropagationConfig) 
     return Negatives(masks, int(len(work.negatives)))
 
 
-def nothing_found_message(found: ClickProbe | None) -> str:
-    """Why no click gave a mask, and what to try."""
+def nothing_found_message(found: ClickProbe | None, factor: int = 1) -> str:
+    """Why no click gave a mask (the run worked ``factor`` x binned), and what to try."""
     head = "no particle found at any click"
     if found is not None:
         votes = found.votes
@@ -143,6 +153,16 @@ def nothing_found_message(found: ClickProbe | None) -> str:
         if found.polarity_source == "given" and votes[other] > votes[found.polarity]:
             return (f"{head}: the contrast at the clicks looks {other}, not "
                     f"{found.polarity} — try --polarity {other} (or --polarity auto)")
+        seen = found.clicks_radius
+        if found.radius_source == "diameter" and seen and not 1 / 3 < found.radius / seen < 3:
+            return (f"{head}: --diameter makes the particle's radius {found.radius:.1f} "
+                    f"voxels, but at the clicks it looks like {seen:.1f}; check --diameter "
+                    "(in Å) or leave it out")
+        if found.radius and factor > 1 and found.radius / factor < MIN_WORK_RADIUS:
+            most = max(1, int(found.radius // MIN_WORK_RADIUS))
+            return (f"{head}: binned {factor}x, the {found.radius:.1f}-voxel particle is "
+                    f"{found.radius / factor:.1f} voxels, too small to segment; use "
+                    f"--binning {most} or less (or leave it out)")
     return (f"{head}: the clicks look like background; check that they are x,y,z voxels of "
             "this tomogram (axis order, --points-unit, --points-pixel-size) and sit on "
             "particles")

@@ -6,11 +6,12 @@ are imported here: this module sits at the bottom of the import graph.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import resource
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -143,3 +144,23 @@ def volume_hash(volume: np.ndarray) -> str:
     digest.update(f"{vol.shape}:{vol.dtype.str};".encode())
     digest.update(memoryview(vol).cast("B"))
     return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def committed() -> Iterator[None]:
+    """The outputs are on disk: within the block (the summary a command prints after them)
+    Ctrl-C and SIGTERM are ignored, so a late signal cannot turn a finished run into exit
+    130/143 and a message that nothing was written. Main thread only; restored after."""
+    import signal
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s in before:
+        signal.signal(s, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)

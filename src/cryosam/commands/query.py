@@ -18,6 +18,7 @@ from cryosam._atomic import check_writable, writing
 from cryosam.commands import segment as segment_command
 from cryosam.config import CryosamConfig
 from cryosam.errors import InputError
+from cryosam.utils import committed
 
 META_KEY = "cryosam.segment_options"
 
@@ -123,7 +124,9 @@ def register(app: typer.Typer) -> None:
             negative_points=values.get("negative_points"))
         with writing(out, "--out"):
             saved.save(out)
-        if not quiet:
+        with committed():
+            if quiet:
+                return
             s = saved.summary()
             typer.echo(f"query saved to {out}: {s['queries']} vector(s) of {s['dim']} from "
                        f"{saved.source.get('clicks')} click(s) on {saved.source.get('name')}, "

@@ -20,6 +20,7 @@ from cryosam import config as configuration
 from cryosam._atomic import check_writable
 from cryosam.config import TARGETS, CryosamConfig, get_path
 from cryosam.errors import InputError
+from cryosam.utils import committed
 
 if TYPE_CHECKING:
     from cryosam.io.copick import CopickSource
@@ -335,10 +336,11 @@ def register(app: typer.Typer) -> None:
                                     star=star_out)
             copick_out = (None if source is None
                           else write_copick_result(source, result, out_dir))
-            if not quiet:
-                print_summary(result, written, out_dir)
-                if copick_out is not None:
-                    typer.echo(f"copick: {copick_out}")
+            with committed():
+                if not quiet:
+                    print_summary(result, written, out_dir)
+                    if copick_out is not None:
+                        typer.echo(f"copick: {copick_out}")
 
 
 # copick mode and file mode each have options the other cannot use

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
 from cryosam._atomic import check_writable, writing
+from cryosam.utils import committed
 
 
 def simulate_command(
@@ -46,9 +48,7 @@ def simulate_command(
     """Simulate a tomogram with known particles and membranes; write it with its truth."""
     from cryosam import progress
     from cryosam.simulate import (
-        TARGET_KIND,
         SimulationConfig,
-        measured_snr,
         simulate,
         write_simulation,
     )
@@ -64,8 +64,15 @@ def simulate_command(
     sim = simulate(config)
     with writing(out_dir, "OUT_DIR"):
         paths = write_simulation(sim, out_dir, overwrite=overwrite)
-    if quiet:
-        return
+    if not quiet:
+        with committed():
+            _say(sim, paths, seed, tilt_range)
+
+
+def _say(sim: Any, paths: dict[str, Path], seed: int, tilt_range: float) -> None:
+    """What was simulated and where it went."""
+    from cryosam.simulate import TARGET_KIND, measured_snr
+
     d, h, w = sim.shape
     kinds = dict.fromkeys(p.kind for p in sim.particles) or (TARGET_KIND,)
     counts = ", ".join(f"{len(sim.ids(k))} {k}" for k in kinds)

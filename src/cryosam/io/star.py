@@ -187,17 +187,20 @@ def _pixel_coordinates(
     zyx = _star_numeric(path, df, _STAR_PIXEL[::-1], rows)
     sizes, source = _star_pixel_sizes(df, optics)
     if star_pixel_size is not None:
-        sizes, source = np.full(len(df), float(star_pixel_size)), "--points-pixel-size"
+        sizes, source = (np.full(len(df), float(star_pixel_size)),
+                         "--points-pixel-size or --points-bin")
     if sizes is not None and vs is not None:
         factor = sizes[:, None] / vs[None, :]
         if np.any(np.abs(factor - 1.0) > 1e-3):
             shown = np.unique(np.round(sizes, 4))
+            fix = ("" if star_pixel_size is not None else "; if they already are, pass "
+                   "--points-pixel-size with the voxel size, or remove the pixel size from "
+                   "the file")
             warn(
                 f"{path}: coordinates are in {', '.join(f'{s:g}' for s in shown)} Å pixels "
                 f"({source}) and the tomogram has {', '.join(f'{v:g}' for v in vs)} Å "
                 f"voxels (z,y,x): scaled by {np.unique(np.round(factor, 4))[0]:g} to "
-                "this tomogram's voxels; if they already are, pass --points-pixel-size "
-                "with the voxel size, or remove the pixel size from the file"
+                f"this tomogram's voxels{fix}"
             )
             zyx = zyx * factor
     return zyx
