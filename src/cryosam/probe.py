@@ -141,11 +141,11 @@ def probe_clicks(volume: np.ndarray, prompts: np.ndarray, *, polarity: str = "au
         curve = scale_response(pyramid, p)
         best = particle_extremum(curve)
         responses.append(float(curve[best]))
-        # a peak at the largest scale is no particle (a gradient, a slab), nor is one as
-        # wide as the tomogram: size unknown
+        # a peak at the largest scale is no particle (a gradient, a slab), nor is one whose
+        # diameter exceeds the tomogram's thinnest side: size unknown
         r = (float(_peak_sigma(np.abs(curve), best) * math.sqrt(3.0))
              if best < len(SIGMAS) - 1 else math.nan)
-        radii.append(r if r <= min(volume.shape) / 4.0 else math.nan)
+        radii.append(r if r <= min(volume.shape) / 2.0 else math.nan)
     if polarity in ("dark", "bright"):
         pol, pol_source = polarity, "given"
     else:
