@@ -253,8 +253,13 @@ def test_clicks_outside_the_tomogram_are_refused(small_sim, tmp_path: Path) -> N
         io.open_copick(config, "TS_01", "ribosome")
 
 
-def test_a_failed_write_leaves_nothing_half_written(small_sim, tmp_path: Path,
+@pytest.mark.parametrize("stop", [OSError("disk full"), KeyboardInterrupt()])
+def test_a_failed_write_leaves_nothing_half_written(stop: BaseException, small_sim,
+                                                    tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failure or a Ctrl-C between the segmentation and the pick set: neither stays (a
+    Ctrl-C used to leave the segmentation and an empty pick set, and a rerun took the next
+    session)."""
     sim, _ = small_sim
     config = make_project(tmp_path / "p", sim.volume[:8], sim.voxel_size,
                           {("ribosome", "alice", "1"): np.array([[4.0, 5.0, 6.0]])})
@@ -263,10 +268,12 @@ def test_a_failed_write_leaves_nothing_half_written(small_sim, tmp_path: Path,
     labels[3:6, 4:7, 5:8] = 1
 
     def broken(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
-        raise OSError("disk full")
+        raise stop
 
     monkeypatch.setattr(copick.models.CopickPicks, "from_numpy", broken)
-    with pytest.raises(InputError, match="disk full.*overlay is writable"):
+    expected = ((InputError, "disk full.*overlay is writable") if isinstance(stop, OSError)
+                else (KeyboardInterrupt, None))
+    with pytest.raises(expected[0], match=expected[1]):
         io.write_copick(source, labels, np.array([[4.0, 5.0, 6.0]]), np.array([0.5]),
                         np.array([1]))
     run = copick.from_file(str(config)).get_run("TS_01")

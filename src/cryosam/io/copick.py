@@ -278,12 +278,14 @@ def write_copick(
                     created.append(picks)
                 picks.from_numpy(zyx[:, ::-1] * vs, instance_ids=instance_ids, scores=scores)
                 out["picks"] = len(zyx)
-    except Exception as exc:
+    except BaseException as exc:  # Ctrl-C and SIGTERM too: no half-written session stays
         for item in created:
             try:
                 item.delete()
             except Exception:  # noqa: BLE001 - best effort; the error below is what matters
                 pass
+        if not isinstance(exc, Exception):
+            raise
         raise InputError(f"{source.config}: run {source.run_name}: writing cryosam's results "
                          f"failed ({type(exc).__name__}: {exc}); check that the project's "
                          "overlay is writable") from exc
