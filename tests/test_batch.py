@@ -260,6 +260,7 @@ def test_folder_of_click_files_leaves_out_tomograms_without(dataset: Path, tmp_p
     (("--points", "P", "--shard", "3/3"), "--shard 3/3"),
     (("--points", "P", "--no-ray", "--ray-address", "auto"), "--ray-address"),
     (("--points", "P", "--object", "ribosome"), "--object"),
+    (("--points", "P", "--ray-address", "127.0.0.1:1"), "127.0.0.1:1: nothing answers there"),
 ])
 def test_bad_arguments_are_one_line_before_any_work(dataset: Path, tmp_path: Path, run_cli,
                                                     args: tuple[str, ...], message: str

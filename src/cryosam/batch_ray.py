@@ -218,6 +218,22 @@ def changed(out: Path, state: dict[str, Any]) -> tuple[str | None, dict[str, Any
     return None, record
 
 
+def _reachable(address: str, timeout: float = 10.0) -> None:
+    """Refuse, in one line and within ``timeout`` seconds, a ``--ray-address`` HOST:PORT (or
+    ray://HOST:PORT) that accepts no connection ("auto" is Ray's own to resolve)."""
+    import socket
+
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise CryosamError(f"--ray-address {address}: nothing answers there "
+                           f"({exc.strerror or exc}); check the head node's address and port "
+                           "(`ray status` on it), or drop --ray-address") from None
+
+
 def finished_here(task: Task, batch_id: str) -> Outcome | None:
     """``task`` as ``done`` when batch ``batch_id`` completed its output folder (its run.json
     says so and lists only files that are there), else None: for an outcome lost to an
@@ -285,6 +301,7 @@ class RayEngine:
         quiet = {"include_dashboard": False, "logging_level": logging.ERROR,
                  "log_to_driver": False}
         if address:
+            _reachable(address)  # ray.init retries an unreachable address for minutes
             try:
                 ray.init(address=address, **quiet)
             except Exception as exc:  # a cluster that cannot be reached: one line
