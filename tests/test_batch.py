@@ -448,3 +448,24 @@ def test_batch_csv_and_run_json_keep_each_tomograms_warnings(dataset: Path, tmp_
     assert rows["TS_02"]["status"] == "skipped"
     assert "repeat an earlier click" in rows["TS_02"]["warnings"]
     assert "repeat" not in said_again + err  # not said again for a tomogram not run again
+
+
+def test_a_damaged_output_is_redone(dataset: Path, tmp_path: Path, run_cli) -> None:
+    """A file cut short after the run (a full disk, an interrupted copy) differs from the
+    size run.json recorded: the rerun redoes that tomogram and says why."""
+    out = tmp_path / "out"
+    args = ("batch", dataset / "tomos", "--out", out, "--points", dataset / "clicks.star",
+            "--no-ray", "--no-match", *FAST)
+    code, _, err = run_cli(*args)
+    assert code == 0, err
+    sizes = json.loads((out / "TS_02" / "run.json").read_text())["output_bytes"]
+    assert sizes["semantic.mrc"] == (out / "TS_02" / "semantic.mrc").stat().st_size
+    with open(out / "TS_02" / "semantic.mrc", "r+b") as fh:
+        fh.truncate(1000)
+    code, _, err = run_cli(*args)
+    assert code == 0, err
+    rows = _table(out)
+    assert rows["TS_01"]["status"] == "skipped"
+    assert rows["TS_02"]["status"] == "done"
+    assert rows["TS_02"]["reason"].startswith("outputs damaged (semantic.mrc is 1000 bytes")
+    assert (out / "TS_02" / "semantic.mrc").stat().st_size == sizes["semantic.mrc"]

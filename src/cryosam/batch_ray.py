@@ -203,6 +203,9 @@ def changed(out: Path, state: dict[str, Any]) -> tuple[str | None, dict[str, Any
     missing = [n for n in outputs if not (out / n).is_file()]
     if missing:
         return f"outputs incomplete ({missing[0]} missing)", record
+    damaged = _damaged(out, record)
+    if damaged:
+        return f"outputs damaged ({damaged})", record
     labels = {"tomogram_sha256": "tomogram changed", "prompts_zyx": "clicks changed",
               "query_sha256": "query changed", "options": "options changed",
               "parameters": "parameters changed"}
@@ -216,6 +219,20 @@ def changed(out: Path, state: dict[str, Any]) -> tuple[str | None, dict[str, Any
                 return f"{label} ({_difference(before.get(key), state[key])})", record
             return label, record
     return None, record
+
+
+def _damaged(out: Path, record: dict[str, Any]) -> str | None:
+    """The first output whose size is not the one run.json recorded (None when all are, or
+    for a record from before sizes were kept)."""
+    sizes = record.get("output_bytes")
+    for name, size in (sizes.items() if isinstance(sizes, dict) else ()):
+        try:
+            now = (out / name).stat().st_size
+        except OSError:
+            return f"{name} unreadable"
+        if now != size:
+            return f"{name} is {now} bytes, was {size}"
+    return None
 
 
 def _reachable(address: str, timeout: float = 10.0) -> None:
@@ -242,7 +259,8 @@ def finished_here(task: Task, batch_id: str) -> Outcome | None:
     try:
         record = json.loads((out / "run.json").read_text(encoding="utf-8"))
         ours = record["batch"]["batch_id"] == batch_id
-        complete = all((out / n).is_file() for n in record["outputs"])
+        complete = (all((out / n).is_file() for n in record["outputs"])
+                    and _damaged(out, record) is None)
         picks, seconds = int(record["counts"]["picks"]), float(record.get("total_seconds", 0))
         reason = str(record["batch"]["reason"])
         said = [str(w) for w in record.get("warnings", [])]

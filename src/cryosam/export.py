@@ -176,6 +176,9 @@ def _write_all(
     written["run.json"] = folder / "run.json"
     record = dict(result.record)
     record["outputs"] = sorted(written)
+    # a resumed batch compares them: a file cut short (a full disk, an rsync) is redone
+    record["output_bytes"] = {name: path.stat().st_size for name, path in written.items()
+                              if name != "run.json"}
     with atomic_path(written["run.json"]) as tmp:
         tmp.write_text(json.dumps(_jsonable(record), indent=2) + "\n", encoding="utf-8")
     return written
