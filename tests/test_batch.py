@@ -469,3 +469,26 @@ def test_a_damaged_output_is_redone(dataset: Path, tmp_path: Path, run_cli) -> N
     assert rows["TS_02"]["status"] == "done"
     assert rows["TS_02"]["reason"].startswith("outputs damaged (semantic.mrc is 1000 bytes")
     assert (out / "TS_02" / "semantic.mrc").stat().st_size == sizes["semantic.mrc"]
+
+
+def test_clicks_naming_no_tomogram_are_said(dataset: Path, tmp_path: Path, run_cli) -> None:
+    """Rows for a tomogram not in the dataset (a typo) are warned of with both sides' names;
+    when no row names a tomogram of the dataset, one line lists what the clicks name."""
+    import starfile
+
+    row = starfile.read(dataset / "clicks.star").iloc[0]
+    xyz = f"{row.rlnCoordinateX},{row.rlnCoordinateY},{row.rlnCoordinateZ}"
+    some = tmp_path / "some.csv"
+    some.write_text(f"tomo_name,x,y,z\nTS_01,{xyz}\nTS_99,{xyz}\n")
+    args = ("--no-ray", "--no-match", *FAST)
+    code, _, err = run_cli("batch", dataset / "tomos", "--out", tmp_path / "a", "--points",
+                           some, *args)
+    assert code == 0, err
+    assert "clicks for TS_99 match no tomogram of the dataset" in err
+    assert "(the dataset's: TS_01, TS_02, TS_03)" in err
+    typo = tmp_path / "typo.csv"
+    typo.write_text(f"tomo_name,x,y,z\nTS_1,{xyz}\nTS_2,{xyz}\n")
+    code, _, err = run_cli("batch", dataset / "tomos", "--out", tmp_path / "b", "--points",
+                           typo, *args)
+    assert code == 2 and err.count("\n") == 1
+    assert "its clicks name TS_1, TS_2, none of them a tomogram of the dataset" in err

@@ -14,13 +14,14 @@ import dataclasses
 import io as _stringio
 import json
 import uuid
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cryosam import io
 from cryosam._atomic import atomic_write_text
-from cryosam.errors import InputError
+from cryosam.errors import CryosamWarning, InputError
 from cryosam.io.names import csv_name_column, name_key
 from cryosam.utils import tomo_stem
 
@@ -166,6 +167,8 @@ def assign_clicks(points: Path, names: list[str]
         for n in names:
             out[n] = ((files[n], None, None) if n in files
                       else (None, None, f"no clicks file {n}.csv/.star in {points}"))
+        _unmatched(points, [f.name for stem, f in files.items() if stem not in names], names,
+                   sum(n in files for n in names))
         return out
     if not points.is_file():
         raise InputError(f"--points {points}: not found; give a STAR/CSV with a tomogram-name "
@@ -182,7 +185,26 @@ def assign_clicks(points: Path, names: list[str]
         value = n if n in in_file else keys.get(name_key(n))
         out[n] = ((points, value, None) if value is not None
                   else (None, None, f"no clicks for {n} in {points.name}"))
+    used = {v[1] for v in out.values()}
+    _unmatched(points, [v for v in in_file if v not in used], names, len(used - {None}))
     return out
+
+
+def _listed(names: list[str], most: int = 8) -> str:
+    return ", ".join(names[:most]) + (f", ... ({len(names)} in all)" if len(names) > most else "")
+
+
+def _unmatched(points: Path, unused: list[str], names: list[str], matched: int) -> None:
+    """Clicks that name no tomogram of the dataset (usually a typo, TS_1 for TS_01): refused
+    when no tomogram got any (``matched`` 0), warned of otherwise; both sides named."""
+    if not unused:
+        return
+    if not matched:
+        raise InputError(f"--points {points}: its clicks name {_listed(unused)}, none of them "
+                         f"a tomogram of the dataset ({_listed(names)}); check the names")
+    warnings.warn(f"--points {points}: clicks for {_listed(unused)} match no tomogram of the "
+                  f"dataset and are not used (the dataset's: {_listed(names)})", CryosamWarning,
+                  stacklevel=3)
 
 
 def _names_in(points: Path) -> list[str] | None:
