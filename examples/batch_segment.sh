@@ -9,8 +9,8 @@ tomo="${2:?the tomogram the clicks were made on}"
 clicks="${3:?the clicks file (CSV x,y,z voxels, STAR, or IMOD model2point)}"
 shift 3
 query="$dir/particle.cryosam-query"
-# made once: a rebuilt query is a new file (its record holds when it was made), and the
-# batch would redo every tomogram for it; delete the file to make it again from new clicks
+# made once (saving it again takes the time of a run; the same clicks and parameters give
+# the same query, which the batch resumes with); delete the file to use new clicks
 if [ ! -f "$query" ]; then
   cryosam query "$tomo" --points "$clicks" --out "$query" "$@"
 fi

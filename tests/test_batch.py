@@ -184,6 +184,8 @@ def test_unreadable_tomogram_fails_alone_then_fixed_and_changed_are_redone(
     assert rows["TS_02"]["status"] == "failed" and "TS_02.mrc" in rows["TS_02"]["error"]
     assert rows["TS_01"]["status"] == rows["TS_03"]["status"] == "done"
     assert not (out / "TS_02").exists()
+    code, _, _ = run_cli(*args)  # fails again: the table says it was tried before
+    assert code == 1 and _table(out)["TS_02"]["reason"] == "failed before"
 
     shutil.copy(dataset / "tomos" / "TS_02.mrc", tomos / "TS_02.mrc")  # fixed
     import starfile
@@ -492,3 +494,26 @@ def test_clicks_naming_no_tomogram_are_said(dataset: Path, tmp_path: Path, run_c
                            typo, *args)
     assert code == 2 and err.count("\n") == 1
     assert "its clicks name TS_1, TS_2, none of them a tomogram of the dataset" in err
+
+
+def test_a_query_saved_with_other_parameters_names_the_one(dataset: Path, tmp_path: Path,
+                                                           run_cli) -> None:
+    """The same clicks saved again with --top-k 2: the resumed batch says which parameter
+    changed (it said only 'query changed'), and a cap the user set is not warned of as a
+    tomogram without particles."""
+    query = tmp_path / "q.cryosam-query"
+    make = ("query", dataset / "tomos" / "TS_01.mrc", "--points", dataset / "clicks.star",
+            "--tomo-name", "TS_01", "--out", query, *FAST)
+    assert run_cli(*make)[0] == 0
+    out = tmp_path / "out"
+    batch = ("batch", dataset / "tomos", "--out", out, "--query", query, "--no-ray",
+             "--shard", "1/3", "-q")
+    code, _, err = run_cli(*batch)
+    assert code == 0, err
+    code, _, err = run_cli(*make, "--top-k", "2", "--overwrite")
+    assert code == 0, err
+    code, _, err = run_cli(*batch)
+    assert code == 0, err
+    row = _table(out, "batch-1-of-3.csv")["TS_02"]
+    assert row["reason"] == "parameters changed (matching.top_k 512 -> 2)"
+    assert "in this tomogram (the query was made on" not in row["warnings"]

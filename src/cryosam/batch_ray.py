@@ -206,9 +206,10 @@ def changed(out: Path, state: dict[str, Any]) -> tuple[str | None, dict[str, Any
     damaged = _damaged(out, record)
     if damaged:
         return f"outputs damaged ({damaged})", record
+    # parameters before the query: a query saved with other parameters names the one
     labels = {"tomogram_sha256": "tomogram changed", "prompts_zyx": "clicks changed",
-              "query_sha256": "query changed", "options": "options changed",
-              "parameters": "parameters changed"}
+              "parameters": "parameters changed", "options": "options changed",
+              "query_sha256": "query changed"}
     if isinstance(before.get("parameters"), dict):  # made before tuning was left out of it
         before = {**before, "parameters": result_parameters(before["parameters"])}
     if before.get("query_sha256") == state.get("query_file_sha256"):  # from before the
@@ -447,7 +448,7 @@ def _run(tasks: list[Task], engine: InProcess | RayEngine, table: Path,
                 progress.set_quiet(False)
 
     for outcome in progress.track(inner(), "tomograms", total=len(tasks), log=False):
-        if outcome.reason == "new" and outcome.tomogram in retried:
+        if outcome.reason in ("new", "") and outcome.tomogram in retried:
             outcome.reason = "failed before"
         rows[outcome.tomogram] = outcome
         write_table(table, rows)

@@ -312,7 +312,9 @@ class CryoSAM:
                               True, negatives if negatives.clicks else None)
         result.record["inputs"]["points"] = None
         result.record["query"] = saved.report()
-        if len(result.picks_zyx) < MIN_MATCHES:  # too few to be the query's kind at all
+        top_k = cfg.matching.top_k
+        few = MIN_MATCHES if not top_k else min(MIN_MATCHES, top_k)  # the user's own cap
+        if len(result.picks_zyx) < few:  # too few to be the query's kind at all
             off_grid = saved.off_grid(vs, work.factor)
             looks = None  # the tomogram's own contrast, on the work grid (cheaper when binned)
             if found.radius and cfg.polarity == "auto" and not off_grid:
