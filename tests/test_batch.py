@@ -517,3 +517,30 @@ def test_a_query_saved_with_other_parameters_names_the_one(dataset: Path, tmp_pa
     row = _table(out, "batch-1-of-3.csv")["TS_02"]
     assert row["reason"] == "parameters changed (matching.top_k 512 -> 2)"
     assert "in this tomogram (the query was made on" not in row["warnings"]
+
+
+def test_the_dataset_gets_one_star_per_tool(dataset: Path, tmp_path: Path, run_cli) -> None:
+    """DIR/picks_relion5.star and DIR/picks_warp.star hold every tomogram's picks, named
+    per row, as RELION-5's extraction and Warp take them (the per-tomogram files had to be
+    merged by hand); a shard writes none (its tomograms are not the dataset)."""
+    import starfile
+
+    out = tmp_path / "out"
+    code, said, err = run_cli("batch", dataset / "tomos", "--out", out, "--points",
+                              dataset / "clicks.star", "--no-ray", "--no-match",
+                              *FAST[:-1])
+    assert code == 0, err
+    relion = starfile.read(out / "picks_relion5.star")
+    assert list(relion["rlnTomoName"]) == list(NAMES)  # --no-match: the click of each
+    one = starfile.read(out / "TS_02" / "picks_relion5.star")
+    row = relion[relion["rlnTomoName"] == "TS_02"].reset_index(drop=True)
+    assert row["rlnCenteredCoordinateXAngst"][0] == one["rlnCenteredCoordinateXAngst"][0]
+    warp = starfile.read(out / "picks_warp.star")
+    assert list(warp["rlnMicrographName"]) == [f"{n}.tomostar" for n in NAMES]
+    assert f"{out / 'picks_relion5.star'}: 3 particle(s) of 3 tomogram(s)" in said
+    sharded = tmp_path / "sharded"
+    code, _, err = run_cli("batch", dataset / "tomos", "--out", sharded, "--points",
+                           dataset / "clicks.star", "--no-ray", "--no-match", "--shard",
+                           "0/3", *FAST)
+    assert code == 0, err
+    assert not (sharded / "picks_relion5.star").exists()

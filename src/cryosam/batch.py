@@ -279,3 +279,41 @@ def failed_before(path: Path) -> set[str]:
                     if row.get("status") == "failed" and row.get("tomogram")}
     except (OSError, ValueError, KeyError, csv.Error):
         return set()
+
+
+COMBINED = ("picks_relion5.star", "picks_warp.star", "picks_relion4.star")  # per tool
+
+
+def combine_stars(out: Path, outcomes: list[Outcome]) -> dict[str, tuple[Path, int, int]]:
+    """One STAR per tool for the whole dataset in ``out``: the particles of every tomogram
+    done or skipped here, in the dataset's order (RELION-5 tells them apart by
+    ``rlnTomoName``, Warp by ``rlnMicrographName``), so they go to RELION-5's extraction or
+    to Warp in one file. Returns {file name: (path, tomograms, particles)}."""
+    import pandas as pd
+    import starfile
+
+    from cryosam._atomic import atomic_path
+    from cryosam.io._common import third_party_quiet
+
+    finished = [o.tomogram for o in outcomes if o.status in ("done", "skipped")]
+    written: dict[str, tuple[Path, int, int]] = {}
+    for name in COMBINED:
+        files = [out / t / name for t in finished if (out / t / name).is_file()]
+        if not files:
+            continue
+        tables, optics = [], None
+        with third_party_quiet():
+            for f in files:
+                blocks = starfile.read(f, always_dict=True)
+                tables.append(blocks.get("particles"))
+                optics = optics if optics is not None else blocks.get("optics")
+        parts = [t for t in tables if isinstance(t, pd.DataFrame) and len(t)]
+        if not parts:
+            continue
+        combined = {"particles": pd.concat(parts, ignore_index=True)}
+        if isinstance(optics, pd.DataFrame):
+            combined = {"optics": optics, **combined}
+        with atomic_path(out / name, suffix=".star") as tmp, third_party_quiet():
+            starfile.write(combined, tmp, float_format="%.6f")
+        written[name] = (out / name, len(files), len(combined["particles"]))
+    return written

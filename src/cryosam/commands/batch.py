@@ -138,6 +138,7 @@ def register(app: typer.Typer) -> None:
                 if engine is not None:
                     engine.close()
         elapsed = time.perf_counter() - started
+        combined = {} if shard is not None else batching.combine_stars(out, outcomes)
         failed = [o for o in outcomes if o.status == "failed"]
         if values.get("debug"):
             for o in failed:
@@ -145,6 +146,8 @@ def register(app: typer.Typer) -> None:
                     typer.echo(f"--- {o.tomogram}\n{o.detail}", err=True)
         if not quiet:
             print_summary(outcomes, elapsed, table)
+            for path, tomograms, particles in combined.values():
+                typer.echo(f"  {path}: {particles} particle(s) of {tomograms} tomogram(s)")
         if failed:
             raise typer.Exit(1)
 
