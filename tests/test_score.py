@@ -319,8 +319,10 @@ def test_cli_negative_column_and_file(run_cli, small_sim, tmp_path: Path) -> Non
                              tmp_path / "b", "-q", *FAST)
     assert code == 2 and "every row is a negative click" in err
     assert not (tmp_path / "b").exists()
+    on_blob = tmp_path / "blob.csv"  # (a negative on the click itself is refused)
+    on_blob.write_text(f"x,y,z\n{blob.zyx[2]},{blob.zyx[1]},{blob.zyx[0]}\n")
     code, out, err = run_cli("segment", files["tomo.mrc"], "--points", files["prompt.csv"],
-                             "--negative-points", only_neg, "--min-score", "0.2", "--out",
+                             "--negative-points", on_blob, "--min-score", "0.2", "--out",
                              tmp_path / "c", "-q", *FAST)
     assert code == 0, err
     rec = json.loads((tmp_path / "c" / "run.json").read_text())

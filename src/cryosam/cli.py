@@ -90,10 +90,14 @@ def main(argv: list[str] | None = None) -> int:
     """Console-script entry point; returns the exit code (2 bad input, 130 SIGINT, 143
     SIGTERM), with one line on stderr for each failure."""
     global _DEBUG
+    import logging
     import warnings
 
     _DEBUG = "--debug" in (argv if argv is not None else sys.argv[1:])
     warnings.showwarning = _show_warning
+    # the CLI prints what it has to say itself; a library that sends the root logger to the
+    # terminal (copick does on import) must not add cryosam's log records to it
+    logging.getLogger("cryosam").propagate = False
     install_signal_handlers()
     try:
         code = app(args=argv, standalone_mode=False)
