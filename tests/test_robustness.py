@@ -387,3 +387,21 @@ def test_a_signal_after_the_outputs_are_written_changes_nothing() -> None:
     with pytest.raises(KeyboardInterrupt):
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(0.05)
+
+
+def test_a_folder_written_into_is_checked_itself(tmp_path, monkeypatch) -> None:
+    """A cache or simulate folder that exists is written into: its own permission counts,
+    not its parent's (a writable folder under a read-only one was refused, a read-only one
+    under a writable parent passed)."""
+    from cryosam import _atomic
+
+    inner = tmp_path / "ro_parent" / "cache"
+    inner.mkdir(parents=True)
+    writable = {inner.resolve()}
+    monkeypatch.setattr(_atomic.os, "access", lambda p, mode: Path(p).resolve() in writable)
+    _atomic.check_writable(inner, "--cache-dir", into=True)
+    with pytest.raises(io.InputError, match="cannot write under"):  # replaced as a whole: parent
+        _atomic.check_writable(inner, "--out")
+    writable.clear()
+    with pytest.raises(io.InputError, match=r"--cache-dir .*cache: cannot write in it"):
+        _atomic.check_writable(inner, "--cache-dir", into=True)

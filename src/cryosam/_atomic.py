@@ -219,15 +219,22 @@ def output_lock(out: str | os.PathLike[str]) -> Iterator[None]:
                     folder.rmdir()
 
 
-def check_writable(path: str | os.PathLike[str], what: str, folder: bool = True) -> None:
+def check_writable(path: str | os.PathLike[str], what: str, folder: bool = True,
+                   into: bool = False) -> None:
     """Refuse, before any work, an output ``path`` that cannot be made there: a file where a
     folder goes (or a folder where a file goes), or a place under a file or under a folder
-    without write permission. ``what`` (e.g. ``--out``) starts the one-line message."""
+    without write permission. ``into``: files are written into the folder ``path`` (a cache,
+    simulate's folder), so an existing one must itself be writable; otherwise ``path`` is
+    made or replaced as a whole, in its parent. ``what`` (e.g. ``--out``) starts the line."""
     p = Path(path)
     if p.exists() and folder and not p.is_dir():
         raise InputError(f"{what} {p}: exists and is not a folder; choose another {what}")
     if p.exists() and not folder and p.is_dir():
         raise InputError(f"{what} {p}: is a folder; give a file name")
+    if into and p.is_dir():
+        if not os.access(p, os.W_OK | os.X_OK):
+            raise InputError(f"{what} {p}: cannot write in it; choose another {what}")
+        return
     parent = p.resolve().parent
     while not parent.exists():
         parent = parent.parent

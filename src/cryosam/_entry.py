@@ -24,10 +24,7 @@ def main() -> int:
         if exc.code == 143:
             print("terminated (SIGTERM) while starting; nothing was written", file=sys.stderr)
         raise
-    code = cli_main()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # done: a late signal changes no exit code
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    return code
+    return cli_main()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -424,7 +424,7 @@ def check_cache_dir(cache_dir: Path, out_dir: Path | None = None) -> None:
         if resolved == out or out in resolved.parents:
             raise InputError(f"--cache-dir {cache_dir}: is inside --out {out_dir}, which the run "
                              "replaces; keep the cache outside it")
-    check_writable(cache_dir, "--cache-dir")
+    check_writable(cache_dir, "--cache-dir", into=True)
 
 
 def print_summary(result: SegmentationResult, written: dict[str, Path], out_dir: Path) -> None:

@@ -55,7 +55,7 @@ def simulate_command(
     from cryosam.utils import parse_shape
 
     quiet = progress.settle_quiet(quiet)  # also `cryosam -q simulate`
-    check_writable(out_dir, "OUT_DIR")
+    check_writable(out_dir, "OUT_DIR", into=True)
     config = SimulationConfig(
         shape=parse_shape(shape), voxel_size=voxel_size, snr=snr, seed=seed,
         n_targets=n_targets, n_blobs=n_distractors, n_filaments=n_distractors,
