@@ -538,9 +538,43 @@ def test_the_dataset_gets_one_star_per_tool(dataset: Path, tmp_path: Path, run_c
     warp = starfile.read(out / "picks_warp.star")
     assert list(warp["rlnMicrographName"]) == [f"{n}.tomostar" for n in NAMES]
     assert f"{out / 'picks_relion5.star'}: 3 particle(s) of 3 tomogram(s)" in said
+    code, _, err = run_cli("batch", dataset / "tomos", "--out", out, "--points",
+                           dataset / "clicks.star", "--no-ray", "--no-match", "--star",
+                           "warp", *FAST)
+    assert code == 0, err  # no RELION-5 files now: the dataset's earlier one goes too
+    assert not (out / "picks_relion5.star").exists() and (out / "picks_warp.star").exists()
     sharded = tmp_path / "sharded"
     code, _, err = run_cli("batch", dataset / "tomos", "--out", sharded, "--points",
                            dataset / "clicks.star", "--no-ray", "--no-match", "--shard",
                            "0/3", *FAST)
     assert code == 0, err
     assert not (sharded / "picks_relion5.star").exists()
+
+
+def test_numeric_looking_tomogram_names_stay_names(dataset: Path, tmp_path: Path,
+                                                   run_cli) -> None:
+    """Tomograms 001 and 1e3: a combined clicks STAR selects their rows by name, and the
+    dataset STAR keeps the names (they were read back as the numbers 1 and 1000)."""
+    import pandas as pd
+    import starfile
+
+    tomos = tmp_path / "tomos"
+    tomos.mkdir()
+    table = starfile.read(dataset / "clicks.star")
+    rows = []
+    for name, source in (("001", "TS_01"), ("1e3", "TS_02")):
+        shutil.copy(dataset / "tomos" / f"{source}.mrc", tomos / f"{name}.mrc")
+        row = table[table["rlnTomoName"] == source].iloc[0]
+        rows.append({"rlnTomoName": name, "rlnCoordinateX": row.rlnCoordinateX,
+                     "rlnCoordinateY": row.rlnCoordinateY,
+                     "rlnCoordinateZ": row.rlnCoordinateZ})
+    clicks = tmp_path / "clicks.star"
+    starfile.write({"particles": pd.DataFrame(rows)}, clicks)
+    out = tmp_path / "out"
+    code, _, err = run_cli("batch", tomos, "--out", out, "--points", clicks, "--no-ray",
+                           "--no-match", *FAST)
+    assert code == 0, err
+    assert {r["status"] for r in _table(out).values()} == {"done"}
+    text = (out / "picks_relion5.star").read_text()
+    names = [line.split()[0] for line in text.splitlines() if line and line[0] in "01"]
+    assert names == ["001", "1e3"]

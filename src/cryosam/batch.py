@@ -281,14 +281,12 @@ def failed_before(path: Path) -> set[str]:
         return set()
 
 
-COMBINED = ("picks_relion5.star", "picks_warp.star", "picks_relion4.star")  # per tool
-
-
 def combine_stars(out: Path, outcomes: list[Outcome]) -> dict[str, tuple[Path, int, int]]:
     """One STAR per tool for the whole dataset in ``out``: the particles of every tomogram
     done or skipped here, in the dataset's order (RELION-5 tells them apart by
     ``rlnTomoName``, Warp by ``rlnMicrographName``), so they go to RELION-5's extraction or
-    to Warp in one file. Returns {file name: (path, tomograms, particles)}."""
+    to Warp in one file. A dataset file this run has no picks for is removed (it would hold
+    an earlier run's). Returns {file name: (path, tomograms with picks, particles)}."""
     import pandas as pd
     import starfile
 
@@ -297,23 +295,30 @@ def combine_stars(out: Path, outcomes: list[Outcome]) -> dict[str, tuple[Path, i
 
     finished = [o.tomogram for o in outcomes if o.status in ("done", "skipped")]
     written: dict[str, tuple[Path, int, int]] = {}
-    for name in COMBINED:
-        files = [out / t / name for t in finished if (out / t / name).is_file()]
-        if not files:
-            continue
-        tables, optics = [], None
-        with third_party_quiet():
-            for f in files:
-                blocks = starfile.read(f, always_dict=True)
-                tables.append(blocks.get("particles"))
+    for name in io.STAR_FLAVOURS.values():
+        parts, optics = [], None
+        for f in (out / t / name for t in finished):
+            if not f.is_file():
+                continue
+            try:
+                with third_party_quiet():
+                    blocks = starfile.read(f, always_dict=True, parse_as_string=[
+                        "rlnTomoName", "rlnMicrographName"])
+            except Exception as exc:  # noqa: BLE001 - one unreadable file is left out, said
+                warnings.warn(f"{f}: left out of {out / name} ({type(exc).__name__}: {exc})",
+                              CryosamWarning, stacklevel=2)
+                continue
+            table = blocks.get("particles")
+            if isinstance(table, pd.DataFrame) and len(table):
+                parts.append(table)
                 optics = optics if optics is not None else blocks.get("optics")
-        parts = [t for t in tables if isinstance(t, pd.DataFrame) and len(t)]
         if not parts:
+            (out / name).unlink(missing_ok=True)
             continue
         combined = {"particles": pd.concat(parts, ignore_index=True)}
         if isinstance(optics, pd.DataFrame):
             combined = {"optics": optics, **combined}
         with atomic_path(out / name, suffix=".star") as tmp, third_party_quiet():
             starfile.write(combined, tmp, float_format="%.6f")
-        written[name] = (out / name, len(files), len(combined["particles"]))
+        written[name] = (out / name, len(parts), len(combined["particles"]))
     return written

@@ -116,6 +116,7 @@ def register(app: typer.Typer) -> None:
             sweep_stale(out)  # what killed batches left: temporaries, staging folders
         started = time.perf_counter()
         outcomes: list[Any] = []
+        combined: dict[str, Any] = {}
         with output_lock(table):  # one batch per table; shards of one dataset run side by side
             engine: Any = None
             try:
@@ -128,6 +129,7 @@ def register(app: typer.Typer) -> None:
                     say(f"{len(tasks)} tomogram(s) from {dataset} {engine.description} "
                         f"(ready in {engine.startup_seconds:.1f} s)")
                 outcomes = batch_ray.run_batch(tasks, engine, table, say=say)
+                combined = {} if shard is not None else batching.combine_stars(out, outcomes)
             except (KeyboardInterrupt, Terminated) as exc:
                 sigterm = isinstance(exc, Terminated)
                 raise Stopped(f"{'terminated (SIGTERM)' if sigterm else 'interrupted (Ctrl-C)'}"
@@ -138,7 +140,6 @@ def register(app: typer.Typer) -> None:
                 if engine is not None:
                     engine.close()
         elapsed = time.perf_counter() - started
-        combined = {} if shard is not None else batching.combine_stars(out, outcomes)
         failed = [o for o in outcomes if o.status == "failed"]
         if values.get("debug"):
             for o in failed:

@@ -58,7 +58,7 @@ def _read_star_blocks(path: Path) -> dict[str, object]:
 
     try:
         with third_party_quiet():
-            blocks = starfile.read(path, always_dict=True)
+            blocks = starfile.read(path, always_dict=True, parse_as_string=list(_NAME_COLUMNS))
     except Exception as exc:
         raise InputError(
             f"{path}: could not be read as a STAR file ({type(exc).__name__}: {exc}); "
