@@ -3,6 +3,7 @@ NAME.tomostar) and RELION-4 (unbinned tilt-series pixels), each read back with s
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -220,6 +221,25 @@ def test_no_voxel_size_writes_warp_and_says_why_relion5_is_missing(warp_named_ru
         written = write_outputs(bare, folder / "bare", preview=False)
     assert "picks_warp.star" in written and "picks_relion5.star" not in written
     assert "rlnPixelSize" not in _read(written["picks_warp.star"])["particles"].columns
+
+
+def test_run_json_keeps_the_warnings_of_writing_the_outputs(small_sim, tmp_path: Path,
+                                                            run_cli) -> None:
+    """The run record holds every warning the run gave, the outputs' own included (the
+    missing RELION-5 file was said on screen but not recorded)."""
+    from cryosam.io import write_mrc
+
+    sim, files = small_sim
+    bare = tmp_path / "bare.mrc"
+    write_mrc(bare, sim.volume, voxel_size=None)
+    out = tmp_path / "out"
+    code, _, err = run_cli("segment", bare, "--points", files["prompt.csv"], "--encoder",
+                           "filterbank", "--segmenter", "threshold", "--device", "cpu",
+                           "--no-match", "--out", out)
+    assert code == 0, err
+    said = json.loads((out / "run.json").read_text())["warnings"]
+    assert any("no usable voxel size" in w for w in said)
+    assert any(w.startswith("picks_relion5.star not written") for w in said)
 
 
 def test_cli_star_options(small_sim, tmp_path: Path, run_cli) -> None:

@@ -144,7 +144,8 @@ class Worker:
                                       result.pick_scores if particles else None,
                                       result.pick_instance_ids if particles else None)
             result.record["copick"] = {**source.report(), "written": written}
-        result.record["warnings"] = list(seen)  # the tomogram's and clicks' reading included
+        # the list itself: what writing the outputs warns of (before run.json) is in it too
+        result.record["warnings"] = seen
         write_outputs(result, task.out, overwrite=True, tomo_name=task.name,
                       star=io.StarOutputs(opts.star, None, opts.tilt_series_pixel_size))
         return Outcome(task.name, "done", picks=int(len(result.picks_zyx)), reason=reason)

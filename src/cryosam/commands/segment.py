@@ -19,7 +19,7 @@ from cryosam import backends
 from cryosam import config as configuration
 from cryosam._atomic import check_writable
 from cryosam.config import TARGETS, CryosamConfig, get_path
-from cryosam.errors import InputError
+from cryosam.errors import InputError, collect_warnings
 from cryosam.utils import committed
 
 if TYPE_CHECKING:
@@ -318,7 +318,7 @@ def register(app: typer.Typer) -> None:
             check_cache_dir(cache_dir, out_dir)
         if points_pixel_size is not None and points_bin is not None:
             raise InputError("--points-pixel-size and --points-bin say the same thing; give one")
-        with output_lock(out_dir):  # one run per --out, from here to the last file
+        with output_lock(out_dir), collect_warnings() as said:  # one run per --out
             runner = CryoSAM(cfg)
             if source is not None:
                 tomo_in, points_in = source.load_tomogram(), source.clicks_zyx
@@ -332,6 +332,7 @@ def register(app: typer.Typer) -> None:
                                     points_bin=points_bin)
             if source is not None:
                 result.record["copick"] = source.report()
+            result.record["warnings"] = said  # the list: the outputs' own warnings join it
             written = write_outputs(result, out_dir, overwrite=overwrite, tomo_name=tomo_name,
                                     star=star_out)
             copick_out = (None if source is None

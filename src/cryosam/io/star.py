@@ -277,11 +277,11 @@ def read_star_points(
                 )
         _warn_unapplied_origins(path, df)
     else:
-        if vs is None:  # the file's own statement of the tomogram's pixel size, if one
-            sizes, source = _star_pixel_sizes(df, optics)
-            if sizes is not None and len(np.unique(sizes)) == 1 and float(sizes[0]) > 0:
+        if vs is None and "rlnPixelSize" in df.columns:  # the tomogram's voxel, per row (as
+            sizes = df["rlnPixelSize"].to_numpy(dtype=float)  # cryosam writes; not the
+            if len(np.unique(sizes)) == 1 and float(sizes[0]) > 0:  # tilt series' pixel)
                 vs = np.full(3, float(sizes[0]))
-                warn(f"{path}: no voxel size given; using the file's {source} "
+                warn(f"{path}: no voxel size given; using the file's rlnPixelSize "
                      f"{float(sizes[0]):g} Å for its centered Å coordinates")
         if shape is None or vs is None:
             raise InputError(
