@@ -471,6 +471,11 @@ def test_a_damaged_output_is_redone(dataset: Path, tmp_path: Path, run_cli) -> N
     assert rows["TS_02"]["status"] == "done"
     assert rows["TS_02"]["reason"].startswith("outputs damaged (semantic.mrc is 1000 bytes")
     assert (out / "TS_02" / "semantic.mrc").stat().st_size == sizes["semantic.mrc"]
+    with open(out / "TS_03" / "picks_napari.csv", "a") as fh:  # curated by hand: kept
+        fh.write("1,2,3,0.5,1\n")
+    code, _, err = run_cli(*args)
+    assert code == 0, err
+    assert _table(out)["TS_03"]["status"] == "skipped"
 
 
 def test_clicks_naming_no_tomogram_are_said(dataset: Path, tmp_path: Path, run_cli) -> None:

@@ -224,10 +224,13 @@ def changed(out: Path, state: dict[str, Any]) -> tuple[str | None, dict[str, Any
 
 
 def _damaged(out: Path, record: dict[str, Any]) -> str | None:
-    """The first output whose size is not the one run.json recorded (None when all are, or
-    for a record from before sizes were kept)."""
+    """The first mask or preview whose size is not the one run.json recorded (None when all
+    are, or for a record from before sizes were kept). Text outputs are not compared: a user
+    may have curated picks.csv or picks_napari.csv, and a redo would replace their edit."""
     sizes = record.get("output_bytes")
     for name, size in (sizes.items() if isinstance(sizes, dict) else ()):
+        if not name.endswith((".mrc", ".png")):
+            continue
         try:
             now = (out / name).stat().st_size
         except OSError:
