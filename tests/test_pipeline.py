@@ -254,8 +254,19 @@ def test_api_clicks_convert_as_a_files_do(small_sim, weight_free) -> None:
     result = model.segment(sim.volume, table, voxel_size=vs)  # x, y, z read by name
     np.testing.assert_allclose(result.prompt_zyx, p)
     assert result.record["inputs"]["negatives_zyx"] == [list(map(float, far))]
-    with pytest.raises(InputError, match="name the coordinate columns x, y, z"):
+    with pytest.raises(InputError, match=r"^clicks \(a table\): the header \(a, b, c\) "
+                                         "names no x,y,z columns"):
         model.segment(sim.volume, pd.DataFrame({"a": [1.0], "b": [2.0], "c": [3.0]}))
+    with pytest.raises(InputError, match=r"^clicks \(a table\): line 2: x = 'left' is not"):
+        model.segment(sim.volume, pd.DataFrame({"x": ["left"], "y": [2.0], "z": [3.0]}))
+    # a table of several tomograms' clicks: tomo_name picks the rows, as in a file
+    mixed = pd.concat([table.assign(tomo_name="TS_01"),
+                       table.assign(tomo_name="TS_02", X=table["X"] + 3)], ignore_index=True)
+    picked = model.segment(sim.volume, mixed, voxel_size=vs, tomo_name="TS_01", match=False)
+    np.testing.assert_allclose(picked.prompt_zyx, p)
+    # Å headers as a CSV has them (TARDIS, the CryoET Data Portal)
+    in_a = pd.DataFrame({"X [A]": p[:, 2] * vs, "Y [A]": p[:, 1] * vs, "Z [A]": p[:, 0] * vs})
+    np.testing.assert_allclose(clicked(in_a, points_unit="angstrom"), p, atol=1e-6)
     with pytest.raises(InputError, match="'nm' is not known"):
         clicked(p, points_unit="nm")
 

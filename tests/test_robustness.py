@@ -349,7 +349,7 @@ def test_a_log_gets_a_progress_line_while_a_long_step_runs(small_sim, weight_fre
     (("--binning", "8"), "binned 8x, the 4.7-voxel particle is 0.6 voxels, too small to "
                          "segment; use --binning 2 or less"),
     (("--diameter", "2000"), "--diameter makes the particle's radius 100.0 voxels, but at "
-                             "the clicks it looks like 4.7"),
+                             "the clicks it looks like 4.7 voxels"),
 ])
 def test_a_size_that_loses_the_particle_says_so(option, message, small_sim, run_cli,
                                                 tmp_path) -> None:

@@ -240,7 +240,7 @@ def _damaged(out: Path, record: dict[str, Any]) -> str | None:
     return None
 
 
-def _reachable(address: str, timeout: float = 10.0) -> None:
+def reachable(address: str, timeout: float = 10.0) -> None:
     """Refuse, in one line and within ``timeout`` seconds, a ``--ray-address`` HOST:PORT (or
     ray://HOST:PORT) that accepts no connection ("auto" is Ray's own to resolve)."""
     import socket
@@ -324,7 +324,6 @@ class RayEngine:
         quiet = {"include_dashboard": False, "logging_level": logging.ERROR,
                  "log_to_driver": False}
         if address:
-            _reachable(address)  # ray.init retries an unreachable address for minutes
             try:
                 ray.init(address=address, **quiet)
             except Exception as exc:  # a cluster that cannot be reached: one line

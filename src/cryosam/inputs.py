@@ -25,8 +25,9 @@ from cryosam.rescale import bin_volume, to_binned
 from cryosam.utils import outside_volume, tomo_stem
 
 TomogramLike = io.Tomogram | str | os.PathLike[str] | np.ndarray
-# an (N, 3) z, y, x array or list of rows, a file, or a pandas DataFrame with x, y, z columns
+# an (N, 3) z, y, x array or list of rows, a file, or a pandas DataFrame (read as a CSV)
 PointsLike = np.ndarray | str | os.PathLike[str] | list[list[float]] | Any
+VoxelSizeLike = float | tuple[float, float, float]  # Å; three: z, y, x
 
 
 # --------------------------------------------------------------------------- load
@@ -63,9 +64,9 @@ class Inputs:
         }
 
 
-def load_inputs(tomogram: TomogramLike, points: PointsLike, *, voxel_size: float | None = None,
-                points_unit: str = "voxel", tomo_name: str | None = None,
-                points_pixel_size: float | None = None,
+def load_inputs(tomogram: TomogramLike, points: PointsLike, *,
+                voxel_size: VoxelSizeLike | None = None, points_unit: str = "voxel",
+                tomo_name: str | None = None, points_pixel_size: float | None = None,
                 points_bin: int | None = None,
                 negative_points: PointsLike | None = None) -> Inputs:
     """Read (or wrap) the tomogram and the clicks; clicks are checked against its shape.
@@ -95,7 +96,8 @@ def load_inputs(tomogram: TomogramLike, points: PointsLike, *, voxel_size: float
             raise InputError(f"{points}: every row is a negative click; click at least one "
                              "particle to find (a row without the negative flag)")
     else:
-        ps, source = points_from_api(points, tomo, points_unit, points_pixel_size, "clicks"), None
+        ps = points_from_api(points, tomo, points_unit, points_pixel_size, "clicks", tomo_name)
+        source = None
         flagged = io.negative_rows(ps)
         prompts, negatives = ps.zyx[~flagged], ps.zyx[flagged]
         if not len(ps):
@@ -114,7 +116,7 @@ def load_inputs(tomogram: TomogramLike, points: PointsLike, *, voxel_size: float
             more, neg_source = np.asarray(ns.zyx, float), Path(negative_points)
         else:
             more = points_from_api(negative_points, tomo, points_unit, points_pixel_size,
-                                   "negative_points").zyx
+                                   "negative_points", tomo_name).zyx
             _check_array(more, tomo.shape, "negative click")
         negatives = np.vstack([negatives, more.reshape(-1, 3)])
     _check_apart(prompts, negatives)
@@ -123,41 +125,37 @@ def load_inputs(tomogram: TomogramLike, points: PointsLike, *, voxel_size: float
 
 
 def points_from_api(points: Any, tomo: io.Tomogram, unit: str = "voxel",
-                    pixel_size: float | None = None, what: str = "clicks") -> io.PointSet:
+                    pixel_size: float | None = None, what: str = "clicks",
+                    tomo_name: str | None = None) -> io.PointSet:
     """Points given to the Python API as (z, y, x): an (N, 3) array or list of rows (one
-    click may be a flat [z, y, x]), or a pandas DataFrame whose x, y, z columns (any case) are
-    read by name and whose other columns are kept (a ``negative`` or ``label`` column flags
-    negative clicks, as in a clicks file). ``unit`` angstrom and ``pixel_size`` (the clicks
+    click may be a flat [z, y, x]), or a pandas DataFrame, read as a clicks CSV with its
+    header (x, y, z columns by name, a ``negative`` or ``label`` column, a tomogram-name
+    column selecting ``tomo_name``'s rows). ``unit`` angstrom and ``pixel_size`` (the clicks
     are pixels of that many Å) convert to this tomogram's voxels as they do for a file."""
-    columns: dict[str, np.ndarray] = {}
-    if hasattr(points, "columns") and hasattr(points, "to_numpy"):  # a DataFrame
-        names = {str(c).strip().lower(): c for c in points.columns}
-        if not {"x", "y", "z"} <= names.keys():
-            raise InputError(f"{what}: a table with columns {', '.join(map(str, names))}; "
-                             "name the coordinate columns x, y, z")
-        zyx = points[[names["z"], names["y"], names["x"]]].to_numpy(dtype=float)
-        columns = {k: points[c].to_numpy() for k, c in names.items() if k not in "xyz"}
-    else:
-        try:
-            zyx = np.asarray(points, dtype=float)
-        except (TypeError, ValueError):
-            raise InputError(f"{what}: give (N, 3) z, y, x voxels as an array or a list of "
-                             "rows, a pandas DataFrame with x, y, z columns, or a CSV/STAR "
-                             f"file; got {type(points).__name__}") from None
-        if zyx.ndim == 1 and zyx.size == 3:
-            zyx = zyx.reshape(1, 3)
-        if zyx.size == 0:
-            zyx = zyx.reshape(0, 3)
-        if zyx.ndim != 2 or zyx.shape[1] != 3:
-            raise InputError(f"{what}: an array of shape {zyx.shape}; give one (z, y, x) row "
-                             "per click, shape (N, 3)" + (" (transpose it?)" if zyx.ndim == 2
-                                                          and zyx.shape[0] == 3 else ""))
+    if hasattr(points, "columns") and hasattr(points, "to_csv"):  # a DataFrame
+        return io.read_points(Path(f"{what} (a table)"), text=points.to_csv(index=False),
+                              voxel_size=tomo.voxel_size, unit=unit, tomo_name=tomo_name,
+                              pixel_size=pixel_size, check_bounds=False)
+    try:
+        zyx = np.asarray(points, dtype=float)
+    except (TypeError, ValueError):
+        raise InputError(f"{what}: give (N, 3) z, y, x voxels as an array or a list of "
+                         "rows, a pandas DataFrame with x, y, z columns, or a CSV/STAR "
+                         f"file; got {type(points).__name__}") from None
+    if zyx.ndim == 1 and zyx.size == 3:
+        zyx = zyx.reshape(1, 3)
+    if zyx.size == 0:
+        zyx = zyx.reshape(0, 3)
+    if zyx.ndim != 2 or zyx.shape[1] != 3:
+        raise InputError(f"{what}: an array of shape {zyx.shape}; give one (z, y, x) row "
+                         "per click, shape (N, 3)" + (" (transpose it?)" if zyx.ndim == 2
+                                                      and zyx.shape[0] == 3 else ""))
     if unit == "angstrom" or pixel_size is not None:
         vs = tomo.voxel_size
         if vs is None:
             raise InputError(f"{what} in Å need the tomogram's voxel size; pass voxel_size")
         zyx = zyx * (float(pixel_size) if pixel_size is not None else 1.0) / np.asarray(vs)
-    return io.PointSet(zyx=zyx, columns=columns)
+    return io.PointSet(zyx=zyx)
 
 
 def _check_apart(prompts: np.ndarray, negatives: np.ndarray) -> None:
@@ -192,7 +190,7 @@ def _check_array(zyx: np.ndarray, shape: tuple[int, int, int], what: str) -> Non
             "(point files are x,y,z)")
 
 
-def load_tomogram(tomogram: TomogramLike, *, voxel_size: float | None = None,
+def load_tomogram(tomogram: TomogramLike, *, voxel_size: VoxelSizeLike | None = None,
                   tomo_name: str | None = None) -> Inputs:
     """Read (or wrap) a tomogram that has no clicks (a saved query supplies them)."""
     tomo = _as_tomogram(tomogram, voxel_size)
@@ -240,7 +238,7 @@ def probe(volume: np.ndarray, inputs: Inputs, cfg: CryosamConfig) -> ClickProbe:
     seen = found.clicks_radius
     if radius is not None and seen and not 1 / 3 < radius / seen < 3:
         warnings.warn(f"--diameter {cfg.diameter:g} Å is a radius of {radius:.1f} voxels, but "
-                      f"at the clicks the particle looks like {seen:.1f}; check --diameter "
+                      f"at the clicks the particle looks like {seen:.1f} voxels; check --diameter "
                       "(in Å, the whole particle) or leave it out", CryosamWarning,
                       stacklevel=3)
     return found

@@ -30,6 +30,7 @@ from cryosam.inputs import (  # noqa: F401 - the first stages, re-exported
     Inputs,
     PointsLike,
     TomogramLike,
+    VoxelSizeLike,
     Work,
     load_inputs,
     load_tomogram,
@@ -156,7 +157,7 @@ def nothing_found_message(found: ClickProbe | None, factor: int = 1) -> str:
         seen = found.clicks_radius
         if found.radius_source == "diameter" and seen and not 1 / 3 < found.radius / seen < 3:
             return (f"{head}: --diameter makes the particle's radius {found.radius:.1f} "
-                    f"voxels, but at the clicks it looks like {seen:.1f}; check --diameter "
+                    f"voxels, but at the clicks it looks like {seen:.1f} voxels; check --diameter "
                     "(in Å) or leave it out")
         if found.radius and factor > 1 and found.radius / factor < MIN_WORK_RADIUS:
             most = max(1, int(found.radius // MIN_WORK_RADIUS))

@@ -179,6 +179,10 @@ def check_modes(dataset: Path, copick: bool, points: Path | None, query: Path | 
         raise InputError("--ray-address runs on a Ray cluster; drop --no-ray/--workers 0")
     if no_ray and workers:
         raise InputError("--no-ray runs one worker in this process; drop --workers")
+    if ray_address:
+        from cryosam.batch_ray import reachable
+
+        reachable(ray_address)  # ray.init retries an unreachable one for minutes
 
 
 def _plain(value: Any) -> Any:

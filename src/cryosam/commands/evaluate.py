@@ -98,7 +98,7 @@ def evaluate(
             p_keep = np.asarray([str(k) == kind for k in pk.columns["kind"]], dtype=bool)
             p_zyx = p_zyx[p_keep]
     scores = pk.columns.get(score_column.lower())
-    if scores is None and score_column != "score":  # the default may be absent; a choice not
+    if scores is None and score_column.lower() != "score":  # the default may be absent
         have = ", ".join(pk.columns) or "none besides x, y, z"
         raise InputError(f"{picks}: no column {score_column!r} for --score-column; "
                          f"columns: {have}")

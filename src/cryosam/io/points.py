@@ -119,6 +119,7 @@ def read_points(
     own_tomo_name: str | None = None,
     every_tomogram: bool = False,
     empty_ok: bool = False,
+    text: str | None = None,
 ) -> PointSet:
     """Read points (prompts or picks) from CSV or STAR as (z, y, x) voxels.
 
@@ -141,6 +142,9 @@ def read_points(
     coordinates are scaled to this tomogram's voxels with a warning; ``star_pixel_size``
     overrides the stated size. Origin shifts (``rlnOriginX/Y/Z[Angst]``) are not applied.
 
+    ``text``: the content, given instead of reading ``path`` (a table handed to the Python
+    API, as CSV); ``path`` then only names it in messages.
+
     ``unit="angstrom"`` divides CSV coordinates by ``voxel_size`` (Å from voxel 0; the header
     origin is not subtracted). ``pixel_size`` (Å) says the coordinates are pixels of that size
     (clicks made on a differently binned copy): they are scaled to ``voxel_size``, with a
@@ -149,21 +153,10 @@ def read_points(
     ``check_bounds`` is False.
     """
     p = Path(path)
-    if not p.exists():
-        raise InputError(f"{p}: file not found; check the path to the points file")
-    if p.is_dir():
-        raise InputError(f"{p}: is a folder; give a CSV or STAR points file")
-    if not p.is_file():  # a pipe would block forever, a device read without end
-        raise InputError(f"{p}: not a regular file (a pipe or a device?); give a CSV or STAR "
-                         "points file")
     unit = normalise_unit(unit)
     vs = as_voxel_size(voxel_size)
-    try:
-        text = p.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError:
-        raise InputError(
-            f"{p}: not a text file; give points as CSV (x,y,z) or a RELION STAR file"
-        ) from None
+    if text is None:
+        text = _file_text(p)
     if not text.strip():
         raise InputError(f"{p}: the file is empty (no points); add at least one x,y,z point")
 
@@ -191,6 +184,23 @@ def read_points(
     if shape is not None and check_bounds:
         _check_bounds(p, zyx, shape, labels)
     return PointSet(zyx=zyx, columns=columns, source=p)
+
+
+def _file_text(p: Path) -> str:
+    """The text of the points file ``p``, or one line saying why it cannot be read."""
+    if not p.exists():
+        raise InputError(f"{p}: file not found; check the path to the points file")
+    if p.is_dir():
+        raise InputError(f"{p}: is a folder; give a CSV or STAR points file")
+    if not p.is_file():  # a pipe would block forever, a device read without end
+        raise InputError(f"{p}: not a regular file (a pipe or a device?); give a CSV or STAR "
+                         "points file")
+    try:
+        return p.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise InputError(
+            f"{p}: not a text file; give points as CSV (x,y,z) or a RELION STAR file"
+        ) from None
 
 
 def _check_bounds(path: Path, zyx: np.ndarray, shape: Sequence[int], labels: list[str]) -> None:

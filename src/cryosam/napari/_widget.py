@@ -249,13 +249,17 @@ class CryosamWidget(QWidget):
         if self.busy:
             show_info("cryosam is still working; wait for it to finish")
             return
+        try:
+            self._particles_only("Pick with query")  # before the file dialog
+        except CryosamError as exc:
+            self._fail(exc)
+            return
         if path is None:
             path, _ = QFileDialog.getOpenFileName(self, "Pick with a saved query", "",
                                                   "cryosam query (*.cryosam-query);;All (*)")
             if not path:
                 return
         try:
-            self._particles_only("Pick with query")
             image, tomo = self._tomogram()
             saved, model = query_model(str(path), self.device_box.currentText(),
                                        self.polarity_box.currentText(), self._models,
