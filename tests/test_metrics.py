@@ -397,6 +397,8 @@ def test_cli_evaluate_angstrom_csv_score_column_and_relion5(pick_files, run_cli,
                              "--points-unit", "angstrom", "--voxel-size", "10", "--json")
     assert code == 0, err
     assert json.loads(out)["tp"] == 2  # (11, 10, 10) and (40, 11, 10) voxels
+    code, _, err = run_cli("evaluate", truth, in_a, "--radius", "3")  # Å as TRUTH
+    assert code == 2 and "--truth-unit angstrom" in err
     code, _, err = run_cli("evaluate", picks, truth, "--radius", "3", "--score-column", "fom")
     assert code == 2 and "no column 'fom'" in err and "score" in err
     star = tmp_path / "picks_relion5.star"
