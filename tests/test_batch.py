@@ -583,3 +583,28 @@ def test_numeric_looking_tomogram_names_stay_names(dataset: Path, tmp_path: Path
     text = (out / "picks_relion5.star").read_text()
     names = [line.split()[0] for line in text.splitlines() if line and line[0] in "01"]
     assert names == ["001", "1e3"]
+
+
+def test_the_dataset_star_reads_back_as_clicks_for_warp_named_tomograms(
+        dataset: Path, tmp_path: Path, run_cli) -> None:
+    """Tomograms named as Warp and RELION-5 write them (TS_01_10.00Apx.mrc, rec_TS_02.mrc):
+    the dataset STAR names them TS_01, TS_02, and a batch or a segment reads it back as
+    their clicks (the names did not match before)."""
+    tomos = tmp_path / "tomos"
+    tomos.mkdir()
+    shutil.copy(dataset / "tomos" / "TS_01.mrc", tomos / "TS_01_10.00Apx.mrc")
+    shutil.copy(dataset / "tomos" / "TS_02.mrc", tomos / "rec_TS_02.mrc")
+    first = tmp_path / "first"
+    code, _, err = run_cli("batch", tomos, "--out", first, "--points", dataset / "clicks.star",
+                           "--no-ray", "--no-match", *FAST)
+    assert code == 0, err
+    assert {r["status"] for r in _table(first).values()} == {"done"}
+    again = tmp_path / "again"
+    code, _, err = run_cli("batch", tomos, "--out", again, "--points",
+                           first / "picks_relion5.star", "--no-ray", "--no-match", *FAST)
+    assert code == 0, err
+    assert {r["status"] for r in _table(again).values()} == {"done"}
+    code, _, err = run_cli("segment", tomos / "TS_01_10.00Apx.mrc", "--points",
+                           first / "picks_relion5.star", "--no-match", "--out",
+                           tmp_path / "one", *FAST)
+    assert code == 0, err

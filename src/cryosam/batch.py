@@ -22,7 +22,7 @@ from typing import Any
 from cryosam import io
 from cryosam._atomic import atomic_write_text
 from cryosam.errors import CryosamWarning, InputError
-from cryosam.io.names import csv_name_column, name_key
+from cryosam.io.names import csv_name_column, name_key, star_tomo_name
 from cryosam.utils import tomo_stem
 
 TOMO_SUFFIXES = (".mrc", ".rec", ".map")
@@ -181,8 +181,9 @@ def assign_clicks(points: Path, names: list[str]
                              f"{len(names)} tomograms; add one or give a folder of click files")
         return {names[0]: (points, None, None)}
     keys = {name_key(v): v for v in in_file}
+    listed = {star_tomo_name(v): v for v in in_file}  # TS_01 for rec_TS_01, TS_01_10.00Apx
     for n in names:
-        value = n if n in in_file else keys.get(name_key(n))
+        value = n if n in in_file else (keys.get(name_key(n)) or listed.get(star_tomo_name(n)))
         out[n] = ((points, value, None) if value is not None
                   else (None, None, f"no clicks for {n} in {points.name}"))
     used = {v[1] for v in out.values()}

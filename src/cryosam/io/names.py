@@ -8,6 +8,7 @@ its rows, so ``cryosam segment TS_01.mrc --points all.star`` reads TS_01's point
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -26,6 +27,20 @@ def csv_name_column(columns: Iterable[str]) -> str | None:
     return next((c for c in CSV_NAME_COLUMNS if c in present), None)
 
 
+_TOMO_SUFFIXES = re.compile(r"(\.(gz|bz2|mrc|rec|map|st|ali|tomostar|zarr))+$", re.IGNORECASE)
+_WARP_SUFFIX = re.compile(r"_\d+(?:\.\d+)?Apx(?:_[A-Za-z0-9]+)*$")  # TS_01_10.00Apx
+
+
+def star_tomo_name(name: str) -> str:
+    """The tomogram's name as RELION and Warp list it: no folder or extension, no RELION-5
+    ``rec_`` prefix, no Warp ``_<pixel size>Apx`` suffix (``rec_TS_01.mrc`` and
+    ``TS_01_10.00Apx.mrc`` → ``TS_01``)."""
+    base = name.strip().replace("\\", "/").rsplit("/", 1)[-1]
+    base = _TOMO_SUFFIXES.sub("", base) or base
+    base = base[4:] if base.startswith("rec_") and len(base) > 4 else base
+    return _WARP_SUFFIX.sub("", base) or base
+
+
 def name_key(name: str) -> str:
     """A tomogram name without folders, ``:suffix`` and extensions (``a/TS_1.tomostar`` →
     ``TS_1``): how a STAR row and a file name are matched when they are not spelled alike."""
@@ -40,9 +55,12 @@ def shown(names: Sequence[str]) -> str:
 
 
 def _matching(values: np.ndarray, name: str) -> np.ndarray:
+    """Rows named ``name``: exactly, else by :func:`name_key`, else as RELION and Warp list
+    tomograms (:func:`star_tomo_name`: ``rec_TS_01`` and ``TS_01_10.00Apx`` are TS_01)."""
     mask = values == name
-    if not mask.any():
-        mask = np.array([name_key(v) == name_key(name) for v in values], dtype=bool)
+    for key in (name_key, star_tomo_name):
+        if not mask.any():
+            mask = np.array([key(v) == key(name) for v in values], dtype=bool)
     return mask
 
 

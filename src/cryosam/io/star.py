@@ -35,7 +35,7 @@ from cryosam.io._common import (
     third_party_quiet,
     warn,
 )
-from cryosam.io.names import select_tomogram
+from cryosam.io.names import select_tomogram, star_tomo_name
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -357,20 +357,6 @@ def write_picks_star(
 # flavour -> file name, in the order they are written
 STAR_FLAVOURS = {"relion5": "picks_relion5.star", "warp": "picks_warp.star",
                  "relion4": "picks_relion4.star"}
-_TOMO_SUFFIXES = re.compile(r"(\.(gz|bz2|mrc|rec|map|st|ali|tomostar|zarr))+$", re.IGNORECASE)
-_WARP_SUFFIX = re.compile(r"_\d+(?:\.\d+)?Apx(?:_[A-Za-z0-9]+)*$")  # TS_01_10.00Apx
-
-
-def star_tomo_name(name: str) -> str:
-    """The tomogram's name as RELION and Warp list it: no folder or extension, no RELION-5
-    ``rec_`` prefix, no Warp ``_<pixel size>Apx`` suffix (``rec_TS_01.mrc`` and
-    ``TS_01_10.00Apx.mrc`` → ``TS_01``)."""
-    base = name.strip().replace("\\", "/").rsplit("/", 1)[-1]
-    base = _TOMO_SUFFIXES.sub("", base) or base
-    base = base[4:] if base.startswith("rec_") and len(base) > 4 else base
-    return _WARP_SUFFIX.sub("", base) or base
-
-
 @dataclass(frozen=True)
 class StarOutputs:
     """Which STAR flavours to write beside ``picks.star``, and the names in them.
