@@ -101,6 +101,9 @@ def test_run_record_holds_what_reproduces_the_run(small_run, small_sim) -> None:
     assert rec["models"]["segmenter"] and rec["models"]["encoder"]
     assert rec["device"]["type"] == "cpu"
     assert "torch" in rec["versions"] and "numpy" in rec["versions"]
+    import cryosam  # the running code's version, not a stale install's metadata
+
+    assert rec["versions"]["cryosam"] == rec["cryosam_version"] == cryosam.__version__
     counts = rec["counts"]
     assert counts["prompts"] == 1 and counts["instances"] == len(result.instances)
     assert counts["decoder_calls"] > 0

@@ -102,8 +102,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = app(args=argv, standalone_mode=False)
     except CryosamError as exc:
-        if _DEBUG:
-            raise
+        if _DEBUG:  # the traceback, and still the exit code of bad input
+            import traceback
+
+            traceback.print_exc()
         typer.echo(f"error: {exc}", err=True)
         return 2
     except typer.Exit as exc:

@@ -85,8 +85,11 @@ def versions() -> dict[str, str]:
     """Python and the versions of every package that changes results."""
     from importlib import metadata
 
-    out = {"python": platform.python_version()}
-    for pkg in ("cryosam", "numpy", "scipy", "torch", "torchvision", "transformers",
+    import cryosam
+
+    # cryosam's own from the code that runs (an editable install's metadata can be stale)
+    out = {"python": platform.python_version(), "cryosam": cryosam.__version__}
+    for pkg in ("numpy", "scipy", "torch", "torchvision", "transformers",
                 "segment-anything", "faiss-gpu", "faiss-cpu", "mrcfile", "starfile"):
         with contextlib.suppress(metadata.PackageNotFoundError):
             out[pkg] = metadata.version(pkg)

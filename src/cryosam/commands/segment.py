@@ -442,12 +442,14 @@ def print_summary(result: SegmentationResult, written: dict[str, Path], out_dir:
     models = ", ".join(str(m) for m in (rec["models"]["segmenter"], rec["models"].get("encoder"),
                                         rec["device"]["type"]) if m)
     start = (f"{counts['prompts']} click(s)" if counts["prompts"] else "a saved query")
-    console.print(
-        f"[bold]cryosam[/bold]: {start} → "
-        f"{counts['proposals']} proposal(s) → {counts['instances']} instance(s), "
-        f"{counts['picks']} pick(s){', clicks included' if counts['prompts'] else ''}  "
-        + escape(f"[{models}]")
-    )
+    if result.target == "particle":
+        end = (f"{counts['instances']} instance(s), {counts['picks']} pick(s)"
+               f"{', clicks included' if counts['prompts'] else ''}")
+    else:  # membranes: a mask, no picks files
+        end = (f"{counts['instances']} membrane mask(s), "
+               f"{int((result.labels > 0).sum())} voxels (semantic.mrc, instances.mrc)")
+    console.print(f"[bold]cryosam[/bold]: {start} → {counts['proposals']} proposal(s) → "
+                  f"{end}  " + escape(f"[{models}]"))
     cut = (rec.get("score") or {}).get("cut")
     if cut:
         below = rec["score"]["below_cut"]
