@@ -219,15 +219,19 @@ def register(app: typer.Typer) -> None:
                                          help="Encode every k-th slice per axis."),
         voxel_size: float | None = typer.Option(None, "--voxel-size",
                                                 help="Å per voxel, overriding the header."),
-        points_unit: UnitChoice = typer.Option(UnitChoice.voxel, "--points-unit"),
+        points_unit: UnitChoice = typer.Option(
+            UnitChoice.voxel, "--points-unit", help="Unit of the clicks' coordinates (CSV): "
+            "voxel, or angstrom from the tomogram's first voxel (TARDIS, CryoET Data Portal)."),
         tomo_name: str | None = typer.Option(None, "--tomo-name",
-                                             help="Which tomogram's rows of a STAR clicks file; "
-                                             "also the name in picks.star (the per-tool STAR "
-                                             "files take --star-tomo-name)."),
+                                             help="Which tomogram's rows of a STAR or combined "
+                                             "CSV clicks file (rlnTomoName, rlnMicrographName, "
+                                             "tomo_name column); also the name in picks.star "
+                                             "(the per-tool STAR files take --star-tomo-name)."),
         cache_dir: Path | None = typer.Option(None, "--cache-dir",
                                               help="Keep features here; a second query on the "
                                               "same tomogram reuses them."),
-        seed: int = typer.Option(default["seed"], "--seed"),
+        seed: int = typer.Option(default["seed"], "--seed", help="Seed of the query's "
+                                 "voxel sampling when a mask is very large (reruns agree)."),
         polarity: PolarityChoice = typer.Option(default["polarity"], "--polarity",
                                                 help="Particles darker or brighter than the "
                                                 "background; auto decides from the clicks."),
