@@ -17,7 +17,7 @@ from cryosam import io
 from cryosam.config import CryosamConfig, PropagationConfig
 from cryosam.errors import CryosamWarning, InputError
 from cryosam.normalise import normalise_volume
-from cryosam.probe import ClickProbe, bin_factor
+from cryosam.probe import ClickProbe, bin_factor, membrane_bin_factor
 from cryosam.probe import probe_clicks as probe_volume
 from cryosam.query import SavedQuery
 from cryosam.record import file_info
@@ -291,13 +291,15 @@ class Work:
 def prepare(volume: np.ndarray, raw: np.ndarray, inputs: Inputs, found: ClickProbe,
             cfg: CryosamConfig, *, encoder_dark: bool | None, segmenter_dark: bool) -> Work:
     """Flip a bright tomogram for the backends that see particles dark, and bin it when the
-    particles are large in voxels. ``encoder_dark`` None: no encoder (no matching).
+    particles are large in voxels (membranes: when their bilayer is, at fine voxel sizes).
+    ``encoder_dark`` None: no encoder (no matching).
 
     The normalised ``volume`` is this run's own copy: it is flipped in place when every model
     wants the flip (no second full-size copy)."""
     bright = found.polarity == "bright"
     particle = cfg.propagation.target == "particle"
-    factor = cfg.binning or (bin_factor(found.radius) if particle else 1)
+    factor = cfg.binning or (bin_factor(found.radius) if particle
+                             else membrane_bin_factor(found.clicks_radius))
     enc = cfg.encoder
     shared = tuple(enc.clip_percentiles) == tuple(cfg.propagation.clip_percentiles)
     seg_flip = bright and segmenter_dark

@@ -165,6 +165,19 @@ def probe_clicks(volume: np.ndarray, prompts: np.ndarray, *, polarity: str = "au
     return ClickProbe(pol, pol_source, r, r_source, responses, radii)  # type: ignore[arg-type]
 
 
+MEMBRANE_SCALE = 5.5  # voxels: the scale a bilayer answers the probe at on a 10 A grid
+
+
+def membrane_bin_factor(scale: float | None) -> int:
+    """Internal binning for membranes whose clicks answer the probe at ``scale`` voxels: the
+    membrane segmenter's widths are set for a bilayer of about :data:`MEMBRANE_SCALE` (10 A
+    voxels), so a 5 A tomogram (scale ~10.5) is binned 2x and a 2.5 A one (~22) 4x. None or a
+    scale near it: no binning."""
+    if scale is None or not math.isfinite(scale):
+        return 1
+    return max(1, int(round(scale / MEMBRANE_SCALE)))
+
+
 def bin_factor(radius: float | None, largest: float = 12.0, aim: float = 8.0) -> int:
     """Internal binning for a particle of ``radius`` voxels: none up to ``largest``, else the
     smallest factor that brings it to at most ``aim`` voxels."""
