@@ -549,12 +549,37 @@ def test_the_dataset_gets_one_star_per_tool(dataset: Path, tmp_path: Path, run_c
                            "warp", *FAST)
     assert code == 0, err  # no RELION-5 files now: the dataset's earlier one goes too
     assert not (out / "picks_relion5.star").exists() and (out / "picks_warp.star").exists()
+    assert _table(out)["TS_01"]["reason"] == 'options changed (star null -> ["warp"])'
+    (out / "TS_01" / "picks_warp.star").write_text("garbage\n")  # re-saved badly by hand
+    code, said, err = run_cli("batch", dataset / "tomos", "--out", out, "--points",
+                              dataset / "clicks.star", "--no-ray", "--no-match",
+                              "--star-tomo-name", "x", *FAST)
+    assert code == 2 and "--star-tomo-name" in err  # (a segment-only option, refused)
+    code, said, err = run_cli("batch", dataset / "tomos", "--out", out, "--points",
+                              dataset / "clicks.star", "--no-ray", "--no-match", "--star",
+                              "warp", *FAST[:-1])  # as the last run: every tomogram skipped
+    assert code == 0, err
+    assert f"{out / 'TS_01' / 'picks_warp.star'}: left out of" in err
+    assert list(starfile.read(out / "picks_warp.star")["rlnMicrographName"]) == [
+        "TS_02.tomostar", "TS_03.tomostar"]
+    # relion4 without its pixel size: one line before any work, the dataset files untouched
+    code, _, err = run_cli("batch", dataset / "tomos", "--out", out, "--points",
+                           dataset / "clicks.star", "--no-ray", "--no-match", "--star",
+                           "relion4", *FAST)
+    assert code == 2 and err.count("\n") == 1 and "--tilt-series-pixel-size" in err
+    assert (out / "picks_warp.star").exists()
     sharded = tmp_path / "sharded"
     code, _, err = run_cli("batch", dataset / "tomos", "--out", sharded, "--points",
                            dataset / "clicks.star", "--no-ray", "--no-match", "--shard",
                            "0/3", *FAST)
     assert code == 0, err
     assert not (sharded / "picks_relion5.star").exists()
+    # a shard in a folder with dataset files drops them: they would no longer match
+    code, _, err = run_cli("batch", dataset / "tomos", "--out", out, "--points",
+                           dataset / "clicks.star", "--no-ray", "--no-match", "--top-k", "2",
+                           "--shard", "0/3", *FAST)
+    assert code == 0, err
+    assert not (out / "picks_warp.star").exists()
 
 
 def test_numeric_looking_tomogram_names_stay_names(dataset: Path, tmp_path: Path,

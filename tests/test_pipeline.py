@@ -267,6 +267,13 @@ def test_api_clicks_convert_as_a_files_do(small_sim, weight_free) -> None:
                        table.assign(tomo_name="TS_02", X=table["X"] + 3)], ignore_index=True)
     picked = model.segment(sim.volume, mixed, voxel_size=vs, tomo_name="TS_01", match=False)
     np.testing.assert_allclose(picked.prompt_zyx, p)
+    # pd.DataFrame(array) has no named columns: an array, z, y, x (its header is no click)
+    with pytest.warns(UserWarning, match="repeat an earlier click"):  # the same click twice
+        twice = clicked(pd.DataFrame(np.vstack([p, p])))
+    np.testing.assert_allclose(twice, np.vstack([p, p]))
+    # a tomogram named 001 keeps its zeros in a table's name column
+    named = pd.DataFrame({"x": [p[0, 2]], "y": [p[0, 1]], "z": [p[0, 0]], "tomo_name": ["001"]})
+    np.testing.assert_allclose(clicked(named, tomo_name="001"), p)
     # Å headers as a CSV has them (TARDIS, the CryoET Data Portal)
     in_a = pd.DataFrame({"X [A]": p[:, 2] * vs, "Y [A]": p[:, 1] * vs, "Z [A]": p[:, 0] * vs})
     np.testing.assert_allclose(clicked(in_a, points_unit="angstrom"), p, atol=1e-6)
@@ -302,6 +309,12 @@ def test_config_paths_and_values_are_one_line() -> None:
     with pytest.raises(InputError, match="^matching.top_k = '100': not a valid value"):
         CryosamConfig().replace_path("matching.top_k", "100")
     assert CryosamConfig().replace_path("matching.top_k", 100).matching.top_k == 100
+    for path, value in (("matching.top_k", 3.7), ("matching.top_k", True),
+                        ("matching.turns", 1)):
+        with pytest.raises(InputError, match=f"^{path} = {value!r}: not a valid value"):
+            CryosamConfig().replace_path(path, value)
+    with pytest.raises(InputError, match="^matching is a block of parameters"):
+        CryosamConfig().replace_path("matching", 3)
 
 
 def test_a_negative_click_on_a_click_is_one_line(small_sim, run_cli) -> None:

@@ -310,7 +310,10 @@ def combine_stars(out: Path, outcomes: list[Outcome]) -> dict[str, tuple[Path, i
                               CryosamWarning, stacklevel=2)
                 continue
             table = blocks.get("particles")
-            if isinstance(table, pd.DataFrame) and len(table):
+            if not isinstance(table, pd.DataFrame):  # re-saved by hand without the block
+                warnings.warn(f"{f}: left out of {out / name} (no data_particles block)",
+                              CryosamWarning, stacklevel=2)
+            elif len(table):
                 parts.append(table)
                 optics = optics if optics is not None else blocks.get("optics")
         if not parts:
@@ -323,3 +326,11 @@ def combine_stars(out: Path, outcomes: list[Outcome]) -> dict[str, tuple[Path, i
             starfile.write(combined, tmp, float_format="%.6f")
         written[name] = (out / name, len(parts), len(combined["particles"]))
     return written
+
+
+def drop_combined(out: Path) -> None:
+    """Remove the dataset's STAR files before a batch runs: :func:`combine_stars` writes them
+    again when the run ends over the whole dataset, and a shard or an interrupted run leaves
+    none rather than files that no longer match the folders."""
+    for name in io.STAR_FLAVOURS.values():
+        (out / name).unlink(missing_ok=True)

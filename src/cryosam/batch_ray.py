@@ -217,7 +217,7 @@ def changed(out: Path, state: dict[str, Any]) -> tuple[str | None, dict[str, Any
         before = {**before, "query_sha256": state["query_sha256"]}  # content digest
     for key, label in labels.items():
         if before.get(key) != state[key]:
-            if key == "parameters":
+            if key in ("parameters", "options"):
                 return f"{label} ({_difference(before.get(key), state[key])})", record
             return label, record
     return None, record

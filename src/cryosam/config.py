@@ -269,16 +269,34 @@ class CryosamConfig:
         """A copy with one dotted parameter changed, e.g. ``matching.top_k`` or
         ``encoder.backends.dinov2.model``."""
         try:
-            get_path(self, path)
+            old = get_path(self, path)
         except (KeyError, AttributeError, TypeError):
             raise InputError(f"{path}: no such parameter; CryosamConfig().to_dict() lists "
                              "them (e.g. matching.top_k)") from None
+        block = dataclasses.is_dataclass(old) or isinstance(old, dict)
+        wrong = ((block and not (dataclasses.is_dataclass(value) or isinstance(value, dict)))
+                 or (isinstance(old, bool) and not isinstance(value, bool))
+                 or (isinstance(old, int) and not isinstance(old, bool)
+                     and (isinstance(value, bool) or (isinstance(value, float)
+                                                      and not value.is_integer()))))
+        if wrong and block:
+            raise InputError(f"{path} is a block of parameters; set one of them, e.g. "
+                             f"{path}.{next(iter(_fields(old)))}")
+        if wrong:
+            raise InputError(f"{path} = {value!r}: not a valid value; give it as the default "
+                             f"{old!r} is given")
         head, _, rest = path.partition(".")
         try:
             return _replace(self, head, rest, value)
         except (TypeError, ValueError) as exc:
             raise InputError(f"{path} = {value!r}: not a valid value ({exc}); give it as "
                              f"the default {get_path(self, path)!r} is given") from None
+
+
+def _fields(block: Any) -> list[str]:
+    """The keys of a parameter block (a dataclass or a dict)."""
+    return ([f.name for f in dataclasses.fields(block)] if dataclasses.is_dataclass(block)
+            else list(block))
 
 
 def _layered(under: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:

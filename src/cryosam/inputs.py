@@ -130,9 +130,13 @@ def points_from_api(points: Any, tomo: io.Tomogram, unit: str = "voxel",
     """Points given to the Python API as (z, y, x): an (N, 3) array or list of rows (one
     click may be a flat [z, y, x]), or a pandas DataFrame, read as a clicks CSV with its
     header (x, y, z columns by name, a ``negative`` or ``label`` column, a tomogram-name
-    column selecting ``tomo_name``'s rows). ``unit`` angstrom and ``pixel_size`` (the clicks
+    column selecting ``tomo_name``'s rows); one whose columns are not all named (such as
+    ``pd.DataFrame(array)``) is an array. ``unit`` angstrom and ``pixel_size`` (the clicks
     are pixels of that many Å) convert to this tomogram's voxels as they do for a file."""
-    if hasattr(points, "columns") and hasattr(points, "to_csv"):  # a DataFrame
+    if hasattr(points, "columns") and hasattr(points, "to_numpy") and not all(
+            isinstance(c, str) for c in points.columns):  # pd.DataFrame(array): an array
+        points = points.to_numpy()
+    elif hasattr(points, "columns") and hasattr(points, "to_csv"):  # a DataFrame
         return io.read_points(Path(f"{what} (a table)"), text=points.to_csv(index=False),
                               voxel_size=tomo.voxel_size, unit=unit, tomo_name=tomo_name,
                               pixel_size=pixel_size, check_bounds=False)

@@ -58,7 +58,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Pick in every tomogram of a dataset, resumably, on Ray (or in this process)."""
         from cryosam import batch as batching
-        from cryosam import batch_ray, progress
+        from cryosam import batch_ray, io, progress
         from cryosam._atomic import output_lock, sweep_stale
         from cryosam.commands.query import build_config
         from cryosam.commands.segment import check_cache_dir
@@ -111,6 +111,7 @@ def register(app: typer.Typer) -> None:
             tilt_series_pixel_size=values.get("tilt_series_pixel_size"),
             cache_dir=None if cache_dir is None else str(Path(cache_dir).resolve()),
             force=force)
+        io.StarOutputs(options.star, None, options.tilt_series_pixel_size)  # before any work
         say = None if quiet else typer.echo
         if out.is_dir():
             sweep_stale(out)  # what killed batches left: temporaries, staging folders
@@ -128,6 +129,7 @@ def register(app: typer.Typer) -> None:
                 if say:
                     say(f"{len(tasks)} tomogram(s) from {dataset} {engine.description} "
                         f"(ready in {engine.startup_seconds:.1f} s)")
+                batching.drop_combined(out)  # rewritten at the end; never left stale
                 outcomes = batch_ray.run_batch(tasks, engine, table, say=say)
                 combined = {} if shard is not None else batching.combine_stars(out, outcomes)
             except (KeyboardInterrupt, Terminated) as exc:

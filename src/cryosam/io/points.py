@@ -21,7 +21,7 @@ import numpy as np
 from cryosam._atomic import atomic_write_text
 from cryosam.errors import InputError
 from cryosam.io._common import ParsedPoints, as_column, as_voxel_size, as_zyx, warn
-from cryosam.io.names import csv_name_column, select_tomogram
+from cryosam.io.names import CSV_NAME_COLUMNS, csv_name_column, select_tomogram
 from cryosam.io.star import read_star_points
 from cryosam.utils import outside_volume
 
@@ -363,8 +363,10 @@ def _read_csv_points(path: Path, text: str, unit: str, vs: np.ndarray | None,
     used = set(axis_col.values())
     columns: dict[str, np.ndarray] = {}
     for j, name in enumerate(names):
-        if j not in used:
-            columns[name] = _column_array([fields[j] for _, fields in data_rows])
+        if j not in used:  # a tomogram-name column stays text: 001 is not 1
+            cells = [fields[j] for _, fields in data_rows]
+            columns[name] = (np.asarray(cells, dtype=str) if name in CSV_NAME_COLUMNS
+                             else _column_array(cells))
     return coords, columns, labels
 
 
