@@ -113,3 +113,20 @@ def test_membranes_at_a_finer_voxel_size_are_binned_onto_the_bilayers_scale() ->
         assert res.semantic.shape == sim.volume.shape
         scores[zoom] = dice(res.semantic > 0, sim.membrane)
     assert scores[1] > 0.8 and scores[2] > scores[1] - 0.05, scores
+
+
+def test_membrane_runs_speak_of_membranes(small_sim, run_cli, tmp_path) -> None:
+    """A membrane run's messages say membranes: a click off any bilayer is 'no membrane
+    found', options that only act on particles are named as having no effect, and the
+    summary names the masks (it spoke of particles, picks and a query)."""
+    sim, files = small_sim
+    fast = ("--encoder", "filterbank", "--segmenter", "threshold", "--device", "cpu")
+    from cryosam.stages import nothing_found_message
+
+    assert nothing_found_message(None, 1, "membrane").startswith("no membrane found at any")
+    code, said, err = run_cli("segment", files["tomo.mrc"], "--points",
+                              files["membrane_clicks.csv"], "--target", "membrane",
+                              "--min-score", "0.3", *fast, "--out", tmp_path / "b")
+    assert code == 0, err
+    assert "--min-score: no effect with --target membrane" in err
+    assert "membrane mask(s)" in said and "pick(s)" not in said

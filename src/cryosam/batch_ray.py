@@ -127,7 +127,7 @@ class Worker:
         if reason is None and source is not None:  # its results live in copick too
             reason = io.copick_results_missing(source, record.get("copick", {}).get("written"))
         if reason is None:
-            return Outcome(task.name, "skipped", picks=int(record["counts"]["picks"]),
+            return Outcome(task.name, "skipped", picks=_picks(record),
                            reason="same inputs and parameters",
                            warnings=[str(w) for w in record.get("warnings", [])])
         result = self.runner.segment(
@@ -148,7 +148,8 @@ class Worker:
         result.record["warnings"] = seen
         write_outputs(result, task.out, overwrite=True, tomo_name=task.name,
                       star=io.StarOutputs(opts.star, None, opts.tilt_series_pixel_size))
-        return Outcome(task.name, "done", picks=int(len(result.picks_zyx)), reason=reason)
+        picks = int(len(result.picks_zyx)) if result.target == "particle" else None
+        return Outcome(task.name, "done", picks=picks, reason=reason)  # membranes: no picks
 
     def _load_options(self, task: Task) -> dict[str, Any]:
         o = self.options
@@ -223,6 +224,12 @@ def changed(out: Path, state: dict[str, Any]) -> tuple[str | None, dict[str, Any
     return None, record
 
 
+def _picks(record: dict[str, Any]) -> int | None:
+    """A run record's pick count; None for membranes, which have no picks."""
+    target = (record.get("parameters") or {}).get("propagation", {}).get("target", "particle")
+    return int(record["counts"]["picks"]) if target == "particle" else None
+
+
 def _damaged(out: Path, record: dict[str, Any]) -> str | None:
     """The first mask or preview whose size is not the one run.json recorded (None when all
     are, or for a record from before sizes were kept). Text outputs are not compared: a user
@@ -266,7 +273,7 @@ def finished_here(task: Task, batch_id: str) -> Outcome | None:
         ours = record["batch"]["batch_id"] == batch_id
         complete = (all((out / n).is_file() for n in record["outputs"])
                     and _damaged(out, record) is None)
-        picks, seconds = int(record["counts"]["picks"]), float(record.get("total_seconds", 0))
+        picks, seconds = _picks(record), float(record.get("total_seconds", 0))
         reason = str(record["batch"]["reason"])
         said = [str(w) for w in record.get("warnings", [])]
     except (OSError, ValueError, KeyError, TypeError):

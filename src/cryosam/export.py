@@ -250,7 +250,9 @@ def write_preview(path: str | os.PathLike[str], result: SegmentationResult) -> N
         ax.set_title(title)
         ax.set_axis_off()
     n = len(result.picks_zyx)
-    fig.suptitle(f"cryosam: {n} picks, orange = semantic mask, cyan = picks, red + = clicks")
+    fig.suptitle(f"cryosam: {n} picks, orange = semantic mask, cyan = picks, red + = clicks"
+                 if result.target == "particle" else
+                 "cryosam: membranes, orange = semantic mask, red + = clicks")
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=90)
     plt.close(fig)

@@ -92,7 +92,7 @@ def segment_clicks(work: Work, segmenter: Segmenter, cfg: PropagationConfig,
                                             strict=True)]
     empty = [i.click_row for i in instances if i.n_voxels == 0]
     if instances and len(empty) == len(instances):
-        message = nothing_found_message(found, work.factor)
+        message = nothing_found_message(found, work.factor, cfg.target)
         raise InputError(f"{source}: {message}" if source is not None else message)
     huge = [i for i in instances if i.n_voxels > LARGEST_SHARE * work.segmenter_volume.size]
     if huge and cfg.target == "particle":
@@ -103,10 +103,10 @@ def segment_clicks(work: Work, segmenter: Segmenter, cfg: PropagationConfig,
                       stacklevel=3)
     if empty:
         listed = ", ".join(str(r) for r in empty[:10]) + (", ..." if len(empty) > 10 else "")
-        warnings.warn(
-            f"{len(empty)} click(s) gave an empty mask (rows {listed}); they are kept as "
-            "picks at the click, with score 0, but do not shape the query", CryosamWarning,
-            stacklevel=3)
+        kept = ("they are kept as picks at the click, with score 0, but do not shape the query"
+                if cfg.target == "particle" else "no membrane was found there")
+        warnings.warn(f"{len(empty)} click(s) gave an empty mask (rows {listed}); {kept}",
+                      CryosamWarning, stacklevel=3)
     stats = dict(res.stats)
     stats["duplicate_clicks"] = int(len(work.prompts) - len(rows))
     if stats["duplicate_clicks"]:
@@ -145,8 +145,13 @@ def segment_negatives(work: Work, segmenter: Segmenter, cfg: PropagationConfig) 
     return Negatives(masks, int(len(work.negatives)))
 
 
-def nothing_found_message(found: ClickProbe | None, factor: int = 1) -> str:
+def nothing_found_message(found: ClickProbe | None, factor: int = 1,
+                          target: str = "particle") -> str:
     """Why no click gave a mask (the run worked ``factor`` x binned), and what to try."""
+    if target != "particle":
+        return ("no membrane found at any click: the clicks look like background or the "
+                "inside of a vesicle; click on the bilayer itself (check that they are x,y,z "
+                "voxels of this tomogram)")
     head = "no particle found at any click"
     if found is not None:
         votes = found.votes

@@ -302,6 +302,8 @@ def register(app: typer.Typer) -> None:
             base = CryosamConfig.from_file(config, base=base)
         cfg = config_from_cli(base, given)
         check_input_mode(ctx, values)
+        if cfg.propagation.target != "particle":
+            _warn_particle_only(given, negative_points is not None and not match)
         if saved is not None:
             saved.check_config(cfg)
         star_out = io.StarOutputs(tuple(f.value for f in star) if star else None,
@@ -432,6 +434,21 @@ def check_cache_dir(cache_dir: Path, out_dir: Path | None = None) -> None:
     check_writable(cache_dir, "--cache-dir", into=True)
 
 
+def _warn_particle_only(given: dict[str, Any], negatives_unused: bool) -> None:
+    """With --target membrane: say which given options have no effect (no picks, no score,
+    no particle size; negative clicks act only on matching)."""
+    import warnings
+
+    from cryosam.errors import CryosamWarning
+
+    idle = [f"--{p.replace('_', '-')}" for p in ("min_score", "diameter") if p in given]
+    idle += ["--negative-points (without --match)"] if negatives_unused else []
+    if idle:
+        warnings.warn(f"{', '.join(idle)}: no effect with --target membrane (membranes have "
+                      "no picks, score cut or particle size; negative clicks act on --match)",
+                      CryosamWarning, stacklevel=2)
+
+
 def print_summary(result: SegmentationResult, written: dict[str, Path], out_dir: Path) -> None:
     """One screen: counts, times per stage, where the outputs are."""
     from rich.console import Console
@@ -476,8 +493,9 @@ def print_summary(result: SegmentationResult, written: dict[str, Path], out_dir:
         votes = probe["votes"]
         why = {"clicks": f"{votes['dark']} dark / {votes['bright']} bright click(s)",
                "query": "as the query's clicks"}.get(probe["polarity_source"], "as given")
+        what = "particles" if result.target == "particle" else "membranes"
         console.print(
-            f"particles {probe['polarity']} ({why})"
+            f"{what} {probe['polarity']} ({why})"
             + (f", radius {size:.1f} voxels ({probe['radius_source']})" if size else "")
             + (f", worked binned {work['binning']}x" if work.get("binning", 1) > 1 else ""))
     console.print(f"outputs in [bold]{escape(str(out_dir))}[/bold]: " + ", ".join(sorted(written)))
