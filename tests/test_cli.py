@@ -369,6 +369,9 @@ def test_debug_shows_the_traceback_before_or_after_the_command(where: str, small
     assert err.rstrip().splitlines()[-1].startswith("error: ") and "names no x,y,z" in err
     code, _, err = run_cli(*[a for a in args if a != "--debug"])
     assert code == 2 and err.count("\n") == 1 and "names no x,y,z" in err
+    # a command without its own --debug (evaluate) takes it after its arguments too
+    code, _, err = run_cli("evaluate", bad, bad, "--radius", "3", "--debug")
+    assert code == 2 and "Traceback" in err and "No such option" not in err
 
 
 @pytest.mark.parametrize(("args", "words"), [

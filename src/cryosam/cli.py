@@ -86,6 +86,21 @@ def install_signal_handlers() -> None:
         signal.signal(signal.SIGTERM, _on_sigterm)
 
 
+def _debug_in_front(args: list[str]) -> list[str]:
+    """``--debug`` after a command that has no option of that name (evaluate, simulate, ...)
+    becomes the global ``cryosam --debug``, so it works after any command as README says."""
+    if "--debug" not in args:
+        return args
+    import typer.main
+
+    group = typer.main.get_command(app)
+    name = next((a for a in args if not a.startswith("-")), None)
+    sub = getattr(group, "commands", {}).get(name)
+    if sub is not None and any("--debug" in p.opts for p in sub.params):
+        return args
+    return ["--debug", *[a for a in args if a != "--debug"]]
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point; returns the exit code (2 bad input, 130 SIGINT, 143
     SIGTERM), with one line on stderr for each failure."""
@@ -93,14 +108,16 @@ def main(argv: list[str] | None = None) -> int:
     import logging
     import warnings
 
-    _DEBUG = "--debug" in (argv if argv is not None else sys.argv[1:])
+    args = list(argv if argv is not None else sys.argv[1:])
+    _DEBUG = "--debug" in args
+    args = _debug_in_front(args)
     warnings.showwarning = _show_warning
     # the CLI prints what it has to say itself; a library that sends the root logger to the
     # terminal (copick does on import) must not add cryosam's log records to it
     logging.getLogger("cryosam").propagate = False
     install_signal_handlers()
     try:
-        code = app(args=argv, standalone_mode=False)
+        code = app(args=args, standalone_mode=False)
     except CryosamError as exc:
         if _DEBUG:  # the traceback, and still the exit code of bad input
             import traceback
