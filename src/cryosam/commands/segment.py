@@ -9,6 +9,7 @@ the command line override them.
 
 from __future__ import annotations
 
+import warnings
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,7 +20,7 @@ from cryosam import backends
 from cryosam import config as configuration
 from cryosam._atomic import check_writable
 from cryosam.config import TARGETS, CryosamConfig, get_path
-from cryosam.errors import InputError, collect_warnings
+from cryosam.errors import CryosamWarning, InputError, collect_warnings
 from cryosam.utils import committed
 
 if TYPE_CHECKING:
@@ -435,12 +436,7 @@ def check_cache_dir(cache_dir: Path, out_dir: Path | None = None) -> None:
 
 
 def _warn_particle_only(given: dict[str, Any], negatives_unused: bool) -> None:
-    """With --target membrane: say which given options have no effect (no picks, no score,
-    no particle size; negative clicks act only on matching)."""
-    import warnings
-
-    from cryosam.errors import CryosamWarning
-
+    """With --target membrane: say which given options have no effect."""
     idle = [f"--{p.replace('_', '-')}" for p in ("min_score", "diameter") if p in given]
     idle += ["--negative-points (without --match)"] if negatives_unused else []
     if idle:
