@@ -333,7 +333,8 @@ def test_a_log_gets_a_progress_line_while_a_long_step_runs(small_sim, weight_fre
     assert lines[-1] == "cryosam: encoding slices 3/3 (100%) done in 0:00"
     sim, _ = small_sim
     CryoSAM(weight_free).segment(sim.volume, sim.prompt_points[:1], voxel_size=sim.voxel_size)
-    assert "cryosam: encoding slices" in capsys.readouterr().err  # the pipeline's own steps
+    said = capsys.readouterr().err  # the pipeline's own steps, the proposals' first masks too
+    assert "cryosam: encoding slices" in said and "cryosam: first masks (slices)" in said
     progress.set_quiet(True)
     try:
         list(progress.track(range(3), "encoding slices"))

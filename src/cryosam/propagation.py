@@ -248,8 +248,11 @@ class _Engine:
 
     def _call(self, prompts: list[tuple[str, int, np.ndarray, _Piece | None,
                                         np.ndarray | None, float]],
-              max_prompts: int) -> list[tuple[np.ndarray, float, np.ndarray, np.ndarray | None]]:
-        """Send prompts grouped by slice; at most ``max_prompts`` per segmenter call."""
+              max_prompts: int, what: str = ""
+              ) -> list[tuple[np.ndarray, float, np.ndarray, np.ndarray | None]]:
+        """Send prompts grouped by slice; at most ``max_prompts`` per segmenter call.
+        ``what``: shown as the step's progress over the slices (the first masks of thousands
+        of proposals take minutes)."""
         order = sorted(range(len(prompts)), key=lambda i: (prompts[i][0], prompts[i][1]))
         groups: dict[tuple[str, int], list[int]] = {}
         for i in order:
@@ -272,7 +275,8 @@ class _Engine:
                     out[i] = (res.masks[k], float(res.confidence[k]), res.points[k], logits)
             pending, count = [], 0
 
-        for (axis, index), ids in groups.items():
+        for (axis, index), ids in (track(list(groups.items()), what) if what
+                                   else groups.items()):
             shape = self._slice_shape(axis)
             for s in range(0, len(ids), max_prompts):
                 part = ids[s : s + max_prompts]
@@ -317,7 +321,7 @@ class _Engine:
                 a = AXES.index(axis)
                 index = int(np.clip(np.rint(idx[0]), 0, self.shape[a] - 1))
                 first.append((axis, index, rc[0], None, None, fixed_cap))
-        results = self._call(first, max_prompts)
+        results = self._call(first, max_prompts, "first masks (slices)" if show else "")
         self.steps += 1
         starts: dict[int, dict[str, tuple[_Piece, np.ndarray, np.ndarray | None, float]]] = {}
         for (axis, index, *_), (mask, conf, point, logits), n in zip(
