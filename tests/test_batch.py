@@ -562,6 +562,13 @@ def test_the_dataset_gets_one_star_per_tool(dataset: Path, tmp_path: Path, run_c
     assert f"{out / 'TS_01' / 'picks_warp.star'}: left out of" in err
     assert list(starfile.read(out / "picks_warp.star")["rlnMicrographName"]) == [
         "TS_02.tomostar", "TS_03.tomostar"]
+    # the dataset's own file as this batch's clicks: read, never removed or rewritten
+    before = (out / "picks_warp.star").read_text()
+    code, _, err = run_cli("batch", dataset / "tomos", "--out", out, "--points",
+                           out / "picks_warp.star", "--no-ray", "--no-match", "--star", "warp",
+                           *FAST)
+    assert code == 0, err
+    assert (out / "picks_warp.star").read_text() == before and "not rewritten" in err
     # relion4 without its pixel size: one line before any work, the dataset files untouched
     code, _, err = run_cli("batch", dataset / "tomos", "--out", out, "--points",
                            dataset / "clicks.star", "--no-ray", "--no-match", "--star",

@@ -130,3 +130,15 @@ def test_membrane_runs_speak_of_membranes(small_sim, run_cli, tmp_path) -> None:
     assert code == 0, err
     assert "--min-score: no effect with --target membrane" in err
     assert "membrane mask(s)" in said and "pick(s)" not in said
+
+
+def test_membrane_binning_comes_from_the_voxel_size_else_the_probe() -> None:
+    """A plausible voxel size decides (a bilayer is ~4 nm whatever the clicks' probe says;
+    single clicks' scales vary by a third); an unset header (1 A) or none falls back to the
+    clicks' probe scale, and no scale means no binning."""
+    from cryosam.probe import membrane_bin_factor
+
+    assert [membrane_bin_factor(None, v) for v in (10.0, 5.0, 2.5, 13.6)] == [1, 2, 4, 1]
+    assert membrane_bin_factor(7.76, 5.0) == 2  # a single click's low scale does not decide
+    assert membrane_bin_factor(11.0, 1.0) == 2 and membrane_bin_factor(11.0, None) == 2
+    assert membrane_bin_factor(float("nan"), None) == 1 and membrane_bin_factor(None) == 1

@@ -315,6 +315,12 @@ def test_config_paths_and_values_are_one_line() -> None:
             CryosamConfig().replace_path(path, value)
     with pytest.raises(InputError, match="^matching is a block of parameters"):
         CryosamConfig().replace_path("matching", 3)
+    # the kind is the default's, not what a --config wrote (0 for a float score)
+    params = CryosamConfig().to_dict()
+    params["score"] = {**params["score"], "min_score": 0, "size_tolerance": 1}
+    written = CryosamConfig.from_dict(params)
+    assert written.replace_path("score.min_score", 0.3).score.min_score == 0.3
+    assert written.replace_path("score.size_tolerance", 0.5).score.size_tolerance == 0.5
 
 
 def test_a_negative_click_on_a_click_is_one_line(small_sim, run_cli) -> None:

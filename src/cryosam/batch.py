@@ -282,12 +282,14 @@ def failed_before(path: Path) -> set[str]:
         return set()
 
 
-def combine_stars(out: Path, outcomes: list[Outcome]) -> dict[str, tuple[Path, int, int]]:
+def combine_stars(out: Path, outcomes: list[Outcome], keep: Path | None = None
+                  ) -> dict[str, tuple[Path, int, int]]:
     """One STAR per tool for the whole dataset in ``out``: the particles of every tomogram
     done or skipped here, in the dataset's order (RELION-5 tells them apart by
     ``rlnTomoName``, Warp by ``rlnMicrographName``), so they go to RELION-5's extraction or
     to Warp in one file. A dataset file this run has no picks for is removed (it would hold
-    an earlier run's). Returns {file name: (path, tomograms with picks, particles)}."""
+    an earlier run's). ``keep`` (this batch's clicks file) is not rewritten, with a warning.
+    Returns {file name: (path, tomograms with picks, particles)}."""
     import pandas as pd
     import starfile
 
@@ -297,6 +299,11 @@ def combine_stars(out: Path, outcomes: list[Outcome]) -> dict[str, tuple[Path, i
     finished = [o.tomogram for o in outcomes if o.status in ("done", "skipped")]
     written: dict[str, tuple[Path, int, int]] = {}
     for name in io.STAR_FLAVOURS.values():
+        if keep is not None and (out / name).resolve() == keep.resolve():
+            warnings.warn(f"{out / name}: not rewritten, it holds this batch's clicks "
+                          "(--points); the tomograms' own files hold the new picks",
+                          CryosamWarning, stacklevel=2)
+            continue
         parts, optics = [], None
         for f in (out / t / name for t in finished):
             if not f.is_file():
@@ -328,9 +335,11 @@ def combine_stars(out: Path, outcomes: list[Outcome]) -> dict[str, tuple[Path, i
     return written
 
 
-def drop_combined(out: Path) -> None:
+def drop_combined(out: Path, keep: Path | None = None) -> None:
     """Remove the dataset's STAR files before a batch runs: :func:`combine_stars` writes them
     again when the run ends over the whole dataset, and a shard or an interrupted run leaves
-    none rather than files that no longer match the folders."""
+    none rather than files that no longer match the folders. ``keep`` (this batch's clicks
+    file, which may be an earlier batch's dataset file) is never touched."""
     for name in io.STAR_FLAVOURS.values():
-        (out / name).unlink(missing_ok=True)
+        if keep is None or (out / name).resolve() != keep.resolve():
+            (out / name).unlink(missing_ok=True)

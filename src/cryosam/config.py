@@ -269,10 +269,14 @@ class CryosamConfig:
         """A copy with one dotted parameter changed, e.g. ``matching.top_k`` or
         ``encoder.backends.dinov2.model``."""
         try:
-            old = get_path(self, path)
+            get_path(self, path)
         except (KeyError, AttributeError, TypeError):
             raise InputError(f"{path}: no such parameter; CryosamConfig().to_dict() lists "
                              "them (e.g. matching.top_k)") from None
+        try:  # the kind of value is the default's (a --config may hold 0 for a float)
+            old = get_path(CryosamConfig(), path)
+        except (KeyError, AttributeError, TypeError):  # a backend block the default lacks
+            old = None
         block = dataclasses.is_dataclass(old) or isinstance(old, dict)
         wrong = ((block and not (dataclasses.is_dataclass(value) or isinstance(value, dict)))
                  or (isinstance(old, bool) and not isinstance(value, bool))
@@ -284,7 +288,7 @@ class CryosamConfig:
                              f"{path}.{next(iter(_fields(old)))}")
         if wrong:
             raise InputError(f"{path} = {value!r}: not a valid value; give it as the default "
-                             f"{old!r} is given")
+                             f"({old!r}) is given")
         head, _, rest = path.partition(".")
         try:
             return _replace(self, head, rest, value)

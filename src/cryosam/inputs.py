@@ -302,8 +302,8 @@ def prepare(volume: np.ndarray, raw: np.ndarray, inputs: Inputs, found: ClickPro
     wants the flip (no second full-size copy)."""
     bright = found.polarity == "bright"
     particle = cfg.propagation.target == "particle"
-    factor = cfg.binning or (bin_factor(found.radius) if particle
-                             else membrane_bin_factor(found.clicks_radius))
+    factor = cfg.binning or (bin_factor(found.radius) if particle else membrane_bin_factor(
+        found.clicks_radius, inputs.tomogram.mean_voxel_size))
     enc = cfg.encoder
     shared = tuple(enc.clip_percentiles) == tuple(cfg.propagation.clip_percentiles)
     seg_flip = bright and segmenter_dark

@@ -166,13 +166,18 @@ def probe_clicks(volume: np.ndarray, prompts: np.ndarray, *, polarity: str = "au
 
 
 MEMBRANE_SCALE = 5.5  # voxels: the scale a bilayer answers the probe at on a 10 A grid
+MEMBRANE_GRID = 10.0  # A: the voxel size the membrane segmenter's widths are set for
+PLAUSIBLE_VOXEL = (2.0, 30.0)  # A: a header outside this is likely unset (1.0) or wrong
 
 
-def membrane_bin_factor(scale: float | None) -> int:
-    """Internal binning for membranes whose clicks answer the probe at ``scale`` voxels: the
-    membrane segmenter's widths are set for a bilayer of about :data:`MEMBRANE_SCALE` (10 A
-    voxels), so a 5 A tomogram (scale ~10.5) is binned 2x and a 2.5 A one (~22) 4x. None or a
-    scale near it: no binning."""
+def membrane_bin_factor(scale: float | None, voxel_size: float | None = None) -> int:
+    """Internal binning for membranes: the membrane segmenter's widths are set for a bilayer
+    (~4 nm) on a :data:`MEMBRANE_GRID` grid, so a 5 A tomogram is binned 2x and a 2.5 A one
+    4x. From a plausible ``voxel_size`` (the bilayer's thickness is physics); else from the
+    scale the clicks answer the probe at (``scale`` voxels, about :data:`MEMBRANE_SCALE` on
+    that grid, single clicks vary by a third); neither: no binning."""
+    if voxel_size is not None and PLAUSIBLE_VOXEL[0] <= voxel_size <= PLAUSIBLE_VOXEL[1]:
+        return max(1, int(round(MEMBRANE_GRID / voxel_size)))
     if scale is None or not math.isfinite(scale):
         return 1
     return max(1, int(round(scale / MEMBRANE_SCALE)))

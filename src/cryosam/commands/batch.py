@@ -129,9 +129,10 @@ def register(app: typer.Typer) -> None:
                 if say:
                     say(f"{len(tasks)} tomogram(s) from {dataset} {engine.description} "
                         f"(ready in {engine.startup_seconds:.1f} s)")
-                batching.drop_combined(out)  # rewritten at the end; never left stale
+                batching.drop_combined(out, points)  # rewritten at the end, never stale
                 outcomes = batch_ray.run_batch(tasks, engine, table, say=say)
-                combined = {} if shard is not None else batching.combine_stars(out, outcomes)
+                combined = ({} if shard is not None
+                            else batching.combine_stars(out, outcomes, points))
             except (KeyboardInterrupt, Terminated) as exc:
                 sigterm = isinstance(exc, Terminated)
                 raise Stopped(f"{'terminated (SIGTERM)' if sigterm else 'interrupted (Ctrl-C)'}"
