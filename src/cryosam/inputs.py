@@ -231,7 +231,7 @@ def normalise(tomogram: io.Tomogram, cfg: PropagationConfig) -> np.ndarray:
 def probe(volume: np.ndarray, inputs: Inputs, cfg: CryosamConfig) -> ClickProbe:
     """Polarity and particle size from the clicks (or from ``polarity``/``diameter``)."""
     radius = None
-    if cfg.diameter is not None:
+    if cfg.diameter is not None and cfg.propagation.target == "particle":  # membranes: none
         vs = inputs.tomogram.mean_voxel_size
         if vs is None:
             raise InputError("--diameter is in Å but the tomogram has no voxel size; pass "
