@@ -299,7 +299,7 @@ def combine_stars(out: Path, outcomes: list[Outcome], keep: Path | None = None
     finished = [o.tomogram for o in outcomes if o.status in ("done", "skipped")]
     written: dict[str, tuple[Path, int, int]] = {}
     for name in io.STAR_FLAVOURS.values():
-        if keep is not None and (out / name).resolve() == keep.resolve():
+        if _is(out / name, keep):
             warnings.warn(f"{out / name}: not rewritten, it holds this batch's clicks "
                           "(--points); the tomograms' own files hold the new picks",
                           CryosamWarning, stacklevel=2)
@@ -341,5 +341,10 @@ def drop_combined(out: Path, keep: Path | None = None) -> None:
     none rather than files that no longer match the folders. ``keep`` (this batch's clicks
     file, which may be an earlier batch's dataset file) is never touched."""
     for name in io.STAR_FLAVOURS.values():
-        if keep is None or (out / name).resolve() != keep.resolve():
+        if not _is(out / name, keep):
             (out / name).unlink(missing_ok=True)
+
+
+def _is(path: Path, other: Path | None) -> bool:
+    """Whether ``path`` is the file ``other`` names (this batch's clicks, say)."""
+    return other is not None and path.resolve() == other.resolve()

@@ -84,11 +84,11 @@ class Worker:
     def run(self, task: Task) -> Outcome:
         """Run (or skip) one task; any failure becomes a failed :class:`Outcome`."""
         start = time.perf_counter()
-        with warnings.catch_warnings(record=True) as caught:
+        with warnings.catch_warnings(record=True):  # said in batch.csv, not on a console
             warnings.simplefilter("always", CryosamWarning)
             try:
-                with collect_warnings() as seen_here:  # for run.json, while still caught
-                    outcome = self._run(task, seen_here)
+                with collect_warnings() as seen:  # run.json and batch.csv
+                    outcome = self._run(task, seen)
             except CryosamError as exc:
                 outcome = Outcome(task.name, "failed", error=str(exc))
             except Exception as exc:  # noqa: BLE001 - one tomogram never stops the others
@@ -97,8 +97,7 @@ class Worker:
                                   detail=traceback.format_exc())
         outcome.seconds = round(time.perf_counter() - start, 3)
         if outcome.status != "skipped":  # a skipped one keeps its earlier run's warnings
-            outcome.warnings = list(dict.fromkeys(str(w.message) for w in caught
-                                                  if issubclass(w.category, CryosamWarning)))
+            outcome.warnings = list(seen)
         return outcome
 
     def _run(self, task: Task, seen: list[str]) -> Outcome:
@@ -144,8 +143,7 @@ class Worker:
                                       result.pick_scores if particles else None,
                                       result.pick_instance_ids if particles else None)
             result.record["copick"] = {**source.report(), "written": written}
-        # the list itself: what writing the outputs warns of (before run.json) is in it too
-        result.record["warnings"] = seen
+        result.record["warnings"] = list(seen)  # reading the tomogram and clicks included
         write_outputs(result, task.out, overwrite=True, tomo_name=task.name,
                       star=io.StarOutputs(opts.star, None, opts.tilt_series_pixel_size))
         picks = int(len(result.picks_zyx)) if result.target == "particle" else None
@@ -202,12 +200,9 @@ def changed(out: Path, state: dict[str, Any]) -> tuple[str | None, dict[str, Any
         outputs = list(record["outputs"])
     except (OSError, ValueError, KeyError, TypeError):
         return "earlier output unreadable or not from cryosam batch", {}
-    missing = [n for n in outputs if not (out / n).is_file()]
-    if missing:
-        return f"outputs incomplete ({missing[0]} missing)", record
-    damaged = _damaged(out, record)
-    if damaged:
-        return f"outputs damaged ({damaged})", record
+    incomplete = _incomplete(out, outputs, record)
+    if incomplete:
+        return incomplete, record
     # parameters before the query: a query saved with other parameters names the one
     labels = {"tomogram_sha256": "tomogram changed", "prompts_zyx": "clicks changed",
               "parameters": "parameters changed", "options": "options changed",
@@ -230,10 +225,14 @@ def _picks(record: dict[str, Any]) -> int | None:
     return int(record["counts"]["picks"]) if target == "particle" else None
 
 
-def _damaged(out: Path, record: dict[str, Any]) -> str | None:
-    """The first mask or preview whose size is not the one run.json recorded (None when all
-    are, or for a record from before sizes were kept). Text outputs are not compared: a user
-    may have curated picks.csv or picks_napari.csv, and a redo would replace their edit."""
+def _incomplete(out: Path, outputs: list[str], record: dict[str, Any]) -> str | None:
+    """Why the output folder ``out`` that run.json (``record``) lists as ``outputs`` is not
+    complete: a file missing, or a mask or preview whose size is not the one recorded (a full
+    disk, an interrupted copy); None when it is. Text outputs are not compared by size: a
+    user may have curated picks.csv or picks_napari.csv, and a redo would replace the edit."""
+    missing = [n for n in outputs if not (out / n).is_file()]
+    if missing:
+        return f"outputs incomplete ({missing[0]} missing)"
     sizes = record.get("output_bytes")
     for name, size in (sizes.items() if isinstance(sizes, dict) else ()):
         if not name.endswith((".mrc", ".png")):
@@ -241,9 +240,9 @@ def _damaged(out: Path, record: dict[str, Any]) -> str | None:
         try:
             now = (out / name).stat().st_size
         except OSError:
-            return f"{name} unreadable"
+            return f"outputs damaged ({name} unreadable)"
         if now != size:
-            return f"{name} is {now} bytes, was {size}"
+            return f"outputs damaged ({name} is {now} bytes, was {size})"
     return None
 
 
@@ -271,8 +270,7 @@ def finished_here(task: Task, batch_id: str) -> Outcome | None:
     try:
         record = json.loads((out / "run.json").read_text(encoding="utf-8"))
         ours = record["batch"]["batch_id"] == batch_id
-        complete = (all((out / n).is_file() for n in record["outputs"])
-                    and _damaged(out, record) is None)
+        complete = _incomplete(out, list(record["outputs"]), record) is None
         picks, seconds = _picks(record), float(record.get("total_seconds", 0))
         reason = str(record["batch"]["reason"])
         said = [str(w) for w in record.get("warnings", [])]

@@ -294,7 +294,7 @@ class CryosamConfig:
             return _replace(self, head, rest, value)
         except (TypeError, ValueError) as exc:
             raise InputError(f"{path} = {value!r}: not a valid value ({exc}); give it as "
-                             f"the default {get_path(self, path)!r} is given") from None
+                             f"the default ({old!r}) is given") from None
 
 
 def _fields(block: Any) -> list[str]:

@@ -25,7 +25,7 @@ from cryosam._atomic import (
     sweep_stale,
     temp_dir,
 )
-from cryosam.errors import CryosamWarning, InputError
+from cryosam.errors import CryosamWarning, InputError, collect_warnings
 from cryosam.result import Instance, SegmentationResult
 from cryosam.utils import tomo_stem
 
@@ -105,8 +105,9 @@ def write_outputs(
         out.parent.mkdir(parents=True, exist_ok=True)
         staging = temp_dir(out, "partial")
         try:
-            written = _write_all(result, staging, tomo_name=tomo_name, preview=preview,
-                                 star=star or io.StarOutputs())
+            with collect_warnings() as said:  # the outputs' own (a STAR not written)
+                written = _write_all(result, staging, tomo_name=tomo_name, preview=preview,
+                                     star=star or io.StarOutputs(), said=said)
             replace_dir(staging, out)
         except OSError as exc:
             shutil.rmtree(staging, ignore_errors=True)
@@ -136,7 +137,7 @@ def _pick_columns(instances: list[Instance], instance_ids: np.ndarray) -> dict[s
 
 def _write_all(
     result: SegmentationResult, folder: Path, *, tomo_name: str | None, preview: bool,
-    star: io.StarOutputs,
+    star: io.StarOutputs, said: list[str],
 ) -> dict[str, Path]:
     tomo = result.tomogram
     name = tomo_name or result.tomo_name
@@ -176,6 +177,7 @@ def _write_all(
     written["run.json"] = folder / "run.json"
     record = dict(result.record)
     record["outputs"] = sorted(written)
+    record["warnings"] = list(dict.fromkeys([*record.get("warnings", []), *said]))
     # a resumed batch compares them: a file cut short (a full disk, an rsync) is redone
     record["output_bytes"] = {name: path.stat().st_size for name, path in written.items()
                               if name != "run.json"}

@@ -154,12 +154,7 @@ def points_from_api(points: Any, tomo: io.Tomogram, unit: str = "voxel",
         raise InputError(f"{what}: an array of shape {zyx.shape}; give one (z, y, x) row "
                          "per click, shape (N, 3)" + (" (transpose it?)" if zyx.ndim == 2
                                                       and zyx.shape[0] == 3 else ""))
-    if unit == "angstrom" or pixel_size is not None:
-        vs = tomo.voxel_size
-        if vs is None:
-            raise InputError(f"{what} in Å need the tomogram's voxel size; pass voxel_size")
-        zyx = zyx * (float(pixel_size) if pixel_size is not None else 1.0) / np.asarray(vs)
-    return io.PointSet(zyx=zyx)
+    return io.PointSet(zyx=io.to_voxels(zyx, what, tomo.voxel_size, unit, pixel_size))
 
 
 def _check_apart(prompts: np.ndarray, negatives: np.ndarray) -> None:
@@ -239,8 +234,8 @@ def probe(volume: np.ndarray, inputs: Inputs, cfg: CryosamConfig) -> ClickProbe:
         radius = cfg.diameter / 2.0 / vs
     found = probe_volume(volume, inputs.prompts, polarity=cfg.polarity, radius=radius,
                          estimate_size=cfg.propagation.target == "particle")
-    seen = found.clicks_radius
-    if radius is not None and seen and not 1 / 3 < radius / seen < 3:
+    seen = found.size_conflict
+    if seen is not None:
         warnings.warn(f"--diameter {cfg.diameter:g} Å is a radius of {radius:.1f} voxels, but "
                       f"at the clicks the particle looks like {seen:.1f} voxels; check --diameter "
                       "(in Å, the whole particle) or leave it out", CryosamWarning,

@@ -41,6 +41,16 @@ class ClickProbe:
         return float(np.median(finite)) if finite else None
 
     @property
+    def size_conflict(self) -> float | None:
+        """The clicks' own radius when a given ``--diameter`` is over three times off it
+        (larger or smaller), else None: said as a warning, or as the reason nothing was
+        found."""
+        seen = self.clicks_radius
+        off = (self.radius_source == "diameter" and self.radius and seen
+               and not 1 / 3 < self.radius / seen < 3)
+        return seen if off else None
+
+    @property
     def votes(self) -> dict[str, int]:
         """How many probed clicks look dark and how many bright."""
         return {"dark": sum(r > 0 for r in self.responses),

@@ -156,30 +156,32 @@ class SavedQuery:
         return out
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> SavedQuery:
-        """Read a file written by :meth:`save`; one :class:`InputError` line if it is not one."""
+    def load(cls, path: str | os.PathLike[str], where: str | None = None,
+             make: str = "`cryosam query TOMO --points CLICKS --out NAME.cryosam-query`"
+             ) -> SavedQuery:
+        """Read a file written by :meth:`save`; one :class:`InputError` line if it is not one,
+        starting with ``where`` (default ``--query PATH``) and saying how to ``make`` one
+        (napari says its button)."""
         from cryosam.utils import sha256_file
 
         p = Path(path)
-        where = f"--query {p}"
+        where = where or f"--query {p}"
         if not p.is_file():
-            raise InputError(f"{where}: file not found; save one with `cryosam query TOMO "
-                             "--points CLICKS --out NAME.cryosam-query`")
+            raise InputError(f"{where}: file not found; save one with {make}")
         try:
             with np.load(p, allow_pickle=False) as data:
                 arrays = {k: data[k] for k in ("vectors", "mask_shapes", "mask_bits", "meta")}
                 arrays.update({k: data[k] for k in _OPTIONAL if k in data.files})
         except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as exc:
             raise InputError(f"{where}: not a cryosam query file ({type(exc).__name__}); save "
-                             "one with `cryosam query`") from None
+                             f"one with {make}") from None
         try:
             meta = json.loads(str(arrays["meta"]))
         except ValueError:
             raise InputError(f"{where}: its description is damaged; save the query again") \
                 from None
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-            raise InputError(f"{where}: not a cryosam query file; save one with `cryosam "
-                             "query`")
+            raise InputError(f"{where}: not a cryosam query file; save one with {make}")
         version = meta.get("version")
         if not isinstance(version, int) or version > FORMAT_VERSION:
             raise InputError(f"{where}: format version {version} is newer than this cryosam "

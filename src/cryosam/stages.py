@@ -159,8 +159,8 @@ def nothing_found_message(found: ClickProbe | None, factor: int = 1,
         if found.polarity_source == "given" and votes[other] > votes[found.polarity]:
             return (f"{head}: the contrast at the clicks looks {other}, not "
                     f"{found.polarity} — try --polarity {other} (or --polarity auto)")
-        seen = found.clicks_radius
-        if found.radius_source == "diameter" and seen and not 1 / 3 < found.radius / seen < 3:
+        seen = found.size_conflict
+        if seen is not None:
             return (f"{head}: --diameter makes the particle's radius {found.radius:.1f} "
                     f"voxels, but at the clicks it looks like {seen:.1f} voxels; check --diameter "
                     "(in Å) or leave it out")

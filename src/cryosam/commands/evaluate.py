@@ -77,10 +77,7 @@ def evaluate(
     opts = {"shape": size, "voxel_size": voxel_size, "tomo_name": tomo_name,
             "check_bounds": False}
     pk = read_points(picks, **opts, unit=points_unit, empty_ok=True)  # none picked scores 0
-    try:
-        tr = read_points(truth, **opts, unit=truth_unit)
-    except InputError as exc:  # the reader's advice names the picks' option
-        raise InputError(str(exc).replace("--points-unit", "--truth-unit")) from None
+    tr = read_points(truth, **opts, unit=truth_unit, unit_option="--truth-unit")
     t_zyx, p_zyx = tr.zyx, pk.zyx
     p_keep = np.ones(len(p_zyx), dtype=bool)
     present = sorted({str(k) for k in tr.columns.get("kind", [])})

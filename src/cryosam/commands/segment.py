@@ -339,7 +339,7 @@ def register(app: typer.Typer) -> None:
                                     points_bin=points_bin)
             if source is not None:
                 result.record["copick"] = source.report()
-            result.record["warnings"] = said  # the list: the outputs' own warnings join it
+            result.record["warnings"] = list(said)  # copick's loading included
             written = write_outputs(result, out_dir, overwrite=overwrite, tomo_name=tomo_name,
                                     star=star_out)
             copick_out = (None if source is None

@@ -32,6 +32,7 @@ from cryosam.io.points import (
     negative_rows,
     normalise_unit,
     read_points,
+    to_voxels,
     write_napari_csv,
     write_picks_csv,
 )
@@ -62,6 +63,7 @@ __all__ = [
     "read_tomogram",
     "star_tomo_name",
     "star_tomo_names",
+    "to_voxels",
     "voxel_size_zyx",
     "write_copick",
     "write_flavour_star",

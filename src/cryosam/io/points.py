@@ -25,7 +25,7 @@ from cryosam.io.names import CSV_NAME_COLUMNS, csv_name_column, select_tomogram
 from cryosam.io.star import read_star_points
 from cryosam.utils import outside_volume
 
-__all__ = ["PointSet", "read_points", "write_napari_csv", "write_picks_csv"]
+__all__ = ["PointSet", "read_points", "to_voxels", "write_napari_csv", "write_picks_csv"]
 
 _UNIT_ALIASES = {
     "voxel": "voxel", "voxels": "voxel", "vox": "voxel", "px": "voxel", "pixel": "voxel",
@@ -87,11 +87,12 @@ def negative_rows(points: PointSet) -> np.ndarray:
     return out
 
 
-def normalise_unit(unit: str) -> str:
-    """``voxel`` or ``angstrom`` for any of their spellings (px, Å, ...); refuse others."""
+def normalise_unit(unit: str, option: str = "--points-unit") -> str:
+    """``voxel`` or ``angstrom`` for any of their spellings (px, Å, ...); refuse others,
+    naming the ``option`` the unit came from."""
     key = str(unit).strip().lower()
     if key not in _UNIT_ALIASES:
-        raise InputError(f"--points-unit {unit!r} is not known; use 'voxel' or 'angstrom'")
+        raise InputError(f"{option} {unit!r} is not known; use 'voxel' or 'angstrom'")
     return _UNIT_ALIASES[key]
 
 
@@ -120,6 +121,7 @@ def read_points(
     every_tomogram: bool = False,
     empty_ok: bool = False,
     text: str | None = None,
+    unit_option: str = "--points-unit",
 ) -> PointSet:
     """Read points (prompts or picks) from CSV or STAR as (z, y, x) voxels.
 
@@ -143,7 +145,8 @@ def read_points(
     overrides the stated size. Origin shifts (``rlnOriginX/Y/Z[Angst]``) are not applied.
 
     ``text``: the content, given instead of reading ``path`` (a table handed to the Python
-    API, as CSV); ``path`` then only names it in messages.
+    API, as CSV); ``path`` then only names it in messages. ``unit_option``: the option that
+    sets ``unit``, as messages name it (``evaluate``'s TRUTH takes ``--truth-unit``).
 
     ``unit="angstrom"`` divides CSV coordinates by ``voxel_size`` (Å from voxel 0; the header
     origin is not subtracted). ``pixel_size`` (Å) says the coordinates are pixels of that size
@@ -153,7 +156,7 @@ def read_points(
     ``check_bounds`` is False.
     """
     p = Path(path)
-    unit = normalise_unit(unit)
+    unit = normalise_unit(unit, unit_option)
     vs = as_voxel_size(voxel_size)
     if text is None:
         text = _file_text(p)
@@ -162,28 +165,42 @@ def read_points(
 
     if _is_star(p, text):
         if unit != "voxel":
-            warn(f"{p}: --points-unit is ignored for STAR files (their columns state units)")
+            warn(f"{p}: {unit_option} is ignored for STAR files (their columns state units)")
         zyx, columns, labels = read_star_points(p, shape, vs, tomo_name,
                                                 star_pixel_size or pixel_size, own_tomo_name)
     else:
-        zyx, columns, labels = _read_csv_points(p, text, unit, vs, empty_ok)
+        zyx, columns, labels = _read_csv_points(p, text, unit, empty_ok, unit_option)
         column = csv_name_column(columns)
         if column is not None and not every_tomogram:
             keep = select_tomogram(p, list(columns[column]), tomo_name, own_tomo_name)
             zyx, labels = zyx[keep], [lb for lb, k in zip(labels, keep, strict=True) if k]
             columns = {k: np.asarray(v)[keep] for k, v in columns.items()}
-        if pixel_size is not None:
-            if vs is None:
-                raise InputError(f"{p}: --points-pixel-size needs the tomogram's voxel size; "
-                                 "the header has none, so pass --voxel-size")
-            factor = float(pixel_size) / vs
-            zyx = zyx * factor
-            warn(f"{p}: coordinates in {float(pixel_size):g} Å pixels scaled by "
-                 f"{', '.join(f'{f:.4g}' for f in np.unique(np.round(factor, 6)))} to this "
-                 "tomogram's voxels")
+        zyx = to_voxels(zyx, p, vs, unit, pixel_size)
     if shape is not None and check_bounds:
         _check_bounds(p, zyx, shape, labels)
     return PointSet(zyx=zyx, columns=columns, source=p)
+
+
+def to_voxels(zyx: np.ndarray, where: object, voxel_size: float | Sequence[float] | None,
+              unit: str = "voxel", pixel_size: float | None = None) -> np.ndarray:
+    """(z, y, x) coordinates in ``unit`` (``angstrom``: Å from voxel 0, the header origin not
+    subtracted) or in pixels of ``pixel_size`` Å (clicks made on a differently binned copy,
+    said in a warning) as voxels of a tomogram of ``voxel_size``; CSV files and the Python
+    API's arrays alike. Needing a voxel size that is unknown is one line naming ``where``."""
+    vs = as_voxel_size(voxel_size)
+    if (unit == "angstrom" or pixel_size is not None) and vs is None:
+        what = "coordinates in Å need" if unit == "angstrom" else "--points-pixel-size needs"
+        raise InputError(f"{where}: {what} the tomogram's voxel size; the header has none, so "
+                         "pass --voxel-size")
+    if unit == "angstrom":
+        zyx = zyx / vs
+    if pixel_size is not None:
+        factor = float(pixel_size) / vs
+        zyx = zyx * factor
+        warn(f"{where}: coordinates in {float(pixel_size):g} Å pixels scaled by "
+             f"{', '.join(f'{f:.4g}' for f in np.unique(np.round(factor, 6)))} to this "
+             "tomogram's voxels")
+    return zyx
 
 
 def _file_text(p: Path) -> str:
@@ -267,8 +284,10 @@ def _column_array(values: list[str]) -> np.ndarray:
     return np.asarray(values, dtype=str)
 
 
-def _header_axes(path: Path, first: list[str], names: list[str], unit: str) -> dict[str, int]:
-    """Column index of x, y and z named by a header; refuse a unit other than ``unit``."""
+def _header_axes(path: Path, first: list[str], names: list[str], unit: str,
+                 option: str = "--points-unit") -> dict[str, int]:
+    """Column index of x, y and z named by a header; refuse a unit other than ``unit`` (set
+    by ``option``)."""
     axis_col: dict[str, int] = {}
     header_unit: str | None = None
     for j, name in enumerate(names):
@@ -300,17 +319,19 @@ def _header_axes(path: Path, first: list[str], names: list[str], unit: str) -> d
             raise InputError(
                 f"{path}: the coordinate columns ("
                 f"{', '.join(first[axis_col[a]] for a in 'xyz')}) are in Å; pass "
-                "--points-unit angstrom (with the tomogram's voxel size)"
+                f"{option} angstrom (with the tomogram's voxel size)"
             )
         raise InputError(
-            f"{path}: the coordinate columns say voxels but --points-unit {unit} was given; "
-            "drop --points-unit or fix the header"
+            f"{path}: the coordinate columns say voxels but {option} {unit} was given; "
+            f"drop {option} or fix the header"
         )
     return axis_col
 
 
-def _read_csv_points(path: Path, text: str, unit: str, vs: np.ndarray | None,
-                     empty_ok: bool = False) -> ParsedPoints:
+def _read_csv_points(path: Path, text: str, unit: str, empty_ok: bool = False,
+                     unit_option: str = "--points-unit") -> ParsedPoints:
+    """(z, y, x) as written, extra columns and row labels of a CSV points file (``unit``:
+    the one its header may state; :func:`to_voxels` converts)."""
     rows = _csv_rows(path, text)
     first_line, first = rows[0]
     if all(_parse_float(f) is None for f in first):  # a header
@@ -318,7 +339,7 @@ def _read_csv_points(path: Path, text: str, unit: str, vs: np.ndarray | None,
         data_rows = rows[1:]
         if not data_rows and not empty_ok:
             raise InputError(f"{path}: a header but no points; add at least one point below it")
-        axis_col = _header_axes(path, first, names, unit)
+        axis_col = _header_axes(path, first, names, unit, unit_option)
     else:
         if len(first) not in _HEADERLESS:
             raise InputError(
@@ -353,13 +374,6 @@ def _read_csv_points(path: Path, text: str, unit: str, vs: np.ndarray | None,
             coords[i, k] = value
         labels.append(f"line {line_no}")
 
-    if unit == "angstrom":
-        if vs is None:
-            raise InputError(
-                f"{path}: coordinates in Å need the tomogram's voxel size; the header has none, "
-                "so pass --voxel-size"
-            )
-        coords = coords / vs
     used = set(axis_col.values())
     columns: dict[str, np.ndarray] = {}
     for j, name in enumerate(names):

@@ -41,15 +41,10 @@ def query_model(path: str, device: str, polarity: str, models: dict[Any, Any],
     import dataclasses
     import json
 
-    from cryosam.errors import InputError
     from cryosam.pipeline import CryoSAM
     from cryosam.query import SavedQuery
 
-    try:
-        saved = SavedQuery.load(path)
-    except InputError as exc:  # the CLI's wording, for the widget
-        raise InputError(str(exc).replace(f"--query {path}", str(path)).replace(
-            "save one with `cryosam query`", "save one with Save query…")) from None
+    saved = SavedQuery.load(path, where=str(path), make="Save query…")
     cfg = saved.config()
     cfg = dataclasses.replace(cfg, device=device, polarity=polarity,
                               binning=cfg.binning if binning is None else binning,

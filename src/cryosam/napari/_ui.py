@@ -125,18 +125,13 @@ def build_ui(w: Any) -> None:
     w._labels_timer.timeout.connect(w._filter_labels)
 
     form = QFormLayout()
-    form.addRow("Tomogram", w.image_box)
-    form.addRow("Clicks", w.points_box)
-    form.addRow("", w.new_clicks_button)
-    form.addRow("Negative clicks", w.negatives_box)
-    form.addRow("", w.new_negatives_button)
-    form.addRow("Encoder", w.encoder_box)
-    form.addRow("Segmenter", w.segmenter_box)
-    form.addRow("Device", w.device_box)
-    form.addRow("Target", w.target_box)
-    form.addRow("Polarity", w.polarity_box)
-    form.addRow("Binning", w.binning_box)
-    form.addRow("Density tolerance", w.tolerance_box)
+    for label, control in (("Tomogram", w.image_box), ("Clicks", w.points_box),
+                           ("", w.new_clicks_button), ("Negative clicks", w.negatives_box),
+                           ("", w.new_negatives_button), ("Encoder", w.encoder_box),
+                           ("Segmenter", w.segmenter_box), ("Device", w.device_box),
+                           ("Target", w.target_box), ("Polarity", w.polarity_box),
+                           ("Binning", w.binning_box), ("Density tolerance", w.tolerance_box)):
+        form.addRow(label, control)
     buttons = QHBoxLayout()
     buttons.addWidget(w.segment_button)
     buttons.addWidget(w.similar_button)

@@ -150,7 +150,7 @@ class CryosamWidget(QWidget):
             return None
         layer = self.viewer.add_points(np.zeros((0, 3)), ndim=3, name=name,
                                        scale=image.scale[-3:], translate=image.translate[-3:],
-                                       units=tuple(image.units)[-3:], size=5,
+                                       units=_units(image), size=5,
                                        face_color=colour, border_color=colour, symbol="cross")
         layer.mode = "add"
         box.setCurrentText(layer.name)
@@ -406,19 +406,13 @@ class CryosamWidget(QWidget):
         if self._clicks is not None and self._clicks in self.viewer.layers:
             self.viewer.layers.selection.active = self._clicks  # ready for more clicks
 
-    def _units(self) -> tuple:
-        """The tomogram layer's units (Å when it has a voxel size), for the layers shown on it:
-        napari warns when layers' units differ."""
-        image = self._source
-        return tuple(image.units)[-3:] if image is not None else ("pixel",) * 3
-
     def _show_labels(self, result: SegmentationResult, scale: tuple, translate: tuple) -> None:
         labels = np.asarray(result.labels)
         layer = self.labels_layer
         if layer is None or layer not in self.viewer.layers:
             layer = self.viewer.add_labels(labels, name=LABELS_NAME, scale=scale,
                                            translate=translate, opacity=0.5,
-                                           units=self._units())
+                                           units=_units(self._source))
             self.labels_layer = layer
         else:
             layer.scale, layer.translate = scale, translate
@@ -434,7 +428,7 @@ class CryosamWidget(QWidget):
             self.viewer.layers.remove(layer)
         kwargs = points_kwargs(PICKS_NAME, scale, features, pick_size(result.pick_n_voxels))
         self.picks_layer = self.viewer.add_points(result.picks_zyx, ndim=3, translate=translate,
-                                                  units=self._units(), **kwargs)
+                                                  units=_units(self._source), **kwargs)
         with contextlib.suppress(ValueError):  # napari >= 0.9: rings shrink off their centre
             self.picks_layer.projection_mode = "rescale_spherical"
         self._refresh_layers()
@@ -467,6 +461,12 @@ class CryosamWidget(QWidget):
             layer.data = lut[full]
         elif layer.data is not full:
             layer.data = full
+
+
+def _units(image: Image | None) -> tuple:
+    """The tomogram layer's units (Å when it has a voxel size), for the layers cryosam puts
+    on it: napari warns when layers' units differ."""
+    return tuple(image.units)[-3:] if image is not None else ("pixel",) * 3
 
 
 def _voxels(image: Image, layer: Points) -> np.ndarray:
