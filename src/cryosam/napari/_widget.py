@@ -328,6 +328,10 @@ class CryosamWidget(QWidget):
         # errors go to _fail (one line); _ignore_errors stops napari re-raising them as well
         worker = create_worker(func, *args, _progress={"desc": f"cryosam: {task}"},
                                _ignore_errors=True)
+        # the elapsed-time clock stops before the result or the error takes the status line
+        # (a tick between them and `finished` overwrote it under load)
+        for signal in (worker.returned, worker.errored):
+            signal.connect(lambda *_: self._tick.stop())
         worker.returned.connect(on_done)
         worker.warned.connect(self._warned)
         self._warnings = []
