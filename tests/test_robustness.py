@@ -4,6 +4,7 @@ exit code. Signals go to a real ``cryosam segment`` process at chosen points."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -335,6 +336,10 @@ def test_a_log_gets_a_progress_line_while_a_long_step_runs(small_sim, weight_fre
     CryoSAM(weight_free).segment(sim.volume, sim.prompt_points[:1], voxel_size=sim.voxel_size)
     said = capsys.readouterr().err  # the pipeline's own steps, the proposals' first masks too
     assert "cryosam: encoding slices" in said and "cryosam: first masks (slices)" in said
+    # propagation counts the chains that ended out of all of them (it printed bare steps)
+    ended = [ln for ln in said.splitlines() if ln.startswith("cryosam: propagating")]
+    assert ended and all(re.search(r"chains ended\) \d+/\d+ \(", ln) for ln in ended)
+    assert re.search(r"(\d+)/\1 \(100%\) done in", ended[-1]), ended[-1]
     progress.set_quiet(True)
     try:
         list(progress.track(range(3), "encoding slices"))

@@ -348,8 +348,9 @@ class _Engine:
                     if d[1] == axis:
                         chains.append(_Chain(i, axis, 1 if d[0] == "+" else -1, piece.index,
                                              piece, np.asarray(point, np.float64), logits, cap))
-        for _ in track(self._steps(chains, max_prompts), "propagating" if show else "",
-                       total=None, log=bool(show)):
+        for _ in track(_each_ended(self._steps(chains, max_prompts)),
+                       "propagating (chains ended)" if show else "", total=len(chains),
+                       log=bool(show)):
             pass
         if self.membrane:  # sheets: a second sweep across the slices the first one missed
             list(self._steps([c for i in particles if self.pieces.get(i)
@@ -374,6 +375,8 @@ class _Engine:
                               and new.crop.sum() <= GROWTH * prev.crop.sum())
 
     def _steps(self, chains: list[_Chain], max_prompts: int) -> Iterator[int]:
+        """Grow every chain one slice a step until each has stopped; yields how many of
+        ``chains`` have ended so far after each step (the progress of a long propagation)."""
         cfg = self.cfg
         active = list(chains)
         while active:
@@ -387,6 +390,7 @@ class _Engine:
                 else:
                     live.append(ch)
             if not live:
+                yield len(chains)
                 break
             prompts = [(ch.axis, ch.index + ch.sign, ch.point, ch.prev, ch.logits, ch.cap)
                        for ch in live]
@@ -411,4 +415,14 @@ class _Engine:
                 ch.point = np.asarray(point, np.float64)
                 ch.logits = logits
                 active.append(ch)
-            yield self.steps
+            yield len(chains) - len(active)
+
+
+def _each_ended(ended: Iterator[int]) -> Iterator[None]:
+    """One item for each chain that ended, from running counts of ended chains, so that a
+    progress bar over the chains advances as they stop."""
+    before = 0
+    for count in ended:
+        for _ in range(count - before):
+            yield None
+        before = max(before, count)
