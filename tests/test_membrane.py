@@ -142,3 +142,34 @@ def test_membrane_binning_comes_from_the_voxel_size_else_the_probe() -> None:
     assert membrane_bin_factor(7.76, 5.0) == 2  # a single click's low scale does not decide
     assert membrane_bin_factor(11.0, 1.0) == 2 and membrane_bin_factor(11.0, None) == 2
     assert membrane_bin_factor(float("nan"), None) == 1 and membrane_bin_factor(None) == 1
+
+
+def test_membranes_csv_traces_each_label_to_its_clicks(small_sim, run_cli, tmp_path) -> None:
+    """``membranes.csv``: a row per label of ``instances.mrc`` naming the data rows of the
+    clicks that made it, rows of the file itself (another tomogram's rows and a negative
+    row counted), each click in exactly one membrane; two clicks on one sheet share a row."""
+    import csv
+
+    import mrcfile
+
+    sim, files = small_sim
+    clicks = np.loadtxt(files["membrane_clicks.csv"], delimiter=",", skiprows=1, ndmin=2)
+    lines = ["x,y,z,tomo_name,negative", "1,1,1,other,0"]  # data row 0: another tomogram
+    lines += [f"{x},{y},{z},tomo,0" for x, y, z in clicks]  # rows 1..n
+    lines.append("2,2,2,tomo,1")  # a negative row after them
+    points = tmp_path / "clicks.csv"
+    points.write_text("\n".join(lines) + "\n")
+    code, _, err = run_cli("segment", files["tomo.mrc"], "--points", points, "--target",
+                           "membrane", "--encoder", "filterbank", "--segmenter", "threshold",
+                           "--device", "cpu", "--out", tmp_path / "m")
+    assert code == 0, err
+    with open(tmp_path / "m" / "membranes.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    with mrcfile.open(tmp_path / "m" / "instances.mrc") as mrc:
+        labels = np.asarray(mrc.data)
+    assert [int(r["instance_id"]) for r in rows] == list(range(1, labels.max() + 1))
+    for r in rows:
+        assert int(r["n_voxels"]) == int((labels == int(r["instance_id"])).sum())
+    made = sorted(int(c) for r in rows for c in r["clicks"].split())
+    assert made == list(range(1, len(clicks) + 1))  # file rows, each click once
+    assert len(rows) < len(clicks)  # clicks on one membrane are one label naming both

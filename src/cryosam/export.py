@@ -37,6 +37,7 @@ OUTPUT_FILES = (
     "picks_relion5.star",  # io.STAR_FLAVOURS: one STAR file per tool
     "picks_warp.star",
     "picks_relion4.star",  # only with a tilt-series pixel size
+    "membranes.csv",  # membrane runs: each label's clicks
     "semantic.mrc",
     "instances.mrc",
     "preview.png",
@@ -165,6 +166,9 @@ def _write_all(
             written["picks_below_cut.csv"] = folder / "picks_below_cut.csv"
             io.write_picks_csv(written["picks_below_cut.csv"], result.below_cut_zyx,
                                _pick_columns(below, np.zeros(len(below), dtype=np.int64)))
+    if result.target == "membrane":
+        written["membranes.csv"] = folder / "membranes.csv"
+        _write_membranes(written["membranes.csv"], result)
     written["semantic.mrc"] = folder / "semantic.mrc"
     io.write_mrc(written["semantic.mrc"], result.semantic, tomo.voxel_size, tomo.origin,
                  tomo.start)
@@ -184,6 +188,24 @@ def _write_all(
     with atomic_path(written["run.json"]) as tmp:
         tmp.write_text(json.dumps(_jsonable(record), indent=2) + "\n", encoding="utf-8")
     return written
+
+
+def _write_membranes(path: Path, result: SegmentationResult) -> None:
+    """``membranes.csv``: one row per membrane in ``instances.mrc``, at the click it grew from
+    (``x,y,z`` voxels), with its ``instance_id``, ``n_voxels``, volume in nm³ (empty without a
+    voxel size) and ``clicks``: the data rows of every click that made it (clicks on one
+    membrane are merged), so a label can be traced back to the clicks."""
+    tomo = result.tomogram
+    voxel_nm3 = (float(np.prod(tomo.voxel_size)) / 1000.0 if tomo.voxel_size is not None
+                 else float("nan"))
+    insts = result.instances
+    io.write_picks_csv(path, np.array([i.seed for i in insts], float).reshape(-1, 3), {
+        "instance_id": np.arange(1, len(insts) + 1, dtype=np.int64),
+        "n_voxels": np.array([i.n_voxels for i in insts], dtype=np.int64),
+        "volume_nm3": np.array([i.n_voxels * voxel_nm3 for i in insts], dtype=float),
+        "clicks": np.array([" ".join(str(r) for r in sorted(i.click_rows)) for i in insts],
+                           dtype=object),
+    })
 
 
 def _write_star_flavours(

@@ -44,6 +44,8 @@ class Inputs:
     name: str  # the tomogram's name in STAR outputs
     negatives: np.ndarray = field(default_factory=lambda: np.zeros((0, 3)))  # (M, 3)
     negatives_source: Path | None = None
+    # each click's data row in the points file or table (0-based); None: 0..P-1
+    prompt_rows: np.ndarray | None = None
 
     def report(self) -> dict[str, Any]:
         """The run record's ``inputs``: the files' path, size and SHA-256, the tomogram's shape,
@@ -91,7 +93,7 @@ def load_inputs(tomogram: TomogramLike, points: PointsLike, *,
         prompts, source = np.asarray(ps.zyx, dtype=float).reshape(-1, 3), Path(points)
         flagged = io.negative_rows(ps)
         negatives = prompts[flagged]
-        prompts = prompts[~flagged]
+        prompts, rows = prompts[~flagged], ps.file_rows[~flagged]
         if not len(prompts):
             raise InputError(f"{points}: every row is a negative click; click at least one "
                              "particle to find (a row without the negative flag)")
@@ -100,6 +102,7 @@ def load_inputs(tomogram: TomogramLike, points: PointsLike, *,
         source = None
         flagged = io.negative_rows(ps)
         prompts, negatives = ps.zyx[~flagged], ps.zyx[flagged]
+        rows = ps.file_rows[~flagged]
         if not len(ps):
             raise InputError("no points given; click at least one particle")
         if not len(prompts):
@@ -121,7 +124,7 @@ def load_inputs(tomogram: TomogramLike, points: PointsLike, *,
         negatives = np.vstack([negatives, more.reshape(-1, 3)])
     _check_apart(prompts, negatives)
     name = tomo_name or own or "tomo"
-    return Inputs(tomo, prompts, source, points_unit, name, negatives, neg_source)
+    return Inputs(tomo, prompts, source, points_unit, name, negatives, neg_source, rows)
 
 
 def points_from_api(points: Any, tomo: io.Tomogram, unit: str = "voxel",

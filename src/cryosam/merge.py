@@ -88,7 +88,9 @@ def merge_instances(
                 owner = int(ids[int(np.argmax(counts))])
                 region[free] = owner
                 host = kept[owner - 1]
-                kept[owner - 1] = dataclasses.replace(host, mask=host.mask.union(inst.mask))
+                rows = tuple(r for r in inst.click_rows if r not in host.click_rows)
+                kept[owner - 1] = dataclasses.replace(host, mask=host.mask.union(inst.mask),
+                                                      merged_clicks=host.merged_clicks + rows)
                 continue
             if not inst.is_prompt and _centred_in(region, free):  # a shell around one
                 continue  # leakage, not a particle: dropped, its voxels stay free

@@ -262,7 +262,7 @@ class CryoSAM:
             del volume  # the work volumes are all that is needed from here
         with timer("segment_prompts"):
             clicks = stages.segment_clicks(work, self.segmenter, _prop_cfg(cfg, work.factor), found,
-                                           inputs.points_source)
+                                           inputs.points_source, inputs.prompt_rows)
         return inputs, found, work, clicks
 
     def _segment_query(self, tomogram: stages.TomogramLike, saved: SavedQuery, *,

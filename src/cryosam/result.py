@@ -29,11 +29,18 @@ class Instance:
     # density outside the clicked kind's own range (3+ clicks, score.density_range): its score
     # is tiny and it takes no part in choosing the automatic cut
     outside: bool = False
+    # rows of other clicks whose masks were merged into this one (two clicks on one object)
+    merged_clicks: tuple[int, ...] = ()
 
     @property
     def is_prompt(self) -> bool:
         """True for a clicked instance."""
         return self.click_row >= 0
+
+    @property
+    def click_rows(self) -> tuple[int, ...]:
+        """Every click row that ended in this instance: its own, then those merged into it."""
+        return ((self.click_row,) if self.is_prompt else ()) + self.merged_clicks
 
     @property
     def score(self) -> float:

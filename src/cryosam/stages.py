@@ -77,14 +77,18 @@ class Clicks:
 
 
 def segment_clicks(work: Work, segmenter: Segmenter, cfg: PropagationConfig,
-                   found: ClickProbe | None = None, source: Path | None = None) -> Clicks:
+                   found: ClickProbe | None = None, source: Path | None = None,
+                   file_rows: np.ndarray | None = None) -> Clicks:
     """3-D masks of the clicked particles; clicks with an empty mask are kept and warned of,
     and when every click comes out empty the run stops with one line saying why (naming the
-    clicks file ``source``)."""
+    clicks file ``source``). ``file_rows``: each click's data row in its file, which the
+    instances keep as ``click_row`` (default: its index among the clicks)."""
     # clicks on the same voxel are one click (the first row speaks for them)
     _, first = np.unique(np.rint(work.prompts).astype(np.int64), axis=0, return_index=True)
     rows = np.sort(first)
     prompts = work.prompts[rows]
+    if file_rows is not None:
+        rows = np.asarray(file_rows, dtype=np.int64)[rows]
     res = propagate(work.segmenter_volume, prompts, segmenter, cfg, radius=work.radius)
     instances = [Instance(mask, np.asarray(p, float), 1.0, float(np.clip(c, 0.0, 1.0)),
                           int(row))

@@ -50,9 +50,17 @@ class PointSet:
     zyx: np.ndarray
     columns: dict[str, np.ndarray] = field(default_factory=dict)
     source: Path | None = None
+    rows: np.ndarray | None = None  # each point's data row in the file (0-based); None: 0..N-1
 
     def __len__(self) -> int:
         return int(self.zyx.shape[0])
+
+    @property
+    def file_rows(self) -> np.ndarray:
+        """(N,) each point's data row in its file, header not counted (0-based): rows of other
+        tomograms in a multi-tomogram file are counted too, so the number finds the row."""
+        return (np.arange(len(self), dtype=np.int64) if self.rows is None
+                else np.asarray(self.rows, dtype=np.int64))
 
     @property
     def xyz(self) -> np.ndarray:
@@ -166,19 +174,21 @@ def read_points(
     if _is_star(p, text):
         if unit != "voxel":
             warn(f"{p}: {unit_option} is ignored for STAR files (their columns state units)")
-        zyx, columns, labels = read_star_points(p, shape, vs, tomo_name,
-                                                star_pixel_size or pixel_size, own_tomo_name)
+        zyx, columns, labels, rows = read_star_points(
+            p, shape, vs, tomo_name, star_pixel_size or pixel_size, own_tomo_name)
     else:
         zyx, columns, labels = _read_csv_points(p, text, unit, empty_ok, unit_option)
+        rows = np.arange(len(zyx), dtype=np.int64)
         column = csv_name_column(columns)
         if column is not None and not every_tomogram:
             keep = select_tomogram(p, list(columns[column]), tomo_name, own_tomo_name)
             zyx, labels = zyx[keep], [lb for lb, k in zip(labels, keep, strict=True) if k]
             columns = {k: np.asarray(v)[keep] for k, v in columns.items()}
+            rows = rows[keep]
         zyx = to_voxels(zyx, p, vs, unit, pixel_size)
     if shape is not None and check_bounds:
         _check_bounds(p, zyx, shape, labels)
-    return PointSet(zyx=zyx, columns=columns, source=p)
+    return PointSet(zyx=zyx, columns=columns, source=p, rows=np.asarray(rows, np.int64))
 
 
 def to_voxels(zyx: np.ndarray, where: object, voxel_size: float | Sequence[float] | None,

@@ -28,7 +28,6 @@ import numpy as np
 from cryosam._atomic import atomic_path
 from cryosam.errors import InputError
 from cryosam.io._common import (
-    ParsedPoints,
     as_column,
     as_voxel_size,
     as_zyx,
@@ -239,8 +238,9 @@ def read_star_points(
     tomo_name: str | None,
     star_pixel_size: float | None,
     own_name: str | None = None,
-) -> ParsedPoints:
-    """(z, y, x) voxels, extra columns and row labels of one tomogram's points in a STAR file.
+) -> tuple[np.ndarray, dict[str, np.ndarray], list[str], np.ndarray]:
+    """(z, y, x) voxels, extra columns, row labels and data-row numbers (0-based, in the whole
+    block) of one tomogram's points in a STAR file.
 
     The engine of :func:`cryosam.io.read_points` for STAR files (which documents the rules);
     ``vs`` is the tomogram's voxel size (z, y, x) or None; ``own_name`` the tomogram's file
@@ -302,7 +302,7 @@ def read_star_points(
     for column in df.columns:
         if not str(column).startswith("rln"):
             columns[str(column).lower()] = _series_array(df[column])
-    return zyx, columns, rows
+    return zyx, columns, rows, index
 
 
 def write_picks_star(
