@@ -287,3 +287,39 @@ def test_cli_unknown_star_flavour_is_a_usage_error(small_sim, tmp_path: Path, ru
                            "--out", tmp_path / "out", "--star", "relion3")
     assert code == 2 and "--star" in err and "relion5" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_anisotropic_voxels_give_right_angstroms_and_read_back(tmp_path: Path) -> None:
+    """Voxels of 9.1 x 6.5 x 7.84 Å (z, y, x): Warp multiplies every axis by its one pixel
+    size, so its coordinates are pixels of the mean size (they were raw voxels beside the mean
+    size: 39 Å off); RELION-5 states no single rlnPixelSize for them. Both read back to the
+    same voxels, and the reader's warning names each axis's factor."""
+    vs = (9.1, 6.5, 7.84)
+    warp, r5 = tmp_path / "w.star", tmp_path / "r5.star"
+    write_flavour_star(warp, "warp", ZYX, tomo_name="TS_01", voxel_size=vs, shape=SHAPE)
+    write_flavour_star(r5, "relion5", ZYX, tomo_name="TS_01", voxel_size=vs, shape=SHAPE)
+    df = _read(warp)["particles"]
+    angst = df[["rlnCoordinateZ", "rlnCoordinateY", "rlnCoordinateX"]].to_numpy(float) * \
+        df["rlnPixelSize"].to_numpy(float)[:, None]
+    np.testing.assert_allclose(angst, ZYX * np.array(vs), atol=1e-3)
+    assert "rlnPixelSize" not in _read(r5)["particles"].columns
+    for path in (warp, r5):
+        with pytest.warns(CryosamWarning) if path is warp else _no_warning():
+            back = read_points(path, shape=SHAPE, voxel_size=vs, tomo_name="TS_01")
+        np.testing.assert_allclose(back.zyx, ZYX, atol=1e-4)
+    iso = tmp_path / "iso.star"  # 7.84 Å pixels read into the anisotropic tomogram
+    write_flavour_star(iso, "warp", ZYX, tomo_name="TS_01", voxel_size=7.84, shape=SHAPE)
+    with pytest.warns(CryosamWarning, match=r"scaled by 0\.8615/1\.2062/1 \(z/y/x\)"):
+        read_points(iso, shape=SHAPE, voxel_size=vs, tomo_name="TS_01", check_bounds=False)
+
+
+def _no_warning():
+    import contextlib
+    import warnings
+
+    @contextlib.contextmanager
+    def none():
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            yield
+    return none()

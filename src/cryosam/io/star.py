@@ -195,11 +195,13 @@ def _pixel_coordinates(
             fix = ("" if star_pixel_size is not None else "; if they already are, pass "
                    "--points-pixel-size with the voxel size, or remove the pixel size from "
                    "the file")
+            axes = np.unique(np.round(factor, 4), axis=0)  # (rows' sizes, 3)
+            by = (f"{axes[0, 0]:g}" if axes.shape[0] == 1 and len(set(axes[0])) == 1 else
+                  f"{', '.join('/'.join(f'{f:g}' for f in row) for row in axes)} (z/y/x)")
             warn(
                 f"{path}: coordinates are in {', '.join(f'{s:g}' for s in shown)} Å pixels "
                 f"({source}) and the tomogram has {', '.join(f'{v:g}' for v in vs)} Å "
-                f"voxels (z,y,x): scaled by {np.unique(np.round(factor, 4))[0]:g} to "
-                f"this tomogram's voxels{fix}"
+                f"voxels (z,y,x): scaled by {by} to this tomogram's voxels{fix}"
             )
             zyx = zyx * factor
     return zyx
@@ -413,9 +415,11 @@ def write_flavour_star(
 
     - ``relion5``: ``rlnTomoName``, ``rlnCenteredCoordinateX/Y/ZAngst`` (the module's centre
       convention; needs ``voxel_size`` and ``shape``), ``rlnPixelSize`` (the tomogram's voxel
-      size, Å); no optics block: RELION-5 takes the optics from its tomograms.star.
+      size, Å, when the same along every axis); no optics block: RELION-5 takes the optics
+      from its tomograms.star.
     - ``warp``: ``rlnMicrographName`` ``NAME.tomostar``, ``rlnCoordinateX/Y/Z`` in this
-      tomogram's pixels (0-based) and, when known, ``rlnPixelSize``.
+      tomogram's pixels (0-based) and, when known, ``rlnPixelSize``; Warp multiplies every
+      axis by one pixel size, so anisotropic voxels are written in pixels of their mean size.
     - ``relion4``: ``data_optics`` (``rlnOpticsGroup``, ``rlnOpticsGroupName``,
       ``rlnTomoTiltSeriesPixelSize``) and ``data_particles`` with ``rlnTomoName``,
       ``rlnCoordinateX/Y/Z`` in unbinned tilt-series pixels (voxel × voxel size /
@@ -437,8 +441,10 @@ def write_flavour_star(
             raise ValueError("the relion5 flavour needs voxel_size and shape")
         coords, column = _voxels_to_centered(pts, shape, vs), "rlnCenteredCoordinate{}Angst"
         table["rlnTomoName"] = [name] * n
-    elif flavour == "warp":
-        coords, column = pts, "rlnCoordinate{}"
+    elif flavour == "warp":  # Å = coordinate x rlnPixelSize (Warp's --coords_angpix): one
+        # size for all axes, so anisotropic voxels are written in pixels of their mean size
+        coords = pts if vs is None else pts * vs[None, :] / float(np.mean(vs))
+        column = "rlnCoordinate{}"
         table["rlnMicrographName"] = [name if name.endswith(".tomostar")
                                       else f"{name}.tomostar"] * n
     elif flavour == "relion4":
@@ -456,8 +462,8 @@ def write_flavour_star(
         table["rlnOpticsGroup"] = np.ones(n, dtype=np.int64)
     if scores is not None:
         table["rlnAutopickFigureOfMerit"] = as_column("scores", scores, n).astype(float)
-    if vs is not None and flavour != "relion4":
-        table["rlnPixelSize"] = np.full(n, float(np.mean(vs)))
+    if vs is not None and (flavour == "warp" or (flavour == "relion5" and np.ptp(vs) == 0)):
+        table["rlnPixelSize"] = np.full(n, float(np.mean(vs)))  # (RELION-5: isotropic only)
     blocks["particles"] = pd.DataFrame(table)
     with atomic_path(path, suffix=".star") as tmp, third_party_quiet():
         starfile.write(blocks, tmp, float_format="%.6f")
