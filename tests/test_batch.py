@@ -641,3 +641,27 @@ def test_the_dataset_star_reads_back_as_clicks_for_warp_named_tomograms(
                            first / "picks_relion5.star", "--no-match", "--out",
                            tmp_path / "one", *FAST)
     assert code == 0, err
+
+
+def test_two_tomograms_with_one_star_name_are_said_and_left_out_of_the_dataset_star(
+        dataset: Path, tmp_path: Path, run_cli) -> None:
+    """TS_01.mrc beside rec_TS_01.mrc: both are TS_01 to RELION-5 and Warp. The batch says so
+    before any work, and the dataset STAR files leave both out (they were merged silently
+    under one name, the second one's particles read back at the first one's centre)."""
+    import starfile
+
+    tomos = tmp_path / "tomos"
+    tomos.mkdir()
+    for source, name in (("TS_01", "TS_01"), ("TS_01", "rec_TS_01"), ("TS_02", "TS_02")):
+        shutil.copy(dataset / "tomos" / f"{source}.mrc", tomos / f"{name}.mrc")
+    out = tmp_path / "out"
+    code, said, err = run_cli("batch", tomos, "--out", out, "--points",
+                              dataset / "clicks.star", "--no-ray", "--no-match", *FAST)
+    assert code == 0, err
+    assert "TS_01.mrc and rec_TS_01.mrc are both TS_01 in STAR files" in err
+    assert "picks_relion5.star: leaves out TS_01, the STAR name of more than one" in err
+    assert {r["status"] for r in _table(out).values()} == {"done"}
+    relion = starfile.read(out / "picks_relion5.star")
+    assert set(relion["rlnTomoName"]) == {"TS_02"}
+    warp = starfile.read(out / "picks_warp.star")
+    assert set(warp["rlnMicrographName"]) == {"TS_02.tomostar"}

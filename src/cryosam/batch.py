@@ -17,13 +17,16 @@ import uuid
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryosam import io
 from cryosam._atomic import atomic_write_text
 from cryosam.errors import CryosamWarning, InputError
 from cryosam.io.names import csv_name_column, name_key, star_tomo_name
 from cryosam.utils import tomo_stem
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 TOMO_SUFFIXES = (".mrc", ".rec", ".map")
 CLICK_SUFFIXES = (".csv", ".star", ".txt", ".tsv")
@@ -142,6 +145,7 @@ def tasks_from_files(dataset: str | Path, out: Path, points: Path | None) -> lis
             raise InputError(f"{dataset}: two tomograms are named {name} ({names[name]} and "
                              f"{t}); their outputs would share {out / name}; rename one")
         names[name] = t
+    _warn_star_clashes(dataset, names)
     clicks = assign_clicks(points, list(names)) if points is not None else {}
     tasks = []
     for name, t in names.items():
@@ -150,6 +154,22 @@ def tasks_from_files(dataset: str | Path, out: Path, points: Path | None) -> lis
                           None if file is None else str(Path(file).resolve()), row_name,
                           missing=missing))
     return tasks
+
+
+def _warn_star_clashes(dataset: str | Path, names: dict[str, Path]) -> None:
+    """Two tomograms whose STAR name is the same (``rec_TS_01`` and ``TS_01``, or Warp's
+    ``TS_01_10.00Apx`` and ``TS_01_5.00Apx``): RELION-5 and Warp would take them for one
+    tomogram, and clicks named for it go to both. Said before any work."""
+    seen: dict[str, Path] = {}
+    for name, path in names.items():
+        key = star_tomo_name(name)
+        if key in seen:
+            warnings.warn(f"{dataset}: {seen[key].name} and {path.name} are both {key} in STAR "
+                          "files (RELION-5's rlnTomoName, Warp's .tomostar): the dataset's STAR "
+                          "files leave them out, and clicks named "
+                          f"{key} go to both; rename one or run them in separate batches",
+                          CryosamWarning, stacklevel=3)
+        seen.setdefault(key, path)
 
 
 def assign_clicks(points: Path, names: list[str]
@@ -304,8 +324,9 @@ def combine_stars(out: Path, outcomes: list[Outcome], keep: Path | None = None
                           "(--points); the tomograms' own files hold the new picks",
                           CryosamWarning, stacklevel=2)
             continue
-        parts, optics = [], None
-        for f in (out / t / name for t in finished):
+        parts, optics, owner, clash = [], None, {}, set()
+        for t in finished:
+            f = out / t / name
             if not f.is_file():
                 continue
             try:
@@ -321,8 +342,15 @@ def combine_stars(out: Path, outcomes: list[Outcome], keep: Path | None = None
                 warnings.warn(f"{f}: left out of {out / name} (no data_particles block)",
                               CryosamWarning, stacklevel=2)
             elif len(table):
+                for tomo in _star_names(table):
+                    clash |= {tomo} if owner.setdefault(tomo, t) != t else set()
                 parts.append(table)
                 optics = optics if optics is not None else blocks.get("optics")
+        if clash:  # RELION-5 and Warp would merge two tomograms' particles: both left out
+            warnings.warn(f"{out / name}: leaves out {', '.join(sorted(clash))}, the STAR name "
+                          "of more than one tomogram (rename one of them)", CryosamWarning,
+                          stacklevel=2)
+            parts = [p for p in parts if not set(_star_names(p)) & clash]
         if not parts:
             (out / name).unlink(missing_ok=True)
             continue
@@ -333,6 +361,12 @@ def combine_stars(out: Path, outcomes: list[Outcome], keep: Path | None = None
             starfile.write(combined, tmp, float_format="%.6f")
         written[name] = (out / name, len(parts), len(combined["particles"]))
     return written
+
+
+def _star_names(table: pd.DataFrame) -> list[str]:
+    """The tomogram names in a particles table (RELION's rlnTomoName, Warp's .tomostar)."""
+    column = next((c for c in ("rlnTomoName", "rlnMicrographName") if c in table.columns), None)
+    return [] if column is None else sorted({str(v) for v in table[column]})
 
 
 def drop_combined(out: Path, keep: Path | None = None) -> None:
