@@ -204,6 +204,10 @@ def test_outputs_with_a_tilt_series_pixel_size_add_relion4_and_overwrite_cleanly
         == {"TS_99.tomostar"}
     assert set(_read(out / "picks.star")["particles"]["rlnTomoName"]) \
         == {"ignored_for_flavours"}
+    # run.json records what the STAR files were written with (RELION-4's pixel size was lost)
+    assert json.loads((out / "run.json").read_text())["star"] == {
+        "flavours": ["relion5", "warp", "relion4"], "tomo_name": "TS_99",
+        "tilt_series_pixel_size": 2.5}
     # a folder holding picks_relion4.star is still cryosam's own: --overwrite replaces it
     written = write_outputs(result, out, overwrite=True, star=StarOutputs(("warp",)))
     names = {p.name for p in out.iterdir()}

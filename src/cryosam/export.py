@@ -181,6 +181,8 @@ def _write_all(
     written["run.json"] = folder / "run.json"
     record = dict(result.record)
     record["outputs"] = sorted(written)
+    if result.picks_zyx.shape[0] or result.target == "particle":
+        record["star"] = {**star.report(), "tomo_name": _star_name(result, star)}
     record["warnings"] = list(dict.fromkeys([*record.get("warnings", []), *said]))
     # a resumed batch compares them: a file cut short (a full disk, an rsync) is redone
     record["output_bytes"] = {name: path.stat().st_size for name, path in written.items()
@@ -208,14 +210,20 @@ def _write_membranes(path: Path, result: SegmentationResult) -> None:
     })
 
 
+def _star_name(result: SegmentationResult, star: io.StarOutputs) -> str:
+    """The tomogram's name in the STAR flavours: ``star.tomo_name``, else from its file."""
+    tomo = result.tomogram
+    return star.tomo_name or io.star_tomo_name(
+        str(tomo.path) if tomo.path is not None else result.tomo_name)
+
+
 def _write_star_flavours(
     result: SegmentationResult, folder: Path, star: io.StarOutputs
 ) -> dict[str, Path]:
     """The STAR flavours ``star`` selects (RELION-5, Warp, RELION-4), named after the tomogram's
     file (not ``--tomo-name``, which selects input rows) unless ``star.tomo_name`` is set."""
     tomo = result.tomogram
-    name = star.tomo_name or io.star_tomo_name(
-        str(tomo.path) if tomo.path is not None else result.tomo_name)
+    name = _star_name(result, star)
     written: dict[str, Path] = {}
     for flavour in star.selected():
         file = io.STAR_FLAVOURS[flavour]

@@ -391,6 +391,12 @@ class StarOutputs:
         if self.tomo_name is not None and not self.tomo_name.strip():
             raise InputError("--star-tomo-name is empty; give the tomogram's name, e.g. TS_01")
 
+    def report(self) -> dict[str, object]:
+        """What the STAR flavours were asked for: the flavours, the name given to the tomogram
+        (None: from its file) and the tilt-series pixel size (RELION-4's coordinates)."""
+        return {"flavours": list(self.selected()), "tomo_name": self.tomo_name,
+                "tilt_series_pixel_size": self.tilt_series_pixel_size}
+
     def selected(self) -> tuple[str, ...]:
         """The flavours to write, in :data:`STAR_FLAVOURS` order for the default."""
         if self.flavours is not None:
