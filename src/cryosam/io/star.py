@@ -320,7 +320,8 @@ def write_picks_star(
     """Write picks as a RELION particles STAR file (``data_particles``), atomically.
 
     Columns: ``rlnTomoName`` and ``rlnMicrographName`` (= ``tomo_name``),
-    ``rlnCoordinateX/Y/Z`` in this tomogram's voxels (what RELION 3/4 and Warp read),
+    ``rlnCoordinateX/Y/Z`` in this tomogram's voxels (a generic file for scripts and
+    cryosam itself; RELION-4 and Warp each want more: :func:`write_flavour_star`),
     ``rlnAutopickFigureOfMerit`` when ``scores`` are given, and RELION-5
     ``rlnCenteredCoordinateX/Y/ZAngst`` = (voxel − size / 2) × voxel size when both
     ``voxel_size`` and ``shape`` (D, H, W) are known. ``extra`` adds columns by name.
