@@ -253,6 +253,22 @@ def test_clicks_outside_the_tomogram_are_refused(small_sim, tmp_path: Path) -> N
         io.open_copick(config, "TS_01", "ribosome")
 
 
+def test_a_tomogram_without_data_is_one_line(small_sim, tmp_path: Path) -> None:
+    """A tomogram listed by the project whose zarr store holds no data (a half-copied
+    project): one line naming the run and the tomogram (zarr's own traceback before)."""
+    import shutil
+
+    sim, _ = small_sim
+    config = make_project(tmp_path / "p", sim.volume[:8], sim.voxel_size,
+                          {("ribosome", "alice", "1"): np.array([[4.0, 5.0, 5.0]])})
+    store = next((tmp_path / "p" / "static").rglob("wbp.zarr"))
+    for part in store.iterdir():  # the store stays, its arrays go
+        shutil.rmtree(part) if part.is_dir() else part.unlink()
+    with pytest.raises(InputError, match=r"run TS_01: tomogram 'wbp' at 10 Å has no readable "
+                                         r"data .*--tomo-type"):
+        io.open_copick(config, "TS_01", "ribosome")
+
+
 @pytest.mark.parametrize("stop", [OSError("disk full"), KeyboardInterrupt()])
 def test_a_failed_write_leaves_nothing_half_written(stop: BaseException, small_sim,
                                                     tmp_path: Path,

@@ -217,7 +217,13 @@ def open_copick(
                              f"has {_listed(names)}")
         spacing = _pick_voxel_spacing(where, found, voxel_spacing)
         tomogram = _pick_tomogram(where, spacing, tomo_type)
-        shape = tuple(int(s) for s in zarr.open(tomogram.zarr(), mode="r")["0"].shape)
+        try:
+            shape = tuple(int(s) for s in zarr.open(tomogram.zarr(), mode="r")["0"].shape)
+        except Exception as exc:  # noqa: BLE001 - zarr's errors differ by version
+            raise InputError(f"{where}: tomogram {tomogram.tomo_type!r} at "
+                             f"{spacing.voxel_size:g} Å has no readable data ({type(exc).__name__}"
+                             f": {exc}); check the project's zarr store, or choose another "
+                             "with --tomo-type / --voxel-spacing") from None
         picks = (_pick_clicks(where, found, object_name, clicks_user, clicks_session)
                  if clicks else None)
         positions, transforms = (picks.numpy() if picks is not None
