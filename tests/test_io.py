@@ -463,6 +463,22 @@ def test_points_of_another_tomogram_are_used_with_a_warning_and_csv_names_select
         read_points(csv)
 
 
+def test_names_with_dots_select_their_own_rows(tmp_path):
+    """Warp names tomograms L1.2_TS_01.tomostar: only the file extension is dropped when
+    matching, so lamella L1.2's tomograms stay apart (they were all 'L1', and TS_01 got
+    TS_02's clicks). The file rows of the selected points are kept (click_row)."""
+    star = tmp_path / "warp.star"
+    star.write_text("data_\nloop_\n_rlnCoordinateX\n_rlnCoordinateY\n_rlnCoordinateZ\n"
+                    "_rlnMicrographName\n1 2 3 L1.2_TS_01.tomostar\n4 5 6 L1.2_TS_02.tomostar\n"
+                    "7 8 9 L1.2_TS_02.tomostar\n")
+    for kwargs in ({"own_tomo_name": "L1.2_TS_01"}, {"tomo_name": "L1.2_TS_01"}):
+        got = read_points(star, **kwargs)
+        np.testing.assert_array_equal(got.zyx, [[3, 2, 1]])
+    got = read_points(star, own_tomo_name="L1.2_TS_02")
+    np.testing.assert_array_equal(got.zyx, [[6, 5, 4], [9, 8, 7]])
+    np.testing.assert_array_equal(got.file_rows, [1, 2])
+
+
 def test_star_pixel_size_scaling_warns(tmp_path):
     import pandas as pd
 

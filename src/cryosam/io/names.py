@@ -27,7 +27,8 @@ def csv_name_column(columns: Iterable[str]) -> str | None:
     return next((c for c in CSV_NAME_COLUMNS if c in present), None)
 
 
-_TOMO_SUFFIXES = re.compile(r"(\.(gz|bz2|mrc|rec|map|st|ali|tomostar|zarr))+$", re.IGNORECASE)
+_TOMO_SUFFIXES = re.compile(r"(\.(gz|bz2|mrc|mrcs|rec|map|st|ali|tomostar|zarr|em|xml))+$",
+                            re.IGNORECASE)
 _WARP_SUFFIX = re.compile(r"_\d+(?:\.\d+)?Apx(?:_[A-Za-z0-9]+)*$")  # TS_01_10.00Apx
 
 
@@ -42,11 +43,13 @@ def star_tomo_name(name: str) -> str:
 
 
 def name_key(name: str) -> str:
-    """A tomogram name without folders, ``:suffix`` and extensions (``a/TS_1.tomostar`` →
-    ``TS_1``): how a STAR row and a file name are matched when they are not spelled alike."""
+    """A tomogram name without folders, ``:suffix`` and a tomogram file's extensions
+    (``a/TS_1.tomostar`` → ``TS_1``): how a STAR row and a file name are matched when they
+    are not spelled alike. Other dots are part of the name (``L1.2_TS_01`` stays whole:
+    cutting at the first dot made every tomogram of lamella L1.2 one)."""
     base = name.strip().replace("\\", "/").rsplit("/", 1)[-1]
     base = base.split(":", 1)[0]
-    return base.split(".", 1)[0]
+    return _TOMO_SUFFIXES.sub("", base) or base
 
 
 def shown(names: Sequence[str]) -> str:
