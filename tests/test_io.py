@@ -636,3 +636,29 @@ def test_points_outside_name_the_binning_options(tmp_path):
     path.write_text("x,y,z\n400,20,10\n")
     with pytest.raises(InputError, match=r"outside .*--points-pixel-size / --points-bin"):
         read_points(path, shape=(20, 50, 50))
+
+
+def test_a_pixel_size_of_zero_moves_no_click(tmp_path):
+    """rlnPixelSize 0 (or a tilt-series pixel size of 0, or magnification 0) states nothing:
+    ignored with a warning, the coordinates stay (they were scaled by 0 onto voxel 0);
+    --points-pixel-size 0 is one line."""
+    rows = "1 2 3 {v}\n4 5 6 {v}\n"
+    for column, value, shown in (("rlnPixelSize", "0.0", "0"), ("rlnPixelSize", "nan", "nan")):
+        star = tmp_path / "p.star"
+        star.write_text("data_particles\nloop_\n_rlnCoordinateX\n_rlnCoordinateY\n"
+                        f"_rlnCoordinateZ\n_{column}\n" + rows.format(v=value))
+        with pytest.warns(CryosamWarning, match=f"{column} is {shown} Å, not a pixel size"):
+            got = read_points(star, voxel_size=10.0)
+        np.testing.assert_array_equal(got.zyx, [[3, 2, 1], [6, 5, 4]])
+    star = tmp_path / "m.star"
+    star.write_text("data_particles\nloop_\n_rlnCoordinateX\n_rlnCoordinateY\n_rlnCoordinateZ\n"
+                    "_rlnDetectorPixelSize\n_rlnMagnification\n1 2 3 5 0\n")
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        np.testing.assert_array_equal(read_points(star, voxel_size=10.0).zyx, [[3, 2, 1]])
+    assert [str(w.message) for w in said if "divide" in str(w.message)] == []
+    csv = tmp_path / "c.csv"
+    csv.write_text("x,y,z\n1,2,3\n")
+    for path in (csv, tmp_path / "p.star"):
+        with pytest.raises(InputError, match="pixel size of 0 Å.*positive number"):
+            read_points(path, voxel_size=10.0, pixel_size=0.0)

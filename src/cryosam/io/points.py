@@ -166,6 +166,8 @@ def read_points(
     p = Path(path)
     unit = normalise_unit(unit, unit_option)
     vs = as_voxel_size(voxel_size)
+    for given in (pixel_size, star_pixel_size):
+        _check_pixel_size(given, p)
     if text is None:
         text = _file_text(p)
     if not text.strip():
@@ -198,6 +200,7 @@ def to_voxels(zyx: np.ndarray, where: object, voxel_size: float | Sequence[float
     said in a warning) as voxels of a tomogram of ``voxel_size``; CSV files and the Python
     API's arrays alike. Needing a voxel size that is unknown is one line naming ``where``."""
     vs = as_voxel_size(voxel_size)
+    _check_pixel_size(pixel_size, where)
     if (unit == "angstrom" or pixel_size is not None) and vs is None:
         what = "coordinates in Å need" if unit == "angstrom" else "--points-pixel-size needs"
         raise InputError(f"{where}: {what} the tomogram's voxel size; the header has none, so "
@@ -211,6 +214,14 @@ def to_voxels(zyx: np.ndarray, where: object, voxel_size: float | Sequence[float
              f"{', '.join(f'{f:.4g}' for f in np.unique(np.round(factor, 6)))} to this "
              "tomogram's voxels")
     return zyx
+
+
+def _check_pixel_size(given: float | None, where: object) -> None:
+    """A points pixel size must be a positive number (0 moved every click to voxel 0)."""
+    if given is not None and not (math.isfinite(float(given)) and float(given) > 0):
+        raise InputError(f"{where}: a points pixel size of {float(given):g} Å; give the size of "
+                         "the pixels the clicks were made on (--points-pixel-size), a positive "
+                         "number")
 
 
 def _file_text(p: Path) -> str:

@@ -134,9 +134,22 @@ def _star_pixel_sizes(df: pd.DataFrame, optics: object | None) -> tuple[np.ndarr
         return df["rlnPixelSize"].to_numpy(dtype=float), "rlnPixelSize"
     if "rlnDetectorPixelSize" in df.columns and "rlnMagnification" in df.columns:
         detector = df["rlnDetectorPixelSize"].to_numpy(float)
-        sizes = detector * 1e4 / df["rlnMagnification"].to_numpy(float)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            sizes = detector * 1e4 / df["rlnMagnification"].to_numpy(float)
         return sizes, "rlnDetectorPixelSize/rlnMagnification"
     return None, ""
+
+
+def _usable_sizes(path: Path, sizes: np.ndarray | None, source: str) -> np.ndarray | None:
+    """The file's stated pixel sizes, or None when any is 0, negative or not a number: such a
+    size states nothing (as a header voxel size of 0 does), so it is ignored with a warning
+    rather than moving every point to voxel 0."""
+    if sizes is None or (np.all(np.isfinite(sizes)) and np.all(sizes > 0)):
+        return sizes
+    bad = sizes[~(np.isfinite(sizes) & (sizes > 0))][0]
+    warn(f"{path}: {source} is {bad:g} Å, not a pixel size; ignored, the coordinates are "
+         "taken as this tomogram's voxels (give --points-pixel-size if they are not)")
+    return None
 
 
 def _star_numeric(
@@ -185,6 +198,7 @@ def _pixel_coordinates(
     """rlnCoordinateX/Y/Z as (z, y, x), scaled to this tomogram's voxels when sizes differ."""
     zyx = _star_numeric(path, df, _STAR_PIXEL[::-1], rows)
     sizes, source = _star_pixel_sizes(df, optics)
+    sizes = _usable_sizes(path, sizes, source)
     if star_pixel_size is not None:
         sizes, source = (np.full(len(df), float(star_pixel_size)),
                          "--points-pixel-size or --points-bin")
