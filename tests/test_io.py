@@ -629,6 +629,20 @@ def test_whitespace_and_imod_point_files(tmp_path, text, xyz, extra):
         np.testing.assert_array_equal(points.columns[name], values)
 
 
+@pytest.mark.parametrize("text", [
+    "34.20,11.82,28.09,1\n48.73,49.58,11.95,1\n",  # x,y,z,score, commas: never IMOD
+    "34.2 11.82 28.09 0.93\n",  # a fraction is no IMOD object number
+    "1,1,100,200,30\n",
+    "1 0.5 100 200 30\n",
+])
+def test_four_or_five_columns_without_a_header_must_be_imod(tmp_path, text):
+    """Without a header only IMOD's whole object (and contour) numbers may come before x y z;
+    an x,y,z,score file was read with its columns shifted (z from the score)."""
+    with pytest.raises(InputError, match=r"no header; only IMOD model2point's .* add a "
+                                         r"header naming x,y,z"):
+        read_points(_write(tmp_path / "clicks.csv", text))
+
+
 def test_points_outside_name_the_binning_options(tmp_path):
     """Clicks made on a differently binned copy land outside: the message names the options
     that scale them."""

@@ -349,6 +349,23 @@ def _header_axes(path: Path, first: list[str], names: list[str], unit: str,
     return axis_col
 
 
+def _check_imod_columns(path: Path, line: int, rows: list[tuple[int, list[str]]],
+                        commas: bool, leading: int) -> None:
+    """Four or five columns without a header are IMOD model2point's object (and contour)
+    numbers before x y z: whitespace-separated whole numbers. Anything else (``x,y,z,score``)
+    is refused rather than read with its columns shifted."""
+    if not leading:
+        return
+    whole = all((v := _parse_float(f[k])) is not None and v == int(v) and v >= 0
+                for _, f in rows if len(f) > leading for k in range(leading))
+    if commas or not whole:
+        cols = "object" if leading == 1 else "object and contour"
+        raise InputError(f"{path}: line {line} has {3 + leading} columns and the file has no "
+                         f"header; only IMOD model2point's {cols} numbers before x y z are read "
+                         "without one: add a header naming x,y,z and the other columns (e.g. "
+                         "x,y,z,score)")
+
+
 def _read_csv_points(path: Path, text: str, unit: str, empty_ok: bool = False,
                      unit_option: str = "--points-unit") -> ParsedPoints:
     """(z, y, x) as written, extra columns and row labels of a CSV points file (``unit``:
@@ -369,6 +386,8 @@ def _read_csv_points(path: Path, text: str, unit: str, empty_ok: bool = False,
                 "contour first) or add a header naming x,y,z"
             )
         names = _HEADERLESS[len(first)]
+        _check_imod_columns(path, first_line, rows, "," in text.splitlines()[first_line - 1],
+                            len(names) - 3)
         axis_col = {a: names.index(a) for a in "xyz"}
         data_rows = rows
 
