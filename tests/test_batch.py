@@ -665,3 +665,23 @@ def test_two_tomograms_with_one_star_name_are_said_and_left_out_of_the_dataset_s
     assert set(relion["rlnTomoName"]) == {"TS_02"}
     warp = starfile.read(out / "picks_warp.star")
     assert set(warp["rlnMicrographName"]) == {"TS_02.tomostar"}
+
+
+def test_symlinked_tomograms_keep_their_own_names(dataset: Path, tmp_path: Path,
+                                                  run_cli) -> None:
+    """A dataset of links (TS_01.mrc -> ../proc/TS_01/tomogram.mrc), as pipelines lay them
+    out: each runs under the link's name and gets its clicks (they were named after the
+    targets: two 'tomogram's refused, or one link's clicks unused)."""
+    links = tmp_path / "links"
+    links.mkdir()
+    for name in NAMES[:2]:
+        target = tmp_path / "proc" / name / "tomogram.mrc"
+        target.parent.mkdir(parents=True)
+        shutil.copy(dataset / "tomos" / f"{name}.mrc", target)
+        (links / f"{name}.mrc").symlink_to(target)
+    out = tmp_path / "out"
+    code, _, err = run_cli("batch", links, "--out", out, "--points", dataset / "clicks.star",
+                           "--no-ray", "--no-match", *FAST)
+    assert code == 0, err
+    table = _table(out)
+    assert set(table) == set(NAMES[:2]) and {r["status"] for r in table.values()} == {"done"}

@@ -13,6 +13,7 @@ import csv
 import dataclasses
 import io as _stringio
 import json
+import os
 import uuid
 import warnings
 from dataclasses import dataclass, field
@@ -110,10 +111,11 @@ def _is_tomogram_file(path: Path) -> bool:
 
 def dataset_tomograms(dataset: str | Path) -> list[Path]:
     """The tomogram files of a folder (sorted) or of a text list (one path a line, relative
-    to the list's folder; blank lines and ``#`` comments ignored), as absolute paths."""
+    to the list's folder; blank lines and ``#`` comments ignored), as absolute paths. A
+    symbolic link keeps its own name (``TS_01.mrc -> ../TS_01/tomogram.mrc`` is TS_01)."""
     path = Path(dataset)
     if path.is_dir():
-        found = sorted(p.resolve() for p in path.iterdir() if _is_tomogram_file(p))
+        found = sorted(_absolute(p) for p in path.iterdir() if _is_tomogram_file(p))
         if not found:
             raise InputError(f"{path}: no tomograms (.mrc/.rec/.map, optionally .gz/.bz2) in "
                              "this folder; give a folder of tomograms, a text file listing "
@@ -130,8 +132,13 @@ def dataset_tomograms(dataset: str | Path) -> list[Path]:
     entries = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
     if not entries:
         raise InputError(f"{path}: lists no tomograms; give one path per line")
-    return [(path.parent / e).resolve() if not Path(e).is_absolute() else Path(e)
+    return [_absolute(path.parent / e) if not Path(e).is_absolute() else Path(e)
             for e in entries]
+
+
+def _absolute(path: Path) -> Path:
+    """``path`` made absolute and normalised without following symbolic links."""
+    return Path(os.path.normpath(path.absolute()))
 
 
 def tasks_from_files(dataset: str | Path, out: Path, points: Path | None) -> list[Task]:
