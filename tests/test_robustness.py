@@ -354,8 +354,11 @@ def test_a_log_gets_a_progress_line_while_a_long_step_runs(small_sim, weight_fre
 @pytest.mark.parametrize("option, message", [
     (("--binning", "8"), "binned 8x, the 4.7-voxel particle is 0.6 voxels, too small to "
                          "segment; use --binning 2 or less"),
-    (("--diameter", "2000"), "--diameter makes the particle's radius 100.0 voxels, but at "
-                             "the clicks it looks like 4.7 voxels"),
+    # wider than the tomogram (a diameter in the wrong unit): one line, before any binning
+    # (1e6 tried to allocate 909 GiB; inf was an OverflowError traceback)
+    (("--diameter", "1e6"), "--diameter 1e+06 Å is 1e+05 voxels of 10 Å, wider than the "
+                            "tomogram (40 x 96 x 112); give the particle's diameter in Å"),
+    (("--diameter", "inf"), "diameter inf: give the particle diameter in Å (> 0)"),
 ])
 def test_a_size_that_loses_the_particle_says_so(option, message, small_sim, run_cli,
                                                 tmp_path) -> None:
@@ -365,6 +368,18 @@ def test_a_size_that_loses_the_particle_says_so(option, message, small_sim, run_
     code, _, err = run_cli("segment", files["tomo.mrc"], "--points", files["prompt.csv"],
                            *WF, *option, "--out", tmp_path / "o")
     assert code == 2 and message in err, err
+
+
+def test_nothing_found_with_a_diameter_far_from_the_clicks_names_it() -> None:
+    """When nothing is found and --diameter is over three times off the clicks' own size,
+    the reason given is the diameter (not the clicks or the axis order)."""
+    from cryosam.probe import ClickProbe
+    from cryosam.stages import nothing_found_message
+
+    found = ClickProbe("dark", "clicks", 100.0, "diameter", [1.0], [4.7])
+    assert nothing_found_message(found).endswith(
+        "--diameter makes the particle's radius 100.0 voxels, but at the clicks it looks like "
+        "4.7 voxels; check --diameter (in Å) or leave it out")
 
 
 def test_a_diameter_far_from_the_clicks_is_warned(small_sim, run_cli, tmp_path) -> None:

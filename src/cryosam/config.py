@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -223,7 +224,7 @@ class CryosamConfig:
         check_choice("polarity", self.polarity, ("auto", "dark", "bright"))
         if self.threads is not None and self.threads < 1:
             raise InputError(f"threads {self.threads}: must be at least 1")
-        if self.diameter is not None and not self.diameter > 0:
+        if self.diameter is not None and not 0 < self.diameter < math.inf:
             raise InputError(f"diameter {self.diameter}: give the particle diameter in Å (> 0)")
         if self.binning is not None and not 1 <= self.binning <= 16:
             raise InputError(f"binning {self.binning}: must be between 1 and 16")

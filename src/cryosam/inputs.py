@@ -226,15 +226,27 @@ def normalise(tomogram: io.Tomogram, cfg: PropagationConfig) -> np.ndarray:
 # --------------------------------------------------------------------------- probe, prepare
 
 
+def diameter_radius(diameter: float, tomogram: io.Tomogram) -> float:
+    """The particle radius in voxels of a ``--diameter`` in Å; one line when the tomogram
+    has no voxel size or the particle would not fit in it (a diameter given in the wrong
+    unit, which would bin the tomogram to nothing)."""
+    vs = tomogram.mean_voxel_size
+    if vs is None:
+        raise InputError("--diameter is in Å but the tomogram has no voxel size; pass "
+                         "--voxel-size")
+    radius = float(diameter) / 2.0 / vs
+    if not 2.0 * radius <= max(tomogram.shape):
+        raise InputError(f"--diameter {diameter:g} Å is {2.0 * radius:.4g} voxels of {vs:g} Å, "
+                         f"wider than the tomogram ({' x '.join(map(str, tomogram.shape))}); "
+                         "give the particle's diameter in Å")
+    return radius
+
+
 def probe(volume: np.ndarray, inputs: Inputs, cfg: CryosamConfig) -> ClickProbe:
     """Polarity and particle size from the clicks (or from ``polarity``/``diameter``)."""
     radius = None
     if cfg.diameter is not None and cfg.propagation.target == "particle":  # membranes: none
-        vs = inputs.tomogram.mean_voxel_size
-        if vs is None:
-            raise InputError("--diameter is in Å but the tomogram has no voxel size; pass "
-                             "--voxel-size")
-        radius = cfg.diameter / 2.0 / vs
+        radius = diameter_radius(cfg.diameter, inputs.tomogram)
     found = probe_volume(volume, inputs.prompts, polarity=cfg.polarity, radius=radius,
                          estimate_size=cfg.propagation.target == "particle")
     seen = found.size_conflict
@@ -260,11 +272,7 @@ def probe_from_query(saved: SavedQuery, inputs: Inputs, cfg: CryosamConfig,
     if radius is not None and theirs and mine:  # the query's particle in this tomogram's voxels
         radius = float(radius) * float(theirs) / float(mine)
     if cfg.diameter is not None:
-        vs = inputs.tomogram.mean_voxel_size
-        if vs is None:
-            raise InputError("--diameter is in Å but the tomogram has no voxel size; pass "
-                             "--voxel-size")
-        radius, source = cfg.diameter / 2.0 / vs, "diameter"
+        radius, source = diameter_radius(cfg.diameter, inputs.tomogram), "diameter"
     return ClickProbe(polarity, "given" if cfg.polarity != "auto" else "query",  # type: ignore[arg-type]
                       radius, source)
 
