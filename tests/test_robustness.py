@@ -426,3 +426,22 @@ def test_a_folder_written_into_is_checked_itself(tmp_path, monkeypatch) -> None:
     writable.clear()
     with pytest.raises(io.InputError, match=r"--cache-dir .*cache: cannot write in it"):
         _atomic.check_writable(inner, "--cache-dir", into=True)
+
+
+def test_a_blank_tomogram_is_one_line_naming_it(small_sim, weight_free, run_cli,
+                                               tmp_path) -> None:
+    """An all-zero tomogram (a failed reconstruction): the line names the tomogram, not the
+    clicks or the contrast (it said the clicks look like background; with a query, it ran
+    and advised --polarity)."""
+    from cryosam import CryoSAM, io
+
+    _, files = small_sim
+    blank = tmp_path / "blank.mrc"
+    io.write_mrc(blank, np.zeros((20, 48, 48), np.float32), voxel_size=10.0)
+    code, _, err = run_cli("segment", blank, "--points", files["prompt.csv"], *WF,
+                           "--out", tmp_path / "o")
+    assert code == 2 and err.startswith(f"error: {blank}: every voxel is 0; the tomogram is "
+                                        "empty"), err
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(io.InputError, match="tomogram: every voxel is 3"):
+        CryoSAM(weight_free).segment(np.full((8, 16, 16), 3.0), [[4, 8, 8]])

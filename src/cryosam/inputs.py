@@ -201,6 +201,16 @@ def load_tomogram(tomogram: TomogramLike, *, voxel_size: VoxelSizeLike | None = 
 
 
 def _as_tomogram(tomogram: TomogramLike, voxel_size: float | None) -> io.Tomogram:
+    tomo = _wrapped(tomogram, voxel_size)
+    low, high = tomo.value_range or (float(np.min(tomo.data)), float(np.max(tomo.data)))
+    if low == high:  # a failed reconstruction or a blank export: nothing to segment
+        where = tomo.path if tomo.path is not None else "tomogram"
+        raise InputError(f"{where}: every voxel is {low:g}; the tomogram is empty (a failed "
+                         "reconstruction or export?): check the file")
+    return tomo
+
+
+def _wrapped(tomogram: TomogramLike, voxel_size: float | None) -> io.Tomogram:
     if isinstance(tomogram, str | os.PathLike):
         return io.read_tomogram(tomogram, voxel_size=voxel_size)
     vs = None if voxel_size is None else io.voxel_size_zyx(voxel_size, "tomogram", "voxel_size")
