@@ -233,6 +233,15 @@ def test_command_line_overrides_the_config_file(small_sim, tmp_path: Path, run_c
     ('{"matching": {"ratios": [4, 8]}}', "matching.ratios"),
     ('{"matching": {"turns": "false"}}', "matching.turns"),
     ('{"encoder": {"name": "resnet"}}', "resnet"),
+    # a hand-edited file of the wrong kinds: tracebacks or Python's own words before
+    ('{"matching": {"ratios": "16,8,4"}}', "matching.ratios '16,8,4': give a list of whole "
+                                           "numbers"),
+    ('{"matching": {"ratios": [16, 8, 4.5]}}', "matching.ratios [16, 8, 4.5]: give a list"),
+    ('{"matching": 5}', "matching 5: give a block of its parameters"),
+    ('{"matching": {"sim_threshold": "high"}}', "matching.sim_threshold 'high': give a number"),
+    ('{"threads": "four"}', "threads 'four': give a whole number or null"),
+    ('{"seed": 1.5}', "seed 1.5: give a whole number"),
+    ('{"polarity": 3}', "polarity 3: give one of auto, dark, bright"),
 ])
 def test_bad_config_file_is_one_line(content: str, words: str, small_sim, tmp_path: Path,
                                      run_cli) -> None:

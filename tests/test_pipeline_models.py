@@ -34,7 +34,8 @@ def test_tiny_dinov2_and_sam_run_end_to_end(target: str, tiny_dinov2_model,
         matching=MatchingConfig(sim_threshold=-1.0, top_k=4),
         propagation=PropagationConfig(target=target, max_steps=3),
         score=ScoreConfig(min_score=0.0),  # random models: keep every pick
-        diameter=1e5, binning=1,  # random masks have any size: no size cap, no binning
+        # random masks have any size: a particle as wide as the tomogram caps no mask; no binning
+        diameter=720.0, binning=1,
     )
     points = sim.membrane_clicks[:2] if target == "membrane" else sim.prompt_points[:1]
     result = CryoSAM(cfg, encoder=encoder, segmenter=segmenter).segment(

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import types
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -278,17 +280,62 @@ def build_dataclass(cls: type, data: dict[str, Any], where: str) -> Any:
     if unknown:
         raise InputError(f"{where}: unknown parameter(s) {', '.join(unknown)}; "
                          f"known: {', '.join(fields)}")
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # noqa: BLE001 - an annotation not resolvable here: no kind checks
+        hints = {}
     kwargs = {}
     for key, value in data.items():
         if isinstance(value, list) and "tuple" in str(fields[key].type):
             value = tuple(value)
         if fields[key].type in (bool, "bool") and not isinstance(value, bool):  # "false": truthy
             raise InputError(f"{where}.{key} {value!r}: give true or false")
+        if key in hints and _fits(value, hints[key]) is False:  # "16,8,4" for a list, 1.5
+            raise InputError(f"{where}.{key} {data[key]!r}: give {_described(hints[key])}")
         kwargs[key] = value
     try:
         return cls(**kwargs)
     except TypeError as exc:
         raise InputError(f"{where}: {exc}") from None
+
+
+def _fits(value: Any, kind: Any) -> bool | None:
+    """Whether a parameter read from JSON is of the annotated ``kind`` (numbers, whole
+    numbers, text, lists of them, null); None when the kind is not one checked here."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        found = [_fits(value, a) for a in args]
+        return True if True in found else (None if None in found else False)
+    if origin is Literal:
+        return isinstance(value, str)  # which words are allowed is checked by the dataclass
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            return False
+        each = [args[0]] * len(value) if len(args) == 2 and args[1] is Ellipsis else list(args)
+        if len(each) != len(value):
+            return False
+        found = [_fits(v, k) for v, k in zip(value, each, strict=True)]
+        return False if False in found else (None if None in found else True)
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    simple = {type(None): value is None, bool: isinstance(value, bool),
+              int: number and float(value).is_integer() and isinstance(value, int),
+              float: number, str: isinstance(value, str)}
+    return simple.get(kind) if isinstance(kind, type) else None
+
+
+def _described(kind: Any) -> str:
+    """What a parameter of ``kind`` should be, for an error line ("a whole number or null")."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_described(a) for a in args)
+    if origin is Literal:
+        return "one of " + ", ".join(map(str, args))
+    if origin is tuple:
+        inner = {int: "whole numbers", float: "numbers"}.get(args[0], "words") if args else "values"
+        return f"a list of {inner}, e.g. [16, 8, 4]" if args and args[0] is int else \
+            f"a list of {inner}"
+    return {type(None): "null", int: "a whole number", float: "a number",
+            str: "a word", bool: "true or false"}.get(kind, "a word")
 
 
 __all__ = [

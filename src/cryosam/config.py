@@ -242,7 +242,11 @@ class CryosamConfig:
         top = {k: v for k, v in backends.drop_retired("", data).items() if k not in _BLOCKS}
         blocks = {}
         for name, block_cls in _BLOCKS.items():
-            blocks[name] = build_dataclass(block_cls, dict(data.get(name) or {}), name)
+            given = data.get(name) or {}
+            if not isinstance(given, dict):
+                raise InputError(f"{name} {given!r}: give a block of its parameters, e.g. "
+                                 f'"{name}": {{...}}')
+            blocks[name] = build_dataclass(block_cls, dict(given), name)
         return build_dataclass(cls, {**top, **blocks}, "configuration")
 
     @classmethod

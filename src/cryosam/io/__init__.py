@@ -26,16 +26,9 @@ from cryosam.io.copick import (
     open_copick,
     write_copick,
 )
+from cryosam.io.csv_out import write_napari_csv, write_picks_csv
 from cryosam.io.mrc import Tomogram, read_tomogram, voxel_size_zyx, write_mrc
-from cryosam.io.points import (
-    PointSet,
-    negative_rows,
-    normalise_unit,
-    read_points,
-    to_voxels,
-    write_napari_csv,
-    write_picks_csv,
-)
+from cryosam.io.points import PointSet, negative_rows, normalise_unit, read_points, to_voxels
 from cryosam.io.star import (
     STAR_FLAVOURS,
     StarOutputs,

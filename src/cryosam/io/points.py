@@ -1,5 +1,5 @@
-"""Point files in and out: the reader for prompts and picks (CSV, napari CSV, STAR) and the
-CSV writers.
+"""Point files in: the reader for prompts and picks (CSV, napari CSV, STAR); the CSV
+writers are in :mod:`cryosam.io.csv_out`.
 
 Inside cryosam points are (z, y, x) float voxels with voxel centres at integers (0-based);
 the files users see speak x, y, z. STAR files are handed to :mod:`cryosam.io.star`.
@@ -8,24 +8,22 @@ the files users see speak x, y, z. STAR files are handed to :mod:`cryosam.io.sta
 from __future__ import annotations
 
 import csv
-import io as _stdio
 import math
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from cryosam._atomic import atomic_write_text
 from cryosam.errors import InputError
-from cryosam.io._common import ParsedPoints, as_column, as_voxel_size, as_zyx, warn
+from cryosam.io._common import ParsedPoints, as_voxel_size, warn
 from cryosam.io.names import CSV_NAME_COLUMNS, csv_name_column, select_tomogram
 from cryosam.io.star import read_star_points
 from cryosam.utils import outside_volume
 
-__all__ = ["PointSet", "read_points", "to_voxels", "write_napari_csv", "write_picks_csv"]
+__all__ = ["PointSet", "read_points", "to_voxels"]
 
 _UNIT_ALIASES = {
     "voxel": "voxel", "voxels": "voxel", "vox": "voxel", "px": "voxel", "pixel": "voxel",
@@ -422,80 +420,3 @@ def _read_csv_points(path: Path, text: str, unit: str, empty_ok: bool = False,
             columns[name] = (np.asarray(cells, dtype=str) if name in CSV_NAME_COLUMNS
                              else _column_array(cells))
     return coords, columns, labels
-
-
-# ------------------------------------------------------------------------------ CSV writing
-
-
-def _format_value(value: object, digits: int = 6) -> str:
-    """A CSV cell: integers as integers, floats shortest with at most ``digits`` decimals."""
-    if isinstance(value, (bool, np.bool_)):
-        return str(int(value))
-    if isinstance(value, (int, np.integer)):
-        return str(int(value))
-    if isinstance(value, (float, np.floating)):
-        v = float(value)
-        if not math.isfinite(v):
-            return "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")
-        if v == int(v) and abs(v) < 1e15:
-            return str(int(v))
-        return np.format_float_positional(v, precision=digits, unique=True, trim="-")
-    return str(value)
-
-
-def _csv_text(header: Sequence[str], columns: Sequence[np.ndarray], digits: Sequence[int]) -> str:
-    buf = _stdio.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(header)
-    n = len(columns[0]) if columns else 0
-    for i in range(n):
-        writer.writerow(
-            [_format_value(col[i], d) for col, d in zip(columns, digits, strict=True)]
-        )
-    return buf.getvalue()
-
-
-def write_picks_csv(
-    path: str | os.PathLike[str],
-    zyx: np.ndarray,
-    columns: Mapping[str, object] | None = None,
-) -> None:
-    """Write picks as CSV ``x,y,z,<columns...>`` (voxels), atomically.
-
-    ``columns`` (e.g. ``score``, ``instance_id``, ``n_voxels``) are written in the order given;
-    :func:`read_points` reads the file back to the same points and columns.
-    """
-    pts = as_zyx(zyx)
-    n = len(pts)
-    names = ["x", "y", "z"]
-    cols = [pts[:, 2], pts[:, 1], pts[:, 0]]
-    digits = [3, 3, 3]
-    for name, values in (columns or {}).items():
-        if name.lower() in ("x", "y", "z"):
-            raise ValueError(f"column name {name!r} clashes with the coordinates")
-        names.append(name)
-        cols.append(as_column(name, values, n))
-        digits.append(6)
-    atomic_write_text(path, _csv_text(names, cols, digits))
-
-
-def write_napari_csv(
-    path: str | os.PathLike[str],
-    zyx: np.ndarray,
-    columns: Mapping[str, object] | None = None,
-) -> None:
-    """Write points as napari's points CSV ``index,axis-0,axis-1,axis-2`` (= z, y, x),
-    atomically; ``columns`` (e.g. ``score``, ``instance_id``) follow, in the order given, and
-    napari reads them as point properties."""
-    pts = as_zyx(zyx)
-    n = len(pts)
-    names = ["index", "axis-0", "axis-1", "axis-2"]
-    cols = [np.arange(n), pts[:, 0], pts[:, 1], pts[:, 2]]
-    digits = [0, 3, 3, 3]
-    for name, values in (columns or {}).items():
-        if name.lower() in names:
-            raise ValueError(f"column name {name!r} clashes with napari's index/axis columns")
-        names.append(name)
-        cols.append(as_column(name, values, n))
-        digits.append(6)
-    atomic_write_text(path, _csv_text(names, cols, digits))
