@@ -19,6 +19,7 @@ from cryosam.errors import InputError
 from cryosam.io import (
     CryosamWarning,
     Tomogram,
+    negative_rows,
     read_points,
     read_tomogram,
     star_tomo_names,
@@ -676,3 +677,19 @@ def test_a_pixel_size_of_zero_moves_no_click(tmp_path):
     for path in (csv, tmp_path / "p.star"):
         with pytest.raises(InputError, match="pixel size of 0 Å.*positive number"):
             read_points(path, voxel_size=10.0, pixel_size=0.0)
+
+
+def test_utf16_text_from_excel_is_read(tmp_path):
+    """Excel's 'Unicode Text' export is UTF-16 with a byte-order mark, tab-separated: read as
+    it is (it was refused as 'not a text file')."""
+    path = tmp_path / "clicks.txt"
+    path.write_bytes("x\ty\tz\r\n1\t2\t3\r\n4\t5\t6\r\n".encode("utf-16"))
+    np.testing.assert_array_equal(read_points(path).zyx, [[3, 2, 1], [6, 5, 4]])
+
+
+def test_a_label_column_of_other_things_says_to_rename_it(tmp_path):
+    path = tmp_path / "clicks.csv"
+    path.write_text("x,y,z,label\n1,2,3,ribosome\n")
+    with pytest.raises(InputError, match="row 1 has label 'ribosome'; a label column marks "
+                                         "negative clicks: .*rename the column"):
+        negative_rows(read_points(path))

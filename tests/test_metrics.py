@@ -267,6 +267,9 @@ def test_cli_evaluate_mask(tmp_path, run_cli):
                              "--threshold", "5", "--json")  # nothing inside either
     assert code == 0 and json.loads(out)["n_pred"] == 0
     assert "no voxel is inside either mask" in err
+    code, _, err = run_cli("evaluate-mask", tmp_path / "a.mrc", tmp_path / "b.mrc",
+                           "--threshold", "nan")  # counted no voxel: Dice 0, silently
+    assert code == 2 and "--threshold nan: give a number" in err
     write_mrc(tmp_path / "b5.mrc", b, voxel_size=5)
     code, _, err = run_cli("evaluate-mask", tmp_path / "a.mrc", tmp_path / "b5.mrc")
     assert code == 0 and "10 Å voxels" in err and "same tomogram" in err
@@ -408,3 +411,9 @@ def test_cli_evaluate_angstrom_csv_score_column_and_relion5(pick_files, run_cli,
                              "--shape", "50,60,60", "--json")
     assert code == 0, err
     assert "rlnPixelSize 10 Å" in err and json.loads(out)["tp"] == 2
+    # without --shape: one line naming what is missing, no warning that it is used anyway
+    code, out, err = run_cli("evaluate", star, truth, "--radius", "3")
+    assert code == 2 and "rlnPixelSize" not in err, err
+    assert err.strip().endswith("need the tomogram's size; give the tomogram (and "
+                                "--voxel-size if its header has none), or to cryosam evaluate "
+                                "--shape z,y,x"), err

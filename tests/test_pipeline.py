@@ -331,4 +331,5 @@ def test_a_negative_click_on_a_click_is_one_line(small_sim, run_cli) -> None:
     code, _, err = run_cli("segment", files["tomo.mrc"], "--points", files["prompt.csv"],
                            "--negative-points", files["prompt.csv"], "--encoder",
                            "filterbank", "--segmenter", "threshold", "--device", "cpu")
-    assert code == 2 and "negative click 0 at" in err and "lies on click 0" in err
+    assert code == 2 and f"error: {files['prompt.csv']}: negative click 1 (counted from 1) " \
+        "at" in err and "lies on click 1:" in err, err

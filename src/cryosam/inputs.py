@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -122,7 +123,7 @@ def load_inputs(tomogram: TomogramLike, points: PointsLike, *,
                                    "negative_points", tomo_name).zyx
             _check_array(more, tomo.shape, "negative click")
         negatives = np.vstack([negatives, more.reshape(-1, 3)])
-    _check_apart(prompts, negatives)
+    _check_apart(prompts, negatives, (source, neg_source))
     name = tomo_name or own or "tomo"
     return Inputs(tomo, prompts, source, points_unit, name, negatives, neg_source, rows)
 
@@ -160,9 +161,11 @@ def points_from_api(points: Any, tomo: io.Tomogram, unit: str = "voxel",
     return io.PointSet(zyx=io.to_voxels(zyx, what, tomo.voxel_size, unit, pixel_size))
 
 
-def _check_apart(prompts: np.ndarray, negatives: np.ndarray) -> None:
+def _check_apart(prompts: np.ndarray, negatives: np.ndarray,
+                 files: Sequence[Path | None] = ()) -> None:
     """A negative click within a voxel of a click names the same structure as both: refuse
-    it (it would silently change nothing, or drop the clicked particle's own matches)."""
+    it (it would silently change nothing, or drop the clicked particle's own matches).
+    ``files``: where the clicks and the negatives came from, named in the message."""
     if not len(prompts) or not len(negatives):
         return
     gaps = np.linalg.norm(negatives[:, None, :] - prompts[None, :, :], axis=2)
@@ -170,8 +173,10 @@ def _check_apart(prompts: np.ndarray, negatives: np.ndarray) -> None:
     if len(near):
         j, i = (int(v) for v in near[0])
         z, y, x = negatives[j]
-        raise InputError(f"negative click {j} at z,y,x = {z:g},{y:g},{x:g} voxels lies on "
-                         f"click {i}: a structure cannot be both; remove one of them")
+        where = ", ".join(dict.fromkeys(str(f) for f in files if f is not None))
+        raise InputError(f"{where + ': ' if where else ''}negative click {j + 1} (counted from "
+                         f"1) at z,y,x = {z:g},{y:g},{x:g} voxels lies on click {i + 1}: a "
+                         "structure cannot be both; remove one of them")
 
 
 def _check_array(zyx: np.ndarray, shape: tuple[int, int, int], what: str) -> None:

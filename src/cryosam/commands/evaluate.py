@@ -216,6 +216,8 @@ def evaluate_mask(
     if kind is not None and truth_label is not None:
         raise InputError(f"--kind {kind} and --truth-label {truth_label} both choose TRUTH's "
                          "voxels: give one of them")
+    if not np.isfinite(threshold):  # NaN counts no voxel as inside: Dice 0 without a word
+        raise InputError(f"--threshold {threshold}: give a number (voxels above it are inside)")
     ids, listed = _kind_ids(truth, kind) if kind is not None else (None, 0)
     a = read_tomogram(pred)
     b = read_tomogram(truth)

@@ -89,7 +89,9 @@ def negative_rows(points: PointSet) -> np.ndarray:
                 where = f"{points.source}: " if points.source else ""
                 allowed = "1/0, true/false, yes/no" if name == "negative" else \
                     "negative or positive"
-                raise InputError(f"{where}row {i + 1} has {name} {str(value)!r}; use {allowed}")
+                raise InputError(f"{where}row {i + 1} has {name} {str(value)!r}; a {name} "
+                                 f"column marks negative clicks: use {allowed}, or rename the "
+                                 "column if it holds something else")
     return out
 
 
@@ -232,7 +234,12 @@ def _file_text(p: Path) -> str:
         raise InputError(f"{p}: not a regular file (a pipe or a device?); give a CSV or STAR "
                          "points file")
     try:
-        return p.read_text(encoding="utf-8-sig")
+        raw = p.read_bytes()
+        utf16 = raw[:2] in (b"\xff\xfe", b"\xfe\xff")  # with its mark: Excel's Unicode text
+        text = raw.decode("utf-16" if utf16 else "utf-8-sig")
+        if utf16 and not all(c.isprintable() or c in "\t\r\n" for c in text[:2000]):
+            raise UnicodeDecodeError("utf-16", raw, 0, 2, "not text")
+        return text
     except UnicodeDecodeError:
         raise InputError(
             f"{p}: not a text file; give points as CSV (x,y,z) or a RELION STAR file"

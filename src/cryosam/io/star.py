@@ -293,18 +293,25 @@ def read_star_points(
                 )
         _warn_unapplied_origins(path, df)
     else:
+        stated = None
         if vs is None and "rlnPixelSize" in df.columns:  # the tomogram's voxel, per row (as
             sizes = df["rlnPixelSize"].to_numpy(dtype=float)  # cryosam writes; not the
             if len(np.unique(sizes)) == 1 and float(sizes[0]) > 0:  # tilt series' pixel)
-                vs = np.full(3, float(sizes[0]))
-                warn(f"{path}: no voxel size given; using the file's rlnPixelSize "
-                     f"{float(sizes[0]):g} Å for its centered Å coordinates")
-        if shape is None or vs is None:
+                stated = float(sizes[0])
+        missing = [what for what, gone in (("size", shape is None), ("voxel size", vs is None
+                                                                    and stated is None)) if gone]
+        if missing:
             raise InputError(
                 f"{path}: RELION-5 centered coordinates (rlnCenteredCoordinateX/Y/ZAngst) need "
-                "the tomogram's size and voxel size; give the tomogram (and --voxel-size if its "
-                "header has none), or to cryosam evaluate --shape z,y,x and --voxel-size"
-            )
+                f"the tomogram's {' and '.join(missing)}; give the tomogram (and --voxel-size if "
+                "its header has none), or to cryosam evaluate "
+                + " and ".join(o for o, gone in (("--shape z,y,x", shape is None),
+                                                 ("--voxel-size", "voxel size" in missing))
+                               if gone))
+        if vs is None:
+            vs = np.full(3, stated)
+            warn(f"{path}: no voxel size given; using the file's rlnPixelSize {stated:g} Å "
+                 "for its centered Å coordinates")
         zyx = _centered_to_voxels(path, df, shape, vs, rows)
 
     columns: dict[str, np.ndarray] = {}
