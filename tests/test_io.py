@@ -216,6 +216,12 @@ def test_refusals(tmp_path):
         mrc.set_data(_volume((5, 7, 8)))
         mrc.set_image_stack()
     _refuse(stack, "stack of 5 2-D images")
+    volumes = tmp_path / "volumes.mrc"  # two 4-section volumes flagged as a volume stack
+    with mrcfile.new(volumes) as mrc:
+        mrc.set_data(_volume((8, 7, 8)))
+        mrc.header.ispg = 401
+        mrc.header.mz = 4
+    _refuse(volumes, "a stack of 2 volumes of 4 sections each")
 
     for bad in (np.nan, np.inf):
         vol = _volume()

@@ -154,6 +154,12 @@ def _check_header(path: Path, hdr: _Header) -> tuple[int, int, int]:
             f"{path}: a stack of {nz} 2-D images (mz = 1), not a tomogram; reconstruct the "
             "tilt series first, or fix the header (mz = nz) if it really is a volume"
         )
+    mz = int(header.mz)
+    if int(header.ispg) >= 401 and 1 < mz < nz and nz % mz == 0:  # the MRC volume-stack flag
+        raise InputError(
+            f"{path}: a stack of {nz // mz} volumes of {mz} sections each (space group "
+            f"{int(header.ispg)}), not one tomogram; split it and give one volume"
+        )
     return nz, ny, nx
 
 
