@@ -227,6 +227,23 @@ def test_command_line_overrides_the_config_file(small_sim, tmp_path: Path, run_c
     assert len(io.read_points(out / "picks.csv")) <= 3 + 1
 
 
+def test_a_configuration_built_in_python_keeps_its_values() -> None:
+    """NumPy scalars and arrays, whole floats and paths (what Python code holds) are taken as
+    their kinds by the parameter checks, also when read back from a run record."""
+    from cryosam.config import CryosamConfig, EncoderConfig, SegmenterConfig
+
+    cfg = CryosamConfig.from_dict({"binning": np.int64(2), "seed": 3.0, "matching": {
+        "ratios": np.array([16, 8, 4]), "sim_threshold": np.float32(0.5)}})
+    assert (cfg.binning, cfg.seed, cfg.matching.ratios) == (2, 3, (16, 8, 4))
+    assert type(cfg.binning) is int and type(cfg.matching.sim_threshold) is float
+    again = CryosamConfig.from_dict(cfg.to_dict())
+    assert again == cfg
+    assert SegmenterConfig(backends={"sam": {"model": Path("/x/sam.pth")}}) \
+        .backends["sam"].model == "/x/sam.pth"
+    assert EncoderConfig(backends={"filterbank": {"patch": np.int64(2)}}) \
+        .backends["filterbank"].patch == 2
+
+
 @pytest.mark.parametrize("content, words", [
     ("{not json", "not valid JSON"),
     ('{"parameters": {"matching": {"topk": 3}}}', "topk"),

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from cryosam.config import CryosamConfig, MatchingConfig, PropagationConfig, ScoreConfig
+from cryosam.benchmarks.pipeline import paper_config
 from cryosam.encoders.dinov2 import Dinov2Encoder
 from cryosam.export import OUTPUT_FILES, write_outputs
 from cryosam.pipeline import CryoSAM
@@ -28,15 +28,9 @@ def test_tiny_dinov2_and_sam_run_end_to_end(target: str, tiny_dinov2_model,
                                     n_filaments=1))
     encoder = Dinov2Encoder(tiny_dinov2_model, patches_long_side=8, device="cpu")
     segmenter = SamSegmenter(tiny_sam(img_size=128, seed=0), "cpu")
-    cfg = CryosamConfig(
-        device="cpu",
-        # random weights: accept any similarity so that proposals reach SAM, and keep chains short
-        matching=MatchingConfig(sim_threshold=-1.0, top_k=4),
-        propagation=PropagationConfig(target=target, max_steps=3),
-        score=ScoreConfig(min_score=0.0),  # random models: keep every pick
-        # random masks have any size: a particle as wide as the tomogram caps no mask; no binning
-        diameter=720.0, binning=1,
-    )
+    # the paper benchmark's settings for random weights: any similarity reaches SAM, every
+    # pick is kept, no size cap or binning; short chains
+    cfg = paper_config("cpu", 4, 3, sim.volume.shape, sim.voxel_size, target)
     points = sim.membrane_clicks[:2] if target == "membrane" else sim.prompt_points[:1]
     result = CryoSAM(cfg, encoder=encoder, segmenter=segmenter).segment(
         sim.volume, points, voxel_size=sim.voxel_size, match=True)

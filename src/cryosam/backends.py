@@ -19,11 +19,15 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import numbers
+import os
 import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
+
+import numpy as np
 
 from cryosam.errors import InputError, MissingWeightsError
 
@@ -288,10 +292,15 @@ def build_dataclass(cls: type, data: dict[str, Any], where: str) -> Any:
     for key, value in data.items():
         if isinstance(value, list) and "tuple" in str(fields[key].type):
             value = tuple(value)
+        if isinstance(value, np.bool_):
+            value = bool(value)
         if fields[key].type in (bool, "bool") and not isinstance(value, bool):  # "false": truthy
             raise InputError(f"{where}.{key} {value!r}: give true or false")
-        if key in hints and _fits(value, hints[key]) is False:  # "16,8,4" for a list, 1.5
-            raise InputError(f"{where}.{key} {data[key]!r}: give {_described(hints[key])}")
+        if key in hints:
+            fits, as_kind = _checked(value, hints[key])
+            if fits is False:  # "16,8,4" for a list, 1.5 for a whole number
+                raise InputError(f"{where}.{key} {data[key]!r}: give {_described(hints[key])}")
+            value = as_kind if fits else value
         kwargs[key] = value
     try:
         return cls(**kwargs)
@@ -299,28 +308,43 @@ def build_dataclass(cls: type, data: dict[str, Any], where: str) -> Any:
         raise InputError(f"{where}: {exc}") from None
 
 
-def _fits(value: Any, kind: Any) -> bool | None:
-    """Whether a parameter read from JSON is of the annotated ``kind`` (numbers, whole
-    numbers, text, lists of them, null); None when the kind is not one checked here."""
+def _checked(value: Any, kind: Any) -> tuple[bool | None, Any]:
+    """Whether a parameter is of the annotated ``kind`` (numbers, whole numbers, text, lists
+    of them, null), and the value as that kind: NumPy scalars and arrays, whole floats for
+    whole numbers and paths for text are what a configuration built in Python holds. None
+    when the kind is not one checked here."""
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    elif isinstance(value, np.generic):
+        value = value.item()
     origin, args = typing.get_origin(kind), typing.get_args(kind)
     if origin in (typing.Union, types.UnionType):
-        found = [_fits(value, a) for a in args]
-        return True if True in found else (None if None in found else False)
-    if origin is Literal:
-        return isinstance(value, str)  # which words are allowed is checked by the dataclass
+        found = [_checked(value, a) for a in args]
+        fit = next((f for f in found if f[0]), None)
+        if fit is not None:
+            return fit
+        return (None if any(f[0] is None for f in found) else False), value
+    if origin is Literal:  # which words are allowed is checked by the dataclass
+        return isinstance(value, str), value
     if origin is tuple:
         if not isinstance(value, list | tuple):
-            return False
+            return False, value
         each = [args[0]] * len(value) if len(args) == 2 and args[1] is Ellipsis else list(args)
         if len(each) != len(value):
-            return False
-        found = [_fits(v, k) for v, k in zip(value, each, strict=True)]
-        return False if False in found else (None if None in found else True)
-    number = isinstance(value, int | float) and not isinstance(value, bool)
-    simple = {type(None): value is None, bool: isinstance(value, bool),
-              int: number and float(value).is_integer() and isinstance(value, int),
-              float: number, str: isinstance(value, str)}
-    return simple.get(kind) if isinstance(kind, type) else None
+            return False, value
+        found = [_checked(v, k) for v, k in zip(value, each, strict=True)]
+        fits = [f[0] for f in found]
+        return (False if False in fits else (None if None in fits else True)), \
+            tuple(f[1] for f in found)
+    number = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if kind is int:
+        whole = number and float(value).is_integer()
+        return whole, int(value) if whole else value
+    if kind is str and isinstance(value, os.PathLike):
+        return True, os.fspath(value)
+    simple = {type(None): value is None, bool: isinstance(value, bool), float: number,
+              str: isinstance(value, str)}
+    return (simple.get(kind) if isinstance(kind, type) else None), value
 
 
 def _described(kind: Any) -> str:

@@ -18,9 +18,12 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
+
+if TYPE_CHECKING:
+    from cryosam.config import CryosamConfig
 
 DEFAULT_SHAPE = "64,160,160"
 
@@ -82,15 +85,26 @@ def register(app: typer.Typer) -> None:
              sdpa=sdpa, compile_models=compile_models)
 
 
+def paper_config(device: str, top_k: int, max_steps: int, shape: tuple[int, ...],
+                 voxel_size: float, target: str = "particle") -> CryosamConfig:
+    """The configuration the paper models run under with random weights: any similarity
+    passes, every pick is kept, and the particle is as wide as the tomogram, so random masks
+    of any size meet no size cap and nothing is binned."""
+    from cryosam.config import CryosamConfig, MatchingConfig, PropagationConfig, ScoreConfig
+
+    return CryosamConfig(
+        device=device, matching=MatchingConfig(sim_threshold=-1.0, top_k=top_k),
+        propagation=PropagationConfig(target=target, max_steps=max_steps),  # type: ignore[arg-type]
+        score=ScoreConfig(min_score=0.0), diameter=float(max(shape)) * float(voxel_size),
+        binning=1)
+
+
 def _run(models: str, shape: tuple[int, int, int], dev: Any, top_k: int, max_steps: int,
          seed: int, *, sdpa: bool = True, compile_models: bool = False) -> None:
     """The pipeline itself on a simulated tomogram (no workload)."""
     from cryosam.config import (
         CryosamConfig,
         EncoderConfig,
-        MatchingConfig,
-        PropagationConfig,
-        ScoreConfig,
         SegmenterConfig,
     )
     from cryosam.errors import InputError
@@ -108,13 +122,7 @@ def _run(models: str, shape: tuple[int, int, int], dev: Any, top_k: int, max_ste
     elif models == "paper":
         from cryosam.benchmarks.replay import build_models
 
-        cfg = CryosamConfig(
-            device=str(dev),
-            matching=MatchingConfig(sim_threshold=-1.0, top_k=top_k),
-            propagation=PropagationConfig(max_steps=max_steps),
-            score=ScoreConfig(min_score=0.0),  # random models: keep every pick
-            diameter=1e5, binning=1,  # random masks have any size: no size cap or binning
-        )
+        cfg = paper_config(str(dev), top_k, max_steps, sim.volume.shape, sim.voxel_size)
         encoder, segmenter = build_models("paper", dev, sdpa=sdpa,
                                           compile_models=compile_models)
         runner = CryoSAM(cfg, encoder=encoder, segmenter=segmenter)
