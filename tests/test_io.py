@@ -484,6 +484,13 @@ def test_names_with_dots_select_their_own_rows(tmp_path):
     got = read_points(star, own_tomo_name="L1.2_TS_02")
     np.testing.assert_array_equal(got.zyx, [[6, 5, 4], [9, 8, 7]])
     np.testing.assert_array_equal(got.file_rows, [1, 2])
+    # a tomogram named with a descriptive dot still finds its rows when that is unambiguous
+    csv = tmp_path / "all.csv"
+    csv.write_text("x,y,z,tomo_name\n1,2,3,TS_01\n4,5,6,TS_02\n")
+    np.testing.assert_array_equal(read_points(csv, own_tomo_name="TS_01.denoised").zyx,
+                                  [[3, 2, 1]])
+    with pytest.raises(InputError, match="holds points for 2 tomograms"):
+        read_points(star, own_tomo_name="L1.denoised")  # L1 would name both
 
 
 def test_star_pixel_size_scaling_warns(tmp_path):
@@ -641,6 +648,8 @@ def test_whitespace_and_imod_point_files(tmp_path, text, xyz, extra):
     "34.2 11.82 28.09 0.93\n",  # a fraction is no IMOD object number
     "1,1,100,200,30\n",
     "1 0.5 100 200 30\n",
+    "nan 10 12 5\n",  # (a traceback before: NaN has no whole value)
+    "inf 10 12 5\n",
 ])
 def test_four_or_five_columns_without_a_header_must_be_imod(tmp_path, text):
     """Without a header only IMOD's whole object (and contour) numbers may come before x y z;
@@ -689,7 +698,8 @@ def test_utf16_text_from_excel_is_read(tmp_path):
     """Excel's 'Unicode Text' export is UTF-16 with a byte-order mark, tab-separated: read as
     it is (it was refused as 'not a text file')."""
     path = tmp_path / "clicks.txt"
-    path.write_bytes("x\ty\tz\r\n1\t2\t3\r\n4\t5\t6\r\n".encode("utf-16"))
+    path.write_bytes("# picked\u00a0by hand\r\nx\ty\tz\r\n1\t2\t3\r\n4\t5\t6\r\n"
+                     .encode("utf-16"))  # a non-breaking space is text
     np.testing.assert_array_equal(read_points(path).zyx, [[3, 2, 1], [6, 5, 4]])
 
 

@@ -156,7 +156,8 @@ def test_membranes_csv_traces_each_label_to_its_clicks(small_sim, run_cli, tmp_p
     clicks = np.loadtxt(files["membrane_clicks.csv"], delimiter=",", skiprows=1, ndmin=2)
     lines = ["x,y,z,tomo_name,negative", "1,1,1,other,0"]  # data row 0: another tomogram
     lines += [f"{x},{y},{z},tomo,0" for x, y, z in clicks]  # rows 1..n
-    lines.append("2,2,2,tomo,1")  # a negative row after them
+    lines.append("2,2,2,tomo,1")  # a negative row after them: row n + 1
+    lines.append("{},{},{},tomo,0".format(*clicks[0]))  # row n + 2 repeats the first click
     points = tmp_path / "clicks.csv"
     points.write_text("\n".join(lines) + "\n")
     code, _, err = run_cli("segment", files["tomo.mrc"], "--points", points, "--target",
@@ -171,5 +172,7 @@ def test_membranes_csv_traces_each_label_to_its_clicks(small_sim, run_cli, tmp_p
     for r in rows:
         assert int(r["n_voxels"]) == int((labels == int(r["instance_id"])).sum())
     made = sorted(int(c) for r in rows for c in r["clicks"].split())
-    assert made == list(range(1, len(clicks) + 1))  # file rows, each click once
+    n = len(clicks)
+    assert made == [*range(1, n + 1), n + 2]  # file rows, each click once, the repeat too
+    assert float(rows[0]["volume_nm3"]) == int(rows[0]["n_voxels"])  # 10 Å voxels: 1 nm³
     assert len(rows) < len(clicks)  # clicks on one membrane are one label naming both

@@ -324,12 +324,22 @@ def test_config_paths_and_values_are_one_line() -> None:
     assert written.replace_path("score.size_tolerance", 0.5).score.size_tolerance == 0.5
 
 
-def test_a_negative_click_on_a_click_is_one_line(small_sim, run_cli) -> None:
+def test_a_negative_click_on_a_click_is_one_line(small_sim, run_cli, tmp_path) -> None:
     """The same point as a click and a negative click: refused, naming both (it used to run
     as if no negative had been given)."""
-    _, files = small_sim
+    sim, files = small_sim
     code, _, err = run_cli("segment", files["tomo.mrc"], "--points", files["prompt.csv"],
                            "--negative-points", files["prompt.csv"], "--encoder",
                            "filterbank", "--segmenter", "threshold", "--device", "cpu")
-    assert code == 2 and f"error: {files['prompt.csv']}: negative click 1 (counted from 1) " \
-        "at" in err and "lies on click 1:" in err, err
+    assert code == 2 and f"error: the negative click at data row 0 of {files['prompt.csv']} " \
+        f"(z,y,x =" in err and f"lies on the click at data row 0 of {files['prompt.csv']}:" \
+        in err, err
+    # rows of the file itself: a negative row between two clicks, on the second click
+    mixed = tmp_path / "mixed.csv"
+    x, y, z = sim.prompt_points[1][::-1]
+    x0, y0, z0 = sim.prompt_points[0][::-1]
+    mixed.write_text(f"x,y,z,negative\n{x0},{y0},{z0},0\n{x},{y},{z},1\n{x},{y},{z},0\n")
+    code, _, err = run_cli("segment", files["tomo.mrc"], "--points", mixed, "--encoder",
+                           "filterbank", "--segmenter", "threshold", "--device", "cpu")
+    assert code == 2 and f"negative click at data row 1 of {mixed}" in err and \
+        f"lies on the click at data row 2 of {mixed}" in err, err

@@ -332,6 +332,11 @@ def test_a_log_gets_a_progress_line_while_a_long_step_runs(small_sim, weight_fre
     lines = capsys.readouterr().err.splitlines()
     assert lines[0] == "cryosam: encoding slices 1/3 (33%) after 0:00, about 0:00 left"
     assert lines[-1] == "cryosam: encoding slices 3/3 (100%) done in 0:00"
+    # items that move the count by 0 (a propagation step that ended no chain) still say so
+    assert list(progress.track([0, 0, 2, 1], "chains", total=3, counts=int)) == [0, 0, 2, 1]
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[:2] == ["cryosam: chains 0/3 (0%) after 0:00"] * 2
+    assert lines[-1] == "cryosam: chains 3/3 (100%) done in 0:00"
     sim, _ = small_sim
     CryoSAM(weight_free).segment(sim.volume, sim.prompt_points[:1], voxel_size=sim.voxel_size)
     said = capsys.readouterr().err  # the pipeline's own steps, the proposals' first masks too

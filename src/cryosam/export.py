@@ -198,13 +198,13 @@ def _write_membranes(path: Path, result: SegmentationResult) -> None:
     voxel size) and ``clicks``: the data rows of every click that made it (clicks on one
     membrane are merged), so a label can be traced back to the clicks."""
     tomo = result.tomogram
-    voxel_nm3 = (float(np.prod(tomo.voxel_size)) / 1000.0 if tomo.voxel_size is not None
-                 else float("nan"))
     insts = result.instances
+    voxel_nm3 = float(np.prod(tomo.voxel_size)) / 1000.0 if tomo.voxel_size else None
+    volume = [round(i.n_voxels * voxel_nm3, 3) if voxel_nm3 else "" for i in insts]
     io.write_picks_csv(path, np.array([i.seed for i in insts], float).reshape(-1, 3), {
         "instance_id": np.arange(1, len(insts) + 1, dtype=np.int64),
         "n_voxels": np.array([i.n_voxels for i in insts], dtype=np.int64),
-        "volume_nm3": np.array([i.n_voxels * voxel_nm3 for i in insts], dtype=float),
+        "volume_nm3": np.array(volume, dtype=object),
         "clicks": np.array([" ".join(str(r) for r in sorted(i.click_rows)) for i in insts],
                            dtype=object),
     })

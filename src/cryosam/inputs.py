@@ -111,6 +111,9 @@ def load_inputs(tomogram: TomogramLike, points: PointsLike, *,
                              "to find")
         _check_array(prompts, tomo.shape, "click")
         _check_array(negatives, tomo.shape, "negative click")
+    where = str(source) if source is not None else "clicks"
+    click_at = [f"data row {r} of {where}" for r in rows]
+    neg_at = [f"data row {r} of {where}" for r in ps.file_rows[flagged]]
     neg_source = None
     if negative_points is not None:
         if isinstance(negative_points, str | os.PathLike):
@@ -119,11 +122,13 @@ def load_inputs(tomogram: TomogramLike, points: PointsLike, *,
                                 pixel_size=points_pixel_size, own_tomo_name=own)
             more, neg_source = np.asarray(ns.zyx, float), Path(negative_points)
         else:
-            more = points_from_api(negative_points, tomo, points_unit, points_pixel_size,
-                                   "negative_points", tomo_name).zyx
+            ns = points_from_api(negative_points, tomo, points_unit, points_pixel_size,
+                                 "negative_points", tomo_name)
+            more = ns.zyx
             _check_array(more, tomo.shape, "negative click")
         negatives = np.vstack([negatives, more.reshape(-1, 3)])
-    _check_apart(prompts, negatives, (source, neg_source))
+        neg_at += [f"data row {r} of {neg_source or 'negative_points'}" for r in ns.file_rows]
+    _check_apart(prompts, negatives, click_at, neg_at)
     name = tomo_name or own or "tomo"
     return Inputs(tomo, prompts, source, points_unit, name, negatives, neg_source, rows)
 
@@ -161,11 +166,11 @@ def points_from_api(points: Any, tomo: io.Tomogram, unit: str = "voxel",
     return io.PointSet(zyx=io.to_voxels(zyx, what, tomo.voxel_size, unit, pixel_size))
 
 
-def _check_apart(prompts: np.ndarray, negatives: np.ndarray,
-                 files: Sequence[Path | None] = ()) -> None:
+def _check_apart(prompts: np.ndarray, negatives: np.ndarray, click_at: Sequence[str],
+                 negative_at: Sequence[str]) -> None:
     """A negative click within a voxel of a click names the same structure as both: refuse
     it (it would silently change nothing, or drop the clicked particle's own matches).
-    ``files``: where the clicks and the negatives came from, named in the message."""
+    ``click_at``, ``negative_at``: where each came from ("data row 3 of clicks.csv")."""
     if not len(prompts) or not len(negatives):
         return
     gaps = np.linalg.norm(negatives[:, None, :] - prompts[None, :, :], axis=2)
@@ -173,10 +178,10 @@ def _check_apart(prompts: np.ndarray, negatives: np.ndarray,
     if len(near):
         j, i = (int(v) for v in near[0])
         z, y, x = negatives[j]
-        where = ", ".join(dict.fromkeys(str(f) for f in files if f is not None))
-        raise InputError(f"{where + ': ' if where else ''}negative click {j + 1} (counted from "
-                         f"1) at z,y,x = {z:g},{y:g},{x:g} voxels lies on click {i + 1}: a "
-                         "structure cannot be both; remove one of them")
+        raise InputError(f"the negative click at {negative_at[j]} (z,y,x = {z:g},{y:g},{x:g} "
+                         f"voxels) lies on the click at {click_at[i]}: a structure cannot be "
+                         "both; remove one of them (rows count from 0 after the header, as "
+                         "picks.csv's click_row)")
 
 
 def _check_array(zyx: np.ndarray, shape: tuple[int, int, int], what: str) -> None:
@@ -207,7 +212,13 @@ def load_tomogram(tomogram: TomogramLike, *, voxel_size: VoxelSizeLike | None = 
 
 def _as_tomogram(tomogram: TomogramLike, voxel_size: float | None) -> io.Tomogram:
     tomo = _wrapped(tomogram, voxel_size)
-    low, high = tomo.value_range or (float(np.min(tomo.data)), float(np.max(tomo.data)))
+    if tomo.value_range is not None:  # an MRC file's, from the reader's scan
+        low, high = tomo.value_range
+    else:  # an array: a few slices say it varies; only a constant-looking one is read whole
+        few = np.asarray(tomo.data[:: max(1, tomo.shape[0] // 8)])
+        low, high = float(few.min()), float(few.max())
+        if low == high:
+            low, high = float(np.min(tomo.data)), float(np.max(tomo.data))
     if low == high:  # a failed reconstruction or a blank export: nothing to segment
         where = tomo.path if tomo.path is not None else "tomogram"
         raise InputError(f"{where}: every voxel is {low:g}; the tomogram is empty (a failed "

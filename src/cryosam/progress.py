@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -38,16 +38,19 @@ def enabled() -> bool:
 
 
 def track(iterable: Iterable[T], description: str, total: int | None = None,
-          log: bool = True) -> Iterator[T]:
+          log: bool = True, counts: Callable[[T], int] | None = None) -> Iterator[T]:
     """Iterate over ``iterable`` with a rich progress bar when :func:`enabled`; else, unless
-    quiet or ``log`` is False, with a line on stderr every :data:`LOG_EVERY` seconds."""
+    quiet or ``log`` is False, with a line on stderr every :data:`LOG_EVERY` seconds.
+    ``counts``: how far each item moves the count (default 1; 0 for an item that only shows
+    the step is alive, as a propagation step that ended no chain)."""
     if total is None and hasattr(iterable, "__len__"):
         total = len(iterable)  # type: ignore[arg-type]
+    step = counts or (lambda _: 1)
     if not enabled():
         if _QUIET or not log:
             yield from iterable
         else:
-            yield from _logged(iterable, description, total)
+            yield from _logged(iterable, description, total, step)
         return
     from rich.progress import (
         BarColumn,
@@ -63,17 +66,18 @@ def track(iterable: Iterable[T], description: str, total: int | None = None,
         task = bar.add_task(description, total=total)
         for item in iterable:
             yield item
-            bar.advance(task)
+            bar.advance(task, step(item))
 
 
-def _logged(iterable: Iterable[T], description: str, total: int | None) -> Iterator[T]:
+def _logged(iterable: Iterable[T], description: str, total: int | None,
+            step: Callable[[T], int]) -> Iterator[T]:
     """``iterable`` with a plain progress line every :data:`LOG_EVERY` seconds (done, share,
     elapsed and an estimate of what is left), and one when it ends if any was written."""
     start = last = time.perf_counter()
     done = 0
     for item in iterable:
         yield item
-        done += 1
+        done += step(item)
         now = time.perf_counter()
         if now - last >= LOG_EVERY:
             last = now

@@ -348,9 +348,9 @@ class _Engine:
                     if d[1] == axis:
                         chains.append(_Chain(i, axis, 1 if d[0] == "+" else -1, piece.index,
                                              piece, np.asarray(point, np.float64), logits, cap))
-        for _ in track(_each_ended(self._steps(chains, max_prompts)),
+        for _ in track(_newly_ended(self._steps(chains, max_prompts)),
                        "propagating (chains ended)" if show else "", total=len(chains),
-                       log=bool(show)):
+                       log=bool(show), counts=int):
             pass
         if self.membrane:  # sheets: a second sweep across the slices the first one missed
             list(self._steps([c for i in particles if self.pieces.get(i)
@@ -418,11 +418,10 @@ class _Engine:
             yield len(chains) - len(active)
 
 
-def _each_ended(ended: Iterator[int]) -> Iterator[None]:
-    """One item for each chain that ended, from running counts of ended chains, so that a
-    progress bar over the chains advances as they stop."""
+def _newly_ended(ended: Iterator[int]) -> Iterator[int]:
+    """From running counts of ended chains, one item a step: how many ended in it (often
+    0), so that a progress line over the chains still comes while none ends."""
     before = 0
     for count in ended:
-        for _ in range(count - before):
-            yield None
+        yield max(0, count - before)
         before = max(before, count)

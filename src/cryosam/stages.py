@@ -83,17 +83,23 @@ def segment_clicks(work: Work, segmenter: Segmenter, cfg: PropagationConfig,
     and when every click comes out empty the run stops with one line saying why (naming the
     clicks file ``source``). ``file_rows``: each click's data row in its file, which the
     instances keep as ``click_row`` (default: its index among the clicks)."""
-    # clicks on the same voxel are one click (the first row speaks for them)
-    _, first = np.unique(np.rint(work.prompts).astype(np.int64), axis=0, return_index=True)
-    rows = np.sort(first)
-    prompts = work.prompts[rows]
-    if file_rows is not None:
-        rows = np.asarray(file_rows, dtype=np.int64)[rows]
+    # clicks on the same voxel are one click (the first row speaks for them, the others are
+    # its merged_clicks)
+    _, first, group = np.unique(np.rint(work.prompts).astype(np.int64), axis=0,
+                                return_index=True, return_inverse=True)
+    group = np.asarray(group).reshape(-1)
+    order = np.argsort(first)  # groups in the order of their first row
+    keep = first[order]
+    prompts = work.prompts[keep]
+    rows_of = (np.arange(len(work.prompts)) if file_rows is None
+               else np.asarray(file_rows, dtype=np.int64))
+    same = [tuple(int(rows_of[k]) for k in np.flatnonzero(group == g) if k != first[g])
+            for g in order]
     res = propagate(work.segmenter_volume, prompts, segmenter, cfg, radius=work.radius)
     instances = [Instance(mask, np.asarray(p, float), 1.0, float(np.clip(c, 0.0, 1.0)),
-                          int(row))
-                 for row, mask, p, c in zip(rows, res.instances, prompts, res.confidence,
-                                            strict=True)]
+                          int(rows_of[k]), merged_clicks=more)
+                 for k, more, mask, p, c in zip(keep, same, res.instances, prompts,
+                                                res.confidence, strict=True)]
     empty = [i.click_row for i in instances if i.n_voxels == 0]
     if instances and len(empty) == len(instances):
         message = nothing_found_message(found, work.factor, cfg.target)
@@ -112,7 +118,7 @@ def segment_clicks(work: Work, segmenter: Segmenter, cfg: PropagationConfig,
         warnings.warn(f"{len(empty)} click(s) gave an empty mask (rows {listed}); {kept}",
                       CryosamWarning, stacklevel=3)
     stats = dict(res.stats)
-    stats["duplicate_clicks"] = int(len(work.prompts) - len(rows))
+    stats["duplicate_clicks"] = int(len(work.prompts) - len(keep))
     if stats["duplicate_clicks"]:
         binned = (f" of the {work.factor}x binned grid the run works on" if work.factor > 1
                   else "")

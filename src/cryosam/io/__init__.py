@@ -7,7 +7,8 @@ recoverable oddities are reported with ``warnings.warn(..., CryosamWarning)``.
 
 - :mod:`cryosam.io.mrc`: :class:`Tomogram`, :func:`read_tomogram`, :func:`write_mrc`
 - :mod:`cryosam.io.points`: :class:`PointSet`, :func:`read_points` (CSV, napari CSV, and STAR
-  through :mod:`cryosam.io.star`), :func:`write_picks_csv`, :func:`write_napari_csv`
+  through :mod:`cryosam.io.star`; :mod:`cryosam.io.names` picks a tomogram's rows)
+- :mod:`cryosam.io.csv_out`: :func:`write_picks_csv`, :func:`write_napari_csv`
 - :mod:`cryosam.io.star`: :func:`star_tomo_names`, :func:`write_picks_star`, and one file per
   tool: :data:`STAR_FLAVOURS`, :class:`StarOutputs`, :func:`star_tomo_name`,
   :func:`write_flavour_star`

@@ -64,7 +64,16 @@ def _matching(values: np.ndarray, name: str) -> np.ndarray:
     for key in (name_key, star_tomo_name):
         if not mask.any():
             mask = np.array([key(v) == key(name) for v in values], dtype=bool)
+    if not mask.any():  # TS_01.denoised.mrc for TS_01: the part before the first dot, when
+        # that names exactly one tomogram of the file (L1.2_TS_01 and L1.2_TS_02 do not)
+        cut = np.array([_before_dot(v) == _before_dot(name) for v in values], dtype=bool)
+        if len(set(values[cut])) == 1:
+            mask = cut
     return mask
+
+
+def _before_dot(name: str) -> str:
+    return name_key(name).split(".", 1)[0]
 
 
 def select_tomogram(path: Path, values: Sequence[object], tomo_name: str | None,

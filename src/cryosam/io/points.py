@@ -11,6 +11,7 @@ import csv
 import math
 import os
 import re
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -237,7 +238,9 @@ def _file_text(p: Path) -> str:
         raw = p.read_bytes()
         utf16 = raw[:2] in (b"\xff\xfe", b"\xfe\xff")  # with its mark: Excel's Unicode text
         text = raw.decode("utf-16" if utf16 else "utf-8-sig")
-        if utf16 and not all(c.isprintable() or c in "\t\r\n" for c in text[:2000]):
+        head = text[:2000]  # a points file is mostly ASCII digits; binary is not
+        if utf16 and (sum(c.isascii() for c in head) < 0.5 * len(head) or any(
+                unicodedata.category(c) == "Cc" and c not in "\t\r\n" for c in head)):
             raise UnicodeDecodeError("utf-16", raw, 0, 2, "not text")
         return text
     except UnicodeDecodeError:
@@ -361,7 +364,8 @@ def _check_imod_columns(path: Path, line: int, rows: list[tuple[int, list[str]]]
     is refused rather than read with its columns shifted."""
     if not leading:
         return
-    whole = all((v := _parse_float(f[k])) is not None and v == int(v) and v >= 0
+    whole = all((v := _parse_float(f[k])) is not None and math.isfinite(v) and v.is_integer()
+                and v >= 0
                 for _, f in rows if len(f) > leading for k in range(leading))
     if commas or not whole:
         cols = "object" if leading == 1 else "object and contour"

@@ -198,8 +198,9 @@ def _pixel_coordinates(
     """rlnCoordinateX/Y/Z as (z, y, x), scaled to this tomogram's voxels when sizes differ."""
     zyx = _star_numeric(path, df, _STAR_PIXEL[::-1], rows)
     sizes, source = _star_pixel_sizes(df, optics)
-    sizes = _usable_sizes(path, sizes, source)
-    if star_pixel_size is not None:
+    if star_pixel_size is None:  # (a given size replaces the file's anyway)
+        sizes = _usable_sizes(path, sizes, source)
+    else:
         sizes, source = (np.full(len(df), float(star_pixel_size)),
                          "--points-pixel-size or --points-bin")
     if sizes is not None and vs is not None:
