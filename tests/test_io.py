@@ -709,3 +709,19 @@ def test_a_label_column_of_other_things_says_to_rename_it(tmp_path):
     with pytest.raises(InputError, match="row 1 has label 'ribosome'; a label column marks "
                                          "negative clicks: .*rename the column"):
         negative_rows(read_points(path))
+
+
+def test_clicks_on_a_binned_copy_of_anisotropic_voxels_scale_per_axis(tmp_path):
+    """--points-bin 2 on 10 x 10 x 20 Å voxels (z, y, x) gives pixels of 20 x 20 x 40 Å: every
+    axis doubles, in CSV and STAR files alike, and the warning names one factor."""
+    csv = tmp_path / "c.csv"
+    csv.write_text("x,y,z\n1,2,3\n")
+    star = tmp_path / "c.star"
+    star.write_text("data_particles\nloop_\n_rlnCoordinateX\n_rlnCoordinateY\n"
+                    "_rlnCoordinateZ\n1 2 3\n")
+    for path in (csv, star):
+        with pytest.warns(CryosamWarning, match=r"scaled by 2 to this tomogram"):
+            got = read_points(path, voxel_size=(10.0, 10.0, 20.0), pixel_size=(20.0, 20.0, 40.0))
+        np.testing.assert_allclose(got.zyx, [[6, 4, 2]])
+    with pytest.raises(InputError, match=r"pixel size of 20/0/40 \(z/y/x\) Å"):
+        read_points(csv, voxel_size=10.0, pixel_size=(20.0, 0.0, 40.0))

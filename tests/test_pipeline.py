@@ -252,6 +252,14 @@ def test_api_clicks_convert_as_a_files_do(small_sim, weight_free) -> None:
     np.testing.assert_allclose(clicked(p * vs, points_unit="angstrom"), p)
     np.testing.assert_allclose(clicked(p / 2, points_bin=2), p)
     np.testing.assert_allclose(clicked(p / 2, points_pixel_size=2 * vs), p)
+    # anisotropic voxels: a copy binned 2x is 2x on every axis (the mean size scaled z and x
+    # by 1.33 and 2.67 for 10 x 10 x 20 Å voxels)
+    from cryosam.inputs import load_inputs
+
+    aniso = (10.0, 10.0, 20.0)
+    with pytest.warns(UserWarning, match=r"scaled by 2 to this"):
+        got = load_inputs(sim.volume, p / 2, voxel_size=aniso, points_bin=2).prompts
+    np.testing.assert_allclose(got, p)
     far = sim.prompt_points[1]
     table = pd.DataFrame({"X": [p[0, 2], far[2]], "Y": [p[0, 1], far[1]],
                           "Z": [p[0, 0], far[0]], "negative": [0, 1]})

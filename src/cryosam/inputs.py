@@ -85,7 +85,9 @@ def load_inputs(tomogram: TomogramLike, points: PointsLike, *,
         if tomo.mean_voxel_size is None:
             raise InputError("--points-bin needs the tomogram's voxel size; the header has "
                              "none, so pass --voxel-size")
-        points_pixel_size = float(points_bin) * tomo.mean_voxel_size
+        vs = np.asarray(tomo.voxel_size, dtype=np.float64)  # per axis: anisotropic voxels
+        points_pixel_size = (float(points_bin) * vs[0] if np.ptp(vs) == 0
+                             else tuple(float(points_bin) * vs))
     own = tomo_stem(tomo.path) if tomo.path else None  # picks its rows of a multi-tomogram file
     if isinstance(points, str | os.PathLike):
         ps = io.read_points(points, shape=tomo.shape, voxel_size=tomo.voxel_size,
@@ -134,7 +136,7 @@ def load_inputs(tomogram: TomogramLike, points: PointsLike, *,
 
 
 def points_from_api(points: Any, tomo: io.Tomogram, unit: str = "voxel",
-                    pixel_size: float | None = None, what: str = "clicks",
+                    pixel_size: float | Sequence[float] | None = None, what: str = "clicks",
                     tomo_name: str | None = None) -> io.PointSet:
     """Points given to the Python API as (z, y, x): an (N, 3) array or list of rows (one
     click may be a flat [z, y, x]), or a pandas DataFrame, read as a clicks CSV with its

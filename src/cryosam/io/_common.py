@@ -76,3 +76,11 @@ def third_party_quiet() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         yield
+
+
+def sizes_text(sizes: float | Sequence[float] | np.ndarray) -> str:
+    """One size, or three along z/y/x when they differ, for a message ("10", "2/2/4 (z/y/x)")."""
+    values = np.round(np.asarray(sizes, dtype=np.float64).reshape(-1), 4)
+    if len(set(values.tolist())) == 1:
+        return f"{values[0]:g}"
+    return "/".join(f"{v:g}" for v in values) + " (z/y/x)"

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from cryosam.errors import InputError
-from cryosam.io._common import ParsedPoints, as_voxel_size, warn
+from cryosam.io._common import ParsedPoints, as_voxel_size, sizes_text, warn
 from cryosam.io.names import CSV_NAME_COLUMNS, csv_name_column, select_tomogram
 from cryosam.io.star import read_star_points
 from cryosam.utils import outside_volume
@@ -125,7 +125,7 @@ def read_points(
     tomo_name: str | None = None,
     check_bounds: bool = True,
     star_pixel_size: float | None = None,
-    pixel_size: float | None = None,
+    pixel_size: float | Sequence[float] | None = None,
     own_tomo_name: str | None = None,
     every_tomogram: bool = False,
     empty_ok: bool = False,
@@ -178,7 +178,8 @@ def read_points(
         if unit != "voxel":
             warn(f"{p}: {unit_option} is ignored for STAR files (their columns state units)")
         zyx, columns, labels, rows = read_star_points(
-            p, shape, vs, tomo_name, star_pixel_size or pixel_size, own_tomo_name)
+            p, shape, vs, tomo_name, star_pixel_size if star_pixel_size is not None
+            else pixel_size, own_tomo_name)
     else:
         zyx, columns, labels = _read_csv_points(p, text, unit, empty_ok, unit_option)
         rows = np.arange(len(zyx), dtype=np.int64)
@@ -195,7 +196,8 @@ def read_points(
 
 
 def to_voxels(zyx: np.ndarray, where: object, voxel_size: float | Sequence[float] | None,
-              unit: str = "voxel", pixel_size: float | None = None) -> np.ndarray:
+              unit: str = "voxel", pixel_size: float | Sequence[float] | None = None
+              ) -> np.ndarray:
     """(z, y, x) coordinates in ``unit`` (``angstrom``: Å from voxel 0, the header origin not
     subtracted) or in pixels of ``pixel_size`` Å (clicks made on a differently binned copy,
     said in a warning) as voxels of a tomogram of ``voxel_size``; CSV files and the Python
@@ -209,20 +211,23 @@ def to_voxels(zyx: np.ndarray, where: object, voxel_size: float | Sequence[float
     if unit == "angstrom":
         zyx = zyx / vs
     if pixel_size is not None:
-        factor = float(pixel_size) / vs
+        factor = np.asarray(pixel_size, dtype=np.float64) / vs
         zyx = zyx * factor
-        warn(f"{where}: coordinates in {float(pixel_size):g} Å pixels scaled by "
-             f"{', '.join(f'{f:.4g}' for f in np.unique(np.round(factor, 6)))} to this "
-             "tomogram's voxels")
+        warn(f"{where}: coordinates in {sizes_text(pixel_size)} Å pixels scaled by "
+             f"{sizes_text(factor)} to this tomogram's voxels")
     return zyx
 
 
-def _check_pixel_size(given: float | None, where: object) -> None:
-    """A points pixel size must be a positive number (0 moved every click to voxel 0)."""
-    if given is not None and not (math.isfinite(float(given)) and float(given) > 0):
-        raise InputError(f"{where}: a points pixel size of {float(given):g} Å; give the size of "
-                         "the pixels the clicks were made on (--points-pixel-size), a positive "
-                         "number")
+def _check_pixel_size(given: float | Sequence[float] | None, where: object) -> None:
+    """A points pixel size (one, or z, y, x) must be positive (0 moved every click to voxel
+    0)."""
+    if given is None:
+        return
+    values = np.asarray(given, dtype=np.float64)
+    if not (np.all(np.isfinite(values)) and np.all(values > 0)):
+        raise InputError(f"{where}: a points pixel size of {sizes_text(values)} Å; give the "
+                         "size of the pixels the clicks were made on (--points-pixel-size), a "
+                         "positive number")
 
 
 def _file_text(p: Path) -> str:

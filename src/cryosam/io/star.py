@@ -31,6 +31,7 @@ from cryosam.io._common import (
     as_column,
     as_voxel_size,
     as_zyx,
+    sizes_text,
     third_party_quiet,
     warn,
 )
@@ -192,7 +193,7 @@ def _pixel_coordinates(
     df: pd.DataFrame,
     optics: object | None,
     vs: np.ndarray | None,
-    star_pixel_size: float | None,
+    star_pixel_size: float | Sequence[float] | None,
     rows: list[str],
 ) -> np.ndarray:
     """rlnCoordinateX/Y/Z as (z, y, x), scaled to this tomogram's voxels when sizes differ."""
@@ -201,12 +202,13 @@ def _pixel_coordinates(
     if star_pixel_size is None:  # (a given size replaces the file's anyway)
         sizes = _usable_sizes(path, sizes, source)
     else:
-        sizes, source = (np.full(len(df), float(star_pixel_size)),
-                         "--points-pixel-size or --points-bin")
+        given = np.asarray(star_pixel_size, dtype=np.float64)  # one size, or z, y, x
+        sizes = np.broadcast_to(given, (len(df), *given.shape)).copy()
+        source = "--points-pixel-size or --points-bin"
     if sizes is not None and vs is not None:
-        factor = sizes[:, None] / vs[None, :]
+        factor = (sizes if sizes.ndim == 2 else sizes[:, None]) / vs[None, :]
         if np.any(np.abs(factor - 1.0) > 1e-3):
-            shown = np.unique(np.round(sizes, 4))
+            shown = ", ".join(sizes_text(s) for s in np.unique(np.round(sizes, 4), axis=0))
             fix = ("" if star_pixel_size is not None else "; if they already are, pass "
                    "--points-pixel-size with the voxel size, or remove the pixel size from "
                    "the file")
@@ -214,7 +216,7 @@ def _pixel_coordinates(
             by = (f"{axes[0, 0]:g}" if axes.shape[0] == 1 and len(set(axes[0])) == 1 else
                   f"{', '.join('/'.join(f'{f:g}' for f in row) for row in axes)} (z/y/x)")
             warn(
-                f"{path}: coordinates are in {', '.join(f'{s:g}' for s in shown)} Å pixels "
+                f"{path}: coordinates are in {shown} Å pixels "
                 f"({source}) and the tomogram has {', '.join(f'{v:g}' for v in vs)} Å "
                 f"voxels (z,y,x): scaled by {by} to this tomogram's voxels{fix}"
             )
