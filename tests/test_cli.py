@@ -79,6 +79,11 @@ def test_cli_demo_runs_offline_and_scores(tmp_path: Path, run_cli,
     assert 0.0 <= f1 <= 1.0
     assert (tmp_path / "demo" / "tomo_cryosam" / "preview.png").stat().st_size > 10_000
     assert (tmp_path / "demo" / "data" / "truth.csv").exists()
+    import starfile  # every STAR file names the tomogram alike (picks.star said 'demo')
+
+    names = {str(starfile.read(tmp_path / "demo" / "tomo_cryosam" / f)["rlnTomoName"][0])
+             for f in ("picks.star", "picks_relion5.star")}
+    assert names == {"tomo"}
 
 
 def test_cli_help_lists_built_commands(run_cli) -> None:

@@ -72,9 +72,9 @@ def register(app: typer.Typer) -> None:
                             segmenter=SegmenterConfig(name=segmenter), device=device,
                             seed=seed)
         tomo = io.read_tomogram(files["tomo.mrc"])
-        result = CryoSAM(cfg).segment(tomo, files["prompt.csv"], tomo_name="demo")
+        result = CryoSAM(cfg).segment(tomo, files["prompt.csv"])
         result_dir = out_dir / "tomo_cryosam"
-        written = write_outputs(result, result_dir, overwrite=overwrite, tomo_name="demo")
+        written = write_outputs(result, result_dir, overwrite=overwrite)
         if not quiet:
             print_summary(result, written, result_dir)
 
