@@ -121,6 +121,30 @@ def test_a_killed_swap_is_recovered(tmp_path: Path) -> None:
     assert (out / "run.json").exists() and not old.exists()
 
 
+def test_the_sweep_leaves_other_machines_temporaries_and_fresh_locks(tmp_path: Path) -> None:
+    """Shards of a SLURM array on other nodes write into one shared --out: their staging
+    folders (whose process ids mean nothing here) are left to them unless a day old, and a
+    lock just created, still empty, is not stale (a starting shard swept both)."""
+    from cryosam import _atomic
+
+    dead = 2**22 + 4321
+    theirs = tmp_path / f".TS_07.{dead}@othernode-3.ab12.partial"
+    ours = tmp_path / f".TS_08.{dead}@{_atomic._HOST_TAG}.cd34.partial"
+    ancient = tmp_path / f".TS_09.{dead}@othernode-3.ef56.partial"
+    for folder in (theirs, ours, ancient):
+        folder.mkdir()
+    day_ago = time.time() - _atomic.FOREIGN_AGE - 60
+    os.utime(ancient, (day_ago, day_ago))
+    fresh = tmp_path / ".TS_10.lock"
+    fresh.write_text("")  # created, not yet written by its run
+    swept = sweep_stale(tmp_path)
+    assert sorted(p.name for p in swept) == sorted([ours.name, ancient.name])
+    assert theirs.exists() and fresh.exists()
+    with _atomic.atomic_path(tmp_path / "x.csv") as tmp:  # this machine's names carry it
+        assert f"@{_atomic._HOST_TAG}." in tmp.name
+        tmp.write_text("x")
+
+
 def test_two_runs_cannot_write_one_out(tmp_path: Path, run_cli, small_sim) -> None:
     _, files = small_sim
     out = tmp_path / "o"

@@ -2,8 +2,10 @@
 id, renames onto the final name, an atomic folder swap, a lock per output folder, and a sweep
 of what killed runs left behind.
 
-Every temporary file or folder is named ``.<final name>.<pid>.<random>.<kind>``; a later run
-removes those whose process is gone (``SIGKILL``, power loss), so nothing hidden piles up.
+Every temporary file or folder is named ``.<final name>.<pid>@<host>.<random>.<kind>``; a
+later run on the same machine removes those whose process is gone (``SIGKILL``, power loss),
+so nothing hidden piles up. Another machine's (a SLURM array's shards writing one --out on a
+shared file system) are left to it, unless a day old.
 """
 
 from __future__ import annotations
@@ -16,13 +18,23 @@ import re
 import shutil
 import socket
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from cryosam.errors import InputError
 
-_TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[^.]+\.(?P<kind>part.*|partial|old|probe)$")
+_TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)(?:@(?P<host>[A-Za-z0-9-]+))?\.[^.]+\."
+                   r"(?P<kind>part.*|partial|old|probe)$")
 _HOST = socket.gethostname()
+_HOST_TAG = re.sub(r"[^A-Za-z0-9-]", "-", _HOST)[:63] or "host"  # as temporary names carry it
+FOREIGN_AGE = 24 * 3600.0  # seconds after which another machine's temporaries are swept too
+NEW_LOCK = 60.0  # seconds a lock may stay empty while its writer fills it in
+
+
+def _tag() -> str:
+    """``<pid>@<host>`` of this process, for temporary names."""
+    return f"{os.getpid()}@{_HOST_TAG}"
 
 
 def _umask() -> int:
@@ -56,7 +68,7 @@ def atomic_path(path: str | os.PathLike[str], suffix: str | None = None) -> Iter
     final.parent.mkdir(parents=True, exist_ok=True)
     if suffix is None:
         suffix = "".join(final.suffixes[-2:]) if final.suffixes else ""
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.{os.getpid()}.",
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.{_tag()}.",
                                     suffix=f".part{suffix}", dir=final.parent)
     os.close(fd)
     tmp = Path(tmp_name)
@@ -84,7 +96,7 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
 
 def temp_dir(final: Path, kind: str) -> Path:
     """A new hidden folder beside ``final`` named for this process (``kind``: partial, old)."""
-    path = Path(tempfile.mkdtemp(prefix=f".{final.name}.{os.getpid()}.", suffix=f".{kind}",
+    path = Path(tempfile.mkdtemp(prefix=f".{final.name}.{_tag()}.", suffix=f".{kind}",
                                  dir=final.parent))
     os.chmod(path, 0o777 & ~_umask())  # mkdtemp makes 0700; outputs are for the group too
     return path
@@ -102,7 +114,7 @@ def sweep_stale(folder: str | os.PathLike[str], name: str | None = None) -> list
         return done
     for entry in entries:
         m = _TEMP.match(entry.name)
-        if not m or (name is not None and m["name"] != name) or pid_alive(int(m["pid"])):
+        if not m or (name is not None and m["name"] != name) or not _gone(entry, m):
             continue
         final = root / m["name"]
         with contextlib.suppress(OSError):
@@ -163,11 +175,25 @@ def replace_dir(staging: Path, out: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
+def _gone(entry: Path, m: re.Match[str]) -> bool:
+    """Whether the run that made the temporary ``entry`` is gone: its process on this
+    machine (names without a host are this machine's), or another machine's after a day."""
+    if m["host"] is not None and m["host"] != _HOST_TAG:
+        try:
+            return time.time() - entry.lstat().st_mtime > FOREIGN_AGE
+        except OSError:
+            return False
+    return not pid_alive(int(m["pid"]))
+
+
 def _lock_alive(path: Path) -> bool:
     try:
         host, pid = path.read_text(encoding="utf-8").split()[:2]
-    except (OSError, ValueError):
-        return False
+    except (OSError, ValueError):  # empty: its writer may be filling it in right now
+        try:
+            return time.time() - path.stat().st_mtime < NEW_LOCK
+        except OSError:
+            return False
     return host != _HOST or pid_alive(int(pid))  # another machine's lock: trust it
 
 
