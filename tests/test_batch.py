@@ -296,6 +296,12 @@ def test_a_stopped_batch_says_what_it_kept_in_one_line(stop, code: int, word: st
     (line,) = [ln for ln in err.strip().splitlines() if not ln.startswith("warning:")]
     assert line.startswith(word) and "finished tomograms are complete" in line
     assert "nothing was written" not in err and "resume" in line
+    # a stopped --force batch: "the same command" would redo every tomogram again
+    got, out, err = run_cli("batch", dataset / "tomos", "--out", tmp_path / "out", "--points",
+                            dataset / "clicks.star", "--no-ray", "--quiet", "--force",
+                            *FAST[:-1])
+    (line,) = [ln for ln in err.strip().splitlines() if not ln.startswith("warning:")]
+    assert got == code and "run it again without --force to finish" in line, line
 
 
 def test_a_combined_csv_gives_each_tomogram_its_own_rows(dataset: Path, tmp_path: Path,
@@ -685,3 +691,20 @@ def test_symlinked_tomograms_keep_their_own_names(dataset: Path, tmp_path: Path,
     assert code == 0, err
     table = _table(out)
     assert set(table) == set(NAMES[:2]) and {r["status"] for r in table.values()} == {"done"}
+
+
+def test_a_signal_wrapped_by_ray_is_raised_as_itself() -> None:
+    """A SIGTERM arriving in Ray's C code comes back as a SystemError caused by it: it is
+    raised as the signal (exit 143), not as a worker that could not start (exit 2)."""
+    from cryosam.batch_ray import _reraise_signal
+    from cryosam.errors import Terminated
+
+    try:
+        try:
+            raise Terminated()
+        except Terminated as inner:
+            raise SystemError("returned a result with an exception set") from inner
+    except SystemError as wrapped:
+        with pytest.raises(Terminated):
+            _reraise_signal(wrapped)
+    _reraise_signal(RuntimeError("weights missing"))  # no signal: nothing raised

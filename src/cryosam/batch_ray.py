@@ -313,6 +313,17 @@ def import_ray() -> Any:
     return ray
 
 
+def _reraise_signal(exc: BaseException) -> None:
+    """Raise the SIGTERM (:class:`Terminated`) or Ctrl-C found in ``exc``'s chain: a signal
+    arriving inside Ray's C code comes back as a ``SystemError`` caused by it, which would
+    otherwise read as a worker that could not start (exit 2 instead of 143 or 130)."""
+    seen = exc.__cause__ or exc.__context__
+    while seen is not None:
+        if isinstance(seen, Terminated | KeyboardInterrupt):
+            raise seen
+        seen = seen.__cause__ or seen.__context__
+
+
 class RayEngine:
     """Ray actors that each hold a :class:`Worker`; embedded Ray unless ``address``."""
 
@@ -367,6 +378,7 @@ class RayEngine:
             ray.get([a.ping.remote() for a in self.actors])  # every worker has its models
         except Exception as exc:  # e.g. weights missing on a cluster node: one line
             ray.shutdown()
+            _reraise_signal(exc)  # a SIGTERM or Ctrl-C that Ray's C code wrapped
             text = str(exc).strip().splitlines()
             raise CryosamError(f"a Ray worker could not start ({type(exc).__name__}: "
                                f"{text[-1][:300] if text else ''})") from None

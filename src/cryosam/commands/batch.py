@@ -137,7 +137,11 @@ def register(app: typer.Typer) -> None:
                 sigterm = isinstance(exc, Terminated)
                 raise Stopped(f"{'terminated (SIGTERM)' if sigterm else 'interrupted (Ctrl-C)'}"
                               f": the finished tomograms are complete in {out} (see "
-                              f"{table.name}); run the same command again to resume",
+                              f"{table.name}); "
+                              + ("run it again without --force to finish (with --force every "
+                                 "tomogram is redone; without it, those not redone by this run "
+                                 "keep their earlier outputs)" if force else
+                                 "run the same command again to resume"),
                               143 if sigterm else 130) from None
             finally:
                 if engine is not None:
