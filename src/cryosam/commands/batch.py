@@ -156,6 +156,9 @@ def register(app: typer.Typer) -> None:
             print_summary(outcomes, elapsed, table)
             for path, tomograms, particles in combined.values():
                 typer.echo(f"  {path}: {particles} particle(s) of {tomograms} tomogram(s)")
+            if shard is not None:
+                typer.echo("  a shard writes no dataset STAR files: when every shard is done, "
+                           "run the same command without --shard")
         if failed:
             raise typer.Exit(1)
 
