@@ -709,3 +709,25 @@ def test_a_signal_wrapped_by_ray_is_raised_as_itself() -> None:
         with pytest.raises(Terminated):
             _reraise_signal(wrapped)
     _reraise_signal(RuntimeError("weights missing"))  # no signal: nothing raised
+
+
+def test_a_full_batch_and_a_shard_do_not_run_on_one_out_together(dataset: Path,
+                                                                  tmp_path: Path,
+                                                                  run_cli) -> None:
+    """A shard running while the full batch starts on the same --out (or the other way
+    round): one line before any work (both computed the same tomograms)."""
+    import os
+
+    out = tmp_path / "out"
+    out.mkdir()
+    shard_lock = out / ".batch-1-of-2.csv.lock"
+    shard_lock.write_text(f"{os.uname().nodename} 1\n")  # a live process holds it
+    args = ("batch", dataset / "tomos", "--out", out, "--points", dataset / "clicks.star",
+            "--no-ray", "--no-match", *FAST)
+    code, _, err = run_cli(*args)
+    assert code == 2 and "a --shard is writing this --out (.batch-1-of-2.csv.lock)" in err
+    shard_lock.unlink()
+    (out / ".batch.csv.lock").write_text(f"{os.uname().nodename} 1\n")
+    code, _, err = run_cli(*args, "--shard", "0/2")
+    assert code == 2 and "a full batch is writing this --out" in err
+    assert not (out / "batch-0-of-2.csv").exists() and not (out / "TS_01").exists()

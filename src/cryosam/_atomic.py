@@ -197,6 +197,15 @@ def _lock_alive(path: Path) -> bool:
     return host != _HOST or pid_alive(int(pid))  # another machine's lock: trust it
 
 
+def held_lock(folder: Path, pattern: str) -> Path | None:
+    """The first live lock in ``folder`` whose file name matches ``pattern`` (a glob such as
+    ``.batch-*.csv.lock``), if any: another run writing beside this one."""
+    for path in sorted(folder.glob(pattern)):
+        if _lock_alive(path):
+            return path
+    return None
+
+
 @contextlib.contextmanager
 def output_lock(out: str | os.PathLike[str]) -> Iterator[None]:
     """Hold ``.<out>.lock`` beside ``out`` while writing it: a second run on the same folder

@@ -59,7 +59,7 @@ def register(app: typer.Typer) -> None:
         """Pick in every tomogram of a dataset, resumably, on Ray (or in this process)."""
         from cryosam import batch as batching
         from cryosam import batch_ray, io, progress
-        from cryosam._atomic import output_lock, sweep_stale
+        from cryosam._atomic import held_lock, output_lock, sweep_stale
         from cryosam.commands.query import build_config
         from cryosam.commands.segment import check_cache_dir
 
@@ -118,6 +118,12 @@ def register(app: typer.Typer) -> None:
         started = time.perf_counter()
         outcomes: list[Any] = []
         combined: dict[str, Any] = {}
+        other = held_lock(out, ".batch.csv.lock" if shard is not None else ".batch-*.csv.lock")
+        if other is not None:  # a full run and a shard would do the same tomograms twice
+            raise InputError(f"{out}: {'a full batch' if shard is not None else 'a --shard'} "
+                             f"is writing this --out ({other.name}); wait for it, or run "
+                             f"{'the shards' if shard is not None else 'the full batch'} "
+                             "after it")
         with output_lock(table):  # one batch per table; shards of one dataset run side by side
             engine: Any = None
             try:
