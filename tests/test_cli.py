@@ -452,3 +452,15 @@ def test_global_quiet_silences_the_command_and_cryosams_log(small_sim, tmp_path:
     code, out, _ = run_cli("segment", *args, "--out", tmp_path / "loud2")  # reset per run
     assert "click(s)" in out
     assert logging.getLogger("cryosam").level == logging.NOTSET
+
+
+@pytest.mark.parametrize("preset", ["default", "crowded"])
+def test_bench_accuracy_measures_the_backends_it_is_given(preset: str, run_cli, tmp_path,
+                                                          monkeypatch) -> None:
+    """--encoder dinov2 --segmenter sam reach the models (here: their missing weights, one
+    line naming them), so a machine with the weights measures the paper's models."""
+    monkeypatch.setenv("CRYOSAM_CHECKPOINTS", str(tmp_path / "none"))
+    code, out, err = run_cli("bench", "accuracy", "--preset", preset, "--seeds", "0",
+                             "--shape", "32,64,64", "--encoder", "dinov2", "--segmenter", "sam")
+    assert code == 2 and "encoder dinov2, segmenter sam" in out
+    assert "weights not on this machine: sam_vit_h, dinov2" in err

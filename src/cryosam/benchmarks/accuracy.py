@@ -1,7 +1,8 @@
 """``cryosam bench accuracy``: picking and membrane accuracy of a configuration on simulated
 tomograms, per seed (README's accuracy table is printed by this command).
 
-Weight-free backends by default; every figure is measured against the simulation's truth.
+Weight-free backends by default (``--encoder dinov2 --segmenter sam`` measures the paper's
+models where their weights are); every figure is measured against the simulation's truth.
 """
 
 from __future__ import annotations
@@ -38,20 +39,24 @@ def register(app: typer.Typer) -> None:
             ScoreConfig.density_tolerance, "--density-tolerance", min=0.001,
             help="As cryosam segment's: 1 - density correlation that divides a match's score "
             "by e (smaller: stricter on look-alikes)."),
+        encoder: str = typer.Option("filterbank", "--encoder",
+                                    help="filterbank (weight-free) or dinov2 (needs weights)."),
+        segmenter: str = typer.Option("threshold", "--segmenter",
+                                      help="threshold (weight-free) or sam (needs weights)."),
     ) -> None:
         """Picks as written (precision, recall, F1) and ranked, per seed or per kind."""
         if preset == "crowded":
             from cryosam.config import QUERY_MODES
 
             modes = QUERY_MODES if query_mode == "both" else (query_mode,)
-            _crowded(seeds, shape, device, snr, modes, negatives, turns, density_tolerance)
+            _crowded(seeds, shape, device, snr, modes, negatives, turns, density_tolerance,
+                     (encoder, segmenter))
             return
         import dataclasses
         import warnings
 
         import numpy as np
 
-        from cryosam import backends
         from cryosam.config import (
             CryosamConfig,
             EncoderConfig,
@@ -64,8 +69,8 @@ def register(app: typer.Typer) -> None:
         from cryosam.utils import parse_shape
 
         cfg = CryosamConfig(
-            encoder=EncoderConfig(name=backends.weight_free("encoder")),
-            segmenter=SegmenterConfig(name=backends.weight_free("segmenter")), device=device,
+            encoder=EncoderConfig(name=encoder),
+            segmenter=SegmenterConfig(name=segmenter), device=device,
             matching=MatchingConfig(turns=turns),
             score=ScoreConfig(density_tolerance=density_tolerance))
         membrane_cfg = dataclasses.replace(
@@ -123,14 +128,15 @@ def _default_row(head: str, row: list[float]) -> str:
 
 def _crowded(seeds: str, shape: str, device: str, snr: float, modes: tuple[str, ...],
              negatives: bool, turns: bool = True,
-             density_tolerance: float = ScoreConfig.density_tolerance) -> None:
+             density_tolerance: float = ScoreConfig.density_tolerance,
+             names: tuple[str, str] = ("filterbank", "threshold")) -> None:
     """Per kind of the crowded preset: one and five clicks, picks as written and ranked, for
-    each query mode; then one negative click on the most confused kind."""
+    each query mode; then one negative click on the most confused kind. ``names``: the
+    encoder and segmenter (weight-free by default)."""
     import tempfile
 
     import numpy as np
 
-    from cryosam import backends
     from cryosam.config import (
         CryosamConfig,
         EncoderConfig,
@@ -143,8 +149,8 @@ def _crowded(seeds: str, shape: str, device: str, snr: float, modes: tuple[str, 
     from cryosam.utils import parse_shape
 
     models = {mode: CryoSAM(CryosamConfig(
-        encoder=EncoderConfig(name=backends.weight_free("encoder")),
-        segmenter=SegmenterConfig(name=backends.weight_free("segmenter")), device=device,
+        encoder=EncoderConfig(name=names[0]),
+        segmenter=SegmenterConfig(name=names[1]), device=device,
         matching=MatchingConfig(query=mode, turns=turns),  # type: ignore[arg-type]
         score=ScoreConfig(density_tolerance=density_tolerance)))
         for mode in modes}
