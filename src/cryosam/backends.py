@@ -290,18 +290,14 @@ def build_dataclass(cls: type, data: dict[str, Any], where: str) -> Any:
         hints = {}
     kwargs = {}
     for key, value in data.items():
-        if isinstance(value, list) and "tuple" in str(fields[key].type):
-            value = tuple(value)
-        if isinstance(value, np.bool_):
-            value = bool(value)
-        if fields[key].type in (bool, "bool") and not isinstance(value, bool):  # "false": truthy
-            raise InputError(f"{where}.{key} {value!r}: give true or false")
-        if key in hints:
-            fits, as_kind = _checked(value, hints[key])
-            if fits is False:  # "16,8,4" for a list, 1.5 for a whole number
-                raise InputError(f"{where}.{key} {data[key]!r}: give {_described(hints[key])}")
-            value = as_kind if fits else value
-        kwargs[key] = value
+        if key not in hints:  # unresolved annotation: lists become the tuples fields hold
+            is_tuple = isinstance(value, list) and "tuple" in str(fields[key].type)
+            kwargs[key] = tuple(value) if is_tuple else value
+            continue
+        fits, as_kind = _checked(value, hints[key])
+        if fits is False:  # "false" for a bool, "16,8,4" for a list, 1.5 for a whole number
+            raise InputError(f"{where}.{key} {value!r}: give {_described(hints[key])}")
+        kwargs[key] = as_kind
     try:
         return cls(**kwargs)
     except TypeError as exc:

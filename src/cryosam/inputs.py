@@ -214,15 +214,9 @@ def load_tomogram(tomogram: TomogramLike, *, voxel_size: VoxelSizeLike | None = 
 
 def _as_tomogram(tomogram: TomogramLike, voxel_size: float | None) -> io.Tomogram:
     tomo = _wrapped(tomogram, voxel_size)
-    if tomo.value_range is not None:  # an MRC file's, from the reader's scan
-        low, high = tomo.value_range
-    else:  # an array: a few slices say it varies; only a constant-looking one is read whole
-        few = np.asarray(tomo.data[:: max(1, tomo.shape[0] // 8)])
-        low, high = float(few.min()), float(few.max())
-        if low == high:
-            low, high = float(np.min(tomo.data)), float(np.max(tomo.data))
+    where = tomo.path if tomo.path is not None else "tomogram"
+    low, high = tomo.value_range or io.scan_values(where, tomo.data)  # one chunked pass
     if low == high:  # a failed reconstruction or a blank export: nothing to segment
-        where = tomo.path if tomo.path is not None else "tomogram"
         raise InputError(f"{where}: every voxel is {low:g}; the tomogram is empty (a failed "
                          "reconstruction or export?): check the file")
     return tomo
@@ -241,9 +235,8 @@ def _wrapped(tomogram: TomogramLike, voxel_size: float | None) -> io.Tomogram:
         raise InputError(f"tomogram array has shape {tomogram.shape}; need a 3-D (z, y, x) "
                          "volume")
     data = np.asarray(tomogram, dtype=np.float32)
-    if not np.isfinite(data).all():
-        raise InputError("tomogram array holds NaN or inf values; clean it first")
-    return io.Tomogram(data=data, voxel_size=vs, origin=(0.0, 0.0, 0.0), path=None)
+    return io.Tomogram(data=data, voxel_size=vs, origin=(0.0, 0.0, 0.0), path=None,
+                       value_range=io.scan_values("tomogram array", data))
 
 
 def normalise(tomogram: io.Tomogram, cfg: PropagationConfig) -> np.ndarray:

@@ -28,7 +28,7 @@ from cryosam.io.copick import (
     write_copick,
 )
 from cryosam.io.csv_out import write_napari_csv, write_picks_csv
-from cryosam.io.mrc import Tomogram, read_tomogram, voxel_size_zyx, write_mrc
+from cryosam.io.mrc import Tomogram, read_tomogram, scan_values, voxel_size_zyx, write_mrc
 from cryosam.io.points import PointSet, negative_rows, normalise_unit, read_points, to_voxels
 from cryosam.io.star import (
     STAR_FLAVOURS,
@@ -55,6 +55,7 @@ __all__ = [
     "open_copick",
     "read_points",
     "read_tomogram",
+    "scan_values",
     "star_tomo_name",
     "star_tomo_names",
     "to_voxels",

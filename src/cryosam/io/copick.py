@@ -22,7 +22,7 @@ import numpy as np
 
 from cryosam.errors import InputError
 from cryosam.io._common import as_zyx, third_party_quiet
-from cryosam.io.mrc import Tomogram
+from cryosam.io.mrc import Tomogram, scan_values
 from cryosam.utils import outside_volume
 
 __all__ = ["COPICK_USER", "CopickSource", "open_copick", "write_copick"]
@@ -60,12 +60,10 @@ class CopickSource:
         if data.ndim != 3:
             raise InputError(f"{self.config}: run {self.run_name}: tomogram {self.tomo_type!r} "
                              f"has shape {data.shape}; need a 3-D volume")
-        if not np.isfinite(data).all():
-            raise InputError(f"{self.config}: run {self.run_name}: tomogram {self.tomo_type!r} "
-                             "holds NaN or inf values; clean it first")
+        where = f"{self.config}: run {self.run_name}: tomogram {self.tomo_type!r}"
         vs = float(self.voxel_spacing)
         return Tomogram(data=data, voxel_size=(vs, vs, vs), origin=(0.0, 0.0, 0.0), path=None,
-                        value_range=(float(data.min()), float(data.max())))
+                        value_range=scan_values(where, data))
 
     def report(self) -> dict[str, Any]:
         """What the run record keeps about the project (``copick`` in run.json)."""

@@ -25,7 +25,7 @@ from cryosam.errors import InputError
 from cryosam.io._common import VoxelSize, as_triple, sizes_ok, third_party_quiet, warn
 from cryosam.utils import sha256_file
 
-__all__ = ["Tomogram", "read_tomogram", "write_mrc"]
+__all__ = ["Tomogram", "read_tomogram", "scan_values", "write_mrc"]
 
 _MODE_NAMES = {0: "int8", 1: "int16", 2: "float32", 6: "uint16", 12: "float16"}
 _UNSUPPORTED_MODES = {
@@ -247,8 +247,9 @@ def _axis_permutation(path: Path, header: np.recarray) -> tuple[int, int, int] |
     return perm
 
 
-def _scan_values(path: Path, data: np.ndarray) -> tuple[float, float]:
-    """(min, max) of ``data`` in z-chunks, so a memory map is never read whole; refuse NaN/inf."""
+def scan_values(path: object, data: np.ndarray) -> tuple[float, float]:
+    """(min, max) of ``data`` in z-chunks, so a memory map is never read whole; NaN/inf are
+    refused in one line naming ``path`` (a file, or what the data is)."""
     if data.size == 0:
         return 0.0, 0.0
     step = max(1, _SCAN_ELEMENTS // max(1, data.shape[1] * data.shape[2]))
@@ -352,7 +353,7 @@ def read_tomogram(
     perm = _axis_permutation(p, header)
     if perm is not None:
         data = data.transpose(perm)
-    value_range = _scan_values(p, data)
+    value_range = scan_values(p, data)
 
     if voxel_size is not None:
         vs: VoxelSize | None = voxel_size_zyx(voxel_size, p)
