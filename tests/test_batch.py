@@ -328,6 +328,15 @@ def test_a_combined_csv_gives_each_tomogram_its_own_rows(dataset: Path, tmp_path
     for name, n in (("TS_01", 2), ("TS_02", 1)):
         record = json.loads((out / name / "run.json").read_text())
         assert record["counts"]["prompts"] == n, (name, record["counts"])
+    # names with a descriptive suffix match as cryosam segment matches them (one matcher)
+    clicks.write_text(clicks.read_text().replace(",TS_01", ",TS_01.denoised")
+                      .replace(",TS_02", ",TS_02.denoised"))
+    code, _, err = run_cli("batch", dataset / "tomos", "--out", tmp_path / "dots", "--points",
+                           clicks, "--no-ray", "--no-match", "--encoder", "filterbank",
+                           "--segmenter", "threshold", "--device", "cpu", "-q")
+    assert code == 0, err
+    rows = _table(tmp_path / "dots")
+    assert [rows[n]["status"] for n in NAMES] == ["done", "done", "no-clicks"]
 
 
 def test_the_batch_example_script_resumes(dataset: Path, tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from cryosam import io
 from cryosam._atomic import atomic_write_text
 from cryosam.errors import CryosamWarning, InputError
-from cryosam.io.names import csv_name_column, name_key, star_tomo_name
+from cryosam.io.names import csv_name_column, rows_named, shown, star_tomo_name
 from cryosam.utils import tomo_stem
 
 if TYPE_CHECKING:
@@ -207,19 +207,14 @@ def assign_clicks(points: Path, names: list[str]
                              "rlnMicrographName or tomo_name) and the dataset has "
                              f"{len(names)} tomograms; add one or give a folder of click files")
         return {names[0]: (points, None, None)}
-    keys = {name_key(v): v for v in in_file}
-    listed = {star_tomo_name(v): v for v in in_file}  # TS_01 for rec_TS_01, TS_01_10.00Apx
-    for n in names:
-        value = n if n in in_file else (keys.get(name_key(n)) or listed.get(star_tomo_name(n)))
+    for n in names:  # the spelling in the file of this tomogram's rows (rec_TS_01, TS_01.tomostar)
+        hit = [v for v, h in zip(in_file, rows_named(in_file, n), strict=True) if h]
+        value = n if n in in_file else (hit[0] if hit else None)
         out[n] = ((points, value, None) if value is not None
                   else (None, None, f"no clicks for {n} in {points.name}"))
     used = {v[1] for v in out.values()}
     _unmatched(points, [v for v in in_file if v not in used], names, len(used - {None}))
     return out
-
-
-def _listed(names: list[str], most: int = 8) -> str:
-    return ", ".join(names[:most]) + (f", ... ({len(names)} in all)" if len(names) > most else "")
 
 
 def _unmatched(points: Path, unused: list[str], names: list[str], matched: int) -> None:
@@ -228,10 +223,10 @@ def _unmatched(points: Path, unused: list[str], names: list[str], matched: int) 
     if not unused:
         return
     if not matched:
-        raise InputError(f"--points {points}: its clicks name {_listed(unused)}, none of them "
-                         f"a tomogram of the dataset ({_listed(names)}); check the names")
-    warnings.warn(f"--points {points}: clicks for {_listed(unused)} match no tomogram of the "
-                  f"dataset and are not used (the dataset's: {_listed(names)})", CryosamWarning,
+        raise InputError(f"--points {points}: its clicks name {shown(unused)}, none of them "
+                         f"a tomogram of the dataset ({shown(names)}); check the names")
+    warnings.warn(f"--points {points}: clicks for {shown(unused)} match no tomogram of the "
+                  f"dataset and are not used (the dataset's: {shown(names)})", CryosamWarning,
                   stacklevel=3)
 
 

@@ -57,9 +57,19 @@ def shown(names: Sequence[str]) -> str:
     return ", ".join(names[:10]) + (", ..." if len(names) > 10 else "")
 
 
+def rows_named(values: Sequence[object], name: str) -> np.ndarray:
+    """(N,) bool: the rows of ``values`` (tomogram names, one per row) that name ``name``:
+    exactly, else by :func:`name_key`, else as RELION and Warp list tomograms
+    (:func:`star_tomo_name`: ``rec_TS_01`` and ``TS_01_10.00Apx`` are TS_01), else by the
+    part before the first dot when that names one tomogram. Each distinct name is compared
+    once (a dataset file has many rows per tomogram)."""
+    distinct, row_of = np.unique(np.array([str(v) for v in values], dtype=object),
+                                 return_inverse=True)
+    return _matching(distinct, name)[np.asarray(row_of).reshape(-1)]
+
+
 def _matching(values: np.ndarray, name: str) -> np.ndarray:
-    """Rows named ``name``: exactly, else by :func:`name_key`, else as RELION and Warp list
-    tomograms (:func:`star_tomo_name`: ``rec_TS_01`` and ``TS_01_10.00Apx`` are TS_01)."""
+    """:func:`rows_named` over distinct ``values``."""
     mask = values == name
     for key in (name_key, star_tomo_name):
         if not mask.any():
@@ -87,13 +97,13 @@ def select_tomogram(path: Path, values: Sequence[object], tomo_name: str | None,
     vals = np.array([str(v) for v in values], dtype=object)
     names = list(dict.fromkeys(vals))
     if tomo_name is not None:
-        mask = _matching(vals, tomo_name)
+        mask = rows_named(vals, tomo_name)
         if not mask.any():
             raise InputError(f"{path}: no points for tomogram {tomo_name!r}; it holds "
                              f"{shown(names)}: pass one of these with --tomo-name")
         return mask
     if own_name is not None:
-        mask = _matching(vals, own_name)
+        mask = rows_named(vals, own_name)
         if mask.any():
             return mask
     if len(names) > 1:
