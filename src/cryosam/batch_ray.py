@@ -343,6 +343,7 @@ class RayEngine:
             try:
                 ray.init(address=address, **quiet)
             except Exception as exc:  # a cluster that cannot be reached: one line
+                _reraise_signal(exc)
                 raise CryosamError(f"--ray-address {address}: cannot connect ({exc}); start "
                                    "the cluster with `ray start --head` or drop --ray-address"
                                    ) from None
@@ -365,6 +366,7 @@ class RayEngine:
                 ray.init(address="local", num_cpus=max(total, n * threads), num_gpus=gpus,
                          object_store_memory=256 * 2**20, **quiet)
             except Exception as exc:  # no shared memory, no ports, a sandbox: one line
+                _reraise_signal(exc)
                 line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
                 raise CryosamError(f"cannot start Ray on this machine ({type(exc).__name__}: "
                                    f"{line[:200]}); run without it: --no-ray") from None

@@ -42,7 +42,11 @@ def track(iterable: Iterable[T], description: str, total: int | None = None,
     """Iterate over ``iterable`` with a rich progress bar when :func:`enabled`; else, unless
     quiet or ``log`` is False, with a line on stderr every :data:`LOG_EVERY` seconds.
     ``counts``: how far each item moves the count (default 1; 0 for an item that only shows
-    the step is alive, as a propagation step that ended no chain)."""
+    the step is alive, as a propagation step that ended no chain). An empty ``description``
+    shows nothing (a step run inside another that shows its own progress)."""
+    if not description:
+        yield from iterable
+        return
     if total is None and hasattr(iterable, "__len__"):
         total = len(iterable)  # type: ignore[arg-type]
     step = counts or (lambda _: 1)

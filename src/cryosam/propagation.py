@@ -275,8 +275,7 @@ class _Engine:
                     out[i] = (res.masks[k], float(res.confidence[k]), res.points[k], logits)
             pending, count = [], 0
 
-        for (axis, index), ids in (track(list(groups.items()), what) if what
-                                   else groups.items()):
+        for (axis, index), ids in track(list(groups.items()), what):
             shape = self._slice_shape(axis)
             for s in range(0, len(ids), max_prompts):
                 part = ids[s : s + max_prompts]
@@ -348,9 +347,9 @@ class _Engine:
                     if d[1] == axis:
                         chains.append(_Chain(i, axis, 1 if d[0] == "+" else -1, piece.index,
                                              piece, np.asarray(point, np.float64), logits, cap))
-        for _ in track(_newly_ended(self._steps(chains, max_prompts)),
+        for _ in track(self._steps(chains, max_prompts),
                        "propagating (chains ended)" if show else "", total=len(chains),
-                       log=bool(show), counts=int):
+                       counts=int):
             pass
         if self.membrane:  # sheets: a second sweep across the slices the first one missed
             list(self._steps([c for i in particles if self.pieces.get(i)
@@ -375,11 +374,12 @@ class _Engine:
                               and new.crop.sum() <= GROWTH * prev.crop.sum())
 
     def _steps(self, chains: list[_Chain], max_prompts: int) -> Iterator[int]:
-        """Grow every chain one slice a step until each has stopped; yields how many of
-        ``chains`` have ended so far after each step (the progress of a long propagation)."""
+        """Grow every chain one slice a step until each has stopped; yields how many chains
+        ended in each step (often 0: the progress of a long propagation)."""
         cfg = self.cfg
         active = list(chains)
         while active:
+            before = len(active)
             live: list[_Chain] = []
             for ch in active:
                 n = self.shape[AXES.index(ch.axis)]
@@ -390,7 +390,7 @@ class _Engine:
                 else:
                     live.append(ch)
             if not live:
-                yield len(chains)
+                yield before
                 break
             prompts = [(ch.axis, ch.index + ch.sign, ch.point, ch.prev, ch.logits, ch.cap)
                        for ch in live]
@@ -415,13 +415,4 @@ class _Engine:
                 ch.point = np.asarray(point, np.float64)
                 ch.logits = logits
                 active.append(ch)
-            yield len(chains) - len(active)
-
-
-def _newly_ended(ended: Iterator[int]) -> Iterator[int]:
-    """From running counts of ended chains, one item a step: how many ended in it (often
-    0), so that a progress line over the chains still comes while none ends."""
-    before = 0
-    for count in ended:
-        yield max(0, count - before)
-        before = max(before, count)
+            yield before - len(active)

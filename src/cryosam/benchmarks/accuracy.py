@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import typer
 
+from cryosam.backends import weight_free
 from cryosam.config import CryosamConfig, ScoreConfig
 
 
@@ -39,9 +40,9 @@ def register(app: typer.Typer) -> None:
             ScoreConfig.density_tolerance, "--density-tolerance", min=0.001,
             help="As cryosam segment's: 1 - density correlation that divides a match's score "
             "by e (smaller: stricter on look-alikes)."),
-        encoder: str = typer.Option("filterbank", "--encoder",
+        encoder: str = typer.Option(weight_free("encoder"), "--encoder",
                                     help="filterbank (weight-free) or dinov2 (needs weights)."),
-        segmenter: str = typer.Option("threshold", "--segmenter",
+        segmenter: str = typer.Option(weight_free("segmenter"), "--segmenter",
                                       help="threshold (weight-free) or sam (needs weights)."),
     ) -> None:
         """Picks as written (precision, recall, F1) and ranked, per seed or per kind."""
@@ -129,10 +130,11 @@ def _default_row(head: str, row: list[float]) -> str:
 def _crowded(seeds: str, shape: str, device: str, snr: float, modes: tuple[str, ...],
              negatives: bool, turns: bool = True,
              density_tolerance: float = ScoreConfig.density_tolerance,
-             names: tuple[str, str] = ("filterbank", "threshold")) -> None:
+             names: tuple[str, str] | None = None) -> None:
     """Per kind of the crowded preset: one and five clicks, picks as written and ranked, for
     each query mode; then one negative click on the most confused kind. ``names``: the
     encoder and segmenter (weight-free by default)."""
+    names = names or (weight_free("encoder"), weight_free("segmenter"))
     import tempfile
 
     import numpy as np

@@ -118,13 +118,14 @@ def register(app: typer.Typer) -> None:
         started = time.perf_counter()
         outcomes: list[Any] = []
         combined: dict[str, Any] = {}
-        other = held_lock(out, ".batch.csv.lock" if shard is not None else ".batch-*.csv.lock")
-        if other is not None:  # a full run and a shard would do the same tomograms twice
-            raise InputError(f"{out}: {'a full batch' if shard is not None else 'a --shard'} "
-                             f"is writing this --out ({other.name}); wait for it, or run "
-                             f"{'the shards' if shard is not None else 'the full batch'} "
-                             "after it")
         with output_lock(table):  # one batch per table; shards of one dataset run side by side
+            # a full run and a shard would do the same tomograms twice; checked holding our
+            # own lock, so of two that start together at least one sees the other
+            other = held_lock(out, ".batch.csv.lock" if shard else ".batch-*.csv.lock")
+            if other is not None:
+                raise InputError(f"{out}: {'a full batch' if shard else 'a --shard'} is "
+                                 f"writing this --out ({other.name}); wait for it, or run "
+                                 f"{'the shards' if shard else 'the full batch'} after it")
             engine: Any = None
             try:
                 if no_ray or workers == 0:
