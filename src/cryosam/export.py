@@ -62,8 +62,6 @@ def check_out_dir(
     none of ``inputs``: ``--overwrite`` never deletes a user's own files.
     """
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"{out}: exists and is not a folder; choose another --out")
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
             raise InputError(f"{out}: output folder exists; pass --overwrite or choose another "
@@ -143,6 +141,7 @@ def _write_all(
     tomo = result.tomogram
     name = tomo_name or result.tomo_name
     written: dict[str, Path] = {}
+    star_name: str | None = None  # the tomogram's name in the STAR flavours, when written
     if result.picks_zyx.shape[0] or result.target == "particle":
         picked = [result.instances[i] for i in result.pick_instance_ids - 1]
         columns = _pick_columns(picked, result.pick_instance_ids)
@@ -157,7 +156,8 @@ def _write_all(
             shape=tomo.shape,
             scores=result.pick_scores,
         )
-        written.update(_write_star_flavours(result, folder, star))
+        star_name = _star_name(result, star)
+        written.update(_write_star_flavours(result, folder, star, star_name))
         written["picks_napari.csv"] = folder / "picks_napari.csv"
         io.write_napari_csv(written["picks_napari.csv"], result.picks_zyx,
                             {"score": result.pick_scores, "instance_id": result.pick_instance_ids})
@@ -181,8 +181,8 @@ def _write_all(
     written["run.json"] = folder / "run.json"
     record = dict(result.record)
     record["outputs"] = sorted(written)
-    if result.picks_zyx.shape[0] or result.target == "particle":
-        record["star"] = {**star.report(), "tomo_name": _star_name(result, star)}
+    if star_name is not None:  # what the STAR files were written with
+        record["star"] = {**star.report(), "tomo_name": star_name}
     record["warnings"] = list(dict.fromkeys([*record.get("warnings", []), *said]))
     # a resumed batch compares them: a file cut short (a full disk, an rsync) is redone
     record["output_bytes"] = {name: path.stat().st_size for name, path in written.items()
@@ -211,19 +211,19 @@ def _write_membranes(path: Path, result: SegmentationResult) -> None:
 
 
 def _star_name(result: SegmentationResult, star: io.StarOutputs) -> str:
-    """The tomogram's name in the STAR flavours: ``star.tomo_name``, else from its file."""
+    """The tomogram's name in the STAR flavours: ``star.tomo_name``, else from its file (not
+    ``--tomo-name``, which selects input rows)."""
     tomo = result.tomogram
     return star.tomo_name or io.star_tomo_name(
         str(tomo.path) if tomo.path is not None else result.tomo_name)
 
 
 def _write_star_flavours(
-    result: SegmentationResult, folder: Path, star: io.StarOutputs
+    result: SegmentationResult, folder: Path, star: io.StarOutputs, name: str
 ) -> dict[str, Path]:
-    """The STAR flavours ``star`` selects (RELION-5, Warp, RELION-4), named after the tomogram's
-    file (not ``--tomo-name``, which selects input rows) unless ``star.tomo_name`` is set."""
+    """The STAR flavours ``star`` selects (RELION-5, Warp, RELION-4), the tomogram called
+    ``name`` in them (:func:`_star_name`)."""
     tomo = result.tomogram
-    name = _star_name(result, star)
     written: dict[str, Path] = {}
     for flavour in star.selected():
         file = io.STAR_FLAVOURS[flavour]

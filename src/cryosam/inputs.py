@@ -85,9 +85,7 @@ def load_inputs(tomogram: TomogramLike, points: PointsLike, *,
         if tomo.mean_voxel_size is None:
             raise InputError("--points-bin needs the tomogram's voxel size; the header has "
                              "none, so pass --voxel-size")
-        vs = np.asarray(tomo.voxel_size, dtype=np.float64)  # per axis: anisotropic voxels
-        points_pixel_size = (float(points_bin) * vs[0] if np.ptp(vs) == 0
-                             else tuple(float(points_bin) * vs))
+        points_pixel_size = tuple(float(points_bin) * v for v in tomo.voxel_size)  # per axis
     own = tomo_stem(tomo.path) if tomo.path else None  # picks its rows of a multi-tomogram file
     if isinstance(points, str | os.PathLike):
         ps = io.read_points(points, shape=tomo.shape, voxel_size=tomo.voxel_size,

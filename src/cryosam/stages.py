@@ -93,8 +93,9 @@ def segment_clicks(work: Work, segmenter: Segmenter, cfg: PropagationConfig,
     prompts = work.prompts[keep]
     rows_of = (np.arange(len(work.prompts)) if file_rows is None
                else np.asarray(file_rows, dtype=np.int64))
-    same = [tuple(int(rows_of[k]) for k in np.flatnonzero(group == g) if k != first[g])
-            for g in order]
+    by_group = np.argsort(group, kind="stable")  # each group's clicks in row order, in one sort
+    members = np.split(by_group, np.cumsum(np.bincount(group))[:-1])
+    same = [tuple(int(rows_of[k]) for k in members[g][1:]) for g in order]
     res = propagate(work.segmenter_volume, prompts, segmenter, cfg, radius=work.radius)
     instances = [Instance(mask, np.asarray(p, float), 1.0, float(np.clip(c, 0.0, 1.0)),
                           int(rows_of[k]), merged_clicks=more)

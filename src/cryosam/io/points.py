@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from cryosam.errors import InputError
-from cryosam.io._common import ParsedPoints, as_voxel_size, sizes_text, warn
+from cryosam.io._common import ParsedPoints, as_voxel_size, sizes_ok, sizes_text, warn
 from cryosam.io.names import CSV_NAME_COLUMNS, csv_name_column, select_tomogram
 from cryosam.io.star import read_star_points
 from cryosam.utils import outside_volume
@@ -167,8 +167,6 @@ def read_points(
     p = Path(path)
     unit = normalise_unit(unit, unit_option)
     vs = as_voxel_size(voxel_size)
-    for given in (pixel_size, star_pixel_size):
-        _check_pixel_size(given, p)
     if text is None:
         text = _file_text(p)
     if not text.strip():
@@ -177,9 +175,10 @@ def read_points(
     if _is_star(p, text):
         if unit != "voxel":
             warn(f"{p}: {unit_option} is ignored for STAR files (their columns state units)")
-        zyx, columns, labels, rows = read_star_points(
-            p, shape, vs, tomo_name, star_pixel_size if star_pixel_size is not None
-            else pixel_size, own_tomo_name)
+        given = star_pixel_size if star_pixel_size is not None else pixel_size
+        _check_pixel_size(given, p)  # (CSV: to_voxels checks it)
+        zyx, columns, labels, rows = read_star_points(p, shape, vs, tomo_name, given,
+                                                      own_tomo_name)
     else:
         zyx, columns, labels = _read_csv_points(p, text, unit, empty_ok, unit_option)
         rows = np.arange(len(zyx), dtype=np.int64)
@@ -224,7 +223,7 @@ def _check_pixel_size(given: float | Sequence[float] | None, where: object) -> N
     if given is None:
         return
     values = np.asarray(given, dtype=np.float64)
-    if not (np.all(np.isfinite(values)) and np.all(values > 0)):
+    if not sizes_ok(values):
         raise InputError(f"{where}: a points pixel size of {sizes_text(values)} Å; give the "
                          "size of the pixels the clicks were made on (--points-pixel-size), a "
                          "positive number")
@@ -287,9 +286,10 @@ _HEADERLESS = {3: ["x", "y", "z"], 4: ["object", "x", "y", "z"],
                5: ["object", "contour", "x", "y", "z"]}
 
 
-def _csv_rows(path: Path, text: str) -> list[tuple[int, list[str]]]:
+def _csv_rows(path: Path, text: str) -> tuple[list[tuple[int, list[str]]], bool]:
     """(line number, fields) of every non-blank, non-comment line: comma-separated, or
-    whitespace-separated (tabs or spaces, as IMOD's model2point writes); others refused."""
+    whitespace-separated (tabs or spaces, as IMOD's model2point writes); others refused.
+    Also whether the file is comma-separated."""
     lines = [(i + 1, line) for i, line in enumerate(text.splitlines())]
     content = [(n, s) for n, s in lines if s.strip() and not s.lstrip().startswith("#")]
     if not content:
@@ -303,9 +303,10 @@ def _csv_rows(path: Path, text: str) -> list[tuple[int, list[str]]]:
                     "separated by commas, tabs or spaces: replace the separators"
                 )
         if len(first.split()) > 1:  # whitespace-separated, e.g. IMOD model2point output
-            return [(n, s.split()) for n, s in content]
+            return [(n, s.split()) for n, s in content], False
     reader = csv.reader((s for _, s in content), delimiter=",", skipinitialspace=True)
-    return [(n, [f.strip() for f in row]) for (n, _), row in zip(content, reader, strict=True)]
+    return [(n, [f.strip() for f in row])
+            for (n, _), row in zip(content, reader, strict=True)], True
 
 
 def _column_array(values: list[str]) -> np.ndarray:
@@ -384,7 +385,7 @@ def _read_csv_points(path: Path, text: str, unit: str, empty_ok: bool = False,
                      unit_option: str = "--points-unit") -> ParsedPoints:
     """(z, y, x) as written, extra columns and row labels of a CSV points file (``unit``:
     the one its header may state; :func:`to_voxels` converts)."""
-    rows = _csv_rows(path, text)
+    rows, commas = _csv_rows(path, text)
     first_line, first = rows[0]
     if all(_parse_float(f) is None for f in first):  # a header
         names = [f.strip().strip('"').strip().lower() for f in first]
@@ -400,8 +401,7 @@ def _read_csv_points(path: Path, text: str, unit: str, empty_ok: bool = False,
                 "contour first) or add a header naming x,y,z"
             )
         names = _HEADERLESS[len(first)]
-        _check_imod_columns(path, first_line, rows, "," in text.splitlines()[first_line - 1],
-                            len(names) - 3)
+        _check_imod_columns(path, first_line, rows, commas, len(names) - 3)
         axis_col = {a: names.index(a) for a in "xyz"}
         data_rows = rows
 

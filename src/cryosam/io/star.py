@@ -31,6 +31,7 @@ from cryosam.io._common import (
     as_column,
     as_voxel_size,
     as_zyx,
+    sizes_ok,
     sizes_text,
     third_party_quiet,
     warn,
@@ -145,7 +146,7 @@ def _usable_sizes(path: Path, sizes: np.ndarray | None, source: str) -> np.ndarr
     """The file's stated pixel sizes, or None when any is 0, negative or not a number: such a
     size states nothing (as a header voxel size of 0 does), so it is ignored with a warning
     rather than moving every point to voxel 0."""
-    if sizes is None or (np.all(np.isfinite(sizes)) and np.all(sizes > 0)):
+    if sizes is None or sizes_ok(sizes):
         return sizes
     bad = sizes[~(np.isfinite(sizes) & (sizes > 0))][0]
     warn(f"{path}: {source} is {bad:g} Å, not a pixel size; ignored, the coordinates are "
@@ -212,9 +213,7 @@ def _pixel_coordinates(
             fix = ("" if star_pixel_size is not None else "; if they already are, pass "
                    "--points-pixel-size with the voxel size, or remove the pixel size from "
                    "the file")
-            axes = np.unique(np.round(factor, 4), axis=0)  # (rows' sizes, 3)
-            by = (f"{axes[0, 0]:g}" if axes.shape[0] == 1 and len(set(axes[0])) == 1 else
-                  f"{', '.join('/'.join(f'{f:g}' for f in row) for row in axes)} (z/y/x)")
+            by = ", ".join(sizes_text(f) for f in np.unique(np.round(factor, 4), axis=0))
             warn(
                 f"{path}: coordinates are in {shown} Å pixels "
                 f"({source}) and the tomogram has {', '.join(f'{v:g}' for v in vs)} Å "
@@ -299,7 +298,7 @@ def read_star_points(
         stated = None
         if vs is None and "rlnPixelSize" in df.columns:  # the tomogram's voxel, per row (as
             sizes = df["rlnPixelSize"].to_numpy(dtype=float)  # cryosam writes; not the
-            if len(np.unique(sizes)) == 1 and float(sizes[0]) > 0:  # tilt series' pixel)
+            if len(np.unique(sizes)) == 1 and sizes_ok(sizes):  # tilt series' pixel)
                 stated = float(sizes[0])
         missing = [what for what, gone in (("size", shape is None), ("voxel size", vs is None
                                                                     and stated is None)) if gone]
