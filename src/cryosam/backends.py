@@ -294,9 +294,9 @@ def build_dataclass(cls: type, data: dict[str, Any], where: str) -> Any:
             is_tuple = isinstance(value, list) and "tuple" in str(fields[key].type)
             kwargs[key] = tuple(value) if is_tuple else value
             continue
-        fits, as_kind = _checked(value, hints[key])
+        fits, as_kind = check_kind(value, hints[key])
         if fits is False:  # "false" for a bool, "16,8,4" for a list, 1.5 for a whole number
-            raise InputError(f"{where}.{key} {value!r}: give {_described(hints[key])}")
+            raise InputError(f"{where}.{key} {value!r}: give {describe_kind(hints[key])}")
         kwargs[key] = as_kind
     try:
         return cls(**kwargs)
@@ -304,7 +304,7 @@ def build_dataclass(cls: type, data: dict[str, Any], where: str) -> Any:
         raise InputError(f"{where}: {exc}") from None
 
 
-def _checked(value: Any, kind: Any) -> tuple[bool | None, Any]:
+def check_kind(value: Any, kind: Any) -> tuple[bool | None, Any]:
     """Whether a parameter is of the annotated ``kind`` (numbers, whole numbers, text, lists
     of them, null), and the value as that kind: NumPy scalars and arrays, whole floats for
     whole numbers and paths for text are what a configuration built in Python holds. None
@@ -315,7 +315,7 @@ def _checked(value: Any, kind: Any) -> tuple[bool | None, Any]:
         value = value.item()
     origin, args = typing.get_origin(kind), typing.get_args(kind)
     if origin in (typing.Union, types.UnionType):
-        found = [_checked(value, a) for a in args]
+        found = [check_kind(value, a) for a in args]
         fit = next((f for f in found if f[0]), None)
         if fit is not None:
             return fit
@@ -328,7 +328,7 @@ def _checked(value: Any, kind: Any) -> tuple[bool | None, Any]:
         each = [args[0]] * len(value) if len(args) == 2 and args[1] is Ellipsis else list(args)
         if len(each) != len(value):
             return False, value
-        found = [_checked(v, k) for v, k in zip(value, each, strict=True)]
+        found = [check_kind(v, k) for v, k in zip(value, each, strict=True)]
         fits = [f[0] for f in found]
         return (False if False in fits else (None if None in fits else True)), \
             tuple(f[1] for f in found)
@@ -343,11 +343,11 @@ def _checked(value: Any, kind: Any) -> tuple[bool | None, Any]:
     return (simple.get(kind) if isinstance(kind, type) else None), value
 
 
-def _described(kind: Any) -> str:
+def describe_kind(kind: Any) -> str:
     """What a parameter of ``kind`` should be, for an error line ("a whole number or null")."""
     origin, args = typing.get_origin(kind), typing.get_args(kind)
     if origin in (typing.Union, types.UnionType):
-        return " or ".join(_described(a) for a in args)
+        return " or ".join(describe_kind(a) for a in args)
     if origin is Literal:
         return "one of " + ", ".join(map(str, args))
     if origin is tuple:
@@ -360,6 +360,7 @@ def _described(kind: Any) -> str:
 
 __all__ = [
     "REGISTRY", "SAM_KINDS", "Backend", "Dinov2Options", "FilterBankOptions", "SamOptions",
-    "ThresholdOptions", "build_dataclass", "check_choice", "default_options", "entry_of", "get",
+    "ThresholdOptions", "build_dataclass", "check_choice", "check_kind", "default_options",
+    "describe_kind", "entry_of", "get",
     "missing_weights", "names", "options_from", "sam_kind_of", "weight_free",
 ]

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -274,32 +275,39 @@ class CryosamConfig:
         """A copy with one dotted parameter changed, e.g. ``matching.top_k`` or
         ``encoder.backends.dinov2.model``."""
         try:
-            get_path(self, path)
+            current = get_path(self, path)
         except (KeyError, AttributeError, TypeError):
             raise InputError(f"{path}: no such parameter; CryosamConfig().to_dict() lists "
                              "them (e.g. matching.top_k)") from None
-        try:  # the kind of value is the default's (a --config may hold 0 for a float)
-            old = get_path(CryosamConfig(), path)
-        except (KeyError, AttributeError, TypeError):  # a backend block the default lacks
-            old = None
-        block = dataclasses.is_dataclass(old) or isinstance(old, dict)
-        wrong = ((block and not (dataclasses.is_dataclass(value) or isinstance(value, dict)))
-                 or (isinstance(old, bool) and not isinstance(value, bool))
-                 or (isinstance(old, int) and not isinstance(old, bool)
-                     and (isinstance(value, bool) or (isinstance(value, float)
-                                                      and not value.is_integer()))))
-        if wrong and block:
+        parent, _, name = path.rpartition(".")
+        owner = get_path(self, parent) if parent else self
+        if (dataclasses.is_dataclass(current) or isinstance(current, dict)) and not (
+                dataclasses.is_dataclass(value) or isinstance(value, dict)):
             raise InputError(f"{path} is a block of parameters; set one of them, e.g. "
-                             f"{path}.{next(iter(_fields(old)))}")
-        if wrong:
-            raise InputError(f"{path} = {value!r}: not a valid value; give it as the default "
-                             f"({old!r}) is given")
+                             f"{path}.{next(iter(_fields(current)))}")
+        kind = _annotation(owner, name)  # the field's declared kind, as from_dict checks it
+        if kind is not None:
+            fits, as_kind = backends.check_kind(value, kind)
+            if fits is False:
+                raise InputError(f"{path} = {value!r}: not a valid value; give "
+                                 f"{backends.describe_kind(kind)}")
+            value = as_kind
         head, _, rest = path.partition(".")
         try:
             return _replace(self, head, rest, value)
         except (TypeError, ValueError) as exc:
-            raise InputError(f"{path} = {value!r}: not a valid value ({exc}); give it as "
-                             f"the default ({old!r}) is given") from None
+            raise InputError(f"{path} = {value!r}: not a valid value ({exc})") from None
+
+
+def _annotation(owner: Any, name: str) -> Any:
+    """The annotated kind of field ``name`` of the dataclass ``owner`` (None for a dict entry
+    or an annotation that cannot be resolved)."""
+    if not dataclasses.is_dataclass(owner):
+        return None
+    try:
+        return typing.get_type_hints(type(owner)).get(name)
+    except Exception:  # noqa: BLE001 - unresolvable: the dataclass's own checks remain
+        return None
 
 
 def _fields(block: Any) -> list[str]:
