@@ -16,18 +16,16 @@ import json
 import os
 import uuid
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from cryosam import io
 from cryosam._atomic import atomic_write_text
 from cryosam.errors import CryosamWarning, InputError
 from cryosam.io.names import csv_name_column, rows_named, shown, star_tomo_name
 from cryosam.utils import tomo_stem
-
-if TYPE_CHECKING:
-    import pandas as pd
 
 TOMO_SUFFIXES = (".mrc", ".rec", ".map")
 CLICK_SUFFIXES = (".csv", ".star", ".txt", ".tsv")
@@ -163,20 +161,26 @@ def tasks_from_files(dataset: str | Path, out: Path, points: Path | None) -> lis
     return tasks
 
 
+def star_clashes(names: Iterable[str]) -> dict[str, list[str]]:
+    """Tomograms whose STAR name is the same (``rec_TS_01`` and ``TS_01``, or Warp's
+    ``TS_01_10.00Apx`` and ``TS_01_5.00Apx``): {STAR name: their names}. RELION-5 and Warp
+    would take them for one tomogram."""
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        groups.setdefault(star_tomo_name(name), []).append(name)
+    return {key: group for key, group in groups.items() if len(group) > 1}
+
+
 def _warn_star_clashes(dataset: str | Path, names: dict[str, Path]) -> None:
-    """Two tomograms whose STAR name is the same (``rec_TS_01`` and ``TS_01``, or Warp's
-    ``TS_01_10.00Apx`` and ``TS_01_5.00Apx``): RELION-5 and Warp would take them for one
-    tomogram, and clicks named for it go to both. Said before any work."""
-    seen: dict[str, Path] = {}
-    for name, path in names.items():
-        key = star_tomo_name(name)
-        if key in seen:
-            warnings.warn(f"{dataset}: {seen[key].name} and {path.name} are both {key} in STAR "
-                          "files (RELION-5's rlnTomoName, Warp's .tomostar): the dataset's STAR "
-                          "files leave them out, and clicks named "
-                          f"{key} go to both; rename one or run them in separate batches",
-                          CryosamWarning, stacklevel=3)
-        seen.setdefault(key, path)
+    """Said before any work: clicks named for a clashing STAR name go to every tomogram
+    that has it, and the dataset's STAR files leave them out."""
+    for key, group in star_clashes(names).items():
+        both = "both" if len(group) == 2 else "all"
+        warnings.warn(f"{dataset}: {' and '.join(names[n].name for n in group)} are {both} "
+                      f"{key} in STAR files (RELION-5's rlnTomoName, Warp's .tomostar): the "
+                      f"dataset's STAR files leave them out, and clicks named {key} go to "
+                      f"{both}; rename one or run them in separate batches", CryosamWarning,
+                      stacklevel=3)
 
 
 def assign_clicks(points: Path, names: list[str]
@@ -319,6 +323,8 @@ def combine_stars(out: Path, outcomes: list[Outcome], keep: Path | None = None
     from cryosam.io._common import third_party_quiet
 
     finished = [o.tomogram for o in outcomes if o.status in ("done", "skipped")]
+    clashes = star_clashes(finished)  # RELION-5 and Warp would merge their particles
+    clashing = {t for group in clashes.values() for t in group}
     written: dict[str, tuple[Path, int, int]] = {}
     for name in io.STAR_FLAVOURS.values():
         if _is(out / name, keep):
@@ -326,33 +332,23 @@ def combine_stars(out: Path, outcomes: list[Outcome], keep: Path | None = None
                           "(--points); the tomograms' own files hold the new picks",
                           CryosamWarning, stacklevel=2)
             continue
-        parts, optics, owner, clash = [], None, {}, set()
-        for t in finished:
-            f = out / t / name
+        if clashes:
+            warnings.warn(f"{out / name}: leaves out {', '.join(sorted(clashes))}, the STAR "
+                          "name of more than one tomogram (rename one of them)",
+                          CryosamWarning, stacklevel=2)
+        parts, optics = [], None
+        for f in (out / t / name for t in finished if t not in clashing):
             if not f.is_file():
                 continue
             try:
-                with third_party_quiet():
-                    blocks = starfile.read(f, always_dict=True, parse_as_string=[
-                        "rlnTomoName", "rlnMicrographName"])
-            except Exception as exc:  # noqa: BLE001 - one unreadable file is left out, said
-                warnings.warn(f"{f}: left out of {out / name} ({type(exc).__name__}: {exc})",
-                              CryosamWarning, stacklevel=2)
+                table, its_optics = io.read_particles(f)
+            except InputError as exc:  # re-saved badly by hand: left out, said
+                warnings.warn(f"{f}: left out of {out / name} ({exc})", CryosamWarning,
+                              stacklevel=2)
                 continue
-            table = blocks.get("particles")
-            if not isinstance(table, pd.DataFrame):  # re-saved by hand without the block
-                warnings.warn(f"{f}: left out of {out / name} (no data_particles block)",
-                              CryosamWarning, stacklevel=2)
-            elif len(table):
-                for tomo in _star_names(table):
-                    clash |= {tomo} if owner.setdefault(tomo, t) != t else set()
+            if len(table):
                 parts.append(table)
-                optics = optics if optics is not None else blocks.get("optics")
-        if clash:  # RELION-5 and Warp would merge two tomograms' particles: both left out
-            warnings.warn(f"{out / name}: leaves out {', '.join(sorted(clash))}, the STAR name "
-                          "of more than one tomogram (rename one of them)", CryosamWarning,
-                          stacklevel=2)
-            parts = [p for p in parts if not set(_star_names(p)) & clash]
+                optics = optics if optics is not None else its_optics
         if not parts:
             (out / name).unlink(missing_ok=True)
             continue
@@ -363,12 +359,6 @@ def combine_stars(out: Path, outcomes: list[Outcome], keep: Path | None = None
             starfile.write(combined, tmp, float_format="%.6f")
         written[name] = (out / name, len(parts), len(combined["particles"]))
     return written
-
-
-def _star_names(table: pd.DataFrame) -> list[str]:
-    """The tomogram names in a particles table (RELION's rlnTomoName, Warp's .tomostar)."""
-    column = next((c for c in ("rlnTomoName", "rlnMicrographName") if c in table.columns), None)
-    return [] if column is None else sorted({str(v) for v in table[column]})
 
 
 def drop_combined(out: Path, keep: Path | None = None) -> None:

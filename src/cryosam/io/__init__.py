@@ -33,6 +33,7 @@ from cryosam.io.points import PointSet, negative_rows, normalise_unit, read_poin
 from cryosam.io.star import (
     STAR_FLAVOURS,
     StarOutputs,
+    read_particles,
     star_tomo_name,
     star_tomo_names,
     write_flavour_star,
@@ -53,6 +54,7 @@ __all__ = [
     "normalise_unit",
     "copick_results_missing",
     "open_copick",
+    "read_particles",
     "read_points",
     "read_tomogram",
     "scan_values",

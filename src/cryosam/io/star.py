@@ -41,7 +41,7 @@ from cryosam.io.names import select_tomogram, star_tomo_name
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["STAR_FLAVOURS", "StarOutputs", "read_star_points", "star_tomo_name",
+__all__ = ["STAR_FLAVOURS", "StarOutputs", "read_particles", "read_star_points", "star_tomo_name",
            "star_tomo_names", "write_flavour_star", "write_picks_star"]
 
 _STAR_PIXEL = ("rlnCoordinateX", "rlnCoordinateY", "rlnCoordinateZ")
@@ -106,10 +106,17 @@ def _name_column(df: pd.DataFrame) -> str | None:
     return next((c for c in _NAME_COLUMNS if c in df.columns), None)
 
 
+def read_particles(path: str | os.PathLike[str]) -> tuple[pd.DataFrame, object | None]:
+    """The particles table of a STAR file and its optics block (None without one), names
+    kept as text; one :class:`InputError` line when it cannot be read or holds none."""
+    p = Path(path)
+    _, df, optics = _particles_block(p, _read_star_blocks(p))
+    return df, optics
+
+
 def star_tomo_names(path: str | os.PathLike[str]) -> list[str]:
     """The tomogram names (rlnTomoName, else rlnMicrographName) in a STAR file, in file order."""
-    p = Path(path)
-    _, df, _ = _particles_block(p, _read_star_blocks(p))
+    df, _ = read_particles(path)
     column = _name_column(df)
     if column is None:
         return []
@@ -140,18 +147,6 @@ def _star_pixel_sizes(df: pd.DataFrame, optics: object | None) -> tuple[np.ndarr
             sizes = detector * 1e4 / df["rlnMagnification"].to_numpy(float)
         return sizes, "rlnDetectorPixelSize/rlnMagnification"
     return None, ""
-
-
-def _usable_sizes(path: Path, sizes: np.ndarray | None, source: str) -> np.ndarray | None:
-    """The file's stated pixel sizes, or None when any is 0, negative or not a number: such a
-    size states nothing (as a header voxel size of 0 does), so it is ignored with a warning
-    rather than moving every point to voxel 0."""
-    if sizes is None or sizes_ok(sizes):
-        return sizes
-    bad = sizes[~(np.isfinite(sizes) & (sizes > 0))][0]
-    warn(f"{path}: {source} is {bad:g} Å, not a pixel size; ignored, the coordinates are "
-         "taken as this tomogram's voxels (give --points-pixel-size if they are not)")
-    return None
 
 
 def _star_numeric(
@@ -200,9 +195,13 @@ def _pixel_coordinates(
     """rlnCoordinateX/Y/Z as (z, y, x), scaled to this tomogram's voxels when sizes differ."""
     zyx = _star_numeric(path, df, _STAR_PIXEL[::-1], rows)
     sizes, source = _star_pixel_sizes(df, optics)
-    if star_pixel_size is None:  # (a given size replaces the file's anyway)
-        sizes = _usable_sizes(path, sizes, source)
-    else:
+    if star_pixel_size is None and sizes is not None and not sizes_ok(sizes):
+        # 0, negative or NaN states nothing (as a header voxel size of 0): ignored, not
+        bad = sizes[~(np.isfinite(sizes) & (sizes > 0))][0]  # scaling points onto voxel 0
+        warn(f"{path}: {source} is {bad:g} Å, not a pixel size; ignored, the coordinates are "
+             "taken as this tomogram's voxels (give --points-pixel-size if they are not)")
+        sizes = None
+    elif star_pixel_size is not None:
         given = np.asarray(star_pixel_size, dtype=np.float64)  # one size, or z, y, x
         sizes = np.broadcast_to(given, (len(df), *given.shape)).copy()
         source = "--points-pixel-size or --points-bin"
