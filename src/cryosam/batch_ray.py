@@ -52,6 +52,7 @@ from cryosam.errors import (
     InputError,
     Terminated,
     collect_warnings,
+    keep_warnings,
 )
 from cryosam.query import SavedQuery
 from cryosam.utils import sha256_file
@@ -143,7 +144,7 @@ class Worker:
                                       result.pick_scores if particles else None,
                                       result.pick_instance_ids if particles else None)
             result.record["copick"] = {**source.report(), "written": written}
-        result.record["warnings"] = list(seen)  # reading the tomogram and clicks included
+        keep_warnings(result.record, seen)  # reading the tomogram and clicks included
         write_outputs(result, task.out, overwrite=True, tomo_name=task.name,
                       star=io.StarOutputs(opts.star, None, opts.tilt_series_pixel_size))
         picks = int(len(result.picks_zyx)) if result.target == "particle" else None

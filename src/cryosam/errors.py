@@ -68,3 +68,9 @@ def collect_warnings() -> Iterator[list[str]]:
 
         warnings.showwarning = show
         yield seen
+
+
+def keep_warnings(record: dict[str, Any], said: list[str]) -> None:
+    """Add the warnings ``said`` to a run record's ``warnings`` (once each, in order): the
+    pipeline's own, then what its caller saw around it (reading the files, writing them)."""
+    record["warnings"] = list(dict.fromkeys([*record.get("warnings", []), *said]))

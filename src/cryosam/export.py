@@ -25,7 +25,7 @@ from cryosam._atomic import (
     sweep_stale,
     temp_dir,
 )
-from cryosam.errors import CryosamWarning, InputError, collect_warnings
+from cryosam.errors import CryosamWarning, InputError, collect_warnings, keep_warnings
 from cryosam.result import Instance, SegmentationResult
 from cryosam.utils import tomo_stem
 
@@ -183,7 +183,7 @@ def _write_all(
     record["outputs"] = sorted(written)
     if star_name is not None:  # what the STAR files were written with
         record["star"] = {**star.report(), "tomo_name": star_name}
-    record["warnings"] = list(dict.fromkeys([*record.get("warnings", []), *said]))
+    keep_warnings(record, said)
     # a resumed batch compares them: a file cut short (a full disk, an rsync) is redone
     record["output_bytes"] = {name: path.stat().st_size for name, path in written.items()
                               if name != "run.json"}

@@ -23,7 +23,13 @@ from cryosam.config import CryosamConfig, PropagationConfig
 from cryosam.cut import BACKGROUND, MIN_MATCHES, background_message, choose_cut
 from cryosam.device import resolve_device, set_threads
 from cryosam.encoders.base import SliceEncoder
-from cryosam.errors import CryosamWarning, InputError, MissingWeightsError, collect_warnings
+from cryosam.errors import (
+    CryosamWarning,
+    InputError,
+    MissingWeightsError,
+    collect_warnings,
+    keep_warnings,
+)
 from cryosam.merge import merge_instances, split_at_cut
 from cryosam.probe import ClickProbe, looks_polarity
 from cryosam.query import SavedQuery, check_query_config
@@ -48,7 +54,7 @@ def _keeps_warnings(run: Callable[_P, SegmentationResult]) -> Callable[_P, Segme
     def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> SegmentationResult:
         with collect_warnings() as seen:
             result = run(*args, **kwargs)
-        result.record["warnings"] = list(seen)
+        keep_warnings(result.record, seen)
         return result
 
     return wrapper

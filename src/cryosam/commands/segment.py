@@ -20,7 +20,7 @@ from cryosam import backends
 from cryosam import config as configuration
 from cryosam._atomic import check_writable
 from cryosam.config import TARGETS, CryosamConfig, get_path
-from cryosam.errors import CryosamWarning, InputError, collect_warnings
+from cryosam.errors import CryosamWarning, InputError, collect_warnings, keep_warnings
 from cryosam.utils import committed
 
 if TYPE_CHECKING:
@@ -339,7 +339,7 @@ def register(app: typer.Typer) -> None:
                                     points_bin=points_bin)
             if source is not None:
                 result.record["copick"] = source.report()
-            result.record["warnings"] = list(said)  # copick's loading included
+            keep_warnings(result.record, said)  # copick's loading included
             written = write_outputs(result, out_dir, overwrite=overwrite, tomo_name=tomo_name,
                                     star=star_out)
             copick_out = (None if source is None
