@@ -35,10 +35,9 @@ class ClickProbe:
 
     @property
     def clicks_radius(self) -> float | None:
-        """The radius the clicks themselves show (median of the probed clicks' finite radii;
-        None without any): compared with a given ``--diameter``."""
-        finite = [r for r in self.radii if math.isfinite(r)]
-        return float(np.median(finite)) if finite else None
+        """The radius the clicks themselves show (:func:`clicks_size`; the one a run without
+        ``--diameter`` takes): compared with a given ``--diameter``."""
+        return clicks_size(self.radii, self.responses, self.polarity)
 
     @property
     def size_conflict(self) -> float | None:
@@ -166,13 +165,20 @@ def probe_clicks(volume: np.ndarray, prompts: np.ndarray, *, polarity: str = "au
     if radius is not None:
         r, r_source = float(radius), "diameter"
     elif estimate_size and radii:
-        # clicks whose strongest answer has the decided polarity describe the particle
-        sized = [(r, s) for r, s in zip(radii, responses, strict=True) if math.isfinite(r)]
-        agree = [r for r, s in sized if (s > 0) == (pol == "dark")] or [r for r, _ in sized]
-        r, r_source = (float(np.median(agree)), "clicks") if agree else (None, "none")
+        r = clicks_size(radii, responses, pol)  # type: ignore[arg-type]
+        r_source = "clicks" if r is not None else "none"
     else:
         r, r_source = None, "none"
     return ClickProbe(pol, pol_source, r, r_source, responses, radii)  # type: ignore[arg-type]
+
+
+def clicks_size(radii: list[float], responses: list[float], polarity: Polarity
+                ) -> float | None:
+    """The particle radius the clicks show: the median finite radius of the clicks whose
+    strongest answer has ``polarity`` (of all sized clicks when none has); None without."""
+    sized = [(r, s) for r, s in zip(radii, responses, strict=True) if math.isfinite(r)]
+    agree = [r for r, s in sized if (s > 0) == (polarity == "dark")] or [r for r, _ in sized]
+    return float(np.median(agree)) if agree else None
 
 
 MEMBRANE_SCALE = 5.5  # voxels: the scale a bilayer answers the probe at on a 10 A grid
