@@ -59,7 +59,7 @@ def register(app: typer.Typer) -> None:
         """Pick in every tomogram of a dataset, resumably, on Ray (or in this process)."""
         from cryosam import batch as batching
         from cryosam import batch_ray, io, progress
-        from cryosam._atomic import held_lock, output_lock, sweep_stale
+        from cryosam._atomic import check_writable, held_lock, output_lock, sweep_stale
         from cryosam.commands.query import build_config
         from cryosam.commands.segment import check_cache_dir
 
@@ -67,8 +67,7 @@ def register(app: typer.Typer) -> None:
         quiet = progress.settle_quiet(bool(values.get("quiet")))
         copick = batching.is_copick_config(dataset)
         check_modes(dataset, copick, points, query, values, workers, no_ray, ray_address)
-        if out.exists() and not out.is_dir():
-            raise InputError(f"--out {out}: exists and is not a folder; choose another")
+        check_writable(out, "--out", into=True)  # a file there, or a folder not writable
         saved = None
         if query is not None:
             from cryosam.query import SavedQuery
